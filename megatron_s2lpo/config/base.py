@@ -1,0 +1,154 @@
+"""Nested dataclass configs: build from dicts/YAML, dotted overrides, round trip to dicts.
+
+Every section is a `kw_only, slots` dataclass that validates itself in `__post_init__` and
+raises `ValueError` naming the field (for example `algo.t_mix`). This module adds the parts
+that are the same for every section: unknown keys, wrong types, and `a.b.c=value` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
+    """Build dataclass `cls` from a (nested) dict; `path` is the dotted prefix used in errors."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or 'config'} must be a mapping of fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean {_join(path, close[0])!r}?" if close else ""
+        raise ValueError(
+            f"unknown config field {_join(path, key)!r}{hint} Valid fields of "
+            f"{path or 'the run config'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {key: _convert(hints[key], value, _join(path, key)) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-Python (YAML-safe) view of a config."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Apply `section.field=value` overrides to a config dict (values parsed as YAML scalars).
+
+    >>> apply_overrides({"algo": {"t_mix": 4}}, ["algo.t_mix=8", "run.name=demo"])
+    {'algo': {'t_mix': 8}, 'run': {'name': 'demo'}}
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like section.field=value (e.g. algo.t_mix=8)")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist; see examples/ for recipes") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    """Check/convert one value against its annotation; errors name the dotted field."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {hint}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ValueError(f"{path} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_dict(hint, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path} must be a list, got {value!r}")
+        (item_hint, *_rest) = typing.get_args(hint) or (Any,)
+        return [_convert(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ValueError(f"{path} must be one of {[e.value for e in hint]}, got {value!r}") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless `condition`: the one-line validation used by sections."""
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,68 @@
+"""Rollout section: the learner's engine (updated after every step) and the frozen explorer's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .base import check
+
+ENGINE_BACKENDS = ("local", "sglang")
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 disables top-k (SGLang's convention)
+    max_new_tokens: int = 1024
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, f"sampling.temperature must be > 0 (greedy is not supported for "
+              f"RL rollouts), got {self.temperature}")
+        check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        check(self.top_k == -1 or self.top_k >= 1, f"sampling.top_k must be -1 or >= 1, got {self.top_k}")
+        check(self.max_new_tokens >= 1, f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """One rollout engine: an in-process `local` engine or an SGLang server (launched or attached)."""
+
+    backend: Literal["local", "sglang"] = "local"
+    model_path: str = ""  # HF checkpoint dir (explorer weights; the learner's initial weights)
+    url: str = ""  # attach to a running SGLang server instead of launching one
+    host: str = "127.0.0.1"
+    port: int = 30000
+    tp_size: int = 1
+    dp_size: int = 1
+    mem_fraction: float = 0.8
+    api_key: str = ""
+    enable_memory_saver: bool = False  # colocated with the learner: release memory between phases
+    extra_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
+    max_concurrency: int = 256
+    request_timeout_s: float = 600.0
+    max_retries: int = 3
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        check(1 <= self.port <= 65535, f"engine port must be in 1..65535, got {self.port}")
+        check(self.tp_size >= 1 and self.dp_size >= 1,
+              f"engine tp_size/dp_size must be >= 1, got {self.tp_size}/{self.dp_size}")
+        check(0 < self.mem_fraction <= 1, f"engine mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        check(self.max_concurrency >= 1, f"engine max_concurrency must be >= 1, got {self.max_concurrency}")
+        check(self.request_timeout_s > 0, f"engine request_timeout_s must be > 0, got {self.request_timeout_s}")
+        check(self.max_retries >= 0, f"engine max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutConfig:
+    learner: EngineConfig = field(default_factory=EngineConfig)
+    explorer: EngineConfig = field(default_factory=EngineConfig)
+    explorer_store: str = ""  # directory of pre-generated explorer rollouts (`s2lpo explore`)
+    prefetch_steps: int = 2  # explorer samples requested this many steps ahead
+    reuse_explorer_samples: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.prefetch_steps >= 0, f"rollout.prefetch_steps must be >= 0, got {self.prefetch_steps}")

@@ -1,0 +1,76 @@
+"""The whole run: one section per stage plus `run` (steps, output, checkpoints)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import yaml
+
+from .algo import AlgoConfig
+from .base import apply_overrides, check, from_dict, load_yaml, to_dict
+from .data import DataConfig
+from .learner import LearnerConfig
+from .logs import LoggingConfig
+from .rollout import RolloutConfig
+from .sync import SyncConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    name: str = "s2lpo"
+    output_dir: str = "runs/s2lpo"
+    seed: int = 1234
+    num_steps: int = 100
+    save_every: int = 10  # checkpoint every N steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # held-out evaluation every N steps; 0 = never
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check(bool(self.name), "run.name must not be empty")
+        check(bool(self.output_dir), "run.output_dir must not be empty")
+        check(self.num_steps >= 1, f"run.num_steps must be >= 1, got {self.num_steps}")
+        check(self.save_every >= 0, f"run.save_every must be >= 0, got {self.save_every}")
+        check(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        # Cross-section rules; each section already validated its own fields.
+        uses_explorer = self.algo.t_mix > 0
+        has_explorer = bool(self.rollout.explorer.model_path or self.rollout.explorer.url
+                            or self.rollout.explorer_store)
+        check(not uses_explorer or has_explorer,
+              f"algo.t_mix={self.algo.t_mix} asks for explorer rollouts but none of "
+              "rollout.explorer.model_path, rollout.explorer.url or rollout.explorer_store is set; "
+              "set one of them, or algo.t_mix=0 for plain GRPO")
+        check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
+              f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
+              "(the local engine is synced through the disk path's bucket stream)")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def config_from_dict(data: dict, overrides: Iterable[str] = ()) -> RunConfig:
+    return from_dict(RunConfig, apply_overrides(dict(data), overrides))
+
+
+def load_config(path: str | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply dotted overrides."""
+    data = load_yaml(path) if path else {}
+    return config_from_dict(data, overrides)

@@ -1,0 +1,55 @@
+"""Install megatron_s2lpo.
+
+CPU / CI:  pip install -e ".[dev]"     (torch 2.13.0 CPU build, megatron-core 0.16.1 on Python 3.11)
+GPU image: pip install -e ".[gpu]"     (Transformer Engine + SGLang; see Dockerfile)
+"""
+
+from setuptools import find_packages, setup
+
+# torch is pinned exactly: any other request pulls a multi-GB CUDA build on the CPU machines,
+# and every other requirement below accepts 2.13.0 so pip never replaces it.
+TORCH = "torch==2.13.0"
+
+INSTALL_REQUIRES = [
+    TORCH,
+    # 0.17+ needs Python >= 3.12 (the NGC image); 3.11 resolves 0.16.1.
+    "megatron-core==0.16.1; python_version < '3.12'",
+    "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
+    # dist_checkpointing imports psutil on save without declaring it (the save hangs without it).
+    "psutil==7.2.2",
+    "numpy>=1.26,<3",
+    "transformers==5.23.0",
+    "safetensors==0.8.0",
+    "math-verify[antlr4-13-2]==0.9.0",
+    "pyyaml==6.0.3",
+    "pyarrow==26.0.1",
+    "aiohttp==3.14.5",
+    "tqdm==4.70.1",
+    "nemo-run==0.11.1",
+    # nemo_run 0.11.1 fails to import with leptonai 0.47.x.
+    "leptonai<0.47",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": [
+        "pytest==9.2.0",
+        "pytest-timeout==2.4.0",
+    ],
+    "gpu": [
+        "transformer-engine[pytorch]==2.20.2",
+        "sglang==0.5.23",
+    ],
+}
+
+setup(
+    name="megatron_s2lpo",
+    version="0.1.0",
+    description="Small-to-Large Policy Optimization (S2L-PO), PODS and the sparse-to-dense bridge "
+    "on megatron-core learners with SGLang rollout servers",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_s2lpo", "megatron_s2lpo.*"]),
+    package_data={"megatron_s2lpo": ["py.typed"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["s2lpo=megatron_s2lpo.cli:main"]},
+)

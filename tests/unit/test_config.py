@@ -1,0 +1,102 @@
+"""Config loading: YAML recipes, dotted overrides, validation messages that name the field."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from megatron_s2lpo.config import RunConfig, config_from_dict, from_dict, load_config, to_dict
+from megatron_s2lpo.config import algo as algo_cfg
+from megatron_s2lpo.config.base import apply_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPLORER = ["rollout.explorer.model_path=/models/explorer"]
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = RunConfig()
+    again = from_dict(RunConfig, to_dict(cfg))
+    assert again == cfg
+    assert yaml.safe_load(cfg.to_yaml()) == to_dict(cfg)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("run:\n  name: x\nalgo:\n  group_size: 8\n  t_mix: 4\n"
+                    "rollout:\n  explorer:\n    model_path: /m\n")
+    cfg = load_config(str(path), ["algo.t_mix=6", "algo.clip_high=0.28", "data.eval_paths=[a, b]"])
+    assert cfg.run.name == "x"
+    assert cfg.algo.group_size == 8 and cfg.algo.t_mix == 6
+    assert cfg.algo.clip_high == pytest.approx(0.28)
+    assert cfg.data.eval_paths == ["a", "b"]
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    cfg = config_from_dict({}, ["algo.clip_high=1"])
+    assert isinstance(cfg.algo.clip_high, float)
+    with pytest.raises(ValueError, match=r"algo\.t_mix must be an integer"):
+        config_from_dict({}, ["algo.t_mix=2.5"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo.tmix=3"], r"unknown config field 'algo\.tmix'; did you mean 'algo\.t_mix'"),
+        (["algo.t_mix=-1"], r"algo\.t_mix must be >= 0"),
+        (["algo.t_mix=abc"], r"algo\.t_mix must be an integer"),
+        (["algo.schedule=exp"], r"algo\.schedule must be one of"),
+        (["algo.pods.n=8"], r"algo\.pods\.n and algo\.pods\.m"),
+        (["algo.pods.n=8", "algo.pods.m=4"], r"algo\.pods\.m \(4\) must equal algo\.group_size"),
+        (["rollout.learner.backend=vllm"], r"rollout\.learner\.backend must be one of \['local', 'sglang'\]"),
+        (["rollout.learner.sampling.temperature=0"], r"sampling\.temperature must be > 0"),
+        (["sync.transport=rdma"], r"sync\.transport must be one of"),
+        (["run.num_steps=0"], r"run\.num_steps must be >= 1"),
+        (["algo.normalize_std=yes please"], r"algo\.normalize_std must be true or false"),
+        (["algo=3"], r"algo must be a mapping"),
+        (["algo.t_mix"], r"must look like section\.field=value"),
+        (["algo.t_mix=4"], r"algo\.t_mix=4 asks for explorer rollouts"),
+        (["sync.transport=tensor"], r"needs rollout\.learner\.backend=sglang"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({}, overrides)
+
+
+def test_explorer_present_allows_t_mix():
+    cfg = config_from_dict({}, ["algo.t_mix=4", *EXPLORER])
+    assert cfg.algo.t_mix == 4
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(str(listy))
+
+
+def test_override_does_not_mutate_nested_value_types():
+    data = apply_overrides({}, ["a.b.c=1", "a.b.d=x", "a.e=null"])
+    assert data == {"a": {"b": {"c": 1, "d": "x"}, "e": None}}
+
+
+def test_config_names_match_algorithm_registries():
+    # The config lists names as tuples so it does not import algo/; keep them in step.
+    from megatron_s2lpo.algo import losses, pods, schedule
+
+    assert set(algo_cfg.SCHEDULE_NAMES) == set(schedule.SCHEDULES)
+    assert set(algo_cfg.LOSS_AGGREGATIONS) == set(losses.AGGREGATIONS)
+    assert set(algo_cfg.KL_TYPES) == set(losses.KL_ESTIMATORS)
+    assert set(algo_cfg.PODS_SELECTORS) == set(pods.SELECTORS)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml"))))
+def test_example_recipes_load(path):
+    load_config(path)
