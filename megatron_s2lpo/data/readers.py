@@ -30,6 +30,7 @@ from typing import Any
 
 from megatron_s2lpo.data import templates
 from megatron_s2lpo.types import Prompt
+from megatron_s2lpo.utils.boxed import extract_last_boxed
 
 PARQUET_BATCH_ROWS = 1024
 
@@ -95,30 +96,6 @@ def _optional_id(value: Any) -> str | None:
     return None
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced.
-
-    >>> _last_boxed(r"so $x=\\boxed{\\frac{1}{2}}$, not \\boxed{3")
-    '\\\\frac{1}{2}'
-    """
-    # Private on purpose: data/ sits before reward/ in the data flow and may not import it; a
-    # shared extractor belongs in utils/ once one exists.
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    while start != -1:
-        open_at = text.index("{", start)
-        depth = 0
-        for i in range(open_at, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[open_at + 1 : i]
-        # Unbalanced (truncated) box: fall back to the previous one.
-        start = max(text.rfind("\\boxed{", 0, start), text.rfind("\\fbox{", 0, start))
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # row parsers
 
@@ -168,7 +145,7 @@ def parse_math_row(row: dict) -> ParsedRow:
         ground_truth = _answer(row["answer"], "answer")
     elif row.get("solution") is not None:
         solution = _text(row["solution"], "solution")
-        boxed = _last_boxed(solution)
+        boxed = extract_last_boxed(solution)
         if boxed is None or not boxed.strip():
             expected = "an 'answer' field or a solution ending in \\boxed{answer}"
             raise RowError("solution", "has no non-empty \\boxed{...} answer", expected)

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_s2lpo.data import templates
-from megatron_s2lpo.data.readers import SCHEMAS, _last_boxed, load_prompts, strip_dapo_instruction
+from megatron_s2lpo.data.readers import SCHEMAS, load_prompts, strip_dapo_instruction
+from megatron_s2lpo.utils.boxed import extract_last_boxed
 
 DAPO_CONTENT = templates.DAPO_PREFIX + "Find $x$ if $2x = 68$." + templates.DAPO_SUFFIX
 
@@ -126,14 +127,14 @@ def test_math_solution_without_box_names_field(tmp_path):
         ("\\boxed{1}", "1"),
         ("a \\boxed{1} b \\boxed{\\frac{2}{3}} c", "\\frac{2}{3}"),
         ("\\boxed{{a}{b}}", "{a}{b}"),
-        ("\\boxed{5} then truncated \\boxed{6", "5"),  # unbalanced last box: use the previous one
+        ("\\boxed{5} then truncated \\boxed{6", None),  # an unclosed last box is no answer
         ("\\fbox{7}", "7"),
         ("no box here", None),
         ("\\boxed{}", ""),
     ],
 )
 def test_last_boxed(text, expected):
-    assert _last_boxed(text) == expected
+    assert extract_last_boxed(text) == expected
 
 
 # ----------------------------------------------------------------------------------------------
