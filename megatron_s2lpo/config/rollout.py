@@ -17,6 +17,7 @@ class SamplingConfig:
     top_k: int = -1  # -1 disables top-k (SGLang's convention)
     max_new_tokens: int = 1024
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the tokenizer's eos
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, f"sampling.temperature must be > 0 (greedy is not supported for "
@@ -24,6 +25,8 @@ class SamplingConfig:
         check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
         check(self.top_k == -1 or self.top_k >= 1, f"sampling.top_k must be -1 or >= 1, got {self.top_k}")
         check(self.max_new_tokens >= 1, f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(all(t >= 0 for t in self.stop_token_ids),
+              f"sampling.stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,6 +44,11 @@ class EngineConfig:
     api_key: str = ""
     enable_memory_saver: bool = False  # colocated with the learner: release memory between phases
     extra_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
+    # Program that takes sglang.launch_server's flags; empty: `<python> -m sglang.launch_server`.
+    # CPU demos and tests point it at `python tests/protocol_server.py`.
+    launch_command: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 900.0  # launch -> healthy deadline
+    max_restarts: int = 3  # relaunches of a launched server that died, per engine lifetime
     max_concurrency: int = 256
     request_timeout_s: float = 600.0
     max_retries: int = 3
@@ -54,6 +62,9 @@ class EngineConfig:
         check(self.max_concurrency >= 1, f"engine max_concurrency must be >= 1, got {self.max_concurrency}")
         check(self.request_timeout_s > 0, f"engine request_timeout_s must be > 0, got {self.request_timeout_s}")
         check(self.max_retries >= 0, f"engine max_retries must be >= 0, got {self.max_retries}")
+        check(self.startup_timeout_s > 0,
+              f"engine startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        check(self.max_restarts >= 0, f"engine max_restarts must be >= 0, got {self.max_restarts}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,0 +1,122 @@
+"""Rollout client overhead: requests/s through SGLangClient / SGLangEngine vs raw aiohttp posts.
+
+Run:
+    .venv/bin/python benchmarks/rollout_bench.py            # 2000 requests per cell
+    .venv/bin/python benchmarks/rollout_bench.py --quick    # 200 requests per cell (seconds)
+
+Starts the SGLang-protocol test server in `--noop` mode (fixed 16-token answers with log-probs,
+no model) on a free port, then for concurrency 1, 8 and 64 sends the same /generate payloads
+  raw     plain aiohttp posts under a semaphore, answer decoded as JSON;
+  client  SGLangClient.generate (payload building, retries wrapper, answer checks, Completion);
+  engine  SGLangEngine.generate attached to the server (the synchronous facade over its loop
+          thread, what the trainer calls).
+For each it prints requests/s (best of `--repeats`) and the benchmark process's own CPU time
+per request (the server runs in another process), so the client's cost is visible even when
+the single-process test server is the throughput limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import tempfile
+import time
+
+import aiohttp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_s2lpo.config.rollout import EngineConfig  # noqa: E402
+from megatron_s2lpo.rollout.engine import GenerateRequest  # noqa: E402
+from megatron_s2lpo.rollout.sglang_client import SGLangClient, generate_payload  # noqa: E402
+from megatron_s2lpo.rollout.sglang_engine import SGLangEngine  # noqa: E402
+from megatron_s2lpo.rollout.sglang_server import ServerProcess, wait_healthy  # noqa: E402
+
+SERVER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                      "protocol_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_requests(num: int) -> list[GenerateRequest]:
+    return [GenerateRequest(request_id=f"b{i}", prompt_ids=list(range(4, 68)), max_new_tokens=16,
+                            temperature=0.8, seed=i) for i in range(num)]
+
+
+async def run_raw(url: str, reqs: list[GenerateRequest], concurrency: int) -> None:
+    sem = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def one(req: GenerateRequest) -> dict:
+            async with sem:
+                async with session.post(url + "/generate", json=generate_payload(req)) as resp:
+                    return await resp.json()
+        await asyncio.gather(*(one(r) for r in reqs))
+
+
+async def run_client(url: str, reqs: list[GenerateRequest], concurrency: int) -> None:
+    client = SGLangClient(url, max_concurrency=concurrency)
+    try:
+        await client.generate(reqs)
+    finally:
+        await client.close()
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    num = 200 if args.quick else 2000
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = os.path.join(tempfile.gettempdir(), f"rollout-bench-server-{port}.log")
+    server = ServerProcess([sys.executable, SERVER, "--noop", "--port", str(port)], log_path=log)
+    server.start()
+    try:
+        probe = SGLangClient(url)
+
+        async def healthy() -> None:
+            await wait_healthy(probe.health, url=url, timeout_s=60, process=server)
+            await probe.close()
+
+        asyncio.run(healthy())
+        reqs = make_requests(num)
+        print(f"{num} requests per cell, 16 output tokens each, noop server on {url}")
+        print(f"{'concurrency':>11} | {'raw req/s':>9} {'us cpu/req':>10} | {'client req/s':>12} "
+              f"{'us cpu/req':>10} | {'engine req/s':>12} {'us cpu/req':>10} | client/raw")
+        for concurrency in (1, 8, 64):
+            engine = SGLangEngine(EngineConfig(backend="sglang", url=url, max_concurrency=concurrency))
+            cells = {"raw": [], "client": [], "engine": []}
+            for _ in range(args.repeats):  # interleaved so drift hits all three alike
+                cells["raw"].append(timed(lambda c=concurrency: asyncio.run(run_raw(url, reqs, c))))
+                cells["client"].append(timed(lambda c=concurrency: asyncio.run(run_client(url, reqs, c))))
+                cells["engine"].append(timed(lambda e=engine: e.generate(reqs)))
+            engine.close()
+            best = {k: min(v) for k, v in cells.items()}
+            row = [f"{concurrency:>11}"]
+            for key, width in (("raw", 9), ("client", 12), ("engine", 12)):
+                wall, cpu = best[key]
+                row.append(f"{num / wall:>{width}.0f} {1e6 * cpu / num:>10.0f}")
+            ratio = best["raw"][0] / best["client"][0]
+            print(" | ".join(row) + f" | {ratio:>9.2f}")
+    finally:
+        server.stop()
+        os.remove(log)
+
+
+if __name__ == "__main__":
+    main()

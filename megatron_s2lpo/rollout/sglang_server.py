@@ -1,0 +1,135 @@
+"""Launch an SGLang server process (or any program taking its flags) and wait until healthy.
+
+`build_launch_command` turns an `EngineConfig` into `python -m sglang.launch_server ...`
+(or the configured `launch_command` prefix, e.g. the SGLang-protocol test server used on CPU).
+`ServerProcess` owns the process: start in its own session (SGLang forks scheduler and
+detokenizer children, which are stopped with it), log to a file, report exit, restart, stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+from ..config.rollout import EngineConfig
+
+
+def build_launch_command(cfg: EngineConfig, *, python: str = sys.executable) -> list[str]:
+    """The server's command line (flags of sglang.launch_server, SGLang 0.5.23)."""
+    if not cfg.model_path:
+        raise ValueError("engine model_path is empty: set the HF checkpoint directory the server "
+                         "loads, or engine url to attach to a running server")
+    prefix = list(cfg.launch_command) or [python, "-m", "sglang.launch_server"]
+    args = [
+        "--model-path", cfg.model_path,
+        "--host", cfg.host,
+        "--port", str(cfg.port),
+        "--tp-size", str(cfg.tp_size),
+        "--dp-size", str(cfg.dp_size),
+        "--mem-fraction-static", str(cfg.mem_fraction),
+    ]
+    if cfg.api_key:
+        args += ["--api-key", cfg.api_key]
+    if cfg.enable_memory_saver:
+        args.append("--enable-memory-saver")
+    return prefix + args + list(cfg.extra_args)
+
+
+class ServerProcess:
+    """One server process: start, poll, tail its log, restart, stop."""
+
+    def __init__(self, command: list[str], *, log_path: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.command = list(command)
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
+            os.close(fd)
+        self.log_path = log_path
+        self.env = env
+        self._proc: subprocess.Popen | None = None
+        self.num_starts = 0
+
+    def start(self) -> None:
+        assert not self.alive(), "start() on a running server"
+        log = open(self.log_path, "ab")
+        log.write(f"\n==== start {self.num_starts + 1}: {' '.join(self.command)}\n".encode())
+        log.flush()
+        try:
+            self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=self.env,
+                                          start_new_session=True)
+        finally:
+            log.close()  # the child holds its own descriptor
+        self.num_starts += 1
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def log_tail(self, num_lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 64 * 1024))
+                lines = f.read().decode("utf-8", errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-num_lines:])
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the whole process group, SIGKILL it after `timeout_s`."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self._proc.wait(timeout_s)
+        else:  # the leader is gone; its children may not be
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def describe(self) -> str:
+        return f"`{' '.join(self.command)}` (log {self.log_path})"
+
+
+async def wait_healthy(
+    probe: Callable[[], Awaitable[bool]],
+    *,
+    url: str,
+    timeout_s: float,
+    process: ServerProcess | None = None,
+    poll_s: float = 0.25,
+) -> None:
+    """Poll `probe` (GET /health) until it answers 200, the process exits, or the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and not process.alive():
+            raise RuntimeError(
+                f"server for {url} exited with code {process.exit_code()} before becoming healthy: "
+                f"{process.describe()}\n--- last log lines ---\n{process.log_tail()}")
+        if await probe():
+            return
+        if time.monotonic() > deadline:
+            tail = f"\n--- last log lines ---\n{process.log_tail()}" if process is not None else ""
+            raise TimeoutError(f"server at {url} was not healthy within {timeout_s:.0f} s (GET /health)"
+                               f"{tail}")
+        await asyncio.sleep(poll_s)

@@ -1,0 +1,438 @@
+"""SGLang-protocol test server: SGLang 0.5.23's native HTTP API over a tiny in-process model.
+
+Run from the repository root:
+
+    python tests/protocol_server.py --model-path /path/to/hf_dir --port 31000
+    python tests/protocol_server.py --tiny --port 31000     # random tiny Qwen3 + synthetic tokenizer
+    python tests/protocol_server.py --noop --port 31000     # fixed tokens, no model (client benchmark;
+                                                            # --model-path is then only reported)
+
+It takes sglang.launch_server's flags (`--tp-size`, `--dp-size`, `--mem-fraction-static`,
+`--enable-memory-saver`, `--api-key`, `--weight-version`, ...; the parallel/memory ones are
+accepted and ignored), so `SGLangEngine` launches it exactly like the real server.
+
+Reproduced from SGLang (sglang/srt/entrypoints/http_server.py, managers/io_struct.py):
+  - POST /generate with input_ids (one prompt or a batch), text (with a tokenizer),
+    sampling_params (temperature, top_p, top_k, max_new_tokens, stop, stop_token_ids,
+    sampling_seed; temperature 0 is greedy as top_k=1), return_logprob, rid; answers
+    {text, output_ids, meta_info{id, finish_reason, prompt_tokens, completion_tokens,
+    cached_tokens, weight_version, output_token_logprobs=[[logprob, token_id, null]]}},
+    a list for a batch; errors as {"error": {"message"}} with 400; stream=true is refused;
+  - GET /health, /health_generate; GET /get_model_info, /model_info; GET /get_server_info,
+    /server_info; GET|POST /flush_cache (text answer);
+  - POST /update_weights_from_disk {model_path, weight_version, ...} -> {success, message,
+    num_paused_requests}, 400 when success is false; POST /update_weight_version;
+  - POST /pause_generation, /continue_generation (new batches wait while paused);
+  - GET|POST /release_memory_occupation, /resume_memory_occupation (state only; answer null);
+  - POST /update_weights_from_tensor, /init_weights_update_group,
+    /update_weights_from_distributed, /destroy_weights_update_group answer as SGLang does when
+    the operation fails: 400 {success: false, message} (no CUDA IPC or NCCL here);
+  - Authorization: Bearer <api_key> on every route except /health*, 401 otherwise.
+Not reproduced: radix cache, continuous batching (requests that arrive together are batched
+into one generation call instead), streaming, multimodal inputs, top-logprobs, OpenAI routes,
+weight version spans inside one request, real memory release.
+
+Fault injection for tests: --fail-first N (the first N /generate requests answer 500),
+--delay-s S (sleep before each generation), POST /_test/faults {"fail_next", "status",
+"delay_s"} and GET /_test/state (counters and paused / released state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from aiohttp import web
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ServerState:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.engine = None  # LocalEngine, None in --noop mode
+        self.model_path = args.model_path or ("tiny" if args.tiny else "")
+        self.weight_version = args.weight_version
+        self.running = asyncio.Event()
+        self.running.set()
+        self.released: set[str] = set()
+        self.fail_next = args.fail_first
+        self.fail_status = 500
+        self.delay_s = args.delay_s
+        self.num_generate = 0
+        self.num_failed = 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+
+def build_engine(args: argparse.Namespace):
+    import torch
+
+    from megatron_s2lpo.rollout.local import LocalEngine
+
+    torch.set_num_threads(args.num_threads)
+    if args.model_path:
+        return LocalEngine.from_pretrained(args.model_path, seed=args.seed,
+                                           max_batch_size=args.max_batch_size)
+    from megatron_s2lpo.config.model import ModelArch
+    from megatron_s2lpo.data.tokenizer import build_synthetic_tokenizer
+
+    tok = build_synthetic_tokenizer()
+    arch = ModelArch(family="qwen3", vocab_size=len(tok), hidden_size=32, ffn_hidden_size=64,
+                     num_layers=2, num_attention_heads=4, num_query_groups=2, head_dim=8,
+                     qk_layernorm=True)
+    return LocalEngine.from_arch(arch, tokenizer=tok, init_seed=args.seed, seed=args.seed,
+                                 max_batch_size=args.max_batch_size)
+
+
+# ----- /generate -----
+
+def _error(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+def _per_item(value, num: int, name: str) -> list:
+    """A batch field: a list holds one entry per prompt, anything else applies to all."""
+    if isinstance(value, list):
+        if len(value) != num:
+            raise ValueError(f"{name} has {len(value)} entries for a batch of {num} prompts")
+        return value
+    if name == "rid" and num > 1:  # SGLang expands a string rid into per-item ids
+        return [f"{value}_{i}" for i in range(num)]
+    return [value] * num
+
+
+def _to_request(rid: str, ids: list[int], params: dict, return_logprob: bool):
+    from megatron_s2lpo.rollout.engine import GenerateRequest
+
+    temperature = params.get("temperature", 1.0)
+    top_k = params.get("top_k", -1)
+    if temperature is not None and temperature < 1e-6:  # SGLang: greedy is top_k=1
+        temperature, top_k = 1.0, 1
+    stop = params.get("stop") or []
+    return GenerateRequest(
+        request_id=rid, prompt_ids=[int(t) for t in ids],
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=float(params.get("top_p") or 1.0), top_k=-1 if top_k is None else int(top_k),
+        max_new_tokens=int(params.get("max_new_tokens") or 128),
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop_token_ids=list(params.get("stop_token_ids") or []),
+        seed=params.get("sampling_seed"), return_logprob=bool(return_logprob))
+
+
+def _format(state: ServerState, req, comp) -> dict:
+    tokens = comp.token_ids
+    if comp.finish_reason.value == "length":
+        finish = {"type": "length", "length": len(tokens)}
+    elif tokens and tokens[-1] in _eos(state) | set(req.stop_token_ids):
+        finish = {"type": "stop", "matched": tokens[-1]}
+    else:  # a stop string matched; the text is already trimmed before it
+        full = state.engine.tokenizer.decode(tokens, skip_special_tokens=True)
+        finish = {"type": "stop", "matched": next((s for s in req.stop if s in full), None)}
+    meta = {
+        "id": req.request_id, "finish_reason": finish, "prompt_tokens": len(req.prompt_ids),
+        "completion_tokens": len(tokens), "cached_tokens": 0, "weight_version": state.weight_version,
+    }
+    if req.return_logprob:
+        meta["output_token_logprobs"] = [[lp, t, None]
+                                         for lp, t in zip(comp.logprobs, tokens, strict=True)]
+        meta["output_token_logprobs_length"] = len(tokens)
+        meta["input_token_logprobs"] = []
+    return {"text": comp.text, "output_ids": tokens, "meta_info": meta}
+
+
+def _eos(state: ServerState) -> set[int]:
+    return set(state.engine.eos_token_ids) if state.engine is not None else set()
+
+
+def _noop_output(state: ServerState, rid: str, ids: list[int], params: dict, logprob: bool) -> dict:
+    """A fixed answer without a model (the client benchmark's server); imports nothing heavy."""
+    num = min(int(params.get("max_new_tokens") or 128), state.args.noop_tokens)
+    meta = {"id": rid, "finish_reason": {"type": "length", "length": num}, "prompt_tokens": len(ids),
+            "completion_tokens": num, "cached_tokens": 0, "weight_version": state.weight_version}
+    if logprob:
+        meta["output_token_logprobs"] = [[0.0, 5, None]] * num
+    return {"text": "", "output_ids": [5] * num, "meta_info": meta}
+
+
+async def batch_worker(state: ServerState) -> None:
+    """Runs everything that arrived together as one generation call (no continuous batching)."""
+    while True:
+        items = [await state.queue.get()]
+        while not state.queue.empty() and len(items) < state.args.max_batch_size:
+            items.append(state.queue.get_nowait())
+        await state.running.wait()
+        try:
+            comps = await asyncio.to_thread(state.engine.generate, [req for req, _ in items])
+        except Exception as err:  # noqa: BLE001 - reported to every waiting request
+            for _, fut in items:
+                if not fut.done():
+                    fut.set_exception(err)
+            continue
+        for (_, fut), comp in zip(items, comps, strict=True):
+            if not fut.done():
+                fut.set_result(comp)
+
+
+async def generate(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    state.num_generate += 1
+    if state.fail_next > 0:
+        state.fail_next -= 1
+        state.num_failed += 1
+        return _error("injected failure (protocol test server)", state.fail_status)
+    body = await request.json()
+    if body.get("stream"):
+        return _error("stream=true is not supported by the protocol test server")
+    ids = body.get("input_ids")
+    if ids is None and body.get("text") is not None:
+        if state.engine is None or state.engine.tokenizer is None:
+            return _error("text input needs a tokenizer; send input_ids")
+        texts = body["text"]
+        ids = ([state.engine.tokenizer.encode(t) for t in texts] if isinstance(texts, list)
+               else state.engine.tokenizer.encode(texts))
+    if not ids:
+        return _error("either text or input_ids should be provided")
+    single = not isinstance(ids[0], list)
+    batch = [ids] if single else ids
+    try:
+        params = _per_item(body.get("sampling_params") or {}, len(batch), "sampling_params")
+        rids = _per_item(body.get("rid") or f"req-{state.num_generate}", len(batch), "rid")
+        logprob = _per_item(body.get("return_logprob", False), len(batch), "return_logprob")
+        if state.engine is not None:
+            items = zip(rids, batch, params, logprob, strict=True)
+            reqs = [_to_request(rid, i, p, lp) for rid, i, p, lp in items]
+            vocab = state.engine.model.config.vocab_size
+            for req in reqs:
+                if any(not 0 <= t < vocab for t in req.prompt_ids):
+                    raise ValueError(f"request {req.request_id}: token id out of vocabulary ({vocab})")
+    except (ValueError, TypeError) as err:
+        return _error(str(err))
+    if state.delay_s:
+        await asyncio.sleep(state.delay_s)
+    if state.engine is None:
+        items = zip(rids, batch, params, logprob, strict=True)
+        outs = [_noop_output(state, *item) for item in items]
+        return web.json_response(outs[0] if single else outs)
+    futs = [asyncio.get_running_loop().create_future() for _ in reqs]
+    for req, fut in zip(reqs, futs, strict=True):
+        state.queue.put_nowait((req, fut))
+    try:
+        comps = await asyncio.gather(*futs)
+    except ValueError as err:
+        return _error(str(err))
+    outs = [_format(state, r, c) for r, c in zip(reqs, comps, strict=True)]
+    return web.json_response(outs[0] if single else outs)
+
+
+# ----- control routes -----
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    if state.engine is not None and state.running.is_set():
+        from megatron_s2lpo.rollout.engine import GenerateRequest
+
+        req = GenerateRequest(request_id="HEALTH_CHECK", prompt_ids=[0], top_k=1, max_new_tokens=1)
+        await asyncio.to_thread(state.engine.generate, [req])
+    return web.Response(status=200)
+
+
+async def model_info(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    cfg = state.engine.model.config if state.engine is not None else None
+    return web.json_response({
+        "model_path": state.model_path, "served_model_name": state.model_path,
+        "tokenizer_path": state.model_path, "is_generation": True,
+        "preferred_sampling_params": None, "weight_version": state.weight_version,
+        "load_format": "auto", "model_type": getattr(cfg, "model_type", None),
+        "architectures": getattr(cfg, "architectures", None),
+    })
+
+
+async def server_info(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    return web.json_response({"model_path": state.model_path, "port": state.args.port,
+                              "tp_size": state.args.tp_size, "dp_size": state.args.dp_size,
+                              "version": "protocol-test-server", "internal_states": [{}]})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    return web.Response(text="Cache flushed.\nPlease check backend logs for more details. "
+                             "(When there are running or waiting requests, the operation will "
+                             "not be performed.)\n")
+
+
+async def update_weights_from_disk(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    body = await request.json()
+    path = body.get("model_path")
+    try:
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.update_weights_from_disk, path, None)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        return web.json_response({"success": False, "message": f"Failed to update weights: {err}",
+                                  "num_paused_requests": 0}, status=400)
+    state.model_path = path
+    message = "Succeeded to update model weights."
+    if body.get("weight_version") is not None:
+        state.weight_version = body["weight_version"]
+        message += f" Weight version updated to {state.weight_version}."
+    return web.json_response({"success": True, "message": message, "num_paused_requests": 0})
+
+
+async def update_weight_version(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    body = await request.json()
+    state.weight_version = body["new_version"]
+    return web.json_response({"success": True, "new_version": state.weight_version,
+                              "message": f"Weight version updated to {state.weight_version}"})
+
+
+def _unavailable(what: str):
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"success": False, "message": (
+            f"{what} is unavailable on the protocol test server (no CUDA IPC / NCCL on CPU); "
+            "use /update_weights_from_disk")}, status=400)
+    return handler
+
+
+async def pause_generation(request: web.Request) -> web.Response:
+    request.app["state"].running.clear()
+    return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+
+async def continue_generation(request: web.Request) -> web.Response:
+    request.app["state"].running.set()
+    return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+
+async def _tags(request: web.Request) -> set[str]:
+    body = await request.json() if request.can_read_body else {}
+    return set((body or {}).get("tags") or ["weights", "kv_cache"])
+
+
+async def release_memory(request: web.Request) -> web.Response:
+    request.app["state"].released |= await _tags(request)
+    return web.json_response(None)
+
+
+async def resume_memory(request: web.Request) -> web.Response:
+    request.app["state"].released -= await _tags(request)
+    return web.json_response(None)
+
+
+async def test_faults(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    body = await request.json()
+    state.fail_next = int(body.get("fail_next", state.fail_next))
+    state.fail_status = int(body.get("status", state.fail_status))
+    state.delay_s = float(body.get("delay_s", state.delay_s))
+    return web.json_response({"ok": True})
+
+
+async def test_state(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    return web.json_response({
+        "num_generate": state.num_generate, "num_failed": state.num_failed,
+        "paused": not state.running.is_set(), "released": sorted(state.released),
+        "weight_version": state.weight_version, "memory_saver": state.args.enable_memory_saver,
+        "pid": os.getpid()})
+
+
+@web.middleware
+async def auth(request: web.Request, handler):
+    key = request.app["state"].args.api_key
+    if key and not request.path.startswith("/health") and \
+            request.headers.get("Authorization", "") != f"Bearer {key}":
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    return await handler(request)
+
+
+def build_app(state: ServerState) -> web.Application:
+    app = web.Application(middlewares=[auth], client_max_size=64 * 1024 * 1024)
+    app["state"] = state
+    r = app.router
+    r.add_post("/generate", generate)
+    r.add_put("/generate", generate)
+    for path, fn in (("/health", health), ("/health_generate", health_generate),
+                     ("/get_model_info", model_info), ("/model_info", model_info),
+                     ("/get_server_info", server_info), ("/server_info", server_info),
+                     ("/_test/state", test_state)):
+        r.add_get(path, fn)
+    for path, fn in (("/flush_cache", flush_cache), ("/release_memory_occupation", release_memory),
+                     ("/resume_memory_occupation", resume_memory)):
+        r.add_get(path, fn)
+        r.add_post(path, fn)
+    for path, fn in (("/update_weights_from_disk", update_weights_from_disk),
+                     ("/update_weight_version", update_weight_version),
+                     ("/pause_generation", pause_generation),
+                     ("/continue_generation", continue_generation),
+                     ("/_test/faults", test_faults)):
+        r.add_post(path, fn)
+    for path in ("/update_weights_from_tensor", "/init_weights_update_group",
+                 "/update_weights_from_distributed", "/destroy_weights_update_group"):
+        r.add_post(path, _unavailable(path))
+
+    async def start_worker(app: web.Application) -> None:
+        if state.engine is not None:
+            app["worker"] = asyncio.create_task(batch_worker(state))
+
+    app.on_startup.append(start_worker)
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", default="")
+    p.add_argument("--tiny", action="store_true", help="random tiny Qwen3 + synthetic tokenizer")
+    p.add_argument("--noop", action="store_true", help="no model: fixed tokens (benchmarks)")
+    p.add_argument("--noop-tokens", type=int, default=16)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--api-key", default="")
+    p.add_argument("--weight-version", default="default")
+    p.add_argument("--fail-first", type=int, default=0)
+    p.add_argument("--delay-s", type=float, default=0.0)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-threads", type=int, default=1)
+    # sglang.launch_server flags that have no meaning here (accepted so launch lines match)
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--dp-size", type=int, default=1)
+    p.add_argument("--mem-fraction-static", type=float, default=0.8)
+    p.add_argument("--enable-memory-saver", action="store_true")
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        print(f"protocol server: ignoring flags {unknown}", flush=True)
+    if not args.noop and bool(args.model_path) == args.tiny:
+        p.error("give exactly one of --model-path DIR or --tiny (or --noop, which loads no model)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.time()
+
+    async def make_app() -> web.Application:
+        state = ServerState(args)
+        if not args.noop:
+            state.engine = await asyncio.to_thread(build_engine, args)
+        print(f"protocol server: model {state.model_path} ready in {time.time() - start:.1f} s on "
+              f"http://{args.host}:{args.port} ({json.dumps({'weight_version': args.weight_version})})",
+              flush=True)
+        return build_app(state)
+
+    web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None,
+                shutdown_timeout=2.0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""SGLangEngine against the SGLang-protocol test server over real HTTP on 127.0.0.1."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_s2lpo.config.model import ModelArch
+from megatron_s2lpo.config.rollout import EngineConfig
+from megatron_s2lpo.data.tokenizer import build_synthetic_tokenizer
+from megatron_s2lpo.rollout.engine import GenerateRequest
+from megatron_s2lpo.rollout.local import LocalEngine
+from megatron_s2lpo.rollout.sglang_client import EngineRequestError
+from megatron_s2lpo.rollout.sglang_engine import SGLangEngine
+
+SERVER = [sys.executable, str(Path(__file__).resolve().parents[1] / "protocol_server.py")]
+KEY = "test-key"
+pytestmark = pytest.mark.timeout(180)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def admin(url: str, path: str, body: dict | None = None, key: str = KEY):
+    """A raw HTTP call (no retries) to the test server's own routes."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_synthetic_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tok):
+    arch = ModelArch(family="qwen3", vocab_size=len(tok), hidden_size=32, ffn_hidden_size=64,
+                     num_layers=2, num_attention_heads=4, num_query_groups=2, head_dim=8,
+                     qk_layernorm=True)
+    dirs = []
+    for seed in (0, 1):
+        path = str(tmp_path_factory.mktemp(f"model{seed}"))
+        LocalEngine.from_arch(arch, tokenizer=tok, init_seed=seed).save_pretrained(path)
+        dirs.append(path)
+    return dirs
+
+
+def engine_config(model_path: str, **kwargs) -> EngineConfig:
+    kwargs.setdefault("max_retries", 2)
+    return EngineConfig(backend="sglang", model_path=model_path, port=free_port(),
+                        launch_command=SERVER, startup_timeout_s=90, request_timeout_s=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("logs") / "server.log")
+    engine = SGLangEngine(engine_config(model_dirs[0], api_key=KEY), backoff_s=0.05, log_path=log)
+    yield engine
+    engine.close()
+
+
+def teacher_forced(model, comp, temperature) -> list[float]:
+    ids = torch.tensor([comp.prompt_ids + comp.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double() / temperature, dim=-1)
+    start = len(comp.prompt_ids) - 1
+    return [logp[start + i, t].item() for i, t in enumerate(comp.token_ids)]
+
+
+def test_generate_logprobs_match_the_servers_model(server, model_dirs, tok):
+    local = LocalEngine.from_pretrained(model_dirs[0])
+    reqs = [GenerateRequest(request_id=f"q{i}", prompt_ids=tok.encode(p), temperature=t,
+                            top_p=0.9, max_new_tokens=20, seed=i)
+            for i, (p, t) in enumerate([("1+2=", 0.7), ("What is 6*7? ", 1.3), ("9", 0.7)] * 3)]
+    comps = server.generate(reqs)
+    assert [c.request_id for c in comps] == [r.request_id for r in reqs]
+    for req, comp in zip(reqs, comps, strict=True):
+        assert comp.prompt_ids == req.prompt_ids and comp.weight_version == 0
+        ref = teacher_forced(local.model, comp, req.temperature)
+        assert max(abs(a - b) for a, b in zip(ref, comp.logprobs, strict=True)) < 1e-5
+    # One request alone is one batch on both sides: same sampler, same seed, same tokens.
+    (alone,) = server.generate(reqs[:1])
+    assert alone.token_ids == local.generate(reqs[:1])[0].token_ids
+    assert alone.text == tok.decode(alone.token_ids, skip_special_tokens=True)
+
+
+def test_agenerate_from_another_event_loop(server, tok):
+    reqs = [GenerateRequest(request_id=f"a{i}", prompt_ids=tok.encode("ab"), max_new_tokens=4)
+            for i in range(3)]
+    comps = asyncio.run(server.agenerate(reqs))
+    assert [c.request_id for c in comps] == ["a0", "a1", "a2"]
+
+
+def test_error_after_the_retry_budget_names_url_request_and_answer(server, tok):
+    before = admin(server.url, "/_test/state")["num_failed"]
+    admin(server.url, "/_test/faults", {"fail_next": 100, "status": 503})
+    try:
+        with pytest.raises(EngineRequestError) as info:
+            server.generate([GenerateRequest(request_id="doomed-7", prompt_ids=tok.encode("x"))])
+    finally:
+        admin(server.url, "/_test/faults", {"fail_next": 0})
+    message = str(info.value)
+    assert f"{server.url}/generate" in message and "doomed-7" in message
+    assert "HTTP 503" in message and "injected failure" in message and "3 attempt(s)" in message
+    assert admin(server.url, "/_test/state")["num_failed"] - before == 3  # 1 try + 2 retries
+
+
+def test_client_errors_are_not_retried(server):
+    before = admin(server.url, "/_test/state")["num_generate"]
+    with pytest.raises(EngineRequestError, match="request oov.*HTTP 400.*out of vocabulary"):
+        server.generate([GenerateRequest(request_id="oov", prompt_ids=[5, 99999])])
+    assert admin(server.url, "/_test/state")["num_generate"] - before == 1
+
+
+def test_api_key_guards_everything_but_health(server):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        admin(server.url, "/get_model_info", key="wrong")
+    assert info.value.code == 401
+    info.value.close()
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as resp:
+        assert resp.status == 200
+    assert server.health() and server.health_generate()
+
+
+def test_update_weights_from_disk_over_http(server, model_dirs, tok):
+    req = [GenerateRequest(request_id="w", prompt_ids=tok.encode("4*4="), temperature=0.8,
+                           max_new_tokens=16, seed=42)]
+    before = server.generate(req)[0]
+    server.update_weights_from_disk(model_dirs[1], version=7)
+    try:
+        after = server.generate(req)[0]
+        assert server.weight_version == 7 and after.weight_version == 7
+        assert server.get_model_info()["weight_version"] == "7"
+        # (Random tiny models are near uniform: the same seed may pick the same tokens, but
+        # their log-probs now come from the second model and no longer from the first.)
+        new_model = LocalEngine.from_pretrained(model_dirs[1]).model
+        ref = teacher_forced(new_model, after, 0.8)
+        assert max(abs(a - b) for a, b in zip(ref, after.logprobs, strict=True)) < 1e-5
+        assert max(abs(a - b) for a, b in zip(before.logprobs, after.logprobs, strict=True)) > 1e-3
+        with pytest.raises(EngineRequestError, match="HTTP 400.*no-such-dir"):
+            server.update_weights_from_disk("/no-such-dir", version=9)
+        assert server.weight_version == 7
+    finally:
+        server.update_weights_from_disk(model_dirs[0], version=8)
+    restored = server.generate(req)[0]
+    assert restored.token_ids == before.token_ids and restored.weight_version == 8
+    assert restored.logprobs == pytest.approx(before.logprobs, abs=1e-6)
+
+
+def test_control_endpoints(server, tok):
+    assert "Cache flushed" in server.flush_cache()
+    assert server.get_model_info()["is_generation"] is True
+    server.release_memory_occupation(["kv_cache"])
+    assert admin(server.url, "/_test/state")["released"] == ["kv_cache"]
+    server.resume_memory_occupation(["kv_cache"])
+    assert admin(server.url, "/_test/state")["released"] == []
+
+    server.pause_generation()
+    received = admin(server.url, "/_test/state")["num_generate"]
+    out = []
+    worker = threading.Thread(target=lambda: out.extend(server.generate(
+        [GenerateRequest(request_id="paused", prompt_ids=tok.encode("p"), max_new_tokens=3)])))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while admin(server.url, "/_test/state")["num_generate"] == received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert admin(server.url, "/_test/state")["paused"] and not out  # held while paused
+    server.continue_generation()
+    worker.join(30)
+    assert [c.request_id for c in out] == ["paused"]
+
+    with pytest.raises(NotImplementedError, match="CUDA IPC"):
+        server.update_weights_from_tensors([("model.norm.weight", torch.ones(32))], version=1)
+    with pytest.raises(EngineRequestError, match="init_weights_update_group.*HTTP 400"):
+        server.init_weights_update_group(master_address="127.0.0.1", master_port=1, rank_offset=1,
+                                         world_size=2)
+
+
+def test_sigkilled_server_is_restarted_and_every_request_answered_once(tok, tmp_path):
+    # A model-free server (fast restarts); answers echo the request id, which the client checks.
+    cfg = engine_config("unused", extra_args=["--noop", "--delay-s", "1.0"], max_retries=3,
+                        max_restarts=1)
+    engine = SGLangEngine(cfg, backoff_s=0.05, log_path=str(tmp_path / "server.log"))
+    try:
+        reqs = [GenerateRequest(request_id=f"k{i}", prompt_ids=tok.encode(f"{i}+1="), max_new_tokens=8,
+                                seed=i) for i in range(12)]
+        out: list = []
+        worker = threading.Thread(target=lambda: out.extend(engine.generate(reqs)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while admin(engine.url, "/_test/state")["num_generate"] < len(reqs):  # all in flight
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        old_pid = engine.process.pid
+        os.kill(old_pid, signal.SIGKILL)
+        worker.join(120)
+        assert not worker.is_alive()
+        assert [c.request_id for c in out] == [r.request_id for r in reqs]
+        assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in out)
+        assert engine.num_restarts == 1 and engine.process.pid != old_pid
+        # The new server saw each request exactly once: resubmitted, never duplicated.
+        assert admin(engine.url, "/_test/state")["num_generate"] == len(reqs)
+
+        # A restart loses weights pushed as tensors (simulated here: the CPU test server cannot
+        # receive them): the engine refuses to generate until the next weight sync.
+        engine._lost_tensor_update = True
+        engine.cfg.max_restarts = 2
+        kill_and_reap(engine)
+        for _ in range(2):
+            with pytest.raises(EngineRequestError, match="lost the weights pushed to it as tensors"):
+                engine.generate(reqs[:1])
+        engine.update_weights_from_disk("/weights/step-5", version=5)
+        assert engine.generate(reqs[:1])[0].weight_version == 5
+
+        kill_and_reap(engine)  # the restart budget (2) is spent now
+        with pytest.raises(EngineRequestError, match="died .* already restarted 2 time"):
+            engine.generate(reqs[:1])
+    finally:
+        engine.close()
+
+
+def kill_and_reap(engine: SGLangEngine) -> None:
+    os.kill(engine.process.pid, signal.SIGKILL)
+    engine.process._proc.wait(30)
+
+
+def test_server_that_exits_at_startup_reports_its_log(tmp_path):
+    cfg = EngineConfig(backend="sglang", model_path="m", port=free_port(), startup_timeout_s=60,
+                       launch_command=[sys.executable, "-c",
+                                       "import sys; print('cannot load model', flush=True); sys.exit(3)"])
+    with pytest.raises(RuntimeError, match="(?s)exited with code 3.*cannot load model"):
+        SGLangEngine(cfg, log_path=str(tmp_path / "server.log"))
+
+
+def test_server_that_never_gets_healthy_times_out_with_its_log(tmp_path):
+    cfg = EngineConfig(backend="sglang", model_path="m", port=free_port(), startup_timeout_s=1.0,
+                       launch_command=[sys.executable, "-c",
+                                       "import time; print('still booting', flush=True); time.sleep(60)"])
+    with pytest.raises(TimeoutError, match="(?s)not healthy within 1 s.*still booting"):
+        SGLangEngine(cfg, log_path=str(tmp_path / "server.log"))
