@@ -138,6 +138,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             raise ValueError(f"{path} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-6` (no dot) as a string; a float field takes it as the number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{path} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path} must be a number, got {value!r}")
         return float(value)

@@ -162,6 +162,8 @@ def _arch_from_dict(cfg: dict, source: str) -> ModelArch:
     num_heads = need("num_attention_heads")
     hidden = need("hidden_size")
     rope_scaling = cfg.get("rope_scaling")
+    if not rope_scaling and isinstance(cfg.get("rope_parameters"), dict):
+        rope_scaling = cfg["rope_parameters"]  # transformers 5 keeps the scaling (and theta) here
     if rope_scaling:
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
         if rope_type == "default":

@@ -32,6 +32,16 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.data.eval_paths == ["a", "b"]
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 3e-6 as a string; float fields accept it (from files and overrides).
+    path = tmp_path / "recipe.yaml"
+    path.write_text("learner:\n  optim:\n    lr: 3e-6\n")
+    assert load_config(str(path)).learner.optim.lr == pytest.approx(3e-6)
+    assert config_from_dict({}, ["learner.optim.lr=2e-5"]).learner.optim.lr == pytest.approx(2e-5)
+    with pytest.raises(ValueError, match=r"learner\.optim\.lr must be a number, got 'fast'"):
+        config_from_dict({}, ["learner.optim.lr=fast"])
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse():
     cfg = config_from_dict({}, ["algo.clip_high=1"])
     assert isinstance(cfg.algo.clip_high, float)

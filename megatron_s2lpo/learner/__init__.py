@@ -1,0 +1,53 @@
+"""Megatron learner: parallel init, GPT model, vocab-parallel log-probs, train step, checkpoints.
+
+cpu_shims   the CPU stand-ins megatron-core needs without CUDA (one module, no-op with CUDA)
+parallel    init_parallel / destroy_parallel -> ParallelGroups (TP, PP, VPP, DP)
+model       build_gpt_model / build_model_chunks from a ModelArch (TE spec on GPU, local on CPU)
+logprobs    log-probs and entropy of sampled tokens from vocab-parallel logits (pure torch)
+batching    DP split and token-budget micro-batches (pure torch)
+step        forward_step / loss_fn for megatron's get_forward_backward_func, metric reduction
+optimizer   DDP wrappers, get_megatron_optimizer, OptimizerParamScheduler
+reference   frozen reference model for the KL penalty
+checkpoint  atomic dist_checkpointing save / load with trainer state and RNG
+learner     Learner: what the trainer calls
+
+Importing this package does not import megatron-core; the names below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "apply_cpu_shims": "cpu_shims",
+    "ParallelGroups": "parallel",
+    "init_parallel": "parallel",
+    "destroy_parallel": "parallel",
+    "build_gpt_model": "model",
+    "build_model_chunks": "model",
+    "transformer_config": "model",
+    "unwrap_model": "model",
+    "token_logprobs": "logprobs",
+    "vocab_parallel_logprobs": "logprobs",
+    "MicroBatch": "batching",
+    "make_micro_batches": "batching",
+    "pack_sequences": "batching",
+    "ReferenceModel": "reference",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "latest_checkpoint": "checkpoint",
+    "prune_checkpoints": "checkpoint",
+    "Learner": "learner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,193 @@
+"""Split a TrainBatch over data-parallel ranks and pack each share into token-budget micro-batches.
+
+Dynamic batch size: a micro-batch holds as many whole sequences as fit in `max_tokens` once
+right-padded to a common length (rounded up to `multiple`), so short sequences share a
+micro-batch and long ones get their own. Sequences are packed longest first, which keeps the
+padding small (each micro-batch's length is its first sequence's length) and surfaces an
+out-of-memory on the first micro-batch rather than the last.
+
+Shapes differ between micro-batches. Without PP there is no p2p and any shape is fine; with
+PP the 1F1B schedule copes because the learner sets `variable_seq_lengths=True` (each p2p
+transfer first sends the activation shape; see model.py). The interleaved (VPP) schedule needs
+one shape per step, so there `uniform_micro_batches` pads all micro-batches of the step to the
+largest (sequences, length) with rows that carry no loss.
+
+Pure torch (no megatron): unit-tested in tests/unit/test_learner_batching.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_s2lpo.types import TrainBatch
+
+Tensor = torch.Tensor
+
+
+@dataclass(kw_only=True, slots=True)
+class MicroBatch:
+    """Rows `indices` of a TrainBatch, right-padded to a common length L."""
+
+    indices: Tensor  # (b,) long, rows of the source TrainBatch
+    tokens: Tensor  # (b, L) long
+    position_ids: Tensor  # (b, L) long
+    loss_mask: Tensor  # (b, L) float
+    advantages: Tensor  # (b, L) float
+    old_logprobs: Tensor  # (b, L) float
+    behaviour_logprobs: Tensor  # (b, L) float
+    ref_logprobs: Tensor | None  # (b, L) float
+    seq_lens: Tensor  # (b,) long
+
+    @property
+    def num_seqs(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack_sequences(seq_lens: list[int], max_tokens: int, multiple: int = 1) -> list[list[int]]:
+    """Group sequence positions into micro-batches of at most `max_tokens` padded tokens each.
+
+    A micro-batch of n sequences whose longest has length l costs n * round_up(l, multiple).
+    Longest first, each micro-batch is filled until the next sequence would exceed the budget.
+    Returns lists of positions into `seq_lens` (longest micro-batch first).
+
+    >>> pack_sequences([3, 9, 4, 2], max_tokens=10)
+    [[1], [2, 0], [3]]
+    """
+    order = sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i))
+    groups: list[list[int]] = []
+    capacity = 0
+    for i in order:
+        length = round_up(max(int(seq_lens[i]), 1), multiple)
+        if length > max_tokens:
+            raise ValueError(
+                f"sequence {i} has {seq_lens[i]} tokens ({length} padded to a multiple of {multiple}), "
+                f"more than learner.micro_batch_tokens={max_tokens}; raise learner.micro_batch_tokens "
+                "to at least the longest prompt + response"
+            )
+        if groups and len(groups[-1]) < capacity:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            capacity = max_tokens // length  # the first (longest) sequence fixes the length
+    return groups
+
+
+def split_rows_for_data_parallel(seq_lens: list[int], dp_size: int) -> list[list[int]]:
+    """Assign rows to DP ranks balancing tokens (longest first to the least-loaded rank).
+
+    Deterministic, so every rank computes the same split from the same batch. Each rank's rows
+    come back in increasing order.
+    """
+    if len(seq_lens) < dp_size:
+        raise ValueError(f"the batch has {len(seq_lens)} sequences but there are {dp_size} data-parallel "
+                         "ranks; every rank needs at least one sequence (use a larger batch)")
+    loads = [0] * dp_size
+    shares: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i)):
+        rank = min(range(dp_size), key=lambda r: (loads[r], len(shares[r]), r))
+        shares[rank].append(i)
+        loads[rank] += int(seq_lens[i])
+    return [sorted(share) for share in shares]
+
+
+def _take(values: Tensor, rows: Tensor, length: int) -> Tensor:
+    """values[rows, :length], zero-padded on the right when length exceeds the batch width."""
+    out = values.new_zeros((rows.numel(), length))
+    width = min(length, values.shape[1])
+    out[:, :width] = values[rows, :width]
+    return out
+
+
+def make_micro_batches(
+    batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1
+) -> list[MicroBatch]:
+    """Pack `rows` of `batch` into token-budget micro-batches (see `pack_sequences`)."""
+    seq_lens = [int(batch.seq_lens[r]) for r in rows]
+    micro_batches = []
+    for group in pack_sequences(seq_lens, max_tokens, multiple):
+        index = torch.tensor([rows[g] for g in group], dtype=torch.long)
+        length = round_up(max(max(seq_lens[g] for g in group), 1), multiple)
+        micro_batches.append(MicroBatch(
+            indices=index,
+            tokens=_take(batch.tokens, index, length),
+            position_ids=torch.arange(length).unsqueeze(0).expand(len(group), length).contiguous(),
+            loss_mask=_take(batch.loss_mask.float(), index, length),
+            advantages=_take(batch.advantages.float(), index, length),
+            old_logprobs=_take(batch.old_logprobs.float(), index, length),
+            behaviour_logprobs=_take(batch.behaviour_logprobs.float(), index, length),
+            ref_logprobs=None if batch.ref_logprobs is None else _take(batch.ref_logprobs.float(), index, length),
+            seq_lens=batch.seq_lens[index].clone(),
+        ))
+    return micro_batches
+
+
+def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroBatch:
+    """`micro` grown to (num_seqs, seq_len): extra rows (index -1) and columns carry no loss.
+
+    Used where the pipeline schedule needs one shape for all micro-batches of a step.
+    """
+    if num_seqs < micro.num_seqs or seq_len < micro.seq_len:
+        raise ValueError(f"cannot shrink a ({micro.num_seqs}, {micro.seq_len}) micro-batch to ({num_seqs}, {seq_len})")
+
+    def grow(values: Tensor) -> Tensor:
+        out = values.new_zeros((num_seqs, seq_len))
+        out[:micro.num_seqs, :micro.seq_len] = values
+        return out
+
+    seq_lens = micro.seq_lens.new_ones(num_seqs)
+    seq_lens[:micro.num_seqs] = micro.seq_lens
+    indices = micro.indices.new_full((num_seqs,), -1)
+    indices[:micro.num_seqs] = micro.indices
+    return MicroBatch(
+        indices=indices,
+        tokens=grow(micro.tokens),
+        position_ids=torch.arange(seq_len).unsqueeze(0).expand(num_seqs, seq_len).contiguous(),
+        loss_mask=grow(micro.loss_mask),
+        advantages=grow(micro.advantages),
+        old_logprobs=grow(micro.old_logprobs),
+        behaviour_logprobs=grow(micro.behaviour_logprobs),
+        ref_logprobs=None if micro.ref_logprobs is None else grow(micro.ref_logprobs),
+        seq_lens=seq_lens,
+    )
+
+
+def uniform_micro_batches(micro_batches: list[MicroBatch], *, multiple_of: int = 1) -> list[MicroBatch]:
+    """Pad every micro-batch to the largest (num_seqs, seq_len) and the count to a multiple.
+
+    For megatron's interleaved pipeline schedule, which needs one activation shape per step and
+    a number of micro-batches divisible by the pipeline size. Filler rows and micro-batches have
+    no loss tokens, so the loss and the gradients are unchanged.
+    """
+    num_seqs = max(m.num_seqs for m in micro_batches)
+    seq_len = max(m.seq_len for m in micro_batches)
+    out = [pad_micro_batch(m, num_seqs=num_seqs, seq_len=seq_len) for m in micro_batches]
+    while len(out) % multiple_of:
+        filler = pad_micro_batch(out[-1], num_seqs=num_seqs, seq_len=seq_len)
+        filler.indices.fill_(-1)
+        filler.loss_mask.zero_()
+        out.append(filler)
+    return out
+
+
+def scatter_rows(values: list[tuple[Tensor, Tensor]], num_seqs: int, seq_len: int) -> Tensor:
+    """Assemble per-micro-batch (indices (b,), values (b, L)) into a (num_seqs, seq_len) tensor.
+
+    Rows not covered stay 0; columns past a micro-batch's L are 0 (they are padding). Indices
+    of -1 (padding micro-batches) are skipped.
+    """
+    out = torch.zeros(num_seqs, seq_len, dtype=torch.float32)
+    for indices, rows in values:
+        keep = indices >= 0
+        width = min(seq_len, rows.shape[1])
+        out[indices[keep], :width] = rows[keep, :width].float().cpu()
+    return out

@@ -1,0 +1,244 @@
+"""Every CPU shim megatron-core needs, in one place, applied only when CUDA is absent.
+
+megatron-core assumes a GPU in places that have nothing to do with the math: it asks
+`torch.cuda.current_device()` for the device of new tensors, creates scalars with a literal
+`device="cuda"`, checks `x.type() == 'torch.cuda.FloatTensor'`, calls `x.cuda()` and
+`torch.cuda.synchronize()`, and saves the CUDA RNG state around activation recompute. On a
+CPU-only torch (dev machines, CI) those calls raise. `apply_cpu_shims()` redirects exactly those
+calls to the CPU (each replacement below says what it replaces) and works around three defects of
+the distributed optimizer with torch's Adam, the only Adam there is without Apex / TE. With CUDA
+present it does nothing, so GPU runs use megatron-core untouched.
+
+Settings that megatron exposes as config are not shims and live where the config is built
+(`model.py`): `use_cpu_initialization=True`, explicit `pipeline_dtype`, and for gloo
+`batch_p2p_comm=False`. The CUDA RNG tracker is replaced through megatron's own option
+(`model_parallel_cuda_manual_seed(..., inference_rng_tracker=True)`, see `parallel.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from typing import Any, Iterator
+
+import torch
+
+_APPLIED = False
+
+# megatron-core modules that build tensors with a literal device="cuda"; inside each, the name
+# `torch` is rebound to `_CpuTorch`, which maps that device to the CPU (nothing else changes).
+_MODULES_WITH_CUDA_LITERALS = (
+    # forward_backward_*: `total_num_tokens = torch.zeros([], device="cuda")` per step
+    "megatron.core.pipeline_parallel.schedules",
+    # get_default_causal_mask: the causal attention mask of the local (non-TE) softmax
+    "megatron.core.transformer.utils",
+    # get_grad_norm_fp32 / clip_grad_by_total_norm_fp32 / count_zeros_fp32: norm scalars
+    "megatron.core.optimizer.clip_grads",
+    # MixedPrecisionOptimizer / FP32Optimizer: found_inf, _scale_one, _dummy_overflow_buf
+    "megatron.core.optimizer.optimizer",
+    # ConstantGradScaler / DynamicGradScaler: the loss-scale scalars (bf16 / fp16 only)
+    "megatron.core.optimizer.grad_scaler",
+    # local_multi_tensor_l2_norm (grad-norm fallback without Apex/TE): its result scalar
+    "megatron.core.utils",
+    # dist_checkpointing save: the all-ranks "can reuse the save plan" flag
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # dist_checkpointing load/exchange: receive buffers of exchanged shards
+    "megatron.core.dist_checkpointing.exchange_utils",
+)
+
+
+def _cpu_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    device = kwargs.get("device")
+    if device is not None and str(device).startswith("cuda"):
+        kwargs = {**kwargs, "device": "cpu"}
+    kwargs.pop("pin_memory", None)  # pinned memory needs a CUDA driver
+    return kwargs
+
+
+class _CpuTorch:
+    """The `torch` module as seen by one megatron module: device="cuda" factories give CPU tensors."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def zeros(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._real.zeros(*args, **_cpu_kwargs(kwargs))
+
+    def ones(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._real.ones(*args, **_cpu_kwargs(kwargs))
+
+    def empty(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._real.empty(*args, **_cpu_kwargs(kwargs))
+
+    def empty_like(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._real.empty_like(*args, **_cpu_kwargs(kwargs))
+
+    def tensor(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._real.tensor(*args, **_cpu_kwargs(kwargs))
+
+    def full(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._real.full(*args, **_cpu_kwargs(kwargs))
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _no_op(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def apply_cpu_shims() -> None:
+    """Make megatron-core run on a CPU-only torch; idempotent, a no-op when CUDA is available.
+
+    Call it before building models (the learner's `init_parallel` does). It only touches the
+    current process.
+    """
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+    # Replaces the CUDA device index that ~170 megatron call sites pass as `device=` when they
+    # allocate: weights (`use_cpu_initialization` still allocates some buffers), the attention
+    # scratch buffer (`GlobalMemoryBuffer.get_tensor`), RoPE frequencies, p2p receive buffers.
+    torch.cuda.current_device = _cpu_device  # type: ignore[assignment]
+    # Replaces the device barrier around dist_checkpointing save/load and p2p (CPU ops are
+    # synchronous, so there is nothing to wait for).
+    torch.cuda.synchronize = _no_op  # type: ignore[assignment]
+    for name in _MODULES_WITH_CUDA_LITERALS:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _CpuTorch):
+            module.torch = _CpuTorch(module.torch)
+    for module_name, attribute in _FUNCTIONS_WITH_CUDA_TENSOR_CALLS:
+        _run_with_cpu_tensor_methods(module_name, attribute)
+    _fix_torch_adam_step_in_distributed_optimizer()
+    # Replaces the CUDA generator state that activation recompute (CheckpointFunction) saves
+    # and restores around the recomputed forward: there is no CUDA generator on CPU (the CPU
+    # generator state is saved separately by megatron).
+    random_module = importlib.import_module("megatron.core.tensor_parallel.random")
+    random_module._get_cuda_rng_state = _empty_cuda_rng_state
+    _APPLIED = True
+
+
+def _empty_cuda_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _fix_torch_adam_step_in_distributed_optimizer() -> None:
+    """Distributed-optimizer checkpoints with torch's Adam (the CPU fallback for Apex/TE Adam).
+
+    torch's Adam keeps a per-parameter `step` tensor, created at the first step. megatron's
+    DistributedOptimizer (1) reads it from every parameter to save it, failing on a fresh
+    optimizer (the state a checkpoint is loaded into); (2) restores it by handing ONE tensor to
+    every parameter, which torch's Adam then increments once per parameter per step; (3) copies
+    the reshardable (param, exp_avg, exp_avg_sq) shards into every key of a parameter's state,
+    `step` included, failing on the missing key. The replacements (1) create the state torch's
+    first step would create (step 0, zero moments: the same first update), (2) give each
+    parameter its own copy, (3) set `step` aside during the copy.
+    """
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    set_states, load_state_dict = distrib._set_main_param_and_optimizer_states, distrib.load_state_dict
+    state_dict = distrib.state_dict
+
+    @functools.wraps(state_dict)
+    def state_dict_of_fresh_adam(self: Any) -> Any:
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    state = self.optimizer.state[param]
+                    if "step" not in state:
+                        state["step"] = torch.tensor(0.0)
+                        state.setdefault("exp_avg", torch.zeros_like(param))
+                        state.setdefault("exp_avg_sq", torch.zeros_like(param))
+        return state_dict(self)
+
+    @functools.wraps(set_states)
+    def set_states_keeping_step(self: Any, model_param: Any, tensors: dict) -> None:
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    @functools.wraps(load_state_dict)
+    def load_with_own_steps(self: Any, state_dict: Any) -> None:
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    distrib.state_dict = state_dict_of_fresh_adam
+    distrib._set_main_param_and_optimizer_states = set_states_keeping_step
+    distrib.load_state_dict = load_with_own_steps
+
+
+# megatron functions that call CUDA-only tensor METHODS; they run inside `cpu_tensor_methods`.
+_FUNCTIONS_WITH_CUDA_TENSOR_CALLS = (
+    # asserts `param.grad.type() == 'torch.cuda.FloatTensor'` before clipping
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+    # distributed optimizer: sorts parameters into fp32 / half groups by `param.type()`
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),
+    # distributed optimizer checkpoint: `send_tensor.cuda()` before gathering Adam state over DP
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
+    # tied embeddings with PP: `weight.data.cuda()` before the first/last-stage all-reduce
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"),
+)
+
+
+def _run_with_cpu_tensor_methods(module_name: str, attribute: str) -> None:
+    """Replace `module.attribute` (a function, method or classmethod) by a wrapper that runs it
+    inside `cpu_tensor_methods()`."""
+    owner: Any = importlib.import_module(module_name)
+    *path, name = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    is_classmethod = isinstance(raw, classmethod)
+    function = raw.__func__ if is_classmethod else raw
+
+    @functools.wraps(function)
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        with cpu_tensor_methods():
+            return function(*args, **kwargs)
+
+    setattr(owner, name, classmethod(on_cpu) if is_classmethod else on_cpu)
+
+
+@contextlib.contextmanager
+def cpu_tensor_methods() -> Iterator[None]:
+    """For the duration of the block: `x.type()` reports CUDA type names, `x.cuda()` is `x`.
+
+    Replaces the type-string checks `param.type() == 'torch.cuda.FloatTensor'` (also Half and
+    BFloat16; on CPU the names lack the `cuda.`) and the `.cuda()` moves in the functions listed
+    in `_FUNCTIONS_WITH_CUDA_TENSOR_CALLS`. Only those functions run inside it, only without CUDA.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def type_with_cuda_name(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = original_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(result, str) and result.startswith("torch."):
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+    def stay_on_cpu(self: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return self
+
+    torch.Tensor.type = type_with_cuda_name  # type: ignore[method-assign]
+    torch.Tensor.cuda = stay_on_cpu  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original_type  # type: ignore[method-assign]
+        torch.Tensor.cuda = original_cuda  # type: ignore[method-assign]

@@ -1,0 +1,235 @@
+"""`Learner`: what the trainer calls. Policy (and reference) model, optimizer, checkpoints.
+
+    learner = Learner(arch, run_config.learner, with_reference=algo.kl_coef > 0)
+    old = learner.compute_logprobs(batch, temperature)            # (B, T), no grad
+    metrics = learner.train_step(batch, loss_config=..., temperature=temperature)
+    learner.save(ckpt_root, step, trainer_state={...})
+
+Every rank calls every method with the SAME full TrainBatch; the learner takes this rank's
+data-parallel share (token-balanced, deterministic) and returns full-batch results on every
+rank (log-probs are gathered over DP and broadcast from the last pipeline stage; metrics are
+reduced the same way).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_s2lpo.algo.losses import PolicyLossConfig, loss_normalizer
+from megatron_s2lpo.config.learner import LearnerConfig
+from megatron_s2lpo.config.model import ModelArch
+from megatron_s2lpo.types import TrainBatch
+
+from . import checkpoint as ckpt
+from .batching import MicroBatch, make_micro_batches, scatter_rows, split_rows_for_data_parallel, uniform_micro_batches
+from .model import build_model_chunks, unwrap_model
+from .optimizer import build_optimizer, build_scheduler, wrap_for_training, zero_grads
+from .parallel import ParallelGroups, init_parallel
+from .reference import ReferenceModel
+from .step import LogProbSpec, LossSpec, logprob_forward_step, reduce_metrics, run_schedule, train_forward_step
+
+Tensor = torch.Tensor
+
+
+class Learner:
+    """A megatron-core GPT policy with its optimizer, LR schedule and optional frozen reference."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        config: LearnerConfig,
+        *,
+        groups: ParallelGroups | None = None,
+        with_reference: bool = False,
+    ) -> None:
+        self.arch = arch
+        self.config = config
+        self.groups = groups or init_parallel(
+            config.tensor_parallel_size, config.pipeline_parallel_size,
+            config.effective_vpp_size, seed=config.seed)
+        layout = (self.groups.tp_size, self.groups.pp_size, self.groups.vpp_size)
+        wanted = (config.tensor_parallel_size, config.pipeline_parallel_size, config.effective_vpp_size)
+        if layout != wanted:
+            raise ValueError(f"the parallel groups (TP, PP, VPP) = {layout} do not match the learner config "
+                             f"{wanted} (learner.tensor_parallel_size, pipeline_parallel_size, "
+                             "virtual_pipeline_parallel_size)")
+        build = dict(precision=config.precision, use_te=config.use_te, fp8_format=config.fp8_format,
+                     fp8_recipe=config.fp8_recipe)
+        model_kwargs = dict(build, recompute_granularity=config.recompute_granularity,
+                            recompute_method=config.recompute_method,
+                            recompute_num_layers=config.recompute_num_layers)
+        self.model = wrap_for_training(build_model_chunks(arch, self.groups, **model_kwargs),
+                                       use_distributed_optimizer=config.optim.use_distributed_optimizer)
+        self.optimizer = build_optimizer(self.model, config.optim, precision=config.precision)
+        self.scheduler = build_scheduler(self.optimizer, config.optim)
+        self.step = 0  # optimizer steps taken
+        self.reference = ReferenceModel(arch, self.groups, **build) if with_reference else None
+        if config.load:
+            self.load(config.load)
+        if self.reference is not None:
+            if config.ref_load:
+                self.reference.load(config.ref_load)
+            else:
+                self.reference.copy_from(self.model)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def policy_chunks(self) -> list[Any]:
+        """The bare GPTModel chunks of the policy (for weight sync and conversion)."""
+        return [unwrap_model(chunk) for chunk in self.model]
+
+    def init_reference_from_policy(self) -> None:
+        """Make the reference a copy of the current policy (call after loading initial weights)."""
+        if self.reference is None:
+            raise ValueError("this learner has no reference model; build it with with_reference=True")
+        self.reference.copy_from(self.model)
+
+    # ------------------------------------------------------------------ batches
+
+    def _local_micro_batches(self, batch: TrainBatch, max_tokens: int) -> list[MicroBatch]:
+        """This DP rank's share of `batch` as token-budget micro-batches."""
+        seq_lens = [int(n) for n in batch.seq_lens]
+        rows = split_rows_for_data_parallel(seq_lens, self.groups.dp_size)[self.groups.dp_rank]
+        micro = make_micro_batches(batch, rows, max_tokens=max_tokens, multiple=self.config.seq_length_multiple)
+        if self.groups.vpp_size is not None:  # interleaved schedule: one shape, a multiple of PP
+            micro = uniform_micro_batches(micro, multiple_of=self.groups.pp_size)
+        return micro
+
+    def _gather_rows(self, values: Tensor) -> Tensor:
+        """Rows computed on each DP rank (zeros elsewhere) -> the full tensor on every rank."""
+        g = self.groups
+        values = values.to(g.device)
+        if g.is_last_stage and g.dp_size > 1:
+            dist.all_reduce(values, group=g.dp_group)  # row sets are disjoint: the sum assembles
+        if g.pp_size > 1:
+            dist.broadcast(values, src=dist.get_global_rank(g.pp_group, g.pp_size - 1), group=g.pp_group)
+        return values.cpu()
+
+    # ------------------------------------------------------------------ log-probs
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self,
+        batch: TrainBatch,
+        temperature: float = 1.0,
+        *,
+        reference: bool = False,
+        with_entropy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Log-probs of `batch.tokens` under the policy (or the reference); (B, T) on every rank.
+
+        Aligned with tokens (types.py): entry [b, t] = log p(tokens[b, t] | tokens[b, :t]) at
+        `temperature`; 0 at t = 0 and past each sequence's length. With `with_entropy`, also the
+        (B, T) entropy of the same distributions.
+        """
+        if reference and self.reference is None:
+            raise ValueError("reference log-probs requested but the learner has no reference model "
+                             "(build it with with_reference=True, i.e. algo.kl_coef > 0)")
+        chunks = self.reference.chunks if reference else self.model
+        for chunk in chunks:
+            chunk.eval()
+        spec = LogProbSpec(vocab_size=self.arch.vocab_size, tp_group=self.groups.tp_group,
+                           temperature=temperature, with_entropy=with_entropy)
+        micro = self._local_micro_batches(batch, self.config.logprob_tokens)
+        stored = run_schedule(partial(logprob_forward_step, spec=spec), chunks, micro, forward_only=True)
+        num_seqs, seq_len = batch.tokens.shape
+        valid = torch.arange(seq_len).unsqueeze(0) < batch.seq_lens.unsqueeze(1)  # (B, T)
+        logprobs = scatter_rows([(s["indices"], s["logprobs"]) for s in stored], num_seqs, seq_len)
+        logprobs = self._gather_rows(logprobs) * valid
+        if not with_entropy:
+            return logprobs
+        entropy = scatter_rows([(s["indices"], s["entropy"]) for s in stored], num_seqs, seq_len)
+        return logprobs, self._gather_rows(entropy) * valid
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(
+        self,
+        batch: TrainBatch,
+        *,
+        loss_config: PolicyLossConfig,
+        temperature: float = 1.0,
+        is_threshold: float | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on `batch` (one mini-batch); returns full-batch metrics on every rank.
+
+        The loss is `algo.losses.policy_loss` over all loss tokens of the batch, normalised by
+        the whole batch's `loss_normalizer`, so it and its gradient do not depend on how the
+        batch is split into micro-batches or DP ranks (see step.py). is_threshold: multiply
+        the policy-gradient terms by truncated importance weights min(exp(old - behaviour),
+        is_threshold) (None: off). Metric `loss` is the loss before the update.
+        """
+        metrics = self.compute_gradients(batch, loss_config=loss_config, temperature=temperature,
+                                         is_threshold=is_threshold)
+        metrics.update(self.optimizer_step())
+        return metrics
+
+    def compute_gradients(
+        self,
+        batch: TrainBatch,
+        *,
+        loss_config: PolicyLossConfig,
+        temperature: float = 1.0,
+        is_threshold: float | None = None,
+        micro_batch_tokens: int | None = None,
+    ) -> dict[str, float]:
+        """Zero the gradients, run forward and backward over `batch`; no optimizer step.
+
+        Leaves the full-batch gradient (summed over DP ranks, see step.py) in each parameter's
+        `main_grad`. micro_batch_tokens overrides learner.micro_batch_tokens for this call.
+        """
+        if loss_config.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError("loss_config.kl_coef > 0 needs batch.ref_logprobs; compute them with "
+                             "compute_logprobs(batch, reference=True)")
+        g = self.groups
+        normalizer = loss_normalizer(batch.loss_mask.float(), loss_config.loss_agg_mode)
+        if normalizer <= 0:  # checked here, on every rank, not inside the last pipeline stage
+            raise ValueError("the batch has no loss tokens (loss_mask is all zero): nothing to train on")
+        micro = self._local_micro_batches(batch, micro_batch_tokens or self.config.micro_batch_tokens)
+        spec = LossSpec(loss_config=loss_config, normalizer=normalizer,
+                        num_microbatches=len(micro), dp_size=g.dp_size, vocab_size=self.arch.vocab_size,
+                        tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold)
+        for chunk in self.model:
+            chunk.train()
+        zero_grads(self.model, self.optimizer)
+        stored = run_schedule(partial(train_forward_step, spec=spec), self.model, micro, forward_only=False)
+        metrics = reduce_metrics(stored, dp_group=g.dp_group, pp_group=g.pp_group, is_last_stage=g.is_last_stage,
+                                 device=g.device)
+        metrics.update(num_micro_batches=float(len(micro)), normalizer=spec.normalizer)
+        return metrics
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Advance the LR schedule and apply the accumulated gradients (clipped) with Adam."""
+        self.scheduler.step(increment=1)  # the LR of this step (see optimizer.build_scheduler)
+        update_successful, grad_norm, _num_zeros = self.optimizer.step()
+        if update_successful:
+            self.step += 1
+        else:  # skipped (non-finite gradients): the schedule does not advance either
+            self.scheduler.step(increment=-1)
+        return {
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "update_successful": float(bool(update_successful)),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, root: str | Path, *, step: int | None = None, trainer_state: dict | None = None) -> Path:
+        """Atomic dist checkpoint of policy + optimizer + LR schedule + RNG (+ trainer_state)."""
+        state = {"learner_step": self.step, **(trainer_state or {})}
+        return ckpt.save_checkpoint(root, self.step if step is None else step, model_chunks=self.model,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
+
+    def load(self, path: str | Path, *, load_optimizer: bool = True) -> ckpt.LoadedState:
+        """Load a checkpoint (directory or root -> latest complete), resharding as needed."""
+        loaded = ckpt.load_checkpoint(path, model_chunks=self.model,
+                                      optimizer=self.optimizer if load_optimizer else None,
+                                      scheduler=self.scheduler if load_optimizer else None)
+        self.step = int(loaded.trainer_state.get("learner_step", loaded.step))
+        return loaded

@@ -1,0 +1,142 @@
+"""Log-probs and entropy of sampled tokens from vocab-parallel logits, never gathering the vocab.
+
+With tensor parallelism each TP rank holds the logits of a contiguous slice of the (padded)
+vocabulary: rank r has columns [r * V_local, (r + 1) * V_local). The softmax statistics are
+reduced over the TP group instead of gathering the (B, T, V) logits on one rank:
+
+    m      = all_reduce_max(max_j z_j)                              # (B, T)
+    S      = all_reduce_sum(sum_j exp(z_j - m))                     # (B, T)
+    z_tgt  = all_reduce_sum(z_target - m on the rank owning it)     # (B, T)
+    log p(target) = z_tgt - log S
+    H      = log S - all_reduce_sum(sum_j p_j (z_j - m))            # entropy
+with z = logits / temperature (the rollout engine samples from softmax(logits / temperature), so
+the ratio must use the same distribution). Columns past `vocab_size` (TP padding of the
+embedding) are dropped before any of this: they never carry probability.
+
+The backward is local to each rank (each rank's logits columns get their own gradient), like
+megatron's `vocab_parallel_cross_entropy`:
+    d log p(target) / dz_j = 1[j = target] - p_j
+    d H / dz_j             = -p_j (log p_j + H)
+
+This module imports only torch; `tp_group=None` means no tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+
+
+def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
+    if group is not None and dist.get_world_size(group=group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+class _VocabParallelLogProb(torch.autograd.Function):
+    """(logits slice, targets) -> (log p(target), entropy) reduced over the TP group."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, vocab_start: int, num_real: int,
+                temperature: float, with_entropy: bool, group: dist.ProcessGroup | None):
+        # logits: (..., V_local) this rank's columns; target: (...) global vocab ids.
+        z = logits[..., :num_real].float().div(temperature)  # a new tensor: safe to edit in place
+        if num_real > 0:
+            z_max = z.max(dim=-1).values
+        else:  # every column of this rank is padding
+            z_max = torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype, device=z.device)
+        _all_reduce(z_max, dist.ReduceOp.MAX, group)
+        z.sub_(z_max.unsqueeze(-1))  # shifted: exp never overflows
+        exp_z = z.exp()
+        local = target - vocab_start
+        owned = (local >= 0) & (local < num_real)
+        index = local.clamp(0, max(num_real - 1, 0)).unsqueeze(-1)
+        z_target = z.gather(-1, index).squeeze(-1) if num_real > 0 else torch.zeros_like(z_max)
+        stats = [exp_z.sum(dim=-1), torch.where(owned, z_target, torch.zeros_like(z_target))]
+        if with_entropy:
+            stats.append((exp_z * z).sum(dim=-1))
+        stats_t = torch.stack(stats)  # one all-reduce for all sums
+        _all_reduce(stats_t, dist.ReduceOp.SUM, group)
+        log_sum = stats_t[0].log()
+        logprob = stats_t[1] - log_sum
+        entropy = log_sum - stats_t[2] / stats_t[0] if with_entropy else None
+        ctx.save_for_backward(z, log_sum, index, owned, entropy if with_entropy else log_sum)
+        ctx.meta = (logits.shape, logits.dtype, num_real, temperature, with_entropy)
+        return (logprob, entropy) if with_entropy else (logprob, torch.zeros_like(logprob))
+
+    @staticmethod
+    def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor):
+        z, log_sum, index, owned, entropy = ctx.saved_tensors
+        shape, dtype, num_real, temperature, with_entropy = ctx.meta
+        log_p = z.sub_(log_sum.unsqueeze(-1))  # (..., V_real) log-softmax, reusing z's memory
+        p = log_p.exp()
+        grad_z = p * (-grad_logprob.unsqueeze(-1))
+        if num_real > 0:
+            grad_z.scatter_add_(-1, index, (grad_logprob * owned).unsqueeze(-1).to(grad_z.dtype))
+        if with_entropy and grad_entropy is not None:
+            grad_z.sub_(p * (log_p + entropy.unsqueeze(-1)) * grad_entropy.unsqueeze(-1))
+        grad_z.div_(temperature)
+        grad_logits = torch.zeros(shape, dtype=dtype, device=grad_z.device)
+        grad_logits[..., :num_real] = grad_z.to(dtype)
+        return grad_logits, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Position-wise log p(target) and entropy from this rank's vocab slice of the logits.
+
+    logits: (..., V_local) columns [tp_rank * V_local, (tp_rank + 1) * V_local) of the padded
+    vocabulary; target: (...) long, global token ids (< vocab_size); vocab_size: the real
+    vocabulary (columns >= vocab_size are padding and ignored). Returns ((...), (...) or None).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (the rollout sampling temperature), got {temperature}")
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree: "
+                         "target must have the logits' shape without the vocab dimension")
+    tp_rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
+    local_vocab = logits.shape[-1]
+    vocab_start = tp_rank * local_vocab
+    num_real = max(0, min(local_vocab, vocab_size - vocab_start))
+    logprob, entropy = _VocabParallelLogProb.apply(
+        logits, target, vocab_start, num_real, float(temperature), with_entropy, tp_group)
+    return logprob, (entropy if with_entropy else None)
+
+
+def token_logprobs(
+    logits: Tensor,
+    tokens: Tensor,
+    *,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) aligned with `tokens`, the project's convention (types.py).
+
+    logits: (B, T, V_local) vocab-parallel model output for `tokens` (B, T). Entry [b, t] of
+    the result is log p(tokens[b, t] | tokens[b, :t]) (from the logits at position t - 1) and
+    the entropy of that same distribution; entry [b, 0] is 0 (no prediction for the first
+    token). Returns ((B, T) float32, (B, T) float32 or None).
+    """
+    if logits.dim() != 3 or tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, V_local) for tokens (B, T) "
+                         f"{tuple(tokens.shape)}")
+    # Position t predicts token t + 1; the last position's target is a dummy (dropped below).
+    next_tokens = torch.roll(tokens, shifts=-1, dims=1)
+    logprob, entropy = vocab_parallel_logprobs(
+        logits, next_tokens, vocab_size=vocab_size, tp_group=tp_group,
+        temperature=temperature, with_entropy=with_entropy)
+
+    def align(values: Tensor) -> Tensor:  # (B, T) predictions -> (B, T) aligned with tokens
+        return torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+
+    return align(logprob), (align(entropy) if entropy is not None else None)

@@ -1,0 +1,262 @@
+"""megatron-core GPTModel for a `ModelArch` (Qwen3, Qwen2.5, Llama 3), matching Hugging Face.
+
+The config choices mirror the Hugging Face implementations of these families: RMSNorm with the
+model's epsilon, SwiGLU MLP (`gated_linear_unit` + SiLU) without biases, QKV bias for Qwen2.5,
+per-head RMSNorm on queries and keys for Qwen3 (`qk_layernorm`), grouped-query attention,
+non-interleaved RoPE on the full head dimension (HF's `rotate_half`), no dropout, tied or untied
+output embedding. The vocabulary is padded to `arch.padded_vocab_size(tp)`; the padded rows'
+logits are masked in `logprobs.py` so they never carry probability.
+
+Layer spec (which implementation each layer uses):
+  * Transformer Engine (`use_te=True`; default when CUDA and TE are present): needed for bf16 and
+    FP8. TE fuses each pre-norm into the following linear, so parameter names differ.
+  * local (megatron-core modules only; the only choice on CPU).
+
+Parameter names of one layer `decoder.layers.{i}.` (i is the index within this pipeline stage):
+  local spec                              TE spec
+  input_layernorm.weight                  self_attention.linear_qkv.layer_norm_weight
+  self_attention.linear_qkv.weight        self_attention.linear_qkv.weight
+  self_attention.linear_qkv.bias (qwen2)  self_attention.linear_qkv.bias (qwen2)
+  self_attention.q_layernorm.weight       self_attention.q_layernorm.weight     (qwen3)
+  self_attention.k_layernorm.weight       self_attention.k_layernorm.weight     (qwen3)
+  self_attention.linear_proj.weight       self_attention.linear_proj.weight
+  pre_mlp_layernorm.weight                mlp.linear_fc1.layer_norm_weight
+  mlp.linear_fc1.weight                   mlp.linear_fc1.weight   ([gate; up] per TP shard)
+  mlp.linear_fc2.weight                   mlp.linear_fc2.weight
+Outside the layers (both specs): `embedding.word_embeddings.weight` (first stage),
+`decoder.final_layernorm.weight` and `output_layer.weight` (last stage; absent when the
+embeddings are tied and the first stage is also the last). TE modules add `_extra_state`
+entries (FP8 metadata) to `state_dict()`. `linear_qkv` holds, per query group, the group's
+query heads followed by its key and value head: [q_g0 ... k_g0, v_g0, q_g1 ...].
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_s2lpo.config.model import ModelArch
+
+from .parallel import ParallelGroups
+
+# megatron's RotaryEmbedding._apply_scaling takes only `factor`; the other llama3 numbers are fixed.
+_MEGATRON_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def te_available() -> bool:
+    """True when CUDA is present and Transformer Engine's torch binding is installed (not imported)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def _resolve_use_te(use_te: bool | None, precision: str) -> bool:
+    if use_te is None:
+        use_te = te_available()
+    if use_te and not te_available():
+        raise ValueError("learner.use_te=true needs CUDA and transformer_engine; set learner.use_te=null "
+                         "(auto) or false on a machine without them")
+    if precision == "fp8" and not use_te:
+        raise ValueError("learner.precision=fp8 needs the Transformer Engine layer spec (CUDA + "
+                         "transformer_engine); use precision fp32 or bf16 without it")
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise ValueError(f"learner.precision={precision!r} needs CUDA; use learner.precision=fp32 on CPU")
+    return use_te
+
+
+def rope_scaling_factor(arch: ModelArch) -> float | None:
+    """The llama3 RoPE scaling factor megatron applies, or None; ValueError if megatron cannot express it."""
+    if arch.rope_scaling is None:
+        return None
+    scaling = dict(arch.rope_scaling)
+    for key, value in _MEGATRON_LLAMA3_SCALING.items():
+        if float(scaling.get(key, value)) != value:
+            raise ValueError(
+                f"model.rope_scaling.{key}={scaling[key]} is not supported: megatron-core's llama3 "
+                f"RoPE scaling fixes {key}={value} (supported: {_MEGATRON_LLAMA3_SCALING} with any factor)"
+            )
+    return float(scaling["factor"])
+
+
+def transformer_config(
+    arch: ModelArch,
+    groups: ParallelGroups,
+    *,
+    precision: str = "fp32",
+    use_te: bool = False,
+    fp8_format: str = "hybrid",
+    fp8_recipe: str = "delayed",
+    recompute_granularity: str | None = None,
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
+    **overrides: Any,
+) -> Any:
+    """The megatron `TransformerConfig` of `arch` under the layout of `groups` (see module doc).
+
+    use_te: whether the layers will use the Transformer Engine spec (enables TE's fused RoPE).
+    overrides: any other TransformerConfig field.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"learner.precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
+    stages = groups.pp_size * (groups.vpp_size or 1)
+    if arch.num_layers % stages:
+        raise ValueError(
+            f"model.num_layers ({arch.num_layers}) must be divisible by pipeline_parallel_size x "
+            f"virtual_pipeline_parallel_size ({stages}) so every pipeline chunk gets whole layers"
+        )
+    for name, value in (("num_attention_heads", arch.num_attention_heads),
+                        ("num_query_groups", arch.num_query_groups)):
+        if value % groups.tp_size:
+            raise ValueError(f"model.{name} ({value}) must be divisible by learner.tensor_parallel_size "
+                             f"({groups.tp_size})")
+    dtype = PRECISION_DTYPES[precision]
+    on_cpu = not torch.cuda.is_available()
+    recompute = None if recompute_granularity in (None, "none") else recompute_granularity
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        rotary_interleaved=False,  # HF rotate_half layout
+        apply_rope_fusion=use_te,  # fused RoPE kernel needs TE; same math as the unfused one
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        virtual_pipeline_model_parallel_size=groups.vpp_size,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,  # dtype of p2p activations; megatron requires it with PP
+        bf16=precision in ("bf16", "fp8"),
+        use_cpu_initialization=on_cpu,
+        # Token-budget micro-batches differ in shape; the 1F1B schedule then sends each
+        # activation's shape before it. megatron exchanges those shapes with batched p2p, which
+        # has the gloo ordering problem below under the interleaved schedule, so with VPP the
+        # learner pads a step's micro-batches to one shape instead (batching.py).
+        variable_seq_lengths=groups.pp_size > 1 and groups.vpp_size is None,
+        # No MoE here; megatron rejects its default MoE dispatcher together with variable lengths.
+        moe_token_dispatcher_type="alltoall",
+        # gloo matches p2p messages between two ranks in posting order. With PP=2 a batched
+        # send_prev + send_next go to the same peer, so an activation can land in a gradient's
+        # buffer (interleaved schedule); the unbatched path sends the two directions over two
+        # different groups. (batch_p2p_sync is then unused; it is a CUDA-stream barrier.)
+        batch_p2p_comm=not on_cpu,
+        batch_p2p_sync=not on_cpu,
+        recompute_granularity=recompute,
+        recompute_method=recompute_method if recompute == "full" else None,
+        recompute_num_layers=recompute_num_layers if recompute == "full" else None,
+    )
+    if precision == "fp8":
+        kwargs.update(fp8=fp8_format, fp8_recipe=fp8_recipe)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: ModelArch, *, use_te: bool) -> Any:
+    """Transformer layer ModuleSpec: TE modules (GPU) or megatron-core local modules."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(
+    arch: ModelArch,
+    groups: ParallelGroups,
+    *,
+    precision: str = "fp32",
+    use_te: bool | None = None,
+    vp_stage: int | None = None,
+    config: Any = None,
+    **config_kwargs: Any,
+) -> Any:
+    """One megatron `GPTModel` chunk of `arch` for this rank (pipeline stage / virtual stage).
+
+    pre_process (embedding) and post_process (final norm + output layer) follow the pipeline rank
+    and `vp_stage`. config: a ready `TransformerConfig` (else built by `transformer_config` from
+    `precision` and `config_kwargs`, e.g. recompute_granularity="full"). Returns the bare model
+    (no DDP / Float16Module wrapper) on `groups.device`, fp32 or bf16 parameters per precision.
+    The logits it returns are vocab-parallel: (T, B, padded_vocab / tp) per TP rank.
+    """
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    use_te = _resolve_use_te(use_te, precision)
+    if config is None:
+        config = transformer_config(arch, groups, precision=precision, use_te=use_te, **config_kwargs)
+    elif config_kwargs:
+        raise ValueError(f"pass either config or config keywords, not both: {sorted(config_kwargs)}")
+    vpp = groups.vpp_size
+    if (vpp is None) != (vp_stage is None) or (vpp is not None and not 0 <= vp_stage < vpp):
+        raise ValueError(f"vp_stage={vp_stage} does not fit virtual_pipeline_parallel_size={vpp}: pass "
+                         "vp_stage in [0, vpp) with interleaving and None without (or use build_model_chunks)")
+    pre_process = groups.is_first_stage and (vp_stage is None or vp_stage == 0)
+    post_process = groups.is_last_stage and (vp_stage is None or vp_stage == vpp - 1)
+    factor = rope_scaling_factor(arch)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te=use_te),
+        vocab_size=arch.padded_vocab_size(groups.tp_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,  # keep logits vocab-parallel; logprobs.py reduces over TP
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=arch.rope_theta,
+        rope_scaling=factor is not None,
+        rope_scaling_factor=factor if factor is not None else 8.0,
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if precision != "fp32":
+        model.to(PRECISION_DTYPES[precision])
+    return model
+
+
+def build_model_chunks(
+    arch: ModelArch,
+    groups: ParallelGroups,
+    *,
+    precision: str = "fp32",
+    use_te: bool | None = None,
+    config: Any = None,
+    **config_kwargs: Any,
+) -> list[Any]:
+    """All model chunks of this rank: one per virtual pipeline stage (a single one without VPP).
+
+    The chunks share one TransformerConfig (megatron's interleaved schedule reads it from the
+    first chunk); config_kwargs go to `transformer_config` as in `build_gpt_model`.
+    """
+    use_te = _resolve_use_te(use_te, precision)
+    if config is None:
+        config = transformer_config(arch, groups, precision=precision, use_te=use_te, **config_kwargs)
+    elif config_kwargs:
+        raise ValueError(f"pass either config or config keywords, not both: {sorted(config_kwargs)}")
+    stages = [None] if groups.vpp_size is None else list(range(groups.vpp_size))
+    return [build_gpt_model(arch, groups, precision=precision, use_te=use_te, vp_stage=stage, config=config)
+            for stage in stages]
+
+
+def unwrap_model(model: Any) -> Any:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

@@ -1,0 +1,179 @@
+"""The megatron step contract: `forward_step(data_iterator, model) -> (output, loss_fn)`.
+
+megatron-core's `get_forward_backward_func()` owns the micro-batch loop and the pipeline
+schedule; it calls `forward_step` once per micro-batch on every pipeline stage and `loss_fn` on
+the last stage.
+
+The loss contract (why the numbers are exact for any micro-batch split and any DP size):
+  1. `policy_loss` returns, per micro-batch, a partial sum divided by the GLOBAL normaliser of
+     the whole batch (`loss_normalizer` over all rows of all DP ranks). The sum over all
+     micro-batches of all DP ranks is the full-batch loss.
+  2. megatron divides each micro-batch's loss by num_microbatches in place
+     (`schedules.forward_step_calc_loss`, 2-tuple path) and the DDP wrapper averages gradients
+     over DP ranks (gradient_scaling_factor = 1 / dp_size, `calculate_per_token_loss=False`).
+  3. So `loss_fn` returns loss * num_microbatches * dp_size: after megatron's two divisions the
+     accumulated gradient is exactly the gradient of the full-batch loss.
+  4. Metrics are the unscaled partial values (a detached clone, taken before megatron edits
+     the returned tensor in place): summed over micro-batches and DP ranks they give the batch
+     value (`ratio_max`: max).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_s2lpo.algo.losses import PolicyLossConfig, policy_loss, truncated_importance_weights
+
+from .batching import MicroBatch
+from .logprobs import token_logprobs
+
+Tensor = torch.Tensor
+MAX_METRICS = ("ratio_max",)  # combined with max over micro-batches and ranks; the rest add up
+
+
+@dataclass(kw_only=True, slots=True)
+class LossSpec:
+    """What one train step's `loss_fn` needs besides the micro-batch."""
+
+    loss_config: PolicyLossConfig
+    normalizer: float  # loss_normalizer of the whole batch (all DP ranks)
+    num_microbatches: int  # on this rank, as passed to the schedule
+    dp_size: int
+    vocab_size: int  # real vocabulary; padded logits columns are ignored
+    tp_group: dist.ProcessGroup | None
+    temperature: float = 1.0
+    is_threshold: float | None = None  # truncated IS weights old/behaviour; None = off
+
+
+@dataclass(kw_only=True, slots=True)
+class LogProbSpec:
+    """What a no-grad log-prob pass needs."""
+
+    vocab_size: int
+    tp_group: dist.ProcessGroup | None
+    temperature: float = 1.0
+    with_entropy: bool = False
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _model_forward(model: Any, micro: MicroBatch) -> Tensor:
+    """Last stage: vocab-parallel logits (b, L, V_local); other stages: hidden states."""
+    device = _device_of(model)
+    return model(micro.tokens.to(device), micro.position_ids.to(device), None)
+
+
+def policy_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of one micro-batch, scaled for megatron (module docstring, point 3)."""
+    cfg = spec.loss_config
+    device = logits.device
+    logprobs, entropy = token_logprobs(
+        logits, micro.tokens.to(device), vocab_size=spec.vocab_size, tp_group=spec.tp_group,
+        temperature=spec.temperature, with_entropy=cfg.entropy_coef > 0)
+    old = micro.old_logprobs.to(device)
+    is_weights = None
+    if spec.is_threshold is not None:
+        is_weights = truncated_importance_weights(old, micro.behaviour_logprobs.to(device), spec.is_threshold)
+    loss, metrics = policy_loss(
+        logprobs, old, micro.advantages.to(device), micro.loss_mask.to(device),
+        config=cfg, normalizer=spec.normalizer,
+        ref_logprobs=None if micro.ref_logprobs is None else micro.ref_logprobs.to(device),
+        entropy=entropy, is_weights=is_weights)
+    metrics = {"loss": loss.detach().clone(), **metrics}
+    return loss * float(spec.num_microbatches * spec.dp_size), metrics
+
+
+def train_forward_step(data_iterator: Iterator[MicroBatch], model: Any, *, spec: LossSpec):
+    """forward_step for training: (output, partial(policy_loss_fn, micro, spec))."""
+    micro = next(data_iterator)
+    return _model_forward(model, micro), partial(policy_loss_fn, micro, spec)
+
+
+def logprob_loss_fn(micro: MicroBatch, spec: LogProbSpec, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """No-grad pass: a zero 'loss' and the micro-batch's aligned log-probs (and entropy)."""
+    logprobs, entropy = token_logprobs(
+        logits, micro.tokens.to(logits.device), vocab_size=spec.vocab_size, tp_group=spec.tp_group,
+        temperature=spec.temperature, with_entropy=spec.with_entropy)
+    out = {"indices": micro.indices, "logprobs": logprobs.float().cpu()}
+    if entropy is not None:
+        out["entropy"] = entropy.float().cpu()
+    return logits.new_zeros(()), out
+
+
+def logprob_forward_step(data_iterator: Iterator[MicroBatch], model: Any, *, spec: LogProbSpec):
+    """forward_step for log-prob passes (old / reference log-probs)."""
+    micro = next(data_iterator)
+    return _model_forward(model, micro), partial(logprob_loss_fn, micro, spec)
+
+
+def run_schedule(
+    forward_step_func: Any,
+    model_chunks: list[Any],
+    micro_batches: list[MicroBatch],
+    *,
+    forward_only: bool,
+) -> list[dict[str, Tensor]]:
+    """Run megatron's forward-backward schedule over `micro_batches`; returns the loss_fn dicts.
+
+    The dicts come back on the last pipeline stage only (an empty list elsewhere). Every chunk
+    of an interleaved pipeline reads the micro-batches through its own iterator.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    data = [iter(micro_batches) for _ in model_chunks]
+    forward_backward = get_forward_backward_func()
+    stored = forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=data if len(model_chunks) > 1 else data[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=max(m.seq_len for m in micro_batches),
+        micro_batch_size=max(m.num_seqs for m in micro_batches),
+        forward_only=forward_only,
+    )
+    return list(stored) if stored else []
+
+
+def reduce_metrics(
+    stored: list[dict[str, Tensor]],
+    *,
+    dp_group: dist.ProcessGroup,
+    pp_group: dist.ProcessGroup,
+    is_last_stage: bool,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Combine per-micro-batch metric dicts over micro-batches, DP ranks and pipeline stages.
+
+    Sums (max for MAX_METRICS) over this rank's micro-batches, then over the DP group; the last
+    pipeline stage's result is broadcast to the other stages so every rank returns the same dict.
+    """
+    local: dict[str, float] = {}
+    for record in stored:
+        for key, value in record.items():
+            value = float(value)
+            if key in MAX_METRICS:
+                local[key] = max(local.get(key, float("-inf")), value)
+            else:
+                local[key] = local.get(key, 0.0) + value
+    keys = sorted(local)
+    if is_last_stage and dist.get_world_size(group=dp_group) > 1:
+        as_tensor = partial(torch.tensor, dtype=torch.float64, device=device)
+        sums = as_tensor([0.0 if k in MAX_METRICS else local[k] for k in keys])
+        maxes = as_tensor([local[k] if k in MAX_METRICS else 0.0 for k in keys])
+        dist.all_reduce(sums, group=dp_group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=dp_group)
+        local = {k: float(maxes[i] if k in MAX_METRICS else sums[i]) for i, k in enumerate(keys)}
+    if dist.get_world_size(group=pp_group) > 1:
+        holder = [local if is_last_stage else None]
+        last = dist.get_global_rank(pp_group, dist.get_world_size(group=pp_group) - 1)
+        dist.broadcast_object_list(holder, src=last, group=pp_group)
+        local = holder[0]
+    return local

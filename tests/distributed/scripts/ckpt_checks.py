@@ -1,0 +1,199 @@
+"""Checkpoint and reference-model checks, in one 2-process launch.
+
+    pytest tests/distributed/test_learner_checkpoint.py
+
+Part 1 (DP=2, distributed optimizer, reference model): the reference starts as a copy of the
+policy; save -> train -> load gives the identical next step (loss, grad norm, log-probs, LR,
+RNG); a save that raises partway leaves the previous checkpoint loadable; clear errors for
+missing / incomplete checkpoints; the reference loads from a checkpoint.
+Part 2 (TP=2 x DP=1, same processes): the TP=1 x DP=2 checkpoint (model + sharded Adam
+state) loads resharded and gives the same next step; a plain optimizer is refused clearly.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common import fixed_batch, max_abs_diff, run_check, tiny_arch
+
+from megatron_s2lpo.algo.losses import PolicyLossConfig
+from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
+from megatron_s2lpo.learner import checkpoint as ckpt
+from megatron_s2lpo.learner.parallel import destroy_parallel, init_parallel
+
+LOSS = PolicyLossConfig(kl_coef=0.1, kl_estimator="low_var_kl")
+ARCH = tiny_arch("qwen2", tie=False)  # QKV bias, untied output layer
+
+
+def learner_config(tp: int, distributed_optimizer: bool) -> LearnerConfig:
+    return LearnerConfig(tensor_parallel_size=tp, micro_batch_tokens=64, seq_length_multiple=8,
+                         optim=OptimConfig(lr=1e-3, lr_warmup_steps=2, lr_decay_steps=10, lr_decay_style="cosine",
+                                           min_lr=1e-4, use_distributed_optimizer=distributed_optimizer))
+
+
+def batch_for(learner):
+    batch = fixed_batch(seed=9)
+    batch.old_logprobs = learner.compute_logprobs(batch, 1.0)
+    batch.ref_logprobs = learner.compute_logprobs(batch, 1.0, reference=True)
+    return batch
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+def part_dp2(state: dict, root: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    from megatron_s2lpo.learner import Learner
+
+    groups = init_parallel(seed=3)  # DP=2
+    learner = Learner(ARCH, learner_config(1, True), groups=groups, with_reference=True)
+    batch = fixed_batch(seed=9)
+    initial_lp = learner.compute_logprobs(batch, 1.0)
+
+    def reference_is_initial_policy() -> dict:
+        ref = learner.compute_logprobs(batch, 1.0, reference=True)
+        return {"ok": max_abs_diff(ref, initial_lp) == 0.0, "diff": max_abs_diff(ref, initial_lp)}
+
+    run_check("reference_starts_as_policy_copy", reference_is_initial_policy)
+    for _ in range(2):
+        learner.train_step(batch_for(learner), loss_config=LOSS)
+    learner.save(root, trainer_state={"sampler": {"epoch": 1, "index": 17}})
+    rng_after_save = (random.random(), torch.rand(3))
+    state["policy_lp_at_save"] = learner.compute_logprobs(batch, 1.0)
+    next_batch = batch_for(learner)
+    state["next_batch"] = next_batch
+    state["next"] = learner.train_step(next_batch, loss_config=LOSS)
+    state["next_lp"] = learner.compute_logprobs(batch, 1.0)
+
+    def resume_identical() -> dict:
+        loaded = learner.load(root)
+        rng_ok = random.random() == rng_after_save[0] and torch.equal(torch.rand(3), rng_after_save[1])
+        again = learner.train_step(next_batch, loss_config=LOSS)
+        diffs = {"loss": abs(again["loss"] - state["next"]["loss"]), "lr": abs(again["lr"] - state["next"]["lr"]),
+                 "grad_norm": abs(again["grad_norm"] - state["next"]["grad_norm"]),
+                 "logprobs": max_abs_diff(learner.compute_logprobs(batch, 1.0), state["next_lp"])}
+        ok = (loaded.step == 2 and loaded.trainer_state["sampler"] == {"epoch": 1, "index": 17} and rng_ok
+              and learner.step == 3 and diffs["loss"] < 1e-6 and diffs["lr"] == 0 and diffs["grad_norm"] < 1e-6
+              and diffs["logprobs"] < 1e-5)
+        return {"ok": ok, "step": loaded.step, "rng_ok": rng_ok, "lr_value": again["lr"], **diffs}
+
+    run_check("checkpoint_resume_gives_identical_next_step", resume_identical)
+
+    def interrupted_save() -> dict:
+        real_save = dist_checkpointing.save
+
+        def crashing_save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+            (Path(checkpoint_dir) / f"partial_{dist.get_rank()}.distcp").write_bytes(b"half a shard")
+            raise InjectedCrash("killed during the save")
+
+        dist_checkpointing.save = crashing_save
+        try:
+            learner.save(root)
+            raised = False
+        except InjectedCrash:
+            raised = True
+        finally:
+            dist_checkpointing.save = real_save
+        dist.barrier()
+        pointer = (root / ckpt.LATEST).read_text().strip()
+        leftover = (root / ".tmp-step_00000003").is_dir()
+        loaded = learner.load(root)
+        again = learner.train_step(next_batch, loss_config=LOSS)
+        loss_diff = abs(again["loss"] - state["next"]["loss"])
+        saved = learner.save(root)  # a later save of the same step cleans the leftover up
+        clean = not (root / ".tmp-step_00000003").exists() and ckpt.latest_checkpoint(root) == saved
+        return {"ok": raised and pointer == "step_00000002" and leftover and loaded.step == 2 and loss_diff < 1e-6
+                and clean, "raised": raised, "pointer": pointer, "leftover_tmp": leftover, "loss_diff": loss_diff,
+                "clean_after_next_save": clean}
+
+    run_check("interrupted_save_leaves_previous_checkpoint", interrupted_save)
+
+    def clear_errors() -> dict:
+        errors = {}
+        for label, call, expected in (
+            ("missing_root", lambda: learner.load(root / "nowhere"), FileNotFoundError),
+            ("missing_step", lambda: ckpt.resolve_checkpoint(root / "step_00000042"), FileNotFoundError),
+            ("incomplete_step", lambda: ckpt.resolve_checkpoint(root / "step_00000099"), ValueError),
+        ):
+            if dist.get_rank() == 0 and label == "incomplete_step":
+                (root / "step_00000099" / "dist").mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            try:
+                call()
+                errors[label] = "no error"
+            except expected as err:
+                errors[label] = f"{type(err).__name__}: {err}"
+        skipped = ckpt.latest_checkpoint(root).name != "step_00000099"  # incomplete: never picked
+        ok = all(not v.startswith("no error") for v in errors.values()) and skipped
+        return {"ok": ok, "latest_skips_incomplete": skipped, **errors}
+
+    run_check("checkpoint_errors_are_clear", clear_errors)
+
+    def reference_from_checkpoint() -> dict:
+        learner.reference.load(str(root / "step_00000002"))
+        ref = learner.compute_logprobs(batch, 1.0, reference=True)
+        return {"ok": max_abs_diff(ref, state["policy_lp_at_save"]) < 1e-6,
+                "diff": max_abs_diff(ref, state["policy_lp_at_save"])}
+
+    run_check("reference_loads_from_checkpoint", reference_from_checkpoint)
+    destroy_parallel(destroy_process_group=False)
+
+
+def part_tp2(state: dict, root: Path) -> None:
+    from megatron_s2lpo.learner import Learner
+
+    groups = init_parallel(tensor_parallel_size=2, seed=3)
+    learner = Learner(ARCH, learner_config(2, True), groups=groups)  # DP=1 here
+
+    def resharded_resume() -> dict:
+        loaded = learner.load(root / "step_00000002")
+        again = learner.train_step(state["next_batch"], loss_config=LOSS)
+        diffs = {"loss": abs(again["loss"] - state["next"]["loss"]),
+                 "grad_norm": abs(again["grad_norm"] - state["next"]["grad_norm"]),
+                 "logprobs_after_step": max_abs_diff(learner.compute_logprobs(fixed_batch(seed=9), 1.0),
+                                                     state["next_lp"])}
+        return {"ok": loaded.step == 2 and diffs["loss"] < 1e-6 and diffs["grad_norm"] < 1e-5
+                and diffs["logprobs_after_step"] < 1e-4, **diffs}
+
+    run_check("checkpoint_reshards_dp2_distopt_to_tp2", resharded_resume)
+
+    def optimizer_kind_mismatch() -> dict:
+        learner.optimizer.__class__  # the distributed one; build a plain one to be refused
+        from megatron_s2lpo.learner.optimizer import build_optimizer
+
+        plain = build_optimizer(learner.model, learner_config(2, False).optim, precision="fp32")
+        try:
+            ckpt.load_checkpoint(root, model_chunks=learner.model, optimizer=plain)
+        except ValueError as err:
+            return {"ok": "use_distributed_optimizer=true" in str(err), "error": str(err)}
+        return {"ok": False, "error": "no error"}
+
+    run_check("checkpoint_optimizer_kind_mismatch_is_clear", optimizer_kind_mismatch)
+    destroy_parallel(destroy_process_group=False)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    holder = [tempfile.mkdtemp(prefix="ckpt_checks_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    root = Path(holder[0]) / "checkpoints"
+    state: dict = {}
+    part_dp2(state, root)
+    part_tp2(state, root)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(holder[0], ignore_errors=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Shared pieces of the distributed test scripts: tiny models, a fixed batch, check reporting.
+
+Scripts run as `python tests/distributed/scripts/<name>.py` under tests/distributed/launch.py
+(torchrun-style env). They report each check as a `CHECK {...}` line and keep going after a
+failed check, so one launch answers many questions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from megatron_s2lpo.config.model import ModelArch
+from megatron_s2lpo.types import TrainBatch
+
+RANK = int(os.environ.get("RANK", "0"))
+VOCAB_SIZE = 300  # padded to 384 (TP=1) / 512 (TP=2): the padding must never matter
+
+
+def tiny_arch(family: str = "qwen3", *, num_layers: int = 2, tie: bool = True) -> ModelArch:
+    extra = {"qwen3": dict(qk_layernorm=True), "qwen2": dict(add_qkv_bias=True), "llama": {}}[family]
+    return ModelArch(family=family, vocab_size=VOCAB_SIZE, hidden_size=64, ffn_hidden_size=96,
+                     num_layers=num_layers, num_attention_heads=4, num_query_groups=2, head_dim=16,
+                     rope_theta=10000.0, tie_word_embeddings=tie, **extra)
+
+
+SEQ_LENS = (18, 24, 12, 20, 10, 22, 14, 16)  # budgets 192 / 96 / 48 give 1 / 2 / 4 micro-batches
+
+
+def fixed_batch(seed: int = 0) -> TrainBatch:
+    """8 right-padded prompt+response rows of different lengths with GRPO-like advantages."""
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = torch.tensor(SEQ_LENS)
+    num_seqs, max_len = len(SEQ_LENS), max(SEQ_LENS)
+    tokens = torch.randint(0, VOCAB_SIZE, (num_seqs, max_len), generator=g)
+    mask = torch.zeros(num_seqs, max_len)
+    for b in range(num_seqs):
+        tokens[b, seq_lens[b]:] = 0
+        mask[b, 5:seq_lens[b]] = 1.0  # 5 prompt tokens
+    rewards = torch.randint(0, 2, (num_seqs,), generator=g).float()
+    adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    zeros = torch.zeros(num_seqs, max_len)
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=adv[:, None] * mask, old_logprobs=zeros.clone(),
+                      behaviour_logprobs=zeros.clone(), sources=torch.zeros(num_seqs, dtype=torch.long),
+                      seq_lens=seq_lens)
+
+
+def report_check(name: str, ok: bool, **details: object) -> None:
+    if RANK == 0 or not ok:
+        print("CHECK " + json.dumps({"name": name, "ok": bool(ok), "rank": RANK, **details}, default=float),
+              flush=True)
+
+
+def run_check(name: str, fn: Callable[[], dict | None]) -> None:
+    """Run one check; report ok/failure (with the traceback) and continue with the next."""
+    start = time.perf_counter()
+    try:
+        details = fn() or {}
+        ok = bool(details.pop("ok", True))
+        report_check(name, ok, seconds=round(time.perf_counter() - start, 2), **details)
+    except Exception:  # noqa: BLE001 - the report carries the traceback
+        report_check(name, False, error=traceback.format_exc()[-3000:])
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def global_grads(chunks: list) -> dict[str, torch.Tensor]:
+    """main_grad of every parameter of bare/wrapped chunks, keyed by GLOBAL layer index names."""
+    from megatron_s2lpo.learner.model import unwrap_model
+
+    grads = {}
+    for chunk in chunks:
+        model = unwrap_model(chunk)
+        layers = model.decoder.layers
+        for name, param in model.named_parameters():
+            if name.startswith("decoder.layers."):
+                local, rest = name[len("decoder.layers."):].split(".", 1)
+                name = f"decoder.layers.{layers[int(local)].layer_number - 1}.{rest}"
+            grads[name] = param.main_grad.detach().clone().float()
+    return grads

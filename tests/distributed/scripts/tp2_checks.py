@@ -1,0 +1,182 @@
+"""TP=2 checks against a TP=1 reference of the same weights, in one 2-process launch.
+
+    python tests/distributed/launch.py tests/distributed/scripts/tp2_checks.py   # via pytest:
+    pytest tests/distributed/test_learner_tp.py
+
+Part 1 (TP=2, DP=1): vocab-parallel log-probs vs a full-vocabulary float64 reference; policy
+log-probs; micro-batch invariance of loss and gradients (1, 2, 4 micro-batches); one GRPO step;
+the loss going down over steps. The initial weights are saved as a dist checkpoint.
+Part 2 (TP=1, DP=2, same processes): load that checkpoint (TP=2 -> TP=1 resharding) and compare
+log-probs, entropy, the first step's loss / grad norm and the log-probs after it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from common import fixed_batch, max_abs_diff, run_check, tiny_arch
+
+from megatron_s2lpo.algo.losses import PolicyLossConfig
+from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
+from megatron_s2lpo.learner.logprobs import token_logprobs
+from megatron_s2lpo.learner.parallel import destroy_parallel, init_parallel
+
+LOSS = PolicyLossConfig(clip_low=0.2, clip_high=0.28, loss_agg_mode="token-mean")
+TOL = 1e-5
+
+
+def learner_config(tp: int) -> LearnerConfig:
+    return LearnerConfig(tensor_parallel_size=tp, micro_batch_tokens=96, seq_length_multiple=1,
+                         optim=OptimConfig(lr=2e-3, weight_decay=0.0, clip_grad=1.0))
+
+
+def check_vocab_parallel(groups) -> dict:
+    """Sliced logits on 2 TP ranks vs float64 log_softmax over the full real vocabulary."""
+    torch.manual_seed(7)
+    vocab, padded, temperature = 300, 512, 0.8
+    logits = torch.randn(3, 9, padded) * 4
+    logits[..., vocab:] = 30.0  # padded columns: must not matter
+    tokens = torch.randint(0, vocab, (3, 9))
+    grad_lp, grad_ent = torch.randn(3, 9), torch.randn(3, 9)
+    width = padded // groups.tp_size
+    piece = logits[..., groups.tp_rank * width:(groups.tp_rank + 1) * width].clone().requires_grad_(True)
+    lp, ent = token_logprobs(piece, tokens, vocab_size=vocab, tp_group=groups.tp_group,
+                             temperature=temperature, with_entropy=True)
+    ((lp * grad_lp).sum() + (ent * grad_ent).sum()).backward()
+
+    full = logits.double().requires_grad_(True)
+    logp_all = torch.log_softmax(full[..., :vocab] / temperature, dim=-1)
+    ref_lp = torch.zeros(3, 9, dtype=torch.float64)
+    ref_ent = torch.zeros(3, 9, dtype=torch.float64)
+    ref_lp[:, 1:] = logp_all[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    ref_ent[:, 1:] = -(logp_all[:, :-1].exp() * logp_all[:, :-1]).sum(-1)
+    ((ref_lp * grad_lp.double()).sum() + (ref_ent * grad_ent.double()).sum()).backward()
+    ref_grad = full.grad[..., groups.tp_rank * width:(groups.tp_rank + 1) * width]
+    diffs = {"logprob": max_abs_diff(lp, ref_lp), "entropy": max_abs_diff(ent, ref_ent),
+             "grad": max_abs_diff(piece.grad, ref_grad)}
+    return {"ok": max(diffs.values()) < TOL, **diffs}
+
+
+def grads_vector(learner) -> torch.Tensor:
+    return torch.cat([p.main_grad.flatten() for chunk in learner.model for p in chunk.parameters()])
+
+
+def check_micro_batch_invariance(learner, batch) -> dict:
+    """Loss and gradients with 1, 2 and 4 micro-batches agree."""
+    results = {}
+    for budget in (8 * 24, 4 * 24, 2 * 24):  # the batch is 8 rows of <= 24 tokens
+        metrics = learner.compute_gradients(batch, loss_config=LOSS, micro_batch_tokens=budget)
+        results[int(metrics["num_micro_batches"])] = (metrics["loss"], grads_vector(learner))
+    counts = sorted(results)
+    loss_diff = max(abs(results[c][0] - results[counts[0]][0]) for c in counts)
+    grad_diff = max(max_abs_diff(results[c][1], results[counts[0]][1]) for c in counts)
+    return {"ok": counts == [1, 2, 4] and loss_diff < 1e-6 and grad_diff < 1e-6,
+            "micro_batch_counts": counts, "loss_diff": loss_diff, "grad_diff": grad_diff,
+            "loss": results[1][0]}
+
+
+def part_tp2(state: dict, ckpt_root: str) -> None:
+    from megatron_s2lpo.learner import Learner
+
+    groups = init_parallel(tensor_parallel_size=2, seed=11)
+    run_check("tp2_vocab_parallel_matches_full_log_softmax", lambda: check_vocab_parallel(groups))
+    learner = Learner(tiny_arch("qwen3"), learner_config(2), groups=groups)
+    learner.save(ckpt_root)  # the weights both layouts start from
+    batch = fixed_batch()
+    state["lp"] = learner.compute_logprobs(batch, 1.0)
+    state["lp_t"], state["ent_t"] = learner.compute_logprobs(batch, 0.7, with_entropy=True)
+    batch.old_logprobs = state["lp"]
+    run_check("tp2_micro_batch_invariance", lambda: check_micro_batch_invariance(learner, batch))
+
+    def recompute_same_gradients() -> dict:
+        config = learner_config(2)
+        config.recompute_granularity = "full"
+        recomputing = Learner(tiny_arch("qwen3"), config, groups=groups)
+        recomputing.load(ckpt_root)
+        plain = learner.compute_gradients(batch, loss_config=LOSS)
+        plain_grads = grads_vector(learner)
+        again = recomputing.compute_gradients(batch, loss_config=LOSS)
+        diffs = {"loss": abs(again["loss"] - plain["loss"]),
+                 "grads": max_abs_diff(grads_vector(recomputing), plain_grads)}
+        return {"ok": diffs["loss"] < 1e-6 and diffs["grads"] < 1e-6, **diffs}
+
+    run_check("tp2_activation_recompute_same_gradients", recompute_same_gradients)
+
+    def grpo_steps() -> dict:
+        losses, first = [], None
+        for _ in range(6):
+            metrics = learner.train_step(batch, loss_config=LOSS)
+            losses.append(metrics["loss"])
+            if first is None:
+                first = metrics
+                state["step1"] = metrics
+                state["lp_after"] = learner.compute_logprobs(batch, 1.0)
+        return {"ok": losses[-1] < losses[0] - 1e-3, "losses": losses}
+
+    run_check("tp2_grpo_steps_decrease_loss", grpo_steps)
+    destroy_parallel(destroy_process_group=False)
+
+
+def part_tp1(state: dict, ckpt_root: str) -> None:
+    from megatron_s2lpo.learner import Learner
+
+    groups = init_parallel(tensor_parallel_size=1, seed=11)  # DP=2
+    learner = Learner(tiny_arch("qwen3"), learner_config(1), groups=groups)
+    learner.load(ckpt_root)
+    batch = fixed_batch()
+
+    def logprobs_equal() -> dict:
+        lp = learner.compute_logprobs(batch, 1.0)
+        lp_t, ent_t = learner.compute_logprobs(batch, 0.7, with_entropy=True)
+        diffs = {"logprobs": max_abs_diff(lp, state["lp"]), "logprobs_t0.7": max_abs_diff(lp_t, state["lp_t"]),
+                 "entropy_t0.7": max_abs_diff(ent_t, state["ent_t"])}
+        nonzero = bool((lp[:, 1:] != 0).any())
+        return {"ok": nonzero and max(diffs.values()) < TOL, **diffs}
+
+    run_check("tp2_logprobs_equal_tp1", logprobs_equal)
+    batch.old_logprobs = state["lp"]
+
+    def step_equal() -> dict:
+        metrics = learner.train_step(batch, loss_config=LOSS)
+        lp_after = learner.compute_logprobs(batch, 1.0)
+        ref = state["step1"]
+        diffs = {"loss": abs(metrics["loss"] - ref["loss"]), "grad_norm": abs(metrics["grad_norm"] - ref["grad_norm"]),
+                 "logprobs_after_step": max_abs_diff(lp_after, state["lp_after"])}
+        moved = max_abs_diff(lp_after, state["lp"])
+        # Adam's first step is ~lr * sign(grad): gradient entries near 0 amplify rounding, so
+        # the post-step log-probs get a looser bound (the step itself moves them by ~0.5).
+        return {"ok": diffs["loss"] < 1e-6 and diffs["grad_norm"] < 1e-5 and diffs["logprobs_after_step"] < 1e-4
+                and moved > 1e-2, "moved": moved, **diffs}
+
+    run_check("tp2_step_equals_tp1_dp2_step", step_equal)
+    destroy_parallel(destroy_process_group=False)
+
+
+def main() -> None:
+    state: dict = {}
+    root = _shared_dir(tempfile.mkdtemp(prefix="tp2_checks_") if int(os.environ["RANK"]) == 0 else None)
+    part_tp2(state, root)
+    part_tp1(state, root)
+    dist.barrier()
+    if int(os.environ["RANK"]) == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    dist.destroy_process_group()
+
+
+def _shared_dir(root: str | None) -> str:
+    """Rank 0's temporary directory, told to every rank (the ranks share a filesystem)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    holder = [root]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
