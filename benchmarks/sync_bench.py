@@ -1,0 +1,143 @@
+"""Disk weight sync of a ~1B-parameter megatron learner into a LocalEngine, on CPU, next to
+raw safetensors I/O of the same bytes.
+
+    python benchmarks/sync_bench.py            # 1.12B-parameter Qwen3-like model, bf16 learner, TP=1
+    python benchmarks/sync_bench.py --quick    # small smoke run (seconds)
+
+The learner is megatron-core model chunks with random bf16 weights (2.24 GB; fp32 would need
+4.5 GB for the learner plus 4.5 GB for the engine, too much beside other jobs on a shared 24 GiB
+machine). One sync (`WeightSync(..., transport="disk")`) is: export (TP gather, HF names) into
+buckets, write them as safetensors shards + index + config.json into a temporary directory,
+rename it, `LocalEngine.update_weights_from_disk` (read every tensor, copy it into the engine's
+fp32 model), version check. The reference in the same run is `safetensors.torch.save_file` of a
+dict holding the same tensors (names, shapes, dtype) followed by `load_file`: the least any disk
+sync of these bytes can cost here. Both go through the page cache (nothing is fsynced). Also
+printed: the in-process `buckets` route (no files), the CPU default for a LocalEngine.
+
+GB/s counts HF tensor bytes (bf16) per second of wall time; ratio = sync time / raw time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron_s2lpo.config.model import ModelArch  # noqa: E402
+
+# Qwen3-1.7B's layer shape with 16 layers instead of 28: 1.12B parameters (tied embeddings).
+FULL = ModelArch(family="qwen3", vocab_size=151936, hidden_size=2048, ffn_hidden_size=6144, num_layers=16,
+                 num_attention_heads=16, num_query_groups=8, head_dim=128, qk_layernorm=True,
+                 tie_word_embeddings=True)
+QUICK = ModelArch(family="qwen3", vocab_size=4096, hidden_size=256, ffn_hidden_size=768, num_layers=4,
+                  num_attention_heads=8, num_query_groups=4, head_dim=32, qk_layernorm=True)
+
+
+def empty_engine(arch: ModelArch):
+    """A LocalEngine of `arch` with uninitialised fp32 weights (random init of 1B parameters on
+    CPU takes long and every weight is overwritten by the sync anyway)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_s2lpo.rollout.local import LocalEngine
+
+    cfg = arch.to_hf_config_dict()
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    return LocalEngine(model, model_id="bench")
+
+
+def raw_safetensors(named: list[tuple[str, torch.Tensor]], out_dir: str) -> tuple[float, float]:
+    """(save seconds, load seconds) of one safetensors file holding `named`.
+
+    load_file maps the file lazily; the load time includes one copy of every tensor into
+    memory of its own, as the engine's load copies every tensor into its parameters.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = {name: tensor.clone() for name, tensor in named}
+    path = os.path.join(out_dir, "raw.safetensors")
+    start = time.perf_counter()
+    save_file(state, path)
+    saved = time.perf_counter()
+    loaded = {name: tensor.clone() for name, tensor in load_file(path).items()}
+    done = time.perf_counter()
+    assert len(loaded) == len(state)
+    del state, loaded
+    os.remove(path)
+    return saved - start, done - saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model, for a smoke run")
+    parser.add_argument("--bucket-mb", type=int, default=512, help="bucket (and shard) size in MiB")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (raw safetensors, disk sync)")
+    parser.add_argument("--dir", default="", help="where to write (default: a temporary directory)")
+    args = parser.parse_args()
+
+    from megatron_s2lpo.config.sync import SyncConfig
+    from megatron_s2lpo.convert.mcore_io import build_conversion_chunks
+    from megatron_s2lpo.learner.parallel import destroy_parallel, init_parallel
+    from megatron_s2lpo.sync.exporter import MegatronExporter
+    from megatron_s2lpo.sync.weight_sync import WeightSync
+
+    arch = QUICK if args.quick else FULL
+    groups = init_parallel(1, 1)
+    chunks = build_conversion_chunks(arch, groups, torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for chunk in chunks:
+            for param in chunk.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.bfloat16))
+    root = args.dir or tempfile.mkdtemp(prefix="sync_bench_")
+    os.makedirs(root, exist_ok=True)
+    bucket_bytes = args.bucket_mb << 20
+    try:
+        # The same (name, shape, dtype) tensors as the sync writes, from one export.
+        exporter = MegatronExporter(chunks, groups, arch, bucket_bytes)
+        named = [pair for bucket in exporter.buckets() for pair in bucket]
+        num_bytes = sum(t.numel() * t.element_size() for _, t in named)
+        engine = empty_engine(arch)
+        config = SyncConfig(disk_dir=os.path.join(root, "sync"), disk_keep=1, bucket_bytes=bucket_bytes,
+                            parity_every=0)
+        sync = WeightSync(chunks, groups, arch, engine, config, transport="disk")
+        raw, disk = [], []
+        for version in range(1, args.repeats + 1):  # alternate, so page-cache writeback hits both alike
+            raw.append(raw_safetensors(named, root))
+            disk.append(sync.sync(version))
+        del named
+        in_process = WeightSync(chunks, groups, arch, engine, config).sync(args.repeats + 1)
+
+        print(f"model: {arch.family} hidden={arch.hidden_size} layers={arch.num_layers} vocab={arch.vocab_size} "
+              f"params={arch.num_params() / 1e9:.3f}B, learner bf16 TP=1, engine LocalEngine fp32, "
+              f"threads={torch.get_num_threads()}")
+        print(f"bytes: {num_bytes / 1e9:.3f} GB of HF tensors, buckets/shards of <= {args.bucket_mb} MiB, "
+              f"{disk[0].num_buckets} buckets")
+        for i, ((save_s, load_s), result) in enumerate(zip(raw, disk), 1):
+            raw_s = save_s + load_s
+            print(f"round {i}: raw safetensors save {save_s:.2f} s + load {load_s:.2f} s = {raw_s:.2f} s "
+                  f"({num_bytes / raw_s / 1e9:.2f} GB/s) | disk sync {result.seconds:.2f} s "
+                  f"({result.gb_per_s:.2f} GB/s) | ratio {result.seconds / raw_s:.2f}")
+        best_raw = min(save_s + load_s for save_s, load_s in raw)
+        best_sync = min(result.seconds for result in disk)
+        print(f"best: raw safetensors {best_raw:.2f} s ({num_bytes / best_raw / 1e9:.2f} GB/s), disk sync "
+              f"{best_sync:.2f} s ({num_bytes / best_sync / 1e9:.2f} GB/s), ratio {best_sync / best_raw:.2f}")
+        print(f"in-process buckets sync (no files): {in_process.seconds:.2f} s ({in_process.gb_per_s:.2f} GB/s)")
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
