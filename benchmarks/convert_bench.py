@@ -23,17 +23,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 from megatron_s2lpo.config.model import ModelArch  # noqa: E402
+from shapes import QWEN3_1B, QWEN3_QUICK  # noqa: E402
 
-# Qwen3-1.7B's layer shape with 16 layers instead of 28: 1.12B parameters (tied embeddings).
-FULL = ModelArch(family="qwen3", vocab_size=151936, hidden_size=2048, ffn_hidden_size=6144, num_layers=16,
-                 num_attention_heads=16, num_query_groups=8, head_dim=128, qk_layernorm=True,
-                 tie_word_embeddings=True)
-QUICK = ModelArch(family="qwen3", vocab_size=4096, hidden_size=256, ffn_hidden_size=768, num_layers=4,
-                  num_attention_heads=8, num_query_groups=4, head_dim=32, qk_layernorm=True)
+FULL, QUICK = QWEN3_1B, QWEN3_QUICK
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

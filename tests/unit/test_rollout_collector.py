@@ -174,14 +174,6 @@ def test_a_failing_engine_fails_the_step_after_both_finish():
     assert len(learner.windows) == 1  # the learner's call had completed
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on shared cores
-    yield
-    torch.set_num_threads(before)
-
-
 def test_with_two_local_engines(one_thread):
     tok = build_synthetic_tokenizer()
     arch = ModelArch(family="qwen3", vocab_size=len(tok), hidden_size=32, ffn_hidden_size=64, num_layers=2,

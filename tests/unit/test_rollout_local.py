@@ -9,27 +9,12 @@ from safetensors.torch import save_file
 
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.rollout import EngineConfig
-from megatron_s2lpo.data.tokenizer import build_synthetic_tokenizer
 from megatron_s2lpo.rollout import build_engine
 from megatron_s2lpo.rollout.engine import GenerateRequest, RolloutEngine
 from megatron_s2lpo.rollout.local import LocalEngine, support_mask
 from megatron_s2lpo.types import FinishReason
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine are far faster single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_synthetic_tokenizer()
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
 def tiny_engine(tok, init_seed=0, **kwargs) -> LocalEngine:

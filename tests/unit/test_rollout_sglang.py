@@ -17,7 +17,6 @@ import torch
 
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.rollout import EngineConfig
-from megatron_s2lpo.data.tokenizer import build_synthetic_tokenizer
 from megatron_s2lpo.rollout.engine import GenerateRequest
 from megatron_s2lpo.rollout.local import LocalEngine
 from megatron_s2lpo.rollout.sglang_client import EngineRequestError
@@ -25,7 +24,7 @@ from megatron_s2lpo.rollout.sglang_engine import SGLangEngine
 
 SERVER = [sys.executable, str(Path(__file__).resolve().parents[1] / "protocol_server.py")]
 KEY = "test-key"
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 
 
 def free_port() -> int:
@@ -42,17 +41,6 @@ def admin(url: str, path: str, body: dict | None = None, key: str = KEY):
         return json.loads(resp.read() or b"null")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_synthetic_tokenizer()
 
 
 @pytest.fixture(scope="module")

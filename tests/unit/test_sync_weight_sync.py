@@ -22,6 +22,8 @@ from megatron_s2lpo.sync.errors import WeightParityError, WeightVersionError
 from megatron_s2lpo.sync.exporter import StateDictExporter
 from megatron_s2lpo.sync.weight_sync import WeightSync
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARCH = ModelArch(family="qwen3", vocab_size=128, hidden_size=32, ffn_hidden_size=48, num_layers=2,
                  num_attention_heads=4, num_query_groups=2, head_dim=8, qk_layernorm=True, rope_theta=10000.0)
 ONE_RANK = SimpleNamespace(rank=0, world_size=1, dp_rank=0)
@@ -44,14 +46,6 @@ class HFLearner:
             for t in range(1, length):
                 out[b, t] = logp[t - 1, tokens[t]]
         return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def learner_model(seed: int = 1) -> torch.nn.Module:
