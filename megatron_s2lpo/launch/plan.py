@@ -1,0 +1,254 @@
+"""What a cluster launch runs, as plain data: node groups, server commands, the trainer script.
+
+Pure Python (no nemo_run): `plan_launch` turns a `RunConfig` and a `ClusterLayout` into a
+`LaunchPlan` that `launch/experiment.py` maps onto NeMo-Run executors (Slurm, local, Docker).
+
+Node groups (one Slurm heterogeneous-job component each, in this order):
+
+  learner         torchrun over `num_nodes` nodes; global rank 0 on the group's first node.
+                  A colocated learner server runs on that first node too (CUDA IPC sync).
+  learner_server  the learner's SGLang server on its own node (NCCL or disk weight sync).
+  explorer        the frozen explorer's SGLang server on its own node.
+
+Hosts are shell expressions (`${S2LPO_EXPLORER_HOST}` on Slurm, `127.0.0.1` on one machine):
+the URLs and the NCCL rendezvous reach the trainer as dotted overrides that the shell expands
+at run time, so nothing about the allocation must be known when the job is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config import EngineConfig, RunConfig
+from ..rollout.sglang_server import build_launch_command
+
+LEARNER, LEARNER_SERVER, EXPLORER = "learner", "learner_server", "explorer"
+# Node-local copy of the resolved config written by the trainer script (one per job and node).
+EMBEDDED_CONFIG_PATH = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.yaml"
+CONFIG_EOF = "S2LPO_CONFIG_EOF"
+DEFAULT_ENV = {
+    "NCCL_DEBUG": "WARN",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # megatron-core's TP comm/compute overlap needs it
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def slurm_host(group: str) -> str:
+    """The shell variable holding a node group's first host on Slurm (set by the sbatch script)."""
+    return "${" + host_var(group) + "}"
+
+
+def host_var(group: str) -> str:
+    return f"S2LPO_{group.upper()}_HOST"
+
+
+def local_host(group: str) -> str:
+    return "127.0.0.1"
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterLayout:
+    """How a run is spread over machines; everything here is a launch choice, not training."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+    # None: from the config (sync.transport=tensor -> colocated, otherwise a node of its own)
+    colocate_learner_server: bool | None = None
+    learner_port: int = 30000
+    explorer_port: int = 30001
+    torchrun_port: int = 29500
+    sync_port: int = 29600  # NCCL weight-sync rendezvous (sync.master_port)
+    health_timeout_s: float = 1800.0
+    # run.resume=true: a requeued (preempted) job continues from the newest checkpoint; a first
+    # start finds none and starts fresh.
+    resume: bool = True
+    python: str = "python"  # the trainer's interpreter inside the container / on the node
+    # The servers' interpreter: the image keeps SGLang in its own environment (Dockerfile).
+    server_python: str = "${S2LPO_SGLANG_PYTHON:-python}"
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"gpus_per_node must be >= 0 (0 = CPU only), got {self.gpus_per_node}")
+        ports = (self.learner_port, self.explorer_port, self.torchrun_port, self.sync_port)
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"learner_port, explorer_port, torchrun_port and sync_port must differ, got {ports}")
+        if self.health_timeout_s <= 0:
+            raise ValueError(f"health_timeout_s must be > 0, got {self.health_timeout_s}")
+
+
+@dataclass(kw_only=True, slots=True)
+class NodeGroup:
+    name: str  # LEARNER | LEARNER_SERVER | EXPLORER
+    num_nodes: int
+    gpus_per_node: int  # GPUs requested per node of this group
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerTask:
+    name: str  # "learner_server" | "explorer_server"
+    group: str  # node group it runs in (LEARNER when colocated)
+    num_gpus: int  # tp_size * dp_size
+    command: list[str]  # sglang.launch_server command line (build_launch_command)
+    url: str  # as the trainer reaches it (host may be a shell expression)
+
+
+@dataclass(kw_only=True, slots=True)
+class LaunchPlan:
+    groups: list[NodeGroup]
+    servers: list[ServerTask]
+    learner_nodes: int
+    learner_procs_per_node: int
+    colocated: bool
+    trainer_overrides: list[str]  # generated: URLs, rendezvous, transport, resume
+    trainer_script: str  # bash: wait for every server's /health, then torchrun the trainer
+    env: dict[str, str] = field(default_factory=dict)
+
+    def group(self, name: str) -> NodeGroup:
+        return next(g for g in self.groups if g.name == name)
+
+
+def _needs_server(engine: EngineConfig) -> bool:
+    return engine.backend == "sglang" and not engine.url
+
+
+def _server_cfg(engine: EngineConfig, port: int, *, memory_saver: bool) -> EngineConfig:
+    # Listen on every interface: the trainer is on another node (or another container).
+    # A configured launch_command (e.g. the CPU protocol server) is kept.
+    return dataclasses.replace(engine, host="0.0.0.0", port=port,
+                               enable_memory_saver=engine.enable_memory_saver or memory_saver)
+
+
+def _server_gpus(engine: EngineConfig, name: str, layout: ClusterLayout) -> int:
+    num_gpus = engine.tp_size * engine.dp_size
+    if layout.gpus_per_node and num_gpus > layout.gpus_per_node:
+        raise ValueError(f"rollout.{name}: tp_size*dp_size = {num_gpus} GPUs does not fit one node of "
+                         f"{layout.gpus_per_node} GPUs; the launcher runs one server per engine on one node")
+    return num_gpus
+
+
+def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
+                host: Callable[[str], str] = slurm_host, user_overrides: tuple[str, ...] = (),
+                embed_config: bool = True, one_machine: bool = False) -> LaunchPlan:
+    """Split `layout.num_nodes` between learner and servers; build commands and overrides.
+
+    `cfg` is `config_path` with `user_overrides` applied. With `embed_config` the trainer script
+    carries the resolved YAML itself (a heredoc), so the job does not depend on the recipe file
+    being readable on the cluster; otherwise it passes `config_path` and the overrides.
+    `one_machine`: servers share the learner's machine (local / Docker) and take no node.
+    """
+    colocated = (cfg.sync.transport == "tensor" if layout.colocate_learner_server is None
+                 else layout.colocate_learner_server)
+    learner_engine, explorer_engine = cfg.rollout.learner, cfg.rollout.explorer
+    servers: list[ServerTask] = []
+    groups: list[NodeGroup] = []
+    overrides: list[str] = []
+    if _needs_server(learner_engine):
+        group = LEARNER if colocated else LEARNER_SERVER
+        num_gpus = _server_gpus(learner_engine, "learner", layout)
+        command = build_launch_command(_server_cfg(learner_engine, layout.learner_port, memory_saver=colocated),
+                                       python=layout.server_python)
+        url = f"http://{host(group)}:{layout.learner_port}"
+        servers.append(ServerTask(name="learner_server", group=group, num_gpus=num_gpus, command=command, url=url))
+        overrides.append(f"rollout.learner.url={url}")
+        if colocated:
+            overrides += ["sync.transport=tensor", "rollout.learner.enable_memory_saver=true"]
+        elif cfg.sync.transport != "disk":  # disk stays disk (shared storage); else NCCL broadcast
+            if learner_engine.dp_size > 1:
+                raise ValueError(f"rollout.learner.dp_size={learner_engine.dp_size}: SGLang refuses NCCL weight "
+                                 "updates for dp_size > 1; use tp_size only, colocate the server "
+                                 "(sync.transport=tensor), or sync through shared storage (sync.transport=disk)")
+            overrides += ["sync.transport=distributed", f"sync.master_address={host(LEARNER)}",
+                          f"sync.master_port={layout.sync_port}"]
+        if not colocated and not one_machine:
+            groups.append(NodeGroup(name=LEARNER_SERVER, num_nodes=1, gpus_per_node=num_gpus))
+    if cfg.algo.t_mix > 0 and _needs_server(explorer_engine) and explorer_engine.model_path:
+        num_gpus = _server_gpus(explorer_engine, "explorer", layout)
+        command = build_launch_command(_server_cfg(explorer_engine, layout.explorer_port, memory_saver=False),
+                                       python=layout.server_python)
+        url = f"http://{host(EXPLORER)}:{layout.explorer_port}"
+        servers.append(ServerTask(name="explorer_server", group=EXPLORER, num_gpus=num_gpus, command=command, url=url))
+        overrides.append(f"rollout.explorer.url={url}")
+        if not one_machine:
+            groups.append(NodeGroup(name=EXPLORER, num_nodes=1, gpus_per_node=num_gpus))
+    learner_nodes = layout.num_nodes - sum(g.num_nodes for g in groups)
+    if learner_nodes < 1:
+        raise ValueError(f"num_nodes={layout.num_nodes} leaves no node for the learner: the servers take "
+                         f"{layout.num_nodes - learner_nodes}; ask for more nodes")
+    procs = _learner_procs_per_node(cfg, layout, learner_nodes)
+    groups.insert(0, NodeGroup(name=LEARNER, num_nodes=learner_nodes, gpus_per_node=layout.gpus_per_node))
+    if layout.resume:
+        overrides.append("run.resume=true")
+    script = trainer_script(config_path, [] if embed_config else list(user_overrides), overrides,
+                            servers=servers, layout=layout, learner_nodes=learner_nodes, procs_per_node=procs,
+                            master_host=host(LEARNER), config_text=cfg.to_yaml() if embed_config else None)
+    return LaunchPlan(groups=groups, servers=servers, learner_nodes=learner_nodes, learner_procs_per_node=procs,
+                      colocated=colocated and _needs_server(learner_engine),
+                      trainer_overrides=overrides, trainer_script=script, env=dict(DEFAULT_ENV))
+
+
+def _learner_procs_per_node(cfg: RunConfig, layout: ClusterLayout, learner_nodes: int) -> int:
+    """One process per GPU (one per node on CPU); the world size must hold whole TP*PP blocks."""
+    procs = layout.gpus_per_node or 1
+    model_parallel = cfg.learner.tensor_parallel_size * cfg.learner.pipeline_parallel_size
+    world = procs * learner_nodes
+    if world % model_parallel:
+        raise ValueError(f"the learner's {learner_nodes} node(s) x {procs} processes = {world} is not a multiple of "
+                         f"learner.tensor_parallel_size*pipeline_parallel_size = {model_parallel}; change the "
+                         "node count or the parallel layout")
+    return procs
+
+
+def _expandable(arg: str) -> str:
+    """Double-quote `arg` so that `${VAR}` expands but nothing else is interpreted."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
+    return f'"{escaped}"'
+
+
+def trainer_script(config_path: str, user_overrides: list[str], generated: list[str], *,
+                   servers: list[ServerTask], layout: ClusterLayout, learner_nodes: int,
+                   procs_per_node: int, master_host: str, config_text: str | None = None) -> str:
+    """Bash run on every learner node: health gate, then the trainer (torchrun when > 1 process)."""
+    lines = ["set -euo pipefail"]
+    if config_text is not None:
+        assert CONFIG_EOF not in config_text
+        config_path = EMBEDDED_CONFIG_PATH
+        lines += [f'mkdir -p "$(dirname "{config_path}")"',
+                  f"cat > \"{config_path}\" <<'{CONFIG_EOF}'", config_text.rstrip("\n"), CONFIG_EOF]
+    if servers:
+        urls = " ".join(_expandable(s.url) for s in servers)
+        lines.append(f"{layout.python} -m megatron_s2lpo.launch.wait_healthy "
+                     f"--timeout-s {layout.health_timeout_s:g} {urls}")
+    args = ["-m", "megatron_s2lpo.cli", "train",
+            _expandable(config_path) if config_text is not None else shlex.quote(config_path)]
+    args += [shlex.quote(o) for o in user_overrides] + [_expandable(o) for o in generated]
+    if learner_nodes * procs_per_node == 1:
+        lines.append(f"exec {layout.python} " + " ".join(args))
+    else:
+        node_rank = "${SLURM_NODEID:-0}" if learner_nodes > 1 else "0"
+        lines.append(f"exec torchrun --nnodes {learner_nodes} --nproc-per-node {procs_per_node} "
+                     f"--node-rank {node_rank} --master-addr {_expandable(master_host)} "
+                     f"--master-port {layout.torchrun_port} " + " ".join(args))
+    return "\n".join(lines) + "\n"
+
+
+def _quote(arg: str) -> str:
+    return _expandable(arg) if "${" in arg else shlex.quote(arg)
+
+
+def server_script(server: ServerTask) -> str:
+    return "set -euo pipefail\nexec " + " ".join(_quote(a) for a in server.command) + "\n"
+
+
+def num_gpus_summary(plan: LaunchPlan) -> dict[str, int]:
+    """GPUs per role (learner, learner server when on its own node, explorer server)."""
+    out = {"learner": plan.learner_nodes * plan.group(LEARNER).gpus_per_node}
+    for server in plan.servers:
+        out[server.name] = server.num_gpus
+    return out
+

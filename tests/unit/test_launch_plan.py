@@ -1,0 +1,216 @@
+"""Launch planning (no nemo_run): node split, server commands, trainer overrides, health gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from megatron_s2lpo.config import load_config
+from megatron_s2lpo.launch.plan import (EMBEDDED_CONFIG_PATH, ClusterLayout, local_host, num_gpus_summary,
+                                        plan_launch, server_script)
+from megatron_s2lpo.launch.wait_healthy import main as wait_main
+from megatron_s2lpo.launch.wait_healthy import probe_health, wait_all_healthy
+from megatron_s2lpo.rollout.sglang_server import build_launch_command
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPE_8B = os.path.join(REPO, "examples", "qwen3_8b_explorer_1p7b.yaml")
+
+
+def _plan(overrides=(), **layout):
+    cfg = load_config(RECIPE_8B, list(overrides))
+    return cfg, plan_launch(cfg, RECIPE_8B, ClusterLayout(**{"num_nodes": 4, **layout}))
+
+
+def _trainer_args(script: str) -> list[str]:
+    return script.strip().splitlines()[-1].split()
+
+
+def test_separate_servers_take_one_node_each_and_get_nccl_rendezvous():
+    cfg, plan = _plan()
+    assert [(g.name, g.num_nodes, g.gpus_per_node) for g in plan.groups] == [
+        ("learner", 2, 8), ("learner_server", 1, 8), ("explorer", 1, 8)]
+    assert num_gpus_summary(plan) == {"learner": 16, "learner_server": 8, "explorer_server": 8}
+    assert not plan.colocated
+    assert plan.trainer_overrides == [
+        "rollout.learner.url=http://${S2LPO_LEARNER_SERVER_HOST}:30000", "sync.transport=distributed",
+        "sync.master_address=${S2LPO_LEARNER_HOST}", "sync.master_port=29600",
+        "rollout.explorer.url=http://${S2LPO_EXPLORER_HOST}:30001", "run.resume=true"]
+    # Server commands are exactly the engine's own launch command, on all interfaces.
+    learner, explorer = plan.servers
+    expected = build_launch_command(dataclasses.replace(cfg.rollout.learner, host="0.0.0.0"),
+                                    python="${S2LPO_SGLANG_PYTHON:-python}")
+    assert learner.command == expected
+    assert explorer.command[:3] == ["${S2LPO_SGLANG_PYTHON:-python}", "-m", "sglang.launch_server"]
+    flags = dict(zip(explorer.command[3::2], explorer.command[4::2]))
+    assert flags == {"--model-path": "/models/Qwen3-1.7B-Base", "--host": "0.0.0.0", "--port": "30001",
+                     "--tp-size": "1", "--dp-size": "8", "--mem-fraction-static": "0.85"}
+    line = server_script(explorer).splitlines()[-1]
+    assert line == 'exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(explorer.command[1:])
+    # bash runs the image's SGLang interpreter when the variable is set, `python` otherwise
+    for env, python in (({"S2LPO_SGLANG_PYTHON": "/opt/sglang/bin/python"}, "/opt/sglang/bin/python"), ({}, "python")):
+        echo = line.replace("exec ", "printf '%s\\n' ", 1)
+        out = subprocess.run(["bash", "-c", echo], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+        assert out[:3] == [python, "-m", "sglang.launch_server"]
+
+
+def test_configured_launch_command_is_kept():
+    _, plan = _plan(["rollout.explorer.launch_command=[python, tests/protocol_server.py]"])
+    assert plan.servers[1].command[:2] == ["python", "tests/protocol_server.py"]
+    assert plan.servers[1].command[2:4] == ["--model-path", "/models/Qwen3-1.7B-Base"]
+
+
+def test_trainer_script_waits_for_every_server_then_torchruns():
+    _, plan = _plan()
+    lines = plan.trainer_script.strip().splitlines()
+    gate = next(i for i, line in enumerate(lines) if "megatron_s2lpo.launch.wait_healthy" in line)
+    run = next(i for i, line in enumerate(lines) if line.startswith("exec torchrun"))
+    assert gate < run
+    assert '"http://${S2LPO_LEARNER_SERVER_HOST}:30000" "http://${S2LPO_EXPLORER_HOST}:30001"' in lines[gate]
+    assert "--timeout-s 1800" in lines[gate]
+    args = _trainer_args(plan.trainer_script)
+    assert args[:11] == ["exec", "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank",
+                         "${SLURM_NODEID:-0}", "--master-addr", '"${S2LPO_LEARNER_HOST}"', "--master-port"]
+    assert args[12:16] == ["-m", "megatron_s2lpo.cli", "train", f'"{EMBEDDED_CONFIG_PATH}"']
+
+
+def test_embedded_config_round_trips_and_bash_expands_the_overrides(tmp_path):
+    cfg, plan = _plan(["algo.t_mix=77"])
+    body = re.search(r"<<'S2LPO_CONFIG_EOF'\n(.*?)\nS2LPO_CONFIG_EOF\n", plan.trainer_script, re.S).group(1)
+    path = tmp_path / "c.yaml"
+    path.write_text(body)
+    assert load_config(str(path)).to_dict() == cfg.to_dict()
+    assert load_config(str(path)).algo.t_mix == 77
+    # Let bash expand the generated arguments with hosts set, exactly as srun would.
+    last = plan.trainer_script.strip().splitlines()[-1].replace("exec torchrun", "printf '%s\\n'", 1)
+    env = {**os.environ, "S2LPO_LEARNER_HOST": "n1", "S2LPO_LEARNER_SERVER_HOST": "n3",
+           "S2LPO_EXPLORER_HOST": "n4", "SLURM_NODEID": "1", "SLURM_JOB_ID": "77", "TMPDIR": "/t"}
+    out = subprocess.run(["bash", "-c", last], env=env, capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "--node-rank" in out and out[out.index("--node-rank") + 1] == "1"
+    assert out[out.index("--master-addr") + 1] == "n1"
+    assert "/t/s2lpo-config-77.yaml" in out
+    for expected in ("rollout.learner.url=http://n3:30000", "sync.master_address=n1",
+                     "rollout.explorer.url=http://n4:30001"):
+        assert expected in out
+
+
+def test_colocated_learner_server_shares_the_learner_nodes():
+    cfg, plan = _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)
+    assert [(g.name, g.num_nodes) for g in plan.groups] == [("learner", 2), ("explorer", 1)]
+    assert plan.colocated
+    learner = plan.servers[0]
+    assert learner.group == "learner" and "--enable-memory-saver" in learner.command
+    assert learner.command[learner.command.index("--mem-fraction-static") + 1] == "0.3"
+    assert "rollout.learner.url=http://${S2LPO_LEARNER_HOST}:30000" in plan.trainer_overrides
+    assert "sync.transport=tensor" in plan.trainer_overrides
+    assert not any(o.startswith("sync.master") for o in plan.trainer_overrides)
+    # explicit choice wins over the config's transport
+    _, plan = _plan(["sync.transport=tensor"], colocate_learner_server=False)
+    assert not plan.colocated and "sync.transport=distributed" in plan.trainer_overrides
+
+
+def test_disk_transport_stays_disk_and_no_resume_flag():
+    _, plan = _plan(["sync.transport=disk"], resume=False)
+    assert not any(o.startswith("sync.") for o in plan.trainer_overrides)
+    assert "run.resume=true" not in plan.trainer_overrides
+
+
+def test_tiny_cpu_config_needs_no_server_and_runs_one_process():
+    path = os.path.join(REPO, "examples", "tiny_cpu.yaml")
+    cfg = load_config(path, ["run.num_steps=2"])
+    plan = plan_launch(cfg, path, ClusterLayout(num_nodes=1, gpus_per_node=0, resume=False), host=local_host,
+                       user_overrides=("run.num_steps=2", "run.name=a b"), embed_config=False)
+    assert plan.servers == [] and plan.trainer_overrides == []
+    assert plan.trainer_script == f"set -euo pipefail\nexec python -m megatron_s2lpo.cli train {path} " \
+                                  "run.num_steps=2 'run.name=a b'\n"
+
+
+@pytest.mark.parametrize("overrides, layout, message", [
+    ([], {"num_nodes": 2}, "leaves no node for the learner"),
+    (["learner.tensor_parallel_size=3"], {}, "not a multiple of"),
+    (["rollout.explorer.tp_size=4", "rollout.explorer.dp_size=4"], {}, "rollout.explorer: tp_size*dp_size = 16"),
+    (["rollout.learner.tp_size=4", "rollout.learner.dp_size=2"], {}, "rollout.learner.dp_size=2"),
+])
+def test_layout_errors_name_the_problem(overrides, layout, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _plan(overrides, **layout)
+
+
+def test_cluster_layout_validation():
+    with pytest.raises(ValueError, match="must differ"):
+        ClusterLayout(learner_port=29500)
+    with pytest.raises(ValueError, match="num_nodes"):
+        ClusterLayout(num_nodes=0)
+
+
+# ----------------------------------------------------------------------------- health gate
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.timeout(30)
+def test_wait_healthy_passes_when_all_servers_answer(health_server):
+    url, _ = health_server
+    assert probe_health(url) == (True, "HTTP 200")
+    assert wait_main(["--timeout-s", "5", "--poll-s", "0.05", url, url + "/"]) == 0
+
+
+@pytest.mark.timeout(30)
+def test_wait_healthy_times_out_naming_the_laggard(health_server, capsys, monkeypatch):
+    url, _ = health_server
+    monkeypatch.setattr(_Health, "status", 503)  # up, but still loading
+    dead = "http://127.0.0.1:1"  # nothing listens there
+    with pytest.raises(TimeoutError) as err:
+        wait_all_healthy([url, dead], timeout_s=0.3, poll_s=0.05, log=lambda _: None)
+    assert "2 of 2 SGLang server(s)" in str(err.value)
+    assert f"{url}/health: last answer: HTTP 503" in str(err.value)
+    assert f"{dead}/health: last answer:" in str(err.value)
+    assert wait_main(["--timeout-s", "0.2", "--poll-s", "0.05", url]) == 1
+    assert "wait_healthy: error:" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_wait_healthy_waits_for_a_late_server():
+    seen = []
+
+    def probe(url):  # healthy on the third poll
+        seen.append(url)
+        return len(seen) >= 3, "HTTP 503"
+
+    assert wait_all_healthy(["http://x:1"], timeout_s=10, poll_s=0.01, probe=probe, log=lambda _: None) >= 0
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match="http://"):
+        wait_all_healthy(["node1:30000"], timeout_s=1)
+
+
+def test_wait_healthy_module_runs_without_heavy_imports():
+    code = ("import sys, megatron_s2lpo.launch.wait_healthy; "
+            "print(sorted(m for m in ('torch', 'nemo_run', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
