@@ -2,6 +2,10 @@
 
     s2lpo config examples/tiny_cpu.yaml algo.t_mix=8      # print the resolved config
     s2lpo schedule --group-size 16 --t-mix 8 --steps 12   # the explorer/learner split per step
+    s2lpo train examples/tiny_cpu.yaml run.num_steps=20   # S2L-PO training (--resume continues)
+    s2lpo explore CONFIG --num-samples 16                 # fill rollout.explorer_store offline
+    s2lpo eval CONFIG --models DIR1 DIR2 --k 16           # avg@k Pass@1 and pass@k curves (CSV, PNG)
+    s2lpo convert hf-to-mcore --hf DIR --out CKPT --tp 4  # checkpoint conversion (see docs/convert.md)
 
 Every command that takes a recipe accepts dotted overrides after it (`section.field=value`).
 """
@@ -42,6 +46,47 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from megatron_s2lpo.train import main as train_main
+
+    config, overrides = _split_recipe(args.config, args.overrides)
+    return train_main(([config] if config else []) + overrides + (["--resume"] if args.resume else []))
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from megatron_s2lpo.evaluate import explore
+
+    config, overrides = _split_recipe(args.config, args.overrides)
+    summary = explore(load_config_or_defaults(config, overrides), num_samples=args.num_samples)
+    print(f"explorer store {summary['store_dir']}: {summary['num_prompts']} prompts x "
+          f"{summary['num_samples']} samples ({summary['num_generated']} generated now)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from megatron_s2lpo.evaluate import evaluate_models
+
+    config, overrides = _split_recipe(args.config, args.overrides)
+    result = evaluate_models(load_config_or_defaults(config, overrides), args.models, k=args.k,
+                             out_dir=args.out or None)
+    for model, row in result["avg_at_k"].items():
+        print(f"{model}: avg@{args.k} Pass@1 = {row:.4f}")
+    print(f"wrote {', '.join(result['files'])}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from megatron_s2lpo.convert.tool import main as convert_main
+
+    return convert_main(args.args)
+
+
+def load_config_or_defaults(config: str | None, overrides: list[str]):
+    from megatron_s2lpo.config import load_config
+
+    return load_config(config, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2lpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,10 +105,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constant-share", type=float, default=0.5)
     p.add_argument("--rounding", default="paper")
     p.set_defaults(func=_cmd_schedule)
+
+    p = sub.add_parser("train", help="run S2L-PO training (Algorithm 1)")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint "
+                   "(same as run.resume=true)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("explore", help="fill the explorer rollout store (rollout.explorer_store)")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--num-samples", type=int, default=0, help="samples per prompt (default: algo.group_size)")
+    p.set_defaults(func=_cmd_explore)
+
+    p = sub.add_parser("eval", help="avg@k Pass@1 and the pass@k curve of HF models on held-out prompts")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe (prompts, tokenizer, sampling)")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--models", nargs="+", required=True, help="HF model directories")
+    p.add_argument("--k", type=int, default=16, help="samples per problem (pass@k for k = 1..K)")
+    p.add_argument("--out", default="", help="output directory (default: <run.output_dir>/eval)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("convert", help="convert checkpoints HF <-> megatron-core (tools/convert_checkpoint.py)",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the conversion tool's arguments")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # every argument (--help included) belongs to the conversion tool
+        from megatron_s2lpo.convert.tool import main as convert_main
+
+        return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

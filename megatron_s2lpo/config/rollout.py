@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .base import check
+from .model import ModelArch
 
 ENGINE_BACKENDS = ("local", "sglang")
 
@@ -53,8 +54,15 @@ class EngineConfig:
     request_timeout_s: float = 600.0
     max_retries: int = 3
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # A model built from code instead of loaded: with model_path empty, the trainer writes a HF
+    # directory of this architecture (seeded by init_seed, optionally warm-started by
+    # init_sft_steps supervised steps on the synthetic task) to <run.output_dir>/models/<name>.
+    init_arch: ModelArch | None = None
+    init_seed: int = 0
+    init_sft_steps: int = 0
 
     def __post_init__(self) -> None:
+        check(self.init_sft_steps >= 0, f"engine init_sft_steps must be >= 0, got {self.init_sft_steps}")
         check(1 <= self.port <= 65535, f"engine port must be in 1..65535, got {self.port}")
         check(self.tp_size >= 1 and self.dp_size >= 1,
               f"engine tp_size/dp_size must be >= 1, got {self.tp_size}/{self.dp_size}")

@@ -26,6 +26,8 @@ class RunSection:
     keep_checkpoints: int = 2
     eval_every: int = 0  # held-out evaluation every N steps; 0 = never
     resume: bool = False
+    reward_workers: int = 2  # math-verify scoring processes
+    eval_num_samples: int = 4  # k of the held-out avg@k Pass@1 every eval_every steps
 
     def __post_init__(self) -> None:
         check(bool(self.name), "run.name must not be empty")
@@ -33,6 +35,8 @@ class RunSection:
         check(self.num_steps >= 1, f"run.num_steps must be >= 1, got {self.num_steps}")
         check(self.save_every >= 0, f"run.save_every must be >= 0, got {self.save_every}")
         check(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        check(self.reward_workers >= 1, f"run.reward_workers must be >= 1, got {self.reward_workers}")
+        check(self.eval_num_samples >= 1, f"run.eval_num_samples must be >= 1, got {self.eval_num_samples}")
         check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
 
 
@@ -50,10 +54,10 @@ class RunConfig:
         # Cross-section rules; each section already validated its own fields.
         uses_explorer = self.algo.t_mix > 0
         has_explorer = bool(self.rollout.explorer.model_path or self.rollout.explorer.url
-                            or self.rollout.explorer_store)
+                            or self.rollout.explorer_store or self.rollout.explorer.init_arch)
         check(not uses_explorer or has_explorer,
               f"algo.t_mix={self.algo.t_mix} asks for explorer rollouts but none of "
-              "rollout.explorer.model_path, rollout.explorer.url or rollout.explorer_store is set; "
+              "rollout.explorer.model_path, rollout.explorer.url, rollout.explorer_store or rollout.explorer.init_arch is set; "
               "set one of them, or algo.t_mix=0 for plain GRPO")
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "

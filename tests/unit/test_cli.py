@@ -34,3 +34,25 @@ def test_console_entry_point_runs():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "G_w" in proc.stdout
+
+
+def test_convert_forwards_every_argument_to_the_tool(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["convert", "--help"])
+    assert info.value.code == 0
+    assert "hf-to-mcore" in capsys.readouterr().out
+
+
+def test_convert_tool_errors_come_back_as_exit_code_2(tmp_path, capsys):
+    code = main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_eval_and_explore_explain_missing_inputs(tmp_path, capsys):
+    assert main(["eval", "--models", str(tmp_path), "--k", "2"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["explore", "algo.t_mix=0"]) == 2
+    assert "rollout.explorer_store is empty" in capsys.readouterr().err

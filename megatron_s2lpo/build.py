@@ -1,0 +1,317 @@
+"""Build every component of a run from its `RunConfig`; `train.py` only joins them.
+
+    parts = build_trainer(load_config("examples/tiny_cpu.yaml"))
+
+What is built where (multi-process learners under torchrun): every rank builds the learner
+and the weight sync; global rank 0 alone builds the rollout engines, the explorer prefetcher
+and the reward scorer, collects and scores each step's groups and broadcasts them
+(`RolloutStage.collect`), so every rank then computes the same advantages and TrainBatch.
+
+Model sources (`rollout.<name>`): `model_path` (a HF directory), or `init_arch` (a model built
+from code and written once to `<run.output_dir>/models/<name>`, optionally warm-started by
+`init_sft_steps` supervised steps on the synthetic task, then cached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_s2lpo.config import EngineConfig, ModelArch, RunConfig
+from megatron_s2lpo.data import PromptSampler, load_prompts, make_arithmetic_prompts, tokenize_prompts
+from megatron_s2lpo.metrics_log import MetricsWriter
+from megatron_s2lpo.rollout import GroupCollector, build_engine, build_prefetcher
+from megatron_s2lpo.rollout.engine import Completion, GenerateRequest, derive_seed
+from megatron_s2lpo.types import Prompt
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _sft_warm_start(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, num_steps: int, seed: int) -> None:
+    """A few supervised steps on `prompt + \\boxed{answer}<eos>` of the synthetic train split."""
+    from megatron_s2lpo.data import arithmetic_completion
+
+    if cfg.data.train_path:
+        raise ValueError("rollout.*.init_sft_steps > 0 needs the synthetic task (data.train_path empty)")
+    prompts = make_arithmetic_prompts(cfg.data.synthetic, split="train", num_prompts=cfg.data.synthetic.num_train)
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(num_steps):
+        picks = torch.randint(len(prompts), (32,), generator=gen).tolist()
+        rows = [(tokenizer.encode(prompts[i].text),
+                 tokenizer.encode(arithmetic_completion(prompts[i].ground_truth)) + [tokenizer.eos_token_id])
+                for i in picks]
+        length = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)  # loss on the completion only
+        for b, (p, c) in enumerate(rows):
+            ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+            labels[b, len(p):len(p) + len(c)] = torch.tensor(c)
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def materialize_model(engine_cfg: EngineConfig, name: str, cfg: RunConfig, tokenizer: Any) -> str:
+    """The HF directory of engine `name`: its model_path, or the cached model built from init_arch."""
+    from megatron_s2lpo.rollout import LocalEngine
+
+    if engine_cfg.model_path:
+        return engine_cfg.model_path
+    if engine_cfg.init_arch is None:
+        raise ValueError(f"rollout.{name}: set model_path (a HF model directory) or init_arch (a model "
+                         "built from code)")
+    path = os.path.join(cfg.run.output_dir, "models", name)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    with torch.random.fork_rng(devices=[]):
+        engine = LocalEngine.from_arch(engine_cfg.init_arch, init_seed=engine_cfg.init_seed, tokenizer=tokenizer)
+        if engine_cfg.init_sft_steps:
+            _sft_warm_start(engine.model, tokenizer, cfg, engine_cfg.init_sft_steps, engine_cfg.init_seed)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    engine.save_pretrained(tmp)
+    os.replace(tmp, path)  # atomic: a killed first run leaves no half-written model behind
+    return path
+
+
+def build_tokenizer(cfg: RunConfig) -> Any:
+    if not cfg.data.train_path:
+        from megatron_s2lpo.data import build_synthetic_tokenizer
+
+        return build_synthetic_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = cfg.rollout.learner.model_path
+    if not path:
+        raise ValueError("data.train_path is set but rollout.learner.model_path is empty: the tokenizer is "
+                         "read from the learner's HF directory")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def build_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
+    """(train prompts, held-out prompts), tokenized; over-long prompts dropped."""
+    data = cfg.data
+    if data.train_path:
+        template = data.template or None
+        train = load_prompts(data.train_path, data.schema, template, dedupe=True)
+        heldout = [p for path in data.eval_paths for p in load_prompts(path, data.schema, template)]
+    else:
+        task = data.synthetic
+        train = make_arithmetic_prompts(task, split="train", num_prompts=task.num_train)
+        heldout = make_arithmetic_prompts(task, split="heldout", num_prompts=task.num_eval) if task.num_eval else []
+    keep = [p for p in tokenize_prompts(train, tokenizer) if len(p.token_ids) <= data.max_prompt_tokens]
+    if len(keep) < data.prompts_per_step:
+        raise ValueError(f"only {len(keep)} train prompts fit data.max_prompt_tokens={data.max_prompt_tokens}; "
+                         f"need at least data.prompts_per_step={data.prompts_per_step}")
+    return keep, tokenize_prompts(heldout, tokenizer)
+
+
+# ----------------------------------------------------------------------------- rollouts + rewards
+
+
+class ScoringEngine:
+    """Wraps an engine so each finished generate() call is queued for scoring at once.
+
+    The explorer's completions are then scored while the learner's are still generating.
+    Futures are keyed by (prompt ids, response ids): equal keys have equal rewards.
+    """
+
+    def __init__(self, inner: Any, stage: "RolloutStage") -> None:
+        self.inner = inner
+        self.stage = stage
+
+    def generate(self, requests: list[GenerateRequest]) -> list[Completion]:
+        comps = self.inner.generate(requests)
+        self.stage.submit([(c.prompt_ids, c.token_ids, c.text) for c in comps])
+        return comps
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class RolloutStage:
+    """Rank 0: collect a step's groups from both sources and score them; broadcast to all ranks."""
+
+    def __init__(self, collector: GroupCollector | None, scorer: Any, groups: Any) -> None:
+        self.collector = collector
+        self.scorer = scorer
+        self.groups = groups
+        self._truths: dict[tuple, str] = {}
+        self._pending: dict[tuple, tuple[Any, int]] = {}
+
+    def submit(self, items: list[tuple[list[int], list[int], str]]) -> None:
+        items = [it for it in items if (tuple(it[0]), tuple(it[1])) not in self._pending]
+        if not items:
+            return
+        future = self.scorer.submit([text for _, _, text in items],
+                                    [self._truths[tuple(p)] for p, _, _ in items])
+        for index, (p, r, _) in enumerate(items):
+            self._pending[(tuple(p), tuple(r))] = (future, index)
+
+    def _collect_scored(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]]) -> tuple:
+        self._truths = {tuple(p.token_ids): p.ground_truth for p in prompts}
+        self._pending = {}
+        start = time.perf_counter()
+        groups = self.collector.collect(prompts, step, upcoming)
+        rollout_s = time.perf_counter() - start
+        rollouts = [r for g in groups for r in g.rollouts]
+        self.submit([(r.prompt_ids, r.response_ids, r.text) for r in rollouts])  # e.g. store samples
+        for r in rollouts:
+            future, index = self._pending[(tuple(r.prompt_ids), tuple(r.response_ids))]
+            r.reward = float(future.result()[index])
+        return groups, rollout_s, time.perf_counter() - start - rollout_s
+
+    def collect(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]]) -> tuple:
+        """(groups with rewards, rollout seconds, extra seconds waiting for rewards), every rank."""
+        from megatron_s2lpo.sync.collective import run_on_driver
+
+        return run_on_driver(lambda: self._collect_scored(step, prompts, upcoming), self.groups)
+
+
+# ----------------------------------------------------------------------------- everything
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerParts:
+    config: RunConfig
+    tokenizer: Any
+    train_prompts: list[Prompt]
+    heldout_prompts: list[Prompt]
+    sampler: PromptSampler
+    learner: Any
+    sync: Any
+    rollouts: RolloutStage
+    collector: GroupCollector | None
+    learner_engine: Any
+    explorer_engine: Any
+    prefetcher: Any
+    scorer: Any
+    writer: MetricsWriter | None
+    learner_params: int
+    explorer_params: int
+    checkpoint_root: str
+
+    @property
+    def is_driver(self) -> bool:
+        return self.learner.groups.rank == 0
+
+    def close(self) -> None:
+        for part in (self.collector, self.prefetcher, self.sync, self.learner_engine, self.explorer_engine,
+                     self.scorer, self.writer):
+            if part is not None:
+                part.close()
+
+
+def _engine(cfg: EngineConfig, path: str, tokenizer: Any, name: str, seed: int) -> Any:
+    return build_engine(dataclasses.replace(cfg, model_path=path), tokenizer=tokenizer, name=name, seed=seed)
+
+
+def build_trainer(cfg: RunConfig) -> TrainerParts:
+    """Every component of the run (engines and scorer on global rank 0 only)."""
+    from megatron_s2lpo.convert.hf_io import HFReader
+    from megatron_s2lpo.convert.live import load_hf_state
+    from megatron_s2lpo.learner import Learner
+    from megatron_s2lpo.reward import MathScorer
+    from megatron_s2lpo.sync import WeightSync
+
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    tokenizer = build_tokenizer(cfg)
+    train, heldout = build_prompts(cfg, tokenizer)
+    sampler = PromptSampler(len(train), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+    algo, rollout = cfg.algo, cfg.rollout
+    learner = Learner(model_arch(rollout.learner, "learner"), cfg.learner, with_reference=algo.kl_coef > 0)
+    groups = learner.groups
+    learner_path = _learner_dir(cfg, tokenizer)  # rank 0 writes it when built from code
+    uses_explorer = algo.t_mix > 0
+    explorer_path = ""
+    if groups.rank == 0 and uses_explorer and (rollout.explorer.model_path or rollout.explorer.init_arch):
+        explorer_path = materialize_model(rollout.explorer, "explorer", cfg, tokenizer)
+    if not cfg.learner.load:
+        load_hf_state(learner.policy_chunks, groups.tp_rank, groups.tp_size, learner.arch,
+                      HFReader(learner_path))
+        if learner.reference is not None:
+            learner.init_reference_from_policy()
+    learner_engine = explorer_engine = prefetcher = collector = scorer = writer = None
+    if groups.rank == 0:
+        scorer = MathScorer(num_workers=cfg.run.reward_workers)
+        stage = RolloutStage(None, scorer, groups)
+        learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed)
+        if explorer_path or (uses_explorer and rollout.explorer.url):
+            explorer_engine = _engine(rollout.explorer, explorer_path, tokenizer, "explorer", cfg.run.seed)
+        prefetcher = build_prefetcher(rollout, explorer=explorer_engine, seed=cfg.run.seed)
+        collector = GroupCollector(
+            learner=ScoringEngine(learner_engine, stage), sampling=rollout.learner.sampling,
+            group_size=algo.num_generated_per_prompt, t_mix=algo.t_mix,
+            explorer=None if explorer_engine is None else ScoringEngine(explorer_engine, stage),
+            explorer_sampling=rollout.explorer.sampling, prefetcher=prefetcher, schedule=algo.schedule,
+            rounding=algo.rounding, constant_share=algo.constant_share, seed=cfg.run.seed)
+        stage.collector = collector
+        writer = MetricsWriter(cfg.run.output_dir, cfg.logging, run_name=cfg.run.name)
+    else:
+        stage = RolloutStage(None, None, groups)
+    sync_cfg = cfg.sync if cfg.sync.disk_dir else dataclasses.replace(
+        cfg.sync, disk_dir=os.path.join(cfg.run.output_dir, "sync"))
+    sync = WeightSync.from_learner(learner, learner_engine, sync_cfg,
+                                   temperature=rollout.learner.sampling.temperature,
+                                   hf_config_dir=learner_path or None)
+    explorer_params = ModelArch.from_hf_config(explorer_path).num_params() if explorer_path else 0
+    return TrainerParts(
+        config=cfg, tokenizer=tokenizer, train_prompts=train, heldout_prompts=heldout, sampler=sampler,
+        learner=learner, sync=sync, rollouts=stage, collector=collector, learner_engine=learner_engine,
+        explorer_engine=explorer_engine, prefetcher=prefetcher, scorer=scorer, writer=writer,
+        learner_params=learner.arch.num_params(), explorer_params=explorer_params,
+        checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR))
+
+
+def model_arch(engine_cfg: EngineConfig, name: str) -> ModelArch:
+    """The architecture of engine `name` as its HF config reads (without writing any model)."""
+    if engine_cfg.model_path:
+        return ModelArch.from_hf_config(engine_cfg.model_path)
+    if engine_cfg.init_arch is None:
+        raise ValueError(f"rollout.{name}: set model_path (a HF model directory) or init_arch (a model "
+                         "built from code)")
+    return ModelArch.from_hf_config(engine_cfg.init_arch.to_hf_config_dict())
+
+
+def _learner_dir(cfg: RunConfig, tokenizer: Any) -> str:
+    """The learner's initial HF directory: rank 0 writes it when built from code, then shares the path."""
+    import torch.distributed as dist
+
+    path = cfg.rollout.learner.model_path
+    if path:
+        return path
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = materialize_model(cfg.rollout.learner, "learner", cfg, tokenizer)
+    if dist.is_initialized():
+        holder = [path]
+        dist.broadcast_object_list(holder, src=0)
+        path = holder[0]
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def sample_scores(engine: Any, prompts: list[Prompt], num_samples: int, sampling: Any, scorer: Any,
+                  seed: int, tag: str = "eval") -> list[list[float]]:
+    """(num_prompts, num_samples) rewards of `num_samples` seeded completions per prompt."""
+    requests = [GenerateRequest.from_sampling(f"{tag}/{p.prompt_id}/{j}", p.token_ids, sampling,
+                                              seed=derive_seed(seed, tag, p.prompt_id, j))
+                for p in prompts for j in range(num_samples)]
+    comps = engine.generate(requests)
+    rewards = scorer.score([c.text for c in comps],
+                           [p.ground_truth for p in prompts for _ in range(num_samples)])
+    return [rewards[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

@@ -1,0 +1,91 @@
+"""Per-step metric sinks: JSONL (always), TensorBoard and Weights & Biases (when configured).
+
+`<run.output_dir>/metrics.jsonl` holds one JSON object per line with `step` and flat metric
+names (`reward/explorer`, `time/rollout`, ...). A resumed run first drops the lines of steps
+after its checkpoint (`truncate_after`), so the file reads like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from megatron_s2lpo.config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: str, config: LoggingConfig, *, run_name: str = "s2lpo") -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.config = config
+        self._tb = self._wandb = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError("logging.tensorboard=true but the tensorboard package is not importable "
+                                 f"({err}); pip install tensorboard, or set logging.tensorboard=false") from None
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        if config.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(f"logging.wandb_project={config.wandb_project!r} but wandb is not "
+                                 "importable; pip install wandb, or set logging.wandb_project=''") from None
+            self._wandb = wandb.init(project=config.wandb_project, name=run_name, resume="allow")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps > `step` (written after the checkpoint a run resumes from)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.config.log_every:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        if self.config.jsonl:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,193 @@
+"""End to end on CPU: `s2lpo train` with real components (megatron learner, local engines,
+math-verify), exact resume after SIGKILL, `s2lpo eval` and `s2lpo explore`.
+
+The runs share one pair of tiny models (built and warm-started once, then copied into each
+run's output directory) to keep the tier short.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_s2lpo.algo.schedule import schedule_share, split_group
+from megatron_s2lpo.metrics_log import read_metrics
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO_ROOT / "examples" / "tiny_cpu.yaml")
+NUM_STEPS = 5
+# Small and quick: 4 prompts x G=4, short completions, eval and parity every other step.
+OVERRIDES = ["run.num_steps=%d" % NUM_STEPS, "run.save_every=2", "run.eval_every=2", "run.eval_num_samples=2",
+             "data.prompts_per_step=4", "data.synthetic.num_eval=4", "algo.group_size=4", "algo.t_mix=4",
+             "sync.parity_every=2", "rollout.learner.init_sft_steps=20", "rollout.explorer.init_sft_steps=40"]
+TIMING = ("time/",)
+PER_SOURCE = ("reward", "accuracy", "response_len", "share", "advantage", "logp_mismatch", "rollout_tokens",
+              "rollout_flops", "cumulative/rollout_tokens", "cumulative/rollout_flops")
+GLOBAL = ("alpha", "G_w", "G_s", "entropy", "train/clip_frac", "train/grad_norm", "train/ppo_kl",
+          "weight_version", "time/rollout", "time/reward", "time/old_logprob", "time/train", "time/sync",
+          "time/other", "time/step")
+
+
+def command(output_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_s2lpo.cli", "train", CONFIG, *OVERRIDES,
+            f"run.output_dir={output_dir}", *extra]
+
+
+def run_train(output_dir: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(output_dir, *extra), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def copy_models(src: Path, dst: Path) -> None:
+    shutil.copytree(src / "models", dst / "models")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    run_train(out)
+    return out
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(TIMING)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_writes_every_metric_per_step(full_run: Path) -> None:
+    records = read_metrics(str(full_run / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
+    for r in records:
+        missing = [k for k in GLOBAL if k not in r]
+        missing += [f"{m}/{s}" for m in PER_SOURCE for s in ("explorer", "learner") if f"{m}/{s}" not in r]
+        assert not missing, missing
+        step = r["step"]
+        assert (r["G_w"], r["G_s"]) == split_group(step, 4, 4)
+        assert r["alpha"] == pytest.approx(schedule_share(step, 4))
+        assert r["share/explorer"] == pytest.approx(r["G_w"] / 4)
+        assert r["weight_version"] == step  # the learner's engine got the weights of every step
+    assert "eval/avg_at_k" in records[1] and "eval/avg_at_k" not in records[0]
+    assert "parity/mean_abs_logp_diff" in records[1]
+    assert records[1]["parity/mean_abs_logp_diff"] < 1e-3
+    # cumulative counters add up the per-step ones
+    total = sum(r["rollout_tokens/learner"] for r in records)
+    assert records[-1]["cumulative/rollout_tokens/learner"] == pytest.approx(total)
+    assert (full_run / "checkpoints" / "latest").read_text().strip() == f"step_{NUM_STEPS:08d}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_after_sigkill_is_exact(full_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    out.mkdir()
+    copy_models(full_run, out)
+    proc = subprocess.Popen(command(out), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 240
+        while not (latest.is_file() and latest.read_text().strip()):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its reward workers
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = int(latest.read_text().strip().split("_")[1])
+    assert killed_at < NUM_STEPS
+    run_train(out, "--resume")
+    expected = [without_timing(r) for r in read_metrics(str(full_run / "metrics.jsonl"))]
+    resumed = [without_timing(r) for r in read_metrics(str(out / "metrics.jsonl"))]
+    assert [r["step"] for r in resumed] == list(range(1, NUM_STEPS + 1))
+    for want, got in zip(expected, resumed):
+        assert got == want, f"step {want['step']} differs after resuming from step {killed_at}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eval_writes_monotone_passk_csv(full_run: Path, tmp_path: Path) -> None:
+    models = [str(full_run / "models" / "explorer"), str(full_run / "models" / "learner")]
+    proc = subprocess.run([sys.executable, "-m", "megatron_s2lpo.cli", "eval", CONFIG, *OVERRIDES,
+                           f"run.output_dir={full_run}", "--models", *models, "--k", "4", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    with open(tmp_path / "passk.csv") as f:
+        rows = list(csv.DictReader(f))
+    for model in models:
+        curve = [float(r["pass_at_k"]) for r in rows if r["model"] == os.path.normpath(model)]
+        assert len(curve) == 4
+        assert all(a <= b + 1e-12 for a, b in zip(curve, curve[1:])), curve
+        avg = {float(r["avg_at_k_pass1"]) for r in rows if r["model"] == os.path.normpath(model)}
+        assert len(avg) == 1 and avg.pop() == pytest.approx(curve[0], abs=1e-6)  # avg@k Pass@1 = pass@1
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "passk.png").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_train_rejects_an_unknown_field(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "megatron_s2lpo.cli", "train", CONFIG, "algo.tmix=3",
+                           f"run.output_dir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2
+    assert "algo.t_mix" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_explore_then_train_from_the_store_with_pods_kl_and_behaviour_mode(full_run: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    # 8 train prompts, 4 per step: step 3 revisits prompts of steps 1-2, whose first 6 store samples
+    # are used, so it takes samples 6-7: a resumed run must restore the store cursor to match.
+    variant = [f"rollout.explorer_store={store}", "data.synthetic.num_train=8", "run.num_steps=3", "run.eval_every=0", "algo.pods.n=6",
+               "algo.pods.m=4", "algo.kl_coef=0.01", "algo.old_logprob=behaviour", "algo.ppo_epochs=2",
+               "algo.mini_batches_per_step=2"]
+    base = [sys.executable, "-m", "megatron_s2lpo.cli"]
+
+    def run(out: Path, *extra: str) -> None:
+        proc = subprocess.run(base + ["train", CONFIG, *OVERRIDES, *variant, f"run.output_dir={out}", *extra],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+
+    proc = subprocess.run(base + ["explore", CONFIG, *OVERRIDES, *variant, f"run.output_dir={full_run}",
+                                  "--num-samples", "8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "8 prompts x 8 samples" in proc.stdout and any(store.iterdir())
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for out in (whole, split):
+        out.mkdir()
+        copy_models(full_run, out)
+    run(whole)
+    run(split, "run.num_steps=2")
+    run(split, "run.num_steps=3", "--resume")  # the store cursor and sampler continue from step 2
+    records = read_metrics(str(whole / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert (r["G_w"], r["G_s"]) == split_group(r["step"], 6, 4)  # the schedule splits the n generated
+        assert r["share/explorer"] + r["share/learner"] == pytest.approx(1.0)
+        assert r["rollout_tokens/explorer"] > 0
+        assert "train/kl" in r and "train/is_weight_mean" in r
+    resumed = read_metrics(str(split / "metrics.jsonl"))
+    assert [without_timing(r) for r in resumed] == [without_timing(r) for r in records]
+
+
+@pytest.mark.timeout(120)
+def test_fresh_run_refuses_a_directory_with_checkpoints(full_run: Path) -> None:
+    proc = subprocess.run(command(full_run), cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2
+    assert "--resume" in proc.stderr
