@@ -166,6 +166,7 @@ class RolloutStage:
         self._pending = {}
         start = time.perf_counter()
         groups = self.collector.collect(prompts, step, upcoming)
+        self.collector.learner.offload()  # a colocated server frees its GPUs for training
         rollout_s = time.perf_counter() - start
         rollouts = [r for g in groups for r in g.rollouts]
         self.submit([(r.prompt_ids, r.response_ids, r.text) for r in rollouts])  # e.g. store samples

@@ -146,6 +146,13 @@ class RolloutEngine(Protocol):
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, flush: bool = True
     ) -> None: ...
 
+    def offload(self) -> None:
+        """Free the engine's accelerator memory for the learner's training phase (colocated
+        engines); a no-op where the engine does not share devices with the learner."""
+
+    def onload(self) -> None:
+        """Take the memory back after `offload` (before a weight update or a generation)."""
+
     def health(self) -> bool: ...
 
     def close(self) -> None: ...

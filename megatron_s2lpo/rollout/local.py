@@ -163,6 +163,12 @@ class LocalEngine:
                 named.extend((name, f.get_tensor(name)) for name in f.keys())
         self._load(named, version, require_all=True, where=f"update_weights_from_disk({path})")
 
+    def offload(self) -> None:
+        """In-process engine on the learner's own CPU memory: nothing to hand over."""
+
+    def onload(self) -> None:
+        """See `offload`."""
+
     def health(self) -> bool:
         return not self._closed
 

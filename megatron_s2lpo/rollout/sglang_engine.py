@@ -66,6 +66,7 @@ class SGLangEngine:
         self._last_disk_update: tuple[str, int] | None = None
         self._lost_tensor_update = False  # weights pushed as tensors die with the server
         self._weights_lost = False  # set by a restart that lost them, cleared by the next sync
+        self._offloaded = False  # memory released by `offload`, not yet resumed
         if cfg.url:
             self.url = cfg.url.rstrip("/")
             self.process: ServerProcess | None = None
@@ -97,10 +98,12 @@ class SGLangEngine:
 
     def generate(self, requests: list[GenerateRequest]) -> list[Completion]:
         self._check_weights()
+        self.onload()
         return self._loop.run(self.client.generate(requests))
 
     async def agenerate(self, requests: list[GenerateRequest]) -> list[Completion]:
         self._check_weights()
+        self.onload()
         return await self._loop.run_async(self.client.generate(requests))
 
     def _check_weights(self) -> None:
@@ -135,6 +138,19 @@ class SGLangEngine:
         self._version = version
         self._lost_tensor_update = True
         self._weights_lost = False
+
+    def offload(self) -> None:
+        """Colocated runs (`enable_memory_saver`): release the server's weights and KV cache so
+        the learner can train on the same GPUs. A no-op for servers on their own GPUs."""
+        if self.cfg.enable_memory_saver and not self._offloaded:
+            self.release_memory_occupation()
+            self._offloaded = True
+
+    def onload(self) -> None:
+        """Resume the memory released by `offload` (before the next weight update)."""
+        if self._offloaded:
+            self.resume_memory_occupation()
+            self._offloaded = False
 
     def health(self) -> bool:
         if self.process is not None and not self.process.alive():

@@ -158,6 +158,7 @@ class WeightSync:
                 if version <= before:
                     raise ValueError(f"weight version {version} does not increase: "
                                      f"{describe_engine(self.engine)} already reports {before}")
+                self.engine.onload()  # a colocated server takes back the memory it freed for training
                 stats = self._transport.push(buckets, version)
                 verify_version(self.engine, version)
             finally:

@@ -158,6 +158,25 @@ def test_update_weights_from_disk_over_http(server, model_dirs, tok):
     assert restored.logprobs == pytest.approx(before.logprobs, abs=1e-6)
 
 
+def test_offload_releases_memory_only_with_the_memory_saver(server, model_dirs, tok, tmp_path):
+    req = [GenerateRequest(request_id="o1", prompt_ids=tok.encode("1+1="), max_new_tokens=3, seed=1)]
+    server.offload()  # a server on its own GPUs (no memory saver) keeps its memory
+    assert admin(server.url, "/_test/state")["released"] == []
+    colocated = SGLangEngine(engine_config(model_dirs[0], enable_memory_saver=True), backoff_s=0.05,
+                             log_path=str(tmp_path / "colocated.log"))
+    try:
+        colocated.offload()
+        colocated.offload()  # once released, stays released (no second call to the server)
+        assert admin(colocated.url, "/_test/state")["released"] == ["kv_cache", "weights"]
+        colocated.onload()
+        assert admin(colocated.url, "/_test/state")["released"] == []
+        colocated.offload()
+        assert colocated.generate(req)[0].token_ids  # generating takes the memory back first
+        assert admin(colocated.url, "/_test/state")["released"] == []
+    finally:
+        colocated.close()
+
+
 def test_control_endpoints(server, tok):
     assert "Cache flushed" in server.flush_cache()
     assert server.get_model_info()["is_generation"] is True

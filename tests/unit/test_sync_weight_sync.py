@@ -152,6 +152,7 @@ class RecordingEngine:
     def __init__(self, inner: LocalEngine) -> None:
         self.inner = inner
         self.calls: list[tuple[list[str], int, bool]] = []
+        self.events: list[str] = []
 
     @property
     def weight_version(self) -> int:
@@ -160,8 +161,12 @@ class RecordingEngine:
     def generate(self, requests):
         return self.inner.generate(requests)
 
+    def onload(self):
+        self.events.append("onload")
+
     def update_weights_from_tensors(self, named_tensors, version, flush=True):
         named = list(named_tensors)
+        self.events.append("update")
         self.calls.append(([n for n, _ in named], version, flush))
         self.inner.update_weights_from_tensors(named, version, flush)
 
@@ -176,6 +181,7 @@ def test_multi_bucket_push_flushes_only_after_the_last_bucket():
     assert names == list(model.state_dict())  # every tensor once, in export order
     assert [flush for *_, flush in engine.calls] == [False] * (len(engine.calls) - 1) + [True]
     assert {version for _, version, _ in engine.calls} == {1}
+    assert engine.events[0] == "onload"  # a colocated engine takes its memory back before the push
     assert result.num_buckets == len(engine.calls) > 2
     sizes = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}
     for call_names, *_ in engine.calls:  # a bucket exceeds the limit only as a lone big tensor
