@@ -19,7 +19,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/s2lpo_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest

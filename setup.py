@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "pyarrow==26.0.1",
     "aiohttp==3.14.5",
     "tqdm==4.70.1",
+    "matplotlib==3.11.2",  # accuracy and pass@k plots (Agg backend, no display needed)
     "nemo-run==0.11.1",
     # nemo_run 0.11.1 fails to import with leptonai 0.47.x.
     "leptonai<0.47",

@@ -128,14 +128,17 @@ def _loop(parts: TrainerParts) -> None:
             **{f"train/{k}": v for k, v in mean_dicts(updates).items()},
             **{k: v for k, v in synced.metrics().items() if k not in ("sync/seconds", "sync/gb_per_s")},
         }
+        t5 = time.perf_counter()
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and parts.heldout_prompts:
             metrics["eval/avg_at_k"] = _heldout_accuracy(parts, step)
+        t6 = time.perf_counter()
         save = step == cfg.run.num_steps or (cfg.run.save_every and step % cfg.run.save_every == 0)
         if save:
             _save(parts, step, cumulative)
-        t5 = time.perf_counter()
+        t7 = time.perf_counter()
         metrics.update({"time/rollout": rollout_s, "time/reward": reward_s, "time/old_logprob": t2 - t1,
-                        "time/train": t3 - t2, "time/sync": t4 - t3, "time/step": t5 - t0,
+                        "time/train": t3 - t2, "time/sync": t4 - t3, "time/eval": t6 - t5,
+                        "time/checkpoint": t7 - t6, "time/step": t7 - t0,
                         "time/other": (t5 - t0) - rollout_s - reward_s - (t4 - t1)})
         if parts.writer is not None:
             parts.writer.write(step, metrics)

@@ -33,7 +33,7 @@ PER_SOURCE = ("reward", "accuracy", "response_len", "share", "advantage", "logp_
               "rollout_flops", "cumulative/rollout_tokens", "cumulative/rollout_flops")
 GLOBAL = ("alpha", "G_w", "G_s", "entropy", "train/clip_frac", "train/grad_norm", "train/ppo_kl",
           "weight_version", "time/rollout", "time/reward", "time/old_logprob", "time/train", "time/sync",
-          "time/other", "time/step")
+          "time/eval", "time/checkpoint", "time/other", "time/step")
 
 
 def command(output_dir: Path, *extra: str) -> list[str]:
