@@ -43,6 +43,7 @@ RUN python -m pip install \
         "pyarrow==26.0.1" \
         "aiohttp==3.14.5" \
         "tqdm==4.70.1" \
+        "matplotlib==3.11.2" \
         "nemo-run==0.11.1" \
         "leptonai<0.47"
 
