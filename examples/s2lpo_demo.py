@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
           f"S2L-PO {first['acc_s2lpo']:.3f} -> {last['acc_s2lpo']:.3f}, "
           f"GRPO {first['acc_grpo']:.3f} -> {last['acc_grpo']:.3f} (step 0: {acc0:.3f}); "
           f"mean other-time share S2L-PO {other['s2lpo']:.1%}, GRPO {other['grpo']:.1%} "
-          f"(all steps, eval and checkpoints included: {other_all['s2lpo']:.1%}, {other_all['grpo']:.1%}); "
+          f"(over all steps: {other_all['s2lpo']:.1%}, {other_all['grpo']:.1%}); "
           f"total {time.perf_counter() - start:.0f} s; plot {png}")
     return 0
 
