@@ -15,18 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _split_recipe(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    """The recipe is optional: `s2lpo config algo.t_mix=8` means defaults plus an override."""
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        return None, [config, *overrides]
-    return config, overrides
+from megatron_s2lpo.config import split_recipe
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
     from megatron_s2lpo.config import load_config
 
-    config, overrides = _split_recipe(args.config, args.overrides)
+    config, overrides = split_recipe(args.config, args.overrides)
     cfg = load_config(config, overrides)
     sys.stdout.write(cfg.to_yaml())
     return 0
@@ -49,14 +44,14 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from megatron_s2lpo.train import main as train_main
 
-    config, overrides = _split_recipe(args.config, args.overrides)
+    config, overrides = split_recipe(args.config, args.overrides)
     return train_main(([config] if config else []) + overrides + (["--resume"] if args.resume else []))
 
 
 def _cmd_explore(args: argparse.Namespace) -> int:
     from megatron_s2lpo.evaluate import explore
 
-    config, overrides = _split_recipe(args.config, args.overrides)
+    config, overrides = split_recipe(args.config, args.overrides)
     summary = explore(load_config_or_defaults(config, overrides), num_samples=args.num_samples)
     print(f"explorer store {summary['store_dir']}: {summary['num_prompts']} prompts x "
           f"{summary['num_samples']} samples ({summary['num_generated']} generated now)")
@@ -66,7 +61,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from megatron_s2lpo.evaluate import evaluate_models
 
-    config, overrides = _split_recipe(args.config, args.overrides)
+    config, overrides = split_recipe(args.config, args.overrides)
     result = evaluate_models(load_config_or_defaults(config, overrides), args.models, k=args.k,
                              out_dir=args.out or None)
     for model, row in result["avg_at_k"].items():

@@ -27,7 +27,7 @@ from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.algo.schedule import schedule_share
 from megatron_s2lpo.build import TrainerParts, build_trainer, sample_scores
-from megatron_s2lpo.config import RunConfig, load_config
+from megatron_s2lpo.config import RunConfig, load_config, split_recipe
 from megatron_s2lpo.rollout.engine import derive_seed
 from megatron_s2lpo.step_metrics import mean_dicts, rollout_counts, source_metrics
 from megatron_s2lpo.types import Source
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     resume_flag = "--resume" in args
     args = [a for a in args if a != "--resume"]
-    config = args[0] if args and not ("=" in args[0] and not args[0].endswith((".yaml", ".yml"))) else None
-    overrides = args[1:] if config else args
+    config, overrides = split_recipe(args[0] if args else None, args[1:])
     try:
         train(load_config(config, overrides + (["run.resume=true"] if resume_flag else [])))
     except (ValueError, FileNotFoundError) as err:

@@ -7,12 +7,12 @@ from .learner import LearnerConfig
 from .logs import LoggingConfig
 from .model import ModelArch
 from .rollout import EngineConfig, RolloutConfig, SamplingConfig
-from .run import RunConfig, RunSection, config_from_dict, load_config
+from .run import RunConfig, RunSection, config_from_dict, load_config, split_recipe
 from .sync import SyncConfig
 
 __all__ = [
     "AlgoConfig", "DataConfig", "EngineConfig", "LearnerConfig", "LoggingConfig", "ModelArch",
     "PodsConfig", "RolloutConfig", "RunConfig", "RunSection", "SamplingConfig", "SyncConfig",
     "SyntheticTaskConfig", "apply_overrides", "config_from_dict", "from_dict", "load_config",
-    "to_dict",
+    "split_recipe", "to_dict",
 ]

@@ -74,6 +74,13 @@ def config_from_dict(data: dict, overrides: Iterable[str] = ()) -> RunConfig:
     return from_dict(RunConfig, apply_overrides(dict(data), overrides))
 
 
+def split_recipe(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The recipe is optional: `algo.t_mix=8` alone means the defaults plus that override."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def load_config(path: str | None, overrides: Iterable[str] = ()) -> RunConfig:
     """Load a YAML recipe (or the defaults when `path` is None) and apply dotted overrides."""
     data = load_yaml(path) if path else {}
