@@ -161,11 +161,12 @@ class RolloutStage:
         for index, (p, r, _) in enumerate(items):
             self._pending[(tuple(p), tuple(r))] = (future, index)
 
-    def _collect_scored(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]]) -> tuple:
+    def _collect_scored(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]],
+                        temperature: float | None) -> tuple:
         self._truths = {tuple(p.token_ids): p.ground_truth for p in prompts}
         self._pending = {}
         start = time.perf_counter()
-        groups = self.collector.collect(prompts, step, upcoming)
+        groups = self.collector.collect(prompts, step, upcoming, temperature)
         self.collector.learner.offload()  # a colocated server frees its GPUs for training
         rollout_s = time.perf_counter() - start
         rollouts = [r for g in groups for r in g.rollouts]
@@ -175,11 +176,14 @@ class RolloutStage:
             r.reward = float(future.result()[index])
         return groups, rollout_s, time.perf_counter() - start - rollout_s
 
-    def collect(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]]) -> tuple:
-        """(groups with rewards, rollout seconds, extra seconds waiting for rewards), every rank."""
+    def collect(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]],
+                temperature: float | None = None) -> tuple:
+        """(groups with rewards, rollout seconds, extra seconds waiting for rewards), every rank.
+
+        temperature: the learner's sampling temperature this step (None: its sampling config's)."""
         from megatron_s2lpo.sync.collective import run_on_driver
 
-        return run_on_driver(lambda: self._collect_scored(step, prompts, upcoming), self.groups)
+        return run_on_driver(lambda: self._collect_scored(step, prompts, upcoming, temperature), self.groups)
 
 
 # ----------------------------------------------------------------------------- everything
@@ -204,20 +208,65 @@ class TrainerParts:
     learner_params: int
     explorer_params: int
     checkpoint_root: str
+    learner_dir: str  # the learner's initial HF directory (config.json and tokenizer files)
+    teacher_engine: Any = None  # forward_kl / opd: the frozen teacher (rank 0)
+    teacher_scorer: Any = None  # rollout.scoring.TeacherScorer over teacher_engine (rank 0)
 
     @property
     def is_driver(self) -> bool:
         return self.learner.groups.rank == 0
 
+    def export_hf(self, out_dir: str) -> str:
+        """Write the current policy as a HF directory at `out_dir` (every rank calls; rank 0 writes).
+
+        Written to a temporary sibling and renamed, so `out_dir` is either absent or complete."""
+        from megatron_s2lpo.convert.export import iter_hf_buckets
+        from megatron_s2lpo.sync.disk import write_hf_dir
+
+        learner = self.learner
+        buckets = iter_hf_buckets(learner.policy_chunks, learner.groups, learner.arch,
+                                  bucket_bytes=self.config.sync.bucket_bytes)
+        if not self.is_driver:
+            for _ in buckets:  # collectives inside: every rank consumes the iterator
+                pass
+            return out_dir
+        tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf_dir(tmp, buckets, arch=learner.arch, shard_bytes=self.config.sync.bucket_bytes,
+                     hf_config_dir=self.learner_dir or None)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return out_dir
+
     def close(self) -> None:
         for part in (self.collector, self.prefetcher, self.sync, self.learner_engine, self.explorer_engine,
-                     self.scorer, self.writer):
+                     self.teacher_engine, self.scorer, self.writer):
             if part is not None:
                 part.close()
 
 
 def _engine(cfg: EngineConfig, path: str, tokenizer: Any, name: str, seed: int) -> Any:
     return build_engine(dataclasses.replace(cfg, model_path=path), tokenizer=tokenizer, name=name, seed=seed)
+
+
+def mix_settings(cfg: RunConfig) -> tuple[int, str, float]:
+    """(t_mix, schedule, constant_share) of the collector's explorer slot.
+
+    forward_kl puts the teacher in the explorer slot with a share of 1 at every step (all
+    samples are the teacher's); the other methods use algo.t_mix / schedule / constant_share.
+    """
+    a = cfg.algo
+    if a.method == "forward_kl":
+        return cfg.run.num_steps, "constant", 1.0
+    return a.t_mix, a.schedule, a.constant_share
+
+
+def eval_sampling(cfg: RunConfig) -> Any:
+    """The learner's sampling settings at run.eval_temperature (held-out evaluation)."""
+    sampling = cfg.rollout.learner.sampling
+    if cfg.run.eval_temperature is None:
+        return sampling
+    return dataclasses.replace(sampling, temperature=cfg.run.eval_temperature)
 
 
 def build_trainer(cfg: RunConfig) -> TrainerParts:
@@ -236,16 +285,21 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     learner = Learner(model_arch(rollout.learner, "learner"), cfg.learner, with_reference=algo.kl_coef > 0)
     groups = learner.groups
     learner_path = _learner_dir(cfg, tokenizer)  # rank 0 writes it when built from code
-    uses_explorer = algo.t_mix > 0
+    if algo.method == "forward_kl":  # the teacher samples every group, through the explorer slot
+        rollout = dataclasses.replace(rollout, explorer=rollout.teacher, explorer_store="")
+    t_mix, schedule, constant_share = mix_settings(cfg)
+    uses_explorer = t_mix > 0
     explorer_path = ""
     if groups.rank == 0 and uses_explorer and (rollout.explorer.model_path or rollout.explorer.init_arch):
-        explorer_path = materialize_model(rollout.explorer, "explorer", cfg, tokenizer)
+        explorer_path = materialize_model(rollout.explorer, "explorer" if algo.method == "grpo" else "teacher",
+                                          cfg, tokenizer)
     if not cfg.learner.load:
         load_hf_state(learner.policy_chunks, groups.tp_rank, groups.tp_size, learner.arch,
                       HFReader(learner_path))
         if learner.reference is not None:
             learner.init_reference_from_policy()
     learner_engine = explorer_engine = prefetcher = collector = scorer = writer = None
+    teacher_engine = teacher_scorer = None
     if groups.rank == 0:
         scorer = MathScorer(num_workers=cfg.run.reward_workers)
         stage = RolloutStage(None, scorer, groups)
@@ -255,11 +309,12 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         prefetcher = build_prefetcher(rollout, explorer=explorer_engine, seed=cfg.run.seed)
         collector = GroupCollector(
             learner=ScoringEngine(learner_engine, stage), sampling=rollout.learner.sampling,
-            group_size=algo.num_generated_per_prompt, t_mix=algo.t_mix,
+            group_size=algo.num_generated_per_prompt, t_mix=t_mix,
             explorer=None if explorer_engine is None else ScoringEngine(explorer_engine, stage),
-            explorer_sampling=rollout.explorer.sampling, prefetcher=prefetcher, schedule=algo.schedule,
-            rounding=algo.rounding, constant_share=algo.constant_share, seed=cfg.run.seed)
+            explorer_sampling=rollout.explorer.sampling, prefetcher=prefetcher, schedule=schedule,
+            rounding=algo.rounding, constant_share=constant_share, seed=cfg.run.seed)
         stage.collector = collector
+        teacher_engine, teacher_scorer = _teacher(cfg, explorer_engine, tokenizer)
         writer = MetricsWriter(cfg.run.output_dir, cfg.logging, run_name=cfg.run.name)
     else:
         stage = RolloutStage(None, None, groups)
@@ -274,7 +329,27 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         learner=learner, sync=sync, rollouts=stage, collector=collector, learner_engine=learner_engine,
         explorer_engine=explorer_engine, prefetcher=prefetcher, scorer=scorer, writer=writer,
         learner_params=learner.arch.num_params(), explorer_params=explorer_params,
-        checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR))
+        checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR), learner_dir=learner_path,
+        teacher_engine=teacher_engine, teacher_scorer=teacher_scorer)
+
+
+def _teacher(cfg: RunConfig, explorer_engine: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(engine to close or None, TeacherScorer or None) of the frozen teacher (rank 0).
+
+    opd scores with its own teacher engine; forward_kl with distill.top_k scores with the engine
+    that already samples the groups (the teacher, in the explorer slot)."""
+    algo = cfg.algo
+    distill = algo.distill
+    if algo.method not in ("forward_kl", "opd") or (algo.method == "forward_kl" and not distill.top_k):
+        return None, None
+    from megatron_s2lpo.rollout.scoring import TeacherScorer
+
+    if algo.method == "forward_kl":
+        return None, TeacherScorer(explorer_engine, top_k=distill.top_k, batch_size=distill.score_batch_size)
+    teacher = cfg.rollout.teacher
+    path = materialize_model(teacher, "teacher", cfg, tokenizer) if not teacher.url else ""
+    engine = _engine(teacher, path, tokenizer, "teacher", cfg.run.seed)
+    return engine, TeacherScorer(engine, batch_size=distill.score_batch_size)
 
 
 def model_arch(engine_cfg: EngineConfig, name: str) -> ModelArch:

@@ -11,6 +11,16 @@ log-probs for every sample (and reference log-probs with a KL penalty); PPO epoc
 mini-batches of updates; weight sync into the learner's engine; metrics; checkpoint.
 Components are built in `build.py`; global rank 0 drives engines and rewards and broadcasts
 the scored groups, so every rank builds the same TrainBatch.
+
+`algo.method` picks what the step trains on (docs/training.md, "Methods"):
+  grpo        the above (S2L-PO with algo.t_mix > 0, plain GRPO with 0);
+  forward_kl  the teacher (rollout.teacher) samples every group; the loss is the cross-entropy
+              of its completions (against its top-k distribution with distill.top_k > 0);
+  opd         the learner samples; the teacher scores every sampled token, and the reverse KL
+              becomes per-token advantages of the PPO-clip loss (distill.opd_mode=advantage)
+              or a direct loss (loss).
+The learner's own sampling temperature follows algo.temperature (constant or linear anneal).
+Multi-stage pipelines (`stages:`) run this loop once per stage (stages.py).
 """
 
 from __future__ import annotations
@@ -19,14 +29,15 @@ import copy
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 
 from megatron_s2lpo.algo.advantages import group_advantages
 from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
 from megatron_s2lpo.algo.losses import PolicyLossConfig
-from megatron_s2lpo.algo.schedule import schedule_share
-from megatron_s2lpo.build import TrainerParts, build_trainer, sample_scores
+from megatron_s2lpo.algo.schedule import sampling_temperature, schedule_share
+from megatron_s2lpo.build import TrainerParts, build_trainer, eval_sampling, mix_settings, sample_scores
 from megatron_s2lpo.config import RunConfig, load_config, split_recipe
 from megatron_s2lpo.rollout.engine import derive_seed
 from megatron_s2lpo.step_metrics import mean_dicts, rollout_counts, source_metrics
@@ -60,9 +71,16 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float]]:
     return step, state["cumulative"]
 
 
-def train(cfg: RunConfig) -> None:
+def train(cfg: RunConfig, *, export_dir: str | None = None) -> None:
+    """Run `cfg` (a single run; see stages.py for `stages:`). export_dir: afterwards write the
+    trained policy there as a Hugging Face directory (atomically)."""
     from megatron_s2lpo.build import CHECKPOINT_SUBDIR
 
+    if cfg.stages:
+        from megatron_s2lpo.stages import run_stages
+
+        run_stages(cfg)
+        return
     latest = os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR, "latest")
     if not cfg.run.resume and os.path.isfile(latest):
         raise ValueError(f"{cfg.run.output_dir} already holds checkpoints of a run ({latest}); pass --resume "
@@ -70,20 +88,47 @@ def train(cfg: RunConfig) -> None:
     parts = build_trainer(cfg)
     try:
         _loop(parts)
+        if export_dir:
+            parts.export_hf(export_dir)
     finally:
         parts.close()
 
 
+def learner_temperature(cfg: RunConfig, step: int) -> float:
+    """The learner's sampling (and log-prob) temperature at `step` (algo.temperature)."""
+    t = cfg.algo.temperature
+    return sampling_temperature(step, cfg.rollout.learner.sampling.temperature, schedule=t.schedule,
+                                end=t.end, steps=t.steps)
+
+
+def objective(cfg: RunConfig) -> str:
+    """The learner's training objective for algo.method (learner/step.py OBJECTIVES)."""
+    method = cfg.algo.method
+    if method == "forward_kl":
+        return "forward_kl"
+    if method == "opd" and cfg.algo.distill.opd_mode == "loss":
+        return "reverse_kl"
+    return "policy"
+
+
 def _loop(parts: TrainerParts) -> None:
     cfg, learner, algo = parts.config, parts.learner, parts.config.algo
-    temperature = cfg.rollout.learner.sampling.temperature
+    distill, train_objective = algo.distill, objective(cfg)
+    t_mix, schedule, share = mix_settings(cfg)
     is_threshold = algo.is_threshold if algo.old_logprob == "behaviour" else None
     params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
     start_step, cumulative = resume(parts) if cfg.run.resume else (0, dict.fromkeys(COUNTERS, 0.0))
     if parts.writer is not None:
-        parts.writer.truncate_after(start_step)
+        parts.writer.truncate_after(start_step if start_step else -1)
+    evaluates = bool(cfg.run.eval_every and parts.heldout_prompts)
+    if evaluates and cfg.run.eval_at_start and start_step == 0:
+        accuracy = _heldout_accuracy(parts, 0)
+        if parts.writer is not None:
+            parts.writer.write(0, {"eval/avg_at_k": accuracy})
+            print(f"step 0/{cfg.run.num_steps} eval={accuracy:.3f}", flush=True)
     for step in range(start_step + 1, cfg.run.num_steps + 1):
         t0 = time.perf_counter()
+        temperature = learner_temperature(cfg, step)
         # 1. prompts, and the next steps' prompts for the explorer prefetcher (sampler copies)
         prompts = [parts.train_prompts[i] for i in parts.sampler.next_batch()]
         ahead = copy.deepcopy(parts.sampler) if parts.prefetcher is not None else None
@@ -91,12 +136,14 @@ def _loop(parts: TrainerParts) -> None:
                     for _ in range(cfg.rollout.prefetch_steps)] if ahead is not None else []
         # 2. G_w explorer + G_s learner samples per prompt, scored (rank 0, broadcast)
         g_explorer, g_learner = _split(parts, step)
-        groups, rollout_s, reward_s = parts.rollouts.collect(step, prompts, upcoming)
+        groups, rollout_s, reward_s = parts.rollouts.collect(step, prompts, upcoming, temperature)
         counts = rollout_counts(groups, params)
         # 3. PODS: keep m of n per prompt, chosen over both sources
         if algo.pods.enabled:
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "pods", step))
-            groups = pods_downsample(groups, algo.pods.m, algo.pods.selector, gen)
+            kept = pods_downsample(groups, algo.pods.m, algo.pods.selector, gen)
+            counts.update(pods_counts(groups, kept))
+            groups = kept
         # 4. advantages over the combined group -> TrainBatch
         rewards = torch.tensor([g.rewards() for g in groups], dtype=torch.float32)  # (P, G)
         seq_adv = group_advantages(rewards, normalize_std=algo.normalize_std, eps=algo.adv_eps).flatten()
@@ -106,10 +153,15 @@ def _loop(parts: TrainerParts) -> None:
         batch.old_logprobs, entropy = learner.compute_logprobs(batch, temperature, with_entropy=True)
         if algo.kl_coef > 0:
             batch.ref_logprobs = learner.compute_logprobs(batch, temperature, reference=True)
+        # 5b. distillation: the teacher's scores of every token (opd; forward_kl with top-k)
+        teacher_s, distill_metrics = 0.0, {}
+        if algo.method == "opd" or (algo.method == "forward_kl" and distill.top_k > 0):
+            teacher_s, distill_metrics = _teacher_supervision(parts, step, groups, batch)
         # 6. PPO epochs x mini-batches
         t2 = time.perf_counter()
         updates = [learner.train_step(take_rows(batch, rows), loss_config=loss_config(cfg),
-                                      temperature=temperature, is_threshold=is_threshold)
+                                      temperature=temperature, is_threshold=is_threshold,
+                                      objective=train_objective, distill_coef=distill.opd_coef)
                    for _ in range(algo.ppo_epochs)
                    for rows in mini_batch_rows(batch.num_seqs, algo.mini_batches_per_step)]
         # 7. the learner's engine gets the new weights (version = step)
@@ -120,8 +172,9 @@ def _loop(parts: TrainerParts) -> None:
         for key in COUNTERS:
             cumulative[key] += counts[key]
         metrics = {
-            "alpha": schedule_share(step, algo.t_mix, schedule=algo.schedule, constant_share=algo.constant_share),
+            "alpha": schedule_share(step, t_mix, schedule=schedule, constant_share=share),
             "G_w": g_explorer, "G_s": g_learner, "weight_version": float(parts.sync.version),
+            "temperature": temperature, **distill_metrics,
             "entropy": masked_mean(entropy, batch.loss_mask),
             **source_metrics(batch, rewards.flatten(), seq_adv), **counts,
             **{f"cumulative/{k}": v for k, v in cumulative.items()},
@@ -129,14 +182,15 @@ def _loop(parts: TrainerParts) -> None:
             **{k: v for k, v in synced.metrics().items() if k not in ("sync/seconds", "sync/gb_per_s")},
         }
         t5 = time.perf_counter()
-        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and parts.heldout_prompts:
+        if evaluates and (step % cfg.run.eval_every == 0 or step == cfg.run.num_steps):
             metrics["eval/avg_at_k"] = _heldout_accuracy(parts, step)
         t6 = time.perf_counter()
         save = step == cfg.run.num_steps or (cfg.run.save_every and step % cfg.run.save_every == 0)
         if save:
             _save(parts, step, cumulative)
         t7 = time.perf_counter()
-        metrics.update({"time/rollout": rollout_s, "time/reward": reward_s, "time/old_logprob": t2 - t1,
+        metrics.update({"time/rollout": rollout_s, "time/reward": reward_s, "time/teacher": teacher_s,
+                        "time/old_logprob": t2 - t1 - teacher_s,
                         "time/train": t3 - t2, "time/sync": t4 - t3, "time/eval": t6 - t5,
                         "time/checkpoint": t7 - t6, "time/step": t7 - t0,
                         "time/other": (t5 - t0) - rollout_s - reward_s - (t4 - t1)})
@@ -149,8 +203,57 @@ def _split(parts: TrainerParts, step: int) -> tuple[int, int]:
     from megatron_s2lpo.algo.schedule import split_group
 
     a = parts.config.algo
-    return split_group(step, a.num_generated_per_prompt, a.t_mix, schedule=a.schedule, rounding=a.rounding,
-                       constant_share=a.constant_share)
+    t_mix, schedule, share = mix_settings(parts.config)
+    return split_group(step, a.num_generated_per_prompt, t_mix, schedule=schedule, rounding=a.rounding,
+                       constant_share=share)
+
+
+def pods_counts(generated: list, kept: list) -> dict[str, float]:
+    """pods/generated_<source> and pods/kept_<source>: samples per source before and after PODS."""
+    out: dict[str, float] = {}
+    for source in Source:
+        out[f"pods/generated_{source.value}"] = float(sum(g.num_from(source) for g in generated))
+        out[f"pods/kept_{source.value}"] = float(sum(g.num_from(source) for g in kept))
+    return out
+
+
+def _teacher_supervision(parts: TrainerParts, step: int, groups: list, batch: Any) -> tuple[float, dict[str, float]]:
+    """Teacher scores into `batch` (rank 0 scores, every rank receives); OPD advantages.
+
+    Returns (seconds, metrics). opd: batch.teacher_logprobs; in advantage mode the per-token
+    advantages coef * (teacher - old) (+ reward_weight x the GRPO advantage) replace
+    batch.advantages. forward_kl with distill.top_k: batch.teacher_topk_*.
+    """
+    from megatron_s2lpo.algo.distill import opd_token_advantages
+    from megatron_s2lpo.rollout.scoring import align_scores
+    from megatron_s2lpo.sync.collective import run_on_driver
+
+    cfg = parts.config
+    distill = cfg.algo.distill
+    top_k = distill.top_k if cfg.algo.method == "forward_kl" else 0
+    start = time.perf_counter()
+
+    def score() -> tuple:
+        parts.teacher_scorer.new_step(step)
+        rollouts = [r for g in groups for r in g.rollouts]
+        scores = parts.teacher_scorer.score([(r.prompt_ids, r.response_ids) for r in rollouts])
+        return align_scores(scores, [len(r.prompt_ids) for r in rollouts], batch.tokens.shape[1], top_k)
+
+    teacher, top_ids, top_logprobs = run_on_driver(score, parts.learner.groups)
+    seconds = time.perf_counter() - start
+    metrics: dict[str, float] = {}
+    if cfg.algo.method == "forward_kl":
+        batch.teacher_topk_ids, batch.teacher_topk_logprobs = top_ids, top_logprobs
+        return seconds, metrics
+    batch.teacher_logprobs = teacher
+    gap = batch.old_logprobs - teacher  # (B, T) per-token reverse-KL estimate (k1) at the old policy
+    metrics["distill/reverse_kl"] = masked_mean(gap, batch.loss_mask)
+    if distill.opd_mode == "advantage":
+        dense = opd_token_advantages(batch.old_logprobs, teacher, batch.loss_mask, coef=distill.opd_coef,
+                                     clip=distill.opd_clip)
+        batch.advantages = dense + distill.reward_weight * batch.advantages
+        metrics["distill/advantage"] = masked_mean(dense, batch.loss_mask)
+    return seconds, metrics
 
 
 def _heldout_accuracy(parts: TrainerParts, step: int) -> float:
@@ -161,7 +264,7 @@ def _heldout_accuracy(parts: TrainerParts, step: int) -> float:
         return float("nan")
     cfg = parts.config
     scores = sample_scores(parts.learner_engine, parts.heldout_prompts, cfg.run.eval_num_samples,
-                           cfg.rollout.learner.sampling, parts.scorer, seed=cfg.run.seed, tag=f"eval{step}")
+                           eval_sampling(cfg), parts.scorer, seed=cfg.run.seed, tag=f"eval{step}")
     return avg_at_k_pass1(scores)
 
 
@@ -176,8 +279,10 @@ def _save(parts: TrainerParts, step: int, cumulative: dict[str, float]) -> None:
 
 
 def _progress(step: int, num_steps: int, m: dict[str, float]) -> None:
+    distill = "".join(f" {key.split('/')[-1]}={m[key]:.3f}" for key in ("train/nll", "distill/reverse_kl")
+                      if key in m)
     print(f"step {step}/{num_steps} alpha={m['alpha']:.3f} G_w/G_s={m['G_w']}/{m['G_s']} "
-          f"reward expl={m['reward/explorer']:.3f} learn={m['reward/learner']:.3f} "
+          f"T={m['temperature']:.2f} reward expl={m['reward/explorer']:.3f} learn={m['reward/learner']:.3f}{distill} "
           f"clip={m.get('train/clip_frac', float('nan')):.3f} gnorm={m.get('train/grad_norm', float('nan')):.3f}"
           + (f" eval={m['eval/avg_at_k']:.3f}" if "eval/avg_at_k" in m else "")
           + f" {m['time/step']:.1f}s", flush=True)

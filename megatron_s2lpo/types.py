@@ -109,15 +109,28 @@ class TrainBatch:
     sources: torch.Tensor  # (B,) long, 0 = learner, 1 = explorer (see SOURCE_CODES)
     seq_lens: torch.Tensor  # (B,) long, prompt + response length (no padding)
     ref_logprobs: torch.Tensor | None = None  # (B, T) float, only with a KL penalty
+    # Teacher scores of the tokens (distillation): log p_teacher(token t | tokens[:t]) ...
+    teacher_logprobs: torch.Tensor | None = None  # (B, T) float
+    # ... and the teacher's top-K ids / log-probs of the distribution that predicts token t.
+    teacher_topk_ids: torch.Tensor | None = None  # (B, T, K) long
+    teacher_topk_logprobs: torch.Tensor | None = None  # (B, T, K) float
 
     def __post_init__(self) -> None:
         num_seqs, seq_len = self.tokens.shape
-        for name in ("loss_mask", "advantages", "old_logprobs", "behaviour_logprobs", "ref_logprobs"):
+        for name in ("loss_mask", "advantages", "old_logprobs", "behaviour_logprobs", "ref_logprobs",
+                     "teacher_logprobs"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (num_seqs, seq_len):
                 raise ValueError(
                     f"TrainBatch.{name} has shape {tuple(value.shape)}, expected {(num_seqs, seq_len)}"
                 )
+        if (self.teacher_topk_ids is None) != (self.teacher_topk_logprobs is None):
+            raise ValueError("TrainBatch.teacher_topk_ids and teacher_topk_logprobs come together")
+        for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 3 or tuple(value.shape[:2]) != (num_seqs, seq_len)):
+                raise ValueError(f"TrainBatch.{name} has shape {tuple(value.shape)}, expected "
+                                 f"{(num_seqs, seq_len)} + (K,)")
 
     @property
     def num_seqs(self) -> int:

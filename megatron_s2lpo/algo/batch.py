@@ -53,13 +53,15 @@ def take_rows(batch: TrainBatch, rows: torch.Tensor | list[int]) -> TrainBatch:
     index = torch.as_tensor(rows, dtype=torch.long)
     seq_len = int(batch.seq_lens[index].max())
 
-    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:  # (B, T) or (B, T, K)
         return None if t is None else t[index, :seq_len].clone()
 
     return TrainBatch(tokens=pick(batch.tokens), loss_mask=pick(batch.loss_mask),
                       advantages=pick(batch.advantages), old_logprobs=pick(batch.old_logprobs),
                       behaviour_logprobs=pick(batch.behaviour_logprobs), sources=batch.sources[index].clone(),
-                      seq_lens=batch.seq_lens[index].clone(), ref_logprobs=pick(batch.ref_logprobs))
+                      seq_lens=batch.seq_lens[index].clone(), ref_logprobs=pick(batch.ref_logprobs),
+                      teacher_logprobs=pick(batch.teacher_logprobs), teacher_topk_ids=pick(batch.teacher_topk_ids),
+                      teacher_topk_logprobs=pick(batch.teacher_topk_logprobs))
 
 
 def mini_batch_rows(num_seqs: int, num_mini_batches: int) -> list[list[int]]:

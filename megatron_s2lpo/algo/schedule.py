@@ -146,3 +146,33 @@ def split_group(
     learner_share = 1 - share  # stays a Fraction for exact schedules
     num_learner = min(group_size, max(0, _ceil_count(learner_share, group_size)))
     return num_explorer, num_learner
+
+
+# ----------------------------------------------------------------------------- temperature
+
+TEMPERATURE_SCHEDULES = ("constant", "linear")
+
+
+def sampling_temperature(step: int, start: float, *, schedule: str = "constant", end: float = 1.0,
+                         steps: int = 0) -> float:
+    """The learner's sampling temperature at 1-indexed `step` (the token-level diversity baseline).
+
+    constant: `start` at every step. linear: `start` at step 1, `end` at step 1 + `steps` and
+    after, linear in between.
+
+    >>> [round(sampling_temperature(i, 1.4, schedule="linear", end=1.0, steps=4), 2) for i in range(1, 7)]
+    [1.4, 1.3, 1.2, 1.1, 1.0, 1.0]
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (steps are 1-indexed), got {step}")
+    if not start > 0 or not end > 0:
+        raise ValueError(f"temperatures must be > 0, got start={start} end={end}")
+    if schedule == "constant":
+        return float(start)
+    if schedule != "linear":
+        raise ValueError(f"algo.temperature.schedule: unknown schedule {schedule!r}; choose one of "
+                         f"{list(TEMPERATURE_SCHEDULES)}")
+    if steps < 1:
+        raise ValueError(f"a linear temperature schedule needs steps >= 1, got {steps}")
+    progress = min(1.0, (step - 1) / steps)
+    return float(start + (end - start) * progress)

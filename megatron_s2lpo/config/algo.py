@@ -1,4 +1,5 @@
-"""Algorithm section: S2L-PO schedule, GRPO advantages and loss, PODS.
+"""Algorithm section: the training method, S2L-PO schedule, GRPO advantages and loss, PODS,
+distillation and the learner's sampling-temperature schedule.
 
 Names of schedules, aggregations, KL estimators and selectors are listed here as plain tuples so
 that the config layer does not import the algorithm code; a unit test keeps them equal to the
@@ -17,6 +18,11 @@ LOSS_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum", "token-mean")
 KL_TYPES = ("k1", "k2", "low_var_kl")
 PODS_SELECTORS = ("max_reward", "max_variance", "random")
 OLD_LOGPROB_MODES = ("behaviour", "recompute")
+# grpo: verifiable-reward RL (S2L-PO when algo.t_mix > 0); forward_kl: cross-entropy on the
+# teacher's completions; opd: on-policy distillation against the teacher's per-token log-probs.
+METHODS = ("grpo", "forward_kl", "opd")
+OPD_MODES = ("advantage", "loss")
+TEMPERATURE_SCHEDULES = ("constant", "linear")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,7 +46,59 @@ class PodsConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DistillConfig:
+    """Teacher supervision of the `forward_kl` and `opd` methods (the teacher is rollout.teacher).
+
+    forward_kl: the student's loss is the cross-entropy of the teacher's completions; with
+    `top_k` > 0 against the teacher's top-k distribution at every position (renormalised over
+    the k), scored by the teacher. opd: the teacher scores every student token; `opd_mode`
+    `advantage` turns coef * (log p_teacher - log p_student) into per-token advantages for the
+    PPO-clip loss (plus `reward_weight` x the GRPO sequence advantage); `loss` minimises the
+    per-token reverse KL directly (docs/training.md, "Distillation").
+    """
+
+    top_k: int = 0
+    opd_mode: str = "advantage"
+    opd_coef: float = 1.0
+    opd_clip: float | None = None  # |per-token OPD advantage| cap; null: no cap
+    reward_weight: float = 0.0  # opd advantage mode: weight of the sparse GRPO advantage added
+    score_batch_size: int = 256  # sequences per teacher scoring call
+
+    def __post_init__(self) -> None:
+        check(self.top_k >= 0, f"algo.distill.top_k must be >= 0 (0: the sampled tokens only), got {self.top_k}")
+        check(self.opd_mode in OPD_MODES, f"algo.distill.opd_mode must be one of {OPD_MODES}, got {self.opd_mode!r}")
+        check(self.opd_coef > 0, f"algo.distill.opd_coef must be > 0, got {self.opd_coef}")
+        check(self.opd_clip is None or self.opd_clip > 0,
+              f"algo.distill.opd_clip must be > 0 or null (no cap), got {self.opd_clip}")
+        check(self.reward_weight >= 0, f"algo.distill.reward_weight must be >= 0, got {self.reward_weight}")
+        check(self.score_batch_size >= 1, f"algo.distill.score_batch_size must be >= 1, got {self.score_batch_size}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TemperatureScheduleConfig:
+    """Sampling temperature of the learner's own rollouts per step (the token-level baseline).
+
+    constant: rollout.learner.sampling.temperature at every step. linear: from that
+    temperature at step 1 to `end` at step 1 + `steps`, then `end`. The learner's old and new
+    log-probs use the same per-step temperature; evaluation uses run.eval_temperature.
+    """
+
+    schedule: str = "constant"
+    end: float = 1.0
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.schedule in TEMPERATURE_SCHEDULES,
+              f"algo.temperature.schedule must be one of {TEMPERATURE_SCHEDULES}, got {self.schedule!r}")
+        check(self.end > 0, f"algo.temperature.end must be > 0, got {self.end}")
+        check(self.steps >= 0, f"algo.temperature.steps must be >= 0, got {self.steps}")
+        check(self.schedule != "linear" or self.steps >= 1,
+              "algo.temperature.schedule=linear needs algo.temperature.steps >= 1 (the anneal length)")
+
+
+@dataclass(kw_only=True, slots=True)
 class AlgoConfig:
+    method: str = "grpo"
     group_size: int = 16  # G: rollouts per prompt (PODS: the m that are trained on)
     t_mix: int = 0  # steps with an explorer share; 0 = plain GRPO
     schedule: str = "linear"
@@ -60,8 +118,20 @@ class AlgoConfig:
     ppo_epochs: int = 1
     mini_batches_per_step: int = 1
     pods: PodsConfig = field(default_factory=PodsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    temperature: TemperatureScheduleConfig = field(default_factory=TemperatureScheduleConfig)
 
     def __post_init__(self) -> None:
+        check(self.method in METHODS, f"algo.method must be one of {METHODS}, got {self.method!r}")
+        check(self.method == "grpo" or self.t_mix == 0,
+              f"algo.method={self.method} takes no explorer share (algo.t_mix={self.t_mix}); set "
+              "algo.t_mix=0, or algo.method=grpo for S2L-PO")
+        policy_loss = self.method == "grpo" or (self.method == "opd" and self.distill.opd_mode == "advantage")
+        check(policy_loss or (self.kl_coef == 0 and self.entropy_coef == 0),
+              f"algo.kl_coef / algo.entropy_coef belong to the PPO-clip loss, which algo.method={self.method}"
+              + ("" if self.method == "forward_kl" else " with distill.opd_mode=loss") + " does not use; set them to 0")
+        check(self.method != "forward_kl" or not self.pods.enabled,
+              "algo.pods selects by reward variance, which forward_kl does not train on; turn PODS off")
         check(self.group_size >= 1, f"algo.group_size must be >= 1, got {self.group_size}")
         check(self.t_mix >= 0, f"algo.t_mix must be >= 0 (0 disables the explorer), got {self.t_mix}")
         check(self.schedule in SCHEDULE_NAMES,

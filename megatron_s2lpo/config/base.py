@@ -123,7 +123,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{path} must be a mapping, got {value!r}")
-        return dict(value)
+        _key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {k: _convert(value_hint, v, _join(path, k)) for k, v in value.items()}
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         try:
             return hint(value)

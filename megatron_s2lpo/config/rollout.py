@@ -1,4 +1,5 @@
-"""Rollout section: the learner's engine (updated after every step) and the frozen explorer's."""
+"""Rollout section: the learner's engine (updated after every step), the frozen explorer's
+(S2L-PO) and the frozen teacher's (forward_kl / opd distillation)."""
 
 from __future__ import annotations
 
@@ -79,9 +80,15 @@ class EngineConfig:
 class RolloutConfig:
     learner: EngineConfig = field(default_factory=EngineConfig)
     explorer: EngineConfig = field(default_factory=EngineConfig)
+    teacher: EngineConfig = field(default_factory=EngineConfig)  # algo.method forward_kl / opd
     explorer_store: str = ""  # directory of pre-generated explorer rollouts (`s2lpo explore`)
     prefetch_steps: int = 2  # explorer samples requested this many steps ahead
     reuse_explorer_samples: bool = False
+
+    def has_model(self, name: str) -> bool:
+        """Whether engine `name` (explorer / teacher) has a model source or a server to attach to."""
+        engine = getattr(self, name)
+        return bool(engine.model_path or engine.url or engine.init_arch)
 
     def __post_init__(self) -> None:
         check(self.prefetch_steps >= 0, f"rollout.prefetch_steps must be >= 0, got {self.prefetch_steps}")

@@ -1,4 +1,5 @@
-"""The whole run: one section per stage plus `run` (steps, output, checkpoints)."""
+"""The whole run: one section per part of the system plus `run` (steps, output, checkpoints),
+and optionally `models` + `stages` for a multi-stage pipeline (config/stages.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from .base import apply_overrides, check, from_dict, load_yaml, to_dict
 from .data import DataConfig
 from .learner import LearnerConfig
 from .logs import LoggingConfig
-from .rollout import RolloutConfig
+from .rollout import EngineConfig, RolloutConfig
+from .stages import StageConfig, stage_run_config
 from .sync import SyncConfig
 
 
@@ -24,10 +26,12 @@ class RunSection:
     num_steps: int = 100
     save_every: int = 10  # checkpoint every N steps; 0 = only at the end
     keep_checkpoints: int = 2
-    eval_every: int = 0  # held-out evaluation every N steps; 0 = never
+    eval_every: int = 0  # held-out evaluation every N steps and at the last; 0 = never
     resume: bool = False
     reward_workers: int = 2  # math-verify scoring processes
     eval_num_samples: int = 4  # k of the held-out avg@k Pass@1 every eval_every steps
+    eval_temperature: float | None = None  # null: rollout.learner.sampling.temperature
+    eval_at_start: bool = False  # also evaluate before the first step (logged as step 0)
 
     def __post_init__(self) -> None:
         check(bool(self.name), "run.name must not be empty")
@@ -38,6 +42,8 @@ class RunSection:
         check(self.reward_workers >= 1, f"run.reward_workers must be >= 1, got {self.reward_workers}")
         check(self.eval_num_samples >= 1, f"run.eval_num_samples must be >= 1, got {self.eval_num_samples}")
         check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
+        check(self.eval_temperature is None or self.eval_temperature > 0,
+              f"run.eval_temperature must be > 0 or null, got {self.eval_temperature}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -49,8 +55,13 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    models: dict[str, EngineConfig] = field(default_factory=dict)  # named models of `stages`
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one run of `algo.method`
 
     def __post_init__(self) -> None:
+        if self.stages:
+            self._check_stages()
+            return
         # Cross-section rules; each section already validated its own fields.
         uses_explorer = self.algo.t_mix > 0
         has_explorer = bool(self.rollout.explorer.model_path or self.rollout.explorer.url
@@ -59,9 +70,30 @@ class RunConfig:
               f"algo.t_mix={self.algo.t_mix} asks for explorer rollouts but none of "
               "rollout.explorer.model_path, rollout.explorer.url, rollout.explorer_store or rollout.explorer.init_arch is set; "
               "set one of them, or algo.t_mix=0 for plain GRPO")
+        needs_teacher = self.algo.method in ("forward_kl", "opd")
+        check(not needs_teacher or self.rollout.has_model("teacher"),
+              f"algo.method={self.algo.method} needs the teacher: set rollout.teacher.model_path, "
+              "rollout.teacher.url or rollout.teacher.init_arch")
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")
+
+    def _check_stages(self) -> None:
+        """Every stage must name known models and build a valid single-run config."""
+        names = [s.name for s in self.stages]
+        check(len(set(names)) == len(names), f"stage names must be unique, got {names}")
+        for slot in ("learner", "explorer", "teacher"):
+            check(not self.rollout.has_model(slot) and not getattr(self.rollout, slot).model_path,
+                  f"with stages, models come from `models` (stage policy / frozen); remove the model of "
+                  f"rollout.{slot}")
+        check(not self.learner.load and not self.learner.ref_load,
+              "learner.load / learner.ref_load would apply to every stage; give the model a model_path in "
+              "`models` instead")
+        for index, stage in enumerate(self.stages):
+            for name in filter(None, (stage.policy, stage.frozen)):
+                check(name in self.models, f"stage {stage.name}: unknown model {name!r}; `models` defines "
+                      f"{sorted(self.models) or 'none'}")
+            stage_run_config(self, index)
 
     def to_dict(self) -> dict:
         return to_dict(self)

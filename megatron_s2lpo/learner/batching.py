@@ -39,6 +39,9 @@ class MicroBatch:
     behaviour_logprobs: Tensor  # (b, L) float
     ref_logprobs: Tensor | None  # (b, L) float
     seq_lens: Tensor  # (b,) long
+    teacher_logprobs: Tensor | None = None  # (b, L) float
+    teacher_topk_ids: Tensor | None = None  # (b, L, K) long
+    teacher_topk_logprobs: Tensor | None = None  # (b, L, K) float
 
     @property
     def num_seqs(self) -> int:
@@ -101,11 +104,15 @@ def split_rows_for_data_parallel(seq_lens: list[int], dp_size: int) -> list[list
 
 
 def _take(values: Tensor, rows: Tensor, length: int) -> Tensor:
-    """values[rows, :length], zero-padded on the right when length exceeds the batch width."""
-    out = values.new_zeros((rows.numel(), length))
+    """values[rows, :length] ((B, T) or (B, T, K)), zero-padded on the right past the batch width."""
+    out = values.new_zeros((rows.numel(), length, *values.shape[2:]))
     width = min(length, values.shape[1])
     out[:, :width] = values[rows, :width]
     return out
+
+
+def _take_optional(values: Tensor | None, rows: Tensor, length: int) -> Tensor | None:
+    return None if values is None else _take(values, rows, length)
 
 
 def make_micro_batches(
@@ -127,6 +134,9 @@ def make_micro_batches(
             behaviour_logprobs=_take(batch.behaviour_logprobs.float(), index, length),
             ref_logprobs=None if batch.ref_logprobs is None else _take(batch.ref_logprobs.float(), index, length),
             seq_lens=batch.seq_lens[index].clone(),
+            teacher_logprobs=_take_optional(batch.teacher_logprobs, index, length),
+            teacher_topk_ids=_take_optional(batch.teacher_topk_ids, index, length),
+            teacher_topk_logprobs=_take_optional(batch.teacher_topk_logprobs, index, length),
         ))
     return micro_batches
 
@@ -139,8 +149,10 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
     if num_seqs < micro.num_seqs or seq_len < micro.seq_len:
         raise ValueError(f"cannot shrink a ({micro.num_seqs}, {micro.seq_len}) micro-batch to ({num_seqs}, {seq_len})")
 
-    def grow(values: Tensor) -> Tensor:
-        out = values.new_zeros((num_seqs, seq_len))
+    def grow(values: Tensor | None) -> Tensor | None:  # (b, L) or (b, L, K)
+        if values is None:
+            return None
+        out = values.new_zeros((num_seqs, seq_len, *values.shape[2:]))
         out[:micro.num_seqs, :micro.seq_len] = values
         return out
 
@@ -156,8 +168,11 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
         advantages=grow(micro.advantages),
         old_logprobs=grow(micro.old_logprobs),
         behaviour_logprobs=grow(micro.behaviour_logprobs),
-        ref_logprobs=None if micro.ref_logprobs is None else grow(micro.ref_logprobs),
+        ref_logprobs=grow(micro.ref_logprobs),
         seq_lens=seq_lens,
+        teacher_logprobs=grow(micro.teacher_logprobs),
+        teacher_topk_ids=grow(micro.teacher_topk_ids),
+        teacher_topk_logprobs=grow(micro.teacher_topk_logprobs),
     )
 
 

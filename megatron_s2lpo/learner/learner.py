@@ -156,6 +156,8 @@ class Learner:
         loss_config: PolicyLossConfig,
         temperature: float = 1.0,
         is_threshold: float | None = None,
+        objective: str = "policy",
+        distill_coef: float = 1.0,
     ) -> dict[str, float]:
         """One optimizer step on `batch` (one mini-batch); returns full-batch metrics on every rank.
 
@@ -163,10 +165,14 @@ class Learner:
         the whole batch's `loss_normalizer`, so it and its gradient do not depend on how the
         batch is split into micro-batches or DP ranks (see step.py). is_threshold: multiply
         the policy-gradient terms by truncated importance weights min(exp(old - behaviour),
-        is_threshold) (None: off). Metric `loss` is the loss before the update.
+        is_threshold) (None: off). objective: `policy` (the above), `forward_kl` (cross-entropy
+        on the batch's tokens, against batch.teacher_topk_* when present) or `reverse_kl` (direct
+        on-policy distillation loss against batch.teacher_logprobs, weighted by distill_coef); see
+        algo/distill.py. Metric `loss` is the loss before the update.
         """
         metrics = self.compute_gradients(batch, loss_config=loss_config, temperature=temperature,
-                                         is_threshold=is_threshold)
+                                         is_threshold=is_threshold, objective=objective,
+                                         distill_coef=distill_coef)
         metrics.update(self.optimizer_step())
         return metrics
 
@@ -178,13 +184,15 @@ class Learner:
         temperature: float = 1.0,
         is_threshold: float | None = None,
         micro_batch_tokens: int | None = None,
+        objective: str = "policy",
+        distill_coef: float = 1.0,
     ) -> dict[str, float]:
         """Zero the gradients, run forward and backward over `batch`; no optimizer step.
 
         Leaves the full-batch gradient (summed over DP ranks, see step.py) in each parameter's
         `main_grad`. micro_batch_tokens overrides learner.micro_batch_tokens for this call.
         """
-        if loss_config.kl_coef > 0 and batch.ref_logprobs is None:
+        if objective == "policy" and loss_config.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("loss_config.kl_coef > 0 needs batch.ref_logprobs; compute them with "
                              "compute_logprobs(batch, reference=True)")
         g = self.groups
@@ -194,7 +202,8 @@ class Learner:
         micro = self._local_micro_batches(batch, micro_batch_tokens or self.config.micro_batch_tokens)
         spec = LossSpec(loss_config=loss_config, normalizer=normalizer,
                         num_microbatches=len(micro), dp_size=g.dp_size, vocab_size=self.arch.vocab_size,
-                        tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold)
+                        tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold,
+                        objective=objective, distill_coef=distill_coef)
         for chunk in self.model:
             chunk.train()
         zero_grads(self.model, self.optimizer)

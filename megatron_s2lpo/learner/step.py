@@ -13,7 +13,9 @@ The loss contract (why the numbers are exact for any micro-batch split and any D
      over DP ranks (gradient_scaling_factor = 1 / dp_size, `calculate_per_token_loss=False`).
   3. So `loss_fn` returns loss * num_microbatches * dp_size: after megatron's two divisions the
      accumulated gradient is exactly the gradient of the full-batch loss.
-  4. Metrics are the unscaled partial values (a detached clone, taken before megatron edits
+  4. The distillation objectives (`forward_kl`, `reverse_kl`, algo/distill.py) follow the
+     same contract, so the same scaling applies to them.
+  5. Metrics are the unscaled partial values (a detached clone, taken before megatron edits
      the returned tensor in place): summed over micro-batches and DP ranks they give the batch
      value (`ratio_max`: max).
 """
@@ -29,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig, policy_loss, truncated_importance_weights
+
+OBJECTIVES = ("policy", "forward_kl", "reverse_kl")  # PPO-clip, distillation warmup, direct OPD loss
 
 from .batching import MicroBatch
 from .logprobs import token_logprobs
@@ -49,6 +53,12 @@ class LossSpec:
     tp_group: dist.ProcessGroup | None
     temperature: float = 1.0
     is_threshold: float | None = None  # truncated IS weights old/behaviour; None = off
+    objective: str = "policy"  # one of OBJECTIVES
+    distill_coef: float = 1.0  # reverse_kl: the loss weight
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -73,6 +83,8 @@ def _model_forward(model: Any, micro: MicroBatch) -> Tensor:
 
 def policy_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, scaled for megatron (module docstring, point 3)."""
+    if spec.objective != "policy":
+        return _distill_loss_fn(micro, spec, logits)
     cfg = spec.loss_config
     device = logits.device
     logprobs, entropy = token_logprobs(
@@ -87,6 +99,34 @@ def policy_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple[T
         config=cfg, normalizer=spec.normalizer,
         ref_logprobs=None if micro.ref_logprobs is None else micro.ref_logprobs.to(device),
         entropy=entropy, is_weights=is_weights)
+    metrics = {"loss": loss.detach().clone(), **metrics}
+    return loss * float(spec.num_microbatches * spec.dp_size), metrics
+
+
+def _distill_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """forward_kl (teacher completions, optionally the teacher's top-k) or the direct reverse KL."""
+    from megatron_s2lpo.algo.distill import forward_kl_loss, reverse_kl_loss
+
+    from .logprobs import token_topk_logprobs
+
+    device = logits.device
+    agg = spec.loss_config.loss_agg_mode
+    logprobs, _ = token_logprobs(logits, micro.tokens.to(device), vocab_size=spec.vocab_size,
+                                 tp_group=spec.tp_group, temperature=spec.temperature)
+    mask = micro.loss_mask.to(device)
+    if spec.objective == "forward_kl":
+        student_topk = teacher_topk = None
+        if micro.teacher_topk_ids is not None:
+            student_topk = token_topk_logprobs(logits, micro.teacher_topk_ids.to(device), vocab_size=spec.vocab_size,
+                                               tp_group=spec.tp_group, temperature=spec.temperature)
+            teacher_topk = micro.teacher_topk_logprobs.to(device)
+        loss, metrics = forward_kl_loss(logprobs, mask, normalizer=spec.normalizer, loss_agg_mode=agg,
+                                        student_topk_logprobs=student_topk, teacher_topk_logprobs=teacher_topk)
+    else:
+        if micro.teacher_logprobs is None:
+            raise ValueError("the reverse_kl objective needs teacher log-probs in the batch (TrainBatch.teacher_logprobs)")
+        loss, metrics = reverse_kl_loss(logprobs, micro.teacher_logprobs.to(device), mask, normalizer=spec.normalizer,
+                                        loss_agg_mode=agg, coef=spec.distill_coef)
     metrics = {"loss": loss.detach().clone(), **metrics}
     return loss * float(spec.num_microbatches * spec.dp_size), metrics
 

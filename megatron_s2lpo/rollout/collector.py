@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from ..algo.schedule import split_group
 from ..config.algo import AlgoConfig
@@ -89,12 +90,13 @@ class GroupCollector:
         if self.prefetcher is not None and num_explorer:
             self.prefetcher.submit(step, prompts, num_explorer)
 
-    def collect(self, prompts: list[Prompt], step: int,
-                upcoming: Sequence[list[Prompt]] = ()) -> list[Group]:
+    def collect(self, prompts: list[Prompt], step: int, upcoming: Sequence[list[Prompt]] = (),
+                temperature: float | None = None) -> list[Group]:
         """One Group per prompt (same order), explorer samples first.
 
         `upcoming`: the prompts of steps step+1, step+2, ... whose explorer samples the
-        prefetcher (if any) starts loading now, after this step's.
+        prefetcher (if any) starts loading now, after this step's. `temperature`: the learner's
+        sampling temperature this step (None: its sampling config's).
         """
         num_explorer, num_learner = self.split(step)
         for prompt in prompts:
@@ -110,8 +112,9 @@ class GroupCollector:
         if num_explorer:
             explorer_job = self._pool.submit(self._explorer_rollouts, prompts, step, num_explorer)
         if num_learner:
+            sampling = self.sampling if temperature is None else replace(self.sampling, temperature=temperature)
             learner_job = self._pool.submit(self._learner_rollouts, prompts, step, num_learner,
-                                            num_explorer)
+                                            num_explorer, sampling)
         # Wait for both before raising, so no job outlives a failed step.
         errors, results = [], {}
         for name, job in (("explorer", explorer_job), ("learner", learner_job)):
@@ -140,9 +143,9 @@ class GroupCollector:
             for k, prompt in enumerate(prompts) for j in range(num)
         ]
 
-    def _learner_rollouts(self, prompts: list[Prompt], step: int, num: int,
-                          offset: int) -> list[list[Rollout]]:
-        requests = self._requests(prompts, step, Source.LEARNER, num, self.sampling)
+    def _learner_rollouts(self, prompts: list[Prompt], step: int, num: int, offset: int,
+                          sampling: SamplingConfig) -> list[list[Rollout]]:
+        requests = self._requests(prompts, step, Source.LEARNER, num, sampling)
         comps = self.learner.generate(requests)
         return [[comps[k * num + j].to_rollout(prompt_id=prompt.prompt_id, sample_index=offset + j,
                                                source=Source.LEARNER)
