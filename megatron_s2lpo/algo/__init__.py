@@ -5,9 +5,11 @@ advantages  group-relative GRPO advantages over the combined group
 pods        PODS down-sampling selectors (max variance, max reward, random)
 passk       pass@k / avg@k evaluation metrics
 losses      PPO-clip policy loss (clip-higher, dual clip, truncated IS, KL, entropy)
+distill     forward-KL warmup and on-policy distillation (dense advantages or a direct loss)
 """
 
 from megatron_s2lpo.algo.advantages import group_advantages
+from megatron_s2lpo.algo.distill import OPD_MODES, forward_kl_loss, opd_token_advantages, reverse_kl_loss
 from megatron_s2lpo.algo.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -28,7 +30,9 @@ from megatron_s2lpo.algo.pods import (
 from megatron_s2lpo.algo.schedule import (
     ROUNDINGS,
     SCHEDULES,
+    TEMPERATURE_SCHEDULES,
     explorer_share,
+    sampling_temperature,
     schedule_share,
     split_group,
 )
@@ -36,21 +40,27 @@ from megatron_s2lpo.algo.schedule import (
 __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "OPD_MODES",
     "ROUNDINGS",
     "SCHEDULES",
+    "TEMPERATURE_SCHEDULES",
     "SELECTORS",
     "PolicyLossConfig",
     "avg_at_k_pass1",
     "explorer_share",
+    "forward_kl_loss",
     "group_advantages",
     "kl_penalty",
     "loss_normalizer",
     "max_reward_indices",
     "max_variance_indices",
+    "opd_token_advantages",
     "pass_at_k",
     "pass_at_k_curve",
     "policy_loss",
     "random_indices",
+    "reverse_kl_loss",
+    "sampling_temperature",
     "schedule_share",
     "select",
     "split_group",

@@ -18,6 +18,9 @@ megatron's `vocab_parallel_cross_entropy`:
     d log p(target) / dz_j = 1[j = target] - p_j
     d H / dz_j             = -p_j (log p_j + H)
 
+`vocab_parallel_logprobs_at` / `token_topk_logprobs` do the same for K given ids per position
+(the teacher's top-k ids of distillation), with the gradient of every one of them.
+
 This module imports only torch; `tp_group=None` means no tensor parallelism.
 """
 
@@ -140,3 +143,115 @@ def token_logprobs(
         return torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
 
     return align(logprob), (align(entropy) if entropy is not None else None)
+
+
+# ----------------------------------------------------------------------------- top-k targets
+
+
+class _VocabParallelLogProbAt(torch.autograd.Function):
+    """(logits slice, ids (..., K)) -> log p(ids) (..., K) reduced over the TP group."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, vocab_start: int, num_real: int, temperature: float,
+                group: dist.ProcessGroup | None):
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32 math, fp64 stays fp64
+        z = logits[..., :num_real].to(dtype).div(temperature)  # a new tensor: safe to edit in place
+        if num_real > 0:
+            z_max = z.max(dim=-1).values
+        else:  # every column of this rank is padding
+            z_max = torch.full(z.shape[:-1], float("-inf"), dtype=dtype, device=z.device)
+        _all_reduce(z_max, dist.ReduceOp.MAX, group)
+        z.sub_(z_max.unsqueeze(-1))
+        local = ids - vocab_start
+        owned = (local >= 0) & (local < num_real)  # (..., K)
+        index = local.clamp(0, max(num_real - 1, 0))
+        z_ids = z.gather(-1, index) if num_real > 0 else torch.zeros(ids.shape, dtype=dtype, device=z.device)
+        stats = torch.cat([z.exp().sum(dim=-1, keepdim=True), torch.where(owned, z_ids, torch.zeros_like(z_ids))],
+                          dim=-1)  # (..., 1 + K): one all-reduce for the sum-exp and the K target logits
+        _all_reduce(stats, dist.ReduceOp.SUM, group)
+        log_sum = stats[..., :1].log()  # (..., 1)
+        ctx.save_for_backward(z, log_sum, index, owned)
+        ctx.meta = (logits.shape, logits.dtype, num_real, temperature)
+        return stats[..., 1:] - log_sum
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, log_sum, index, owned = ctx.saved_tensors
+        shape, dtype, num_real, temperature = ctx.meta
+        p = z.sub_(log_sum).exp_()  # (..., V_real) softmax, reusing z's memory
+        # d sum_k g_k log p(id_k) / dz_j = sum_{k: id_k = j} g_k - p_j sum_k g_k
+        grad_z = p.mul_(-grad.sum(dim=-1, keepdim=True).to(p.dtype))
+        if num_real > 0:
+            grad_z.scatter_add_(-1, index, (grad * owned).to(grad_z.dtype))
+        grad_z.div_(temperature)
+        grad_logits = torch.zeros(shape, dtype=dtype, device=grad_z.device)
+        grad_logits[..., :num_real] = grad_z.to(dtype)
+        return grad_logits, None, None, None, None, None
+
+
+def vocab_parallel_logprobs_at(
+    logits: Tensor,
+    ids: Tensor,
+    *,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """log p(id) for K given ids per position, from this rank's vocab slice of the logits.
+
+    logits: (..., V_local) columns [tp_rank * V_local, (tp_rank + 1) * V_local) of the padded
+    vocabulary; ids: (..., K) long, global ids (e.g. the teacher's top-k); vocab_size: the real
+    vocabulary (columns >= vocab_size are padding and ignored). Returns (..., K) log-probs under
+    softmax(logits / temperature) over the full real vocabulary, float32 (float64 for float64
+    logits), differentiable w.r.t. logits. Ids outside [0, vocab_size) (fillers of masked
+    positions) get a finite meaningless value and no gradient of their own: mask them in the loss.
+
+    Same reductions as `vocab_parallel_logprobs` (max, then sum-exp and the K shifted target
+    logits in one all-reduce); nothing of size V is communicated. The backward treats those
+    all-reduces as the identity on each rank, i.e. every rank back-propagates into its own
+    columns only: d sum_k g_k log p(id_k) / dz_j = sum_{k: id_k = j} g_k - p_j sum_k g_k. That
+    is the exact gradient because every TP rank computes the SAME loss from the same reduced
+    values: the upstream gradient g is replicated, and a reduced sum S = sum_r s_r has
+    dS/ds_r = 1 for each rank's own share s_r. An all-reduce in the backward would instead
+    count the replicated loss tp_size times. (The max is a constant shift: log-softmax does not
+    depend on it, so it needs no gradient.)
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (the rollout sampling temperature), got {temperature}")
+    if ids.dim() != logits.dim() or logits.shape[:-1] != ids.shape[:-1]:
+        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} disagree: ids must have "
+                         "the logits' shape with the vocab dimension replaced by K")
+    if ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"ids must be an integer tensor of vocabulary ids, got {ids.dtype}")
+    tp_rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
+    local_vocab = logits.shape[-1]
+    vocab_start = tp_rank * local_vocab
+    num_real = max(0, min(local_vocab, vocab_size - vocab_start))
+    return _VocabParallelLogProbAt.apply(logits, ids.long(), vocab_start, num_real, float(temperature), tp_group)
+
+
+def token_topk_logprobs(
+    logits: Tensor,
+    topk_ids: Tensor,
+    *,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Student log-probs at given ids (e.g. the teacher's top-k), aligned like `token_logprobs`.
+
+    logits: (B, T, V_local) vocab-parallel model output for the tokens; topk_ids: (B, T, K),
+    entry [b, t] holds the ids of the distribution that predicts token t, i.e. the one from the
+    logits at position t - 1 (the convention of `TrainBatch.teacher_topk_ids`). Entry [b, t, k]
+    of the result is log p(topk_ids[b, t, k] | tokens[b, :t]); entry [b, 0] is 0 (no
+    prediction for the first token). Returns (B, T, K), float32 (float64 for float64 logits).
+    """
+    if logits.dim() != 3 or topk_ids.dim() != 3 or logits.shape[:2] != topk_ids.shape[:2]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, V_local) for topk_ids (B, T, K) "
+                         f"{tuple(topk_ids.shape)}")
+    # Position t predicts token t + 1, so it takes the ids stored at t + 1; the last position's
+    # ids are a dummy (dropped below).
+    next_ids = torch.roll(topk_ids, shifts=-1, dims=1)
+    logprob = vocab_parallel_logprobs_at(logits, next_ids, vocab_size=vocab_size, tp_group=tp_group,
+                                         temperature=temperature)  # (B, T, K)
+    return torch.cat([logprob.new_zeros(logprob.shape[0], 1, logprob.shape[2]), logprob[:, :-1]], dim=1)

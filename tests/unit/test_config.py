@@ -105,6 +105,7 @@ def test_config_names_match_algorithm_registries():
     assert set(algo_cfg.LOSS_AGGREGATIONS) == set(losses.AGGREGATIONS)
     assert set(algo_cfg.KL_TYPES) == set(losses.KL_ESTIMATORS)
     assert set(algo_cfg.PODS_SELECTORS) == set(pods.SELECTORS)
+    assert set(algo_cfg.TEMPERATURE_SCHEDULES) == set(schedule.TEMPERATURE_SCHEDULES)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml"))))

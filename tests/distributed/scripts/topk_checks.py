@@ -1,0 +1,103 @@
+"""TP=2 log-probs at given ids (distillation top-k targets) against TP=1, in one 2-process launch.
+
+    pytest tests/distributed/test_topk_logprobs.py
+
+Each rank holds half of the padded vocabulary columns of the same logits and computes through
+megatron's TP group; every rank also computes the TP=1 result on the full logits locally
+(tp_group=None). Checks: values and gradients of `vocab_parallel_logprobs_at` equal TP=1 and a
+float64 full-vocabulary log_softmax (ids on both ranks, repeated ids, temperature); a rank whose
+columns are all padding; the top-k forward-KL loss through `token_topk_logprobs` has the TP=1
+loss and gradient (the identity backward of the reductions does not scale by the TP size).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from common import max_abs_diff, run_check
+
+from megatron_s2lpo.algo.distill import forward_kl_loss
+from megatron_s2lpo.algo.losses import loss_normalizer
+from megatron_s2lpo.learner.logprobs import token_logprobs, token_topk_logprobs, vocab_parallel_logprobs_at
+from megatron_s2lpo.learner.parallel import destroy_parallel, init_parallel
+
+PADDED = 512
+
+
+def rank_slice(tensor: torch.Tensor, groups) -> torch.Tensor:
+    width = tensor.shape[-1] // groups.tp_size
+    return tensor[..., groups.tp_rank * width:(groups.tp_rank + 1) * width]
+
+
+def check_logprobs_at(groups, vocab: int) -> dict:
+    """TP=2 slice vs TP=1 full logits vs float64 log_softmax: values and d(sum g * logp)/dlogits."""
+    torch.manual_seed(vocab)  # same data on both ranks
+    temperature, num_k = 0.8, 6
+    logits = torch.randn(3, 9, PADDED, dtype=torch.float64) * 4
+    logits[..., vocab:] = 30.0  # padded columns: must not matter
+    ids = torch.randint(0, vocab, (3, 9, num_k))
+    ids[..., 0] = 3  # owned by rank 0
+    ids[..., 1] = vocab - 1  # owned by the last rank holding real columns
+    ids[..., 2] = ids[..., 1]  # a repeated id
+    upstream = torch.randn(3, 9, num_k, dtype=torch.float64)
+
+    piece = rank_slice(logits, groups).clone().requires_grad_(True)
+    lp_tp2 = vocab_parallel_logprobs_at(piece, ids, vocab_size=vocab, tp_group=groups.tp_group,
+                                        temperature=temperature)
+    (lp_tp2 * upstream).sum().backward()
+    full = logits.clone().requires_grad_(True)
+    lp_tp1 = vocab_parallel_logprobs_at(full, ids, vocab_size=vocab, temperature=temperature)
+    (lp_tp1 * upstream).sum().backward()
+    ref = torch.log_softmax(logits[..., :vocab] / temperature, dim=-1).gather(-1, ids)
+
+    diffs = {"value_vs_tp1": max_abs_diff(lp_tp2, lp_tp1), "value_vs_reference": max_abs_diff(lp_tp2, ref),
+             "grad_vs_tp1": max_abs_diff(piece.grad, rank_slice(full.grad, groups))}
+    padding_grad = float(full.grad[..., vocab:].abs().max())
+    real_columns = max(0, min(PADDED // groups.tp_size, vocab - groups.tp_rank * PADDED // groups.tp_size))
+    return {"ok": max(diffs.values()) < 1e-12 and padding_grad == 0.0,
+            "real_columns_on_this_rank": real_columns, "padding_grad": padding_grad, **diffs}
+
+
+def check_forward_kl_gradient(groups) -> dict:
+    """The top-k forward-KL loss (replicated on both TP ranks) and its gradient equal TP=1."""
+    torch.manual_seed(5)
+    vocab, num_k = 300, 8
+    logits = torch.randn(4, 10, PADDED) * 3
+    teacher = torch.log_softmax(torch.randn(4, 10, vocab) * 3, dim=-1)
+    topk_lp, topk_ids = teacher.topk(num_k, dim=-1)  # (B, T, K): the teacher's top-k at every position
+    tokens = topk_ids[..., 0]  # teacher-generated: its argmax
+    mask = torch.zeros(4, 10)
+    mask[:, 3:] = 1.0
+    mask[2, 7:] = 0.0
+    norm = loss_normalizer(mask, "token-mean")
+
+    def loss_and_grad(x: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone().requires_grad_(True)
+        lp, _ = token_logprobs(x, tokens, vocab_size=vocab, tp_group=tp_group)
+        student_topk = token_topk_logprobs(x, topk_ids, vocab_size=vocab, tp_group=tp_group)
+        loss, _ = forward_kl_loss(lp, mask, normalizer=norm, student_topk_logprobs=student_topk,
+                                  teacher_topk_logprobs=topk_lp)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    loss_tp2, grad_tp2 = loss_and_grad(rank_slice(logits, groups), groups.tp_group)
+    loss_tp1, grad_tp1 = loss_and_grad(logits, None)
+    diffs = {"loss": abs(float(loss_tp2 - loss_tp1)), "grad": max_abs_diff(grad_tp2, rank_slice(grad_tp1, groups))}
+    return {"ok": max(diffs.values()) < 1e-5 and float(grad_tp1.abs().max()) > 1e-4,
+            "loss_value": float(loss_tp2), **diffs}
+
+
+def main() -> None:
+    groups = init_parallel(tensor_parallel_size=2, seed=3)
+    run_check("topk_tp2_equals_tp1", lambda: check_logprobs_at(groups, vocab=300))
+    run_check("topk_tp2_rank_with_only_padding", lambda: check_logprobs_at(groups, vocab=200))
+    run_check("topk_tp2_forward_kl_gradient_equals_tp1", lambda: check_forward_kl_gradient(groups))
+    dist.barrier()
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

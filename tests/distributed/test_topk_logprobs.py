@@ -1,0 +1,27 @@
+"""TP=2 vs TP=1: log-probs at the teacher's top-k ids from vocab-parallel logits, and their gradients.
+
+One 2-process launch (scripts/topk_checks.py) runs every check; each test asserts one of them.
+Gloo on CPU; the NCCL path on GPUs runs the same code with another backend.
+"""
+
+import pytest
+
+from conftest import assert_check, run_checks
+
+CHECKS = [
+    "topk_tp2_equals_tp1",
+    "topk_tp2_rank_with_only_padding",
+    "topk_tp2_forward_kl_gradient_equals_tp1",
+]
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return run_checks("topk_checks.py", timeout=180)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", CHECKS)
+def test_topk_tp2(checks, name):
+    assert_check(checks, name)
