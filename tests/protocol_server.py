@@ -18,6 +18,14 @@ Reproduced from SGLang (sglang/srt/entrypoints/http_server.py, managers/io_struc
     {text, output_ids, meta_info{id, finish_reason, prompt_tokens, completion_tokens,
     cached_tokens, weight_version, output_token_logprobs=[[logprob, token_id, null]]}},
     a list for a batch; errors as {"error": {"message"}} with 400; stream=true is refused;
+  - prefill-only scoring: sampling_params.max_new_tokens=0 with return_logprob,
+    logprob_start_len s and top_logprobs_num k answers output_ids [], finish_reason
+    {type: length, length: 0}, output_token_logprobs [], input_token_logprobs for tokens
+    s .. L-1 with entry 0 [null, token s, null] and entries j >= 1 [log p(token s+j | prefix),
+    token s+j, null] (ids >= vocab_size - 1 reported as 0, as SGLang clips them), and with k > 0
+    input_top_logprobs [null, [[logprob, id, null] x k], ...] (the distribution predicting each
+    token), computed by LocalEngine.score at temperature 1; s = -1 (default) gives no input
+    log-probs and s > L answers 400 (see megatron_s2lpo/rollout/sglang_client.py);
   - GET /health, /health_generate; GET /get_model_info, /model_info; GET /get_server_info,
     /server_info; GET|POST /flush_cache (text answer);
   - POST /update_weights_from_disk {model_path, weight_version, ...} -> {success, message,
@@ -29,8 +37,9 @@ Reproduced from SGLang (sglang/srt/entrypoints/http_server.py, managers/io_struc
     the operation fails: 400 {success: false, message} (no CUDA IPC or NCCL here);
   - Authorization: Bearer <api_key> on every route except /health*, 401 otherwise.
 Not reproduced: radix cache, continuous batching (requests that arrive together are batched
-into one generation call instead), streaming, multimodal inputs, top-logprobs, OpenAI routes,
-weight version spans inside one request, real memory release.
+into one generation call instead), streaming, multimodal inputs, top-logprobs and input
+log-probs of generating requests (only prefill-only requests return them), token_ids_logprob,
+OpenAI routes, weight version spans inside one request, real memory release.
 
 Fault injection for tests: --fail-first N (the first N /generate requests answer 500),
 --delay-s S (sleep before each generation), POST /_test/faults {"fail_next", "status",
@@ -45,6 +54,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -158,23 +168,92 @@ def _noop_output(state: ServerState, rid: str, ids: list[int], params: dict, log
     return {"text": "", "output_ids": [5] * num, "meta_info": meta}
 
 
+@dataclass
+class Prefill:
+    """A max_new_tokens=0 request: SGLang's prefill-only path (input log-probs, no sampling).
+
+    `start` is the resolved logprob_start_len: len(prompt_ids) when no input log-probs are
+    wanted (return_logprob false, or logprob_start_len -1, SGLang's default).
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    return_logprob: bool
+    start: int
+    top_k: int
+
+    def work(self):
+        """What the engine computes: log-probs of tokens start+1 .. L-1 (entry 0 is None)."""
+        from megatron_s2lpo.rollout.scoring import ScoreRequest
+
+        if self.start >= len(self.prompt_ids) - 1:
+            return None
+        return ScoreRequest(request_id=self.request_id, prompt_ids=self.prompt_ids[:self.start + 1],
+                            response_ids=self.prompt_ids[self.start + 1:], top_k=self.top_k)
+
+
+def _to_prefill(rid: str, ids: list[int], params: dict, return_logprob: bool, start, top_k) -> Prefill:
+    ids = [int(t) for t in ids]
+    start = int(start) if return_logprob and start is not None else -1
+    if start == -1:
+        start = len(ids)
+    if start < 0 or start > len(ids):  # SGLang aborts the request (scheduler.py)
+        raise ValueError(f"req.logprob_start_len={start} is higher than the number of input tokens "
+                         f"len(req.origin_input_ids)={len(ids)}. Please use a smaller logprob_start_len.")
+    return Prefill(request_id=rid, prompt_ids=ids, return_logprob=bool(return_logprob), start=start,
+                   top_k=int(top_k or 0))
+
+
+def _format_prefill(state: ServerState, req: Prefill, scores) -> dict:
+    """SGLang's answer to a prefill-only request (see the module docstring)."""
+    meta = {"id": req.request_id, "finish_reason": {"type": "length", "length": 0},
+            "prompt_tokens": len(req.prompt_ids), "completion_tokens": 0, "cached_tokens": 0,
+            "weight_version": state.weight_version}
+    if req.return_logprob:
+        vocab = state.engine.model.config.vocab_size
+        tokens = req.prompt_ids[req.start:]  # entry j: token start + j; entry 0 has no log-prob
+        values = ([None] + (scores.logprobs if scores is not None else []))[:len(tokens)]
+        meta["input_token_logprobs"] = [[v, t if t < vocab - 1 else 0, None]  # SGLang's id clip
+                                        for v, t in zip(values, tokens, strict=True)]
+        meta["output_token_logprobs"] = []
+        meta["output_token_logprobs_length"] = 0
+        if req.top_k > 0:
+            rows = [[[lp, i, None] for lp, i in zip(lps, ids, strict=True)]
+                    for ids, lps in zip(scores.top_ids, scores.top_logprobs, strict=True)
+                    ] if scores is not None else []
+            meta["input_top_logprobs"] = ([None] + rows)[:len(tokens)]
+            meta["output_top_logprobs"] = []
+    return {"text": "", "output_ids": [], "meta_info": meta}
+
+
 async def batch_worker(state: ServerState) -> None:
-    """Runs everything that arrived together as one generation call (no continuous batching)."""
+    """Runs everything that arrived together as one generation call and one scoring call
+    (no continuous batching)."""
+    from megatron_s2lpo.rollout.engine import GenerateRequest
+    from megatron_s2lpo.rollout.scoring import ScoreRequest
+
     while True:
         items = [await state.queue.get()]
         while not state.queue.empty() and len(items) < state.args.max_batch_size:
             items.append(state.queue.get_nowait())
         await state.running.wait()
-        try:
-            comps = await asyncio.to_thread(state.engine.generate, [req for req, _ in items])
-        except Exception as err:  # noqa: BLE001 - reported to every waiting request
-            for _, fut in items:
+        for req, fut in items:
+            if req is None and not fut.done():
+                fut.set_result(None)  # prefill without input log-probs: nothing to compute
+        for kind, run in ((GenerateRequest, state.engine.generate), (ScoreRequest, state.engine.score)):
+            group = [(req, fut) for req, fut in items if isinstance(req, kind)]
+            if not group:
+                continue
+            try:
+                results = await asyncio.to_thread(run, [req for req, _ in group])
+            except Exception as err:  # noqa: BLE001 - reported to every waiting request
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for (_, fut), result in zip(group, results, strict=True):
                 if not fut.done():
-                    fut.set_exception(err)
-            continue
-        for (_, fut), comp in zip(items, comps, strict=True):
-            if not fut.done():
-                fut.set_result(comp)
+                    fut.set_result(result)
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -202,9 +281,12 @@ async def generate(request: web.Request) -> web.Response:
         params = _per_item(body.get("sampling_params") or {}, len(batch), "sampling_params")
         rids = _per_item(body.get("rid") or f"req-{state.num_generate}", len(batch), "rid")
         logprob = _per_item(body.get("return_logprob", False), len(batch), "return_logprob")
+        starts = _per_item(body.get("logprob_start_len", -1), len(batch), "logprob_start_len")
+        tops = _per_item(body.get("top_logprobs_num", 0), len(batch), "top_logprobs_num")
         if state.engine is not None:
-            items = zip(rids, batch, params, logprob, strict=True)
-            reqs = [_to_request(rid, i, p, lp) for rid, i, p, lp in items]
+            items = zip(rids, batch, params, logprob, starts, tops, strict=True)
+            reqs = [_to_prefill(*item) if item[2].get("max_new_tokens") == 0 else _to_request(*item[:4])
+                    for item in items]
             vocab = state.engine.model.config.vocab_size
             for req in reqs:
                 if any(not 0 <= t < vocab for t in req.prompt_ids):
@@ -219,12 +301,13 @@ async def generate(request: web.Request) -> web.Response:
         return web.json_response(outs[0] if single else outs)
     futs = [asyncio.get_running_loop().create_future() for _ in reqs]
     for req, fut in zip(reqs, futs, strict=True):
-        state.queue.put_nowait((req, fut))
+        state.queue.put_nowait((req.work() if isinstance(req, Prefill) else req, fut))
     try:
-        comps = await asyncio.gather(*futs)
+        results = await asyncio.gather(*futs)
     except ValueError as err:
         return _error(str(err))
-    outs = [_format(state, r, c) for r, c in zip(reqs, comps, strict=True)]
+    outs = [_format_prefill(state, r, res) if isinstance(r, Prefill) else _format(state, r, res)
+            for r, res in zip(reqs, results, strict=True)]
     return web.json_response(outs[0] if single else outs)
 
 

@@ -2,6 +2,7 @@
 
 engine         RolloutEngine protocol, GenerateRequest, Completion
 local          LocalEngine: in-process transformers model (CPU default, test server model)
+scoring        teacher scoring: ScoreRequest, TokenScores, TeacherScorer (cached), align_scores
 sglang_client  async HTTP client for SGLang's native API (0.5.23)
 sglang_server  launch command, server process, health wait
 sglang_engine  SGLangEngine: launched or attached SGLang server as a RolloutEngine
@@ -16,6 +17,7 @@ from .collector import GroupCollector
 from .engine import Completion, GenerateRequest, RolloutEngine, derive_seed, parse_weight_version
 from .explorer import ExplorerPrefetcher, fill_store
 from .local import LocalEngine
+from .scoring import ScoreRequest, TeacherScorer, TokenScores, align_scores
 from .sglang_client import EngineRequestError, SGLangClient
 from .sglang_engine import SGLangEngine
 from .sglang_server import ServerProcess, build_launch_command
@@ -45,7 +47,7 @@ def build_prefetcher(cfg, *, explorer: RolloutEngine | None, seed: int = 0) -> E
 __all__ = [
     "Completion", "EngineRequestError", "ExplorerPrefetcher", "ExplorerSample", "GenerateRequest",
     "GroupCollector", "LocalEngine", "RolloutEngine", "SGLangClient", "SGLangEngine",
-    "ServerProcess", "StoreReader", "StoreWriter", "build_engine", "build_launch_command",
-    "build_prefetcher",
+    "ScoreRequest", "ServerProcess", "StoreReader", "StoreWriter", "TeacherScorer", "TokenScores",
+    "align_scores", "build_engine", "build_launch_command", "build_prefetcher",
     "derive_seed", "fill_store", "parse_weight_version",
 ]

@@ -131,6 +131,11 @@ class RolloutEngine(Protocol):
     `generate` returns one completion per request, in request order. Weight updates are
     applied between generations (an engine finishes in-flight requests first) and set
     `weight_version` to `version`.
+
+    Optional capability, not a member of this protocol (engines and test doubles without it
+    still pass isinstance checks): `score(requests: list[ScoreRequest]) -> list[TokenScores]`,
+    prefill log-probs of given responses at temperature 1 (a frozen teacher for distillation;
+    see scoring.py). `LocalEngine` and `SGLangEngine` have it; `TeacherScorer` requires it.
     """
 
     @property

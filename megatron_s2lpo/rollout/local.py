@@ -9,7 +9,8 @@ same HF-named paths as an SGLang server: `update_weights_from_tensors` (buckets 
 
 Sampling is a plain KV-cached loop over `model(input_ids, past_key_values=...)` with left
 padding, an attention mask and explicit position ids, so the log-probs equal a fresh
-teacher-forced forward pass of the same model (fp32, within 1e-5).
+teacher-forced forward pass of the same model (fp32, within 1e-5). `score` is that
+teacher-forced pass itself (prefill scoring of given responses for distillation, scoring.py).
 
 Determinism: a request with `seed` draws from its own generator seeded with it; requests
 without one draw from generators seeded from the engine's `seed`, so the same calls in the
@@ -30,6 +31,7 @@ import torch
 from ..config.model import ModelArch
 from ..types import FinishReason
 from .engine import Completion, GenerateRequest
+from .scoring import ScoreRequest, TokenScores
 
 
 def support_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -137,6 +139,16 @@ class LocalEngine:
 
     async def agenerate(self, requests: list[GenerateRequest]) -> list[Completion]:
         return await asyncio.to_thread(self.generate, requests)
+
+    def score(self, requests: list[ScoreRequest]) -> list[TokenScores]:
+        """Teacher scores of given responses (scoring.py): one teacher-forced forward pass per
+        `max_batch_size` requests, log_softmax at temperature 1 in float32."""
+        self._check_open()
+        out: list[TokenScores] = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(requests), self.max_batch_size):
+                out.extend(self._score_batch(requests[start:start + self.max_batch_size]))
+        return out
 
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, flush: bool = True
@@ -263,6 +275,46 @@ class LocalEngine:
                        weight_version=self._version)
             for row, req in enumerate(requests)
         ]
+
+    def _score_batch(self, requests: list[ScoreRequest]) -> list[TokenScores]:
+        device = next(self.model.parameters()).device
+        vocab = self.model.config.vocab_size
+        seqs = [list(r.prompt_ids) + list(r.response_ids) for r in requests]
+        for req, seq in zip(requests, seqs):
+            bad = [t for t in seq if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"score request {req.request_id!r}: token ids {bad[:5]} are outside "
+                                 f"the model's vocabulary of {vocab}")
+            if req.top_k > vocab:
+                raise ValueError(f"score request {req.request_id!r}: top_k={req.top_k} exceeds the "
+                                 f"model's vocabulary of {vocab}")
+        # Left padding, as in generation: every row ends at the last column, so the logits that
+        # predict the responses are the last (longest response + 1) columns and only those are
+        # materialised (logits_to_keep), not the (B, L, V) logits of the prompts.
+        seq_len = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), seq_len), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), seq_len), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, seq_len - len(seq):] = torch.tensor(seq)
+            mask[row, seq_len - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        keep = max(len(r.response_ids) for r in requests) + 1
+        logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                            position_ids=positions.to(device), logits_to_keep=keep).logits  # (B, keep, V)
+        out = []
+        for row, req in enumerate(requests):
+            num = len(req.response_ids)
+            # Column -1 predicts the token after the sequence; -(num + 1) .. -2 predict the response.
+            logp = torch.log_softmax(logits[row, -(num + 1):-1].float().cpu(), dim=-1)  # (R, V)
+            targets = torch.tensor(req.response_ids).unsqueeze(-1)  # (R, 1)
+            top_ids = top_logprobs = None
+            if req.top_k:
+                values, ids = logp.topk(req.top_k, dim=-1)  # (R, k), sorted descending
+                top_ids, top_logprobs = ids.tolist(), values.tolist()
+            out.append(TokenScores(request_id=req.request_id,
+                                   logprobs=logp.gather(-1, targets).squeeze(-1).tolist(),
+                                   top_ids=top_ids, top_logprobs=top_logprobs))
+        return out
 
     def _check_finish(self, req: GenerateRequest, tokens: list[int],
                       stops: set[int]) -> tuple[FinishReason | None, str | None]:

@@ -16,6 +16,43 @@ Pause/ContinueGenerationReqInput, UpdateWeightVersionReqInput) and
   meta_info and /get_model_info (a string; "default" until set).
 - auth is `Authorization: Bearer <api_key>`; /health* is always open.
 
+Teacher scoring (`score_payload`, `parse_score_output`) is the same route with
+sampling_params.max_new_tokens = 0 and input log-probs. What SGLang 0.5.23 does with it:
+
+- max_new_tokens 0 is valid (`sampling/sampling_params.py`: must be >= 0) and makes the
+  request prefill-only (`Req.is_prefill_only` in `managers/schedule_batch.py`); the worker
+  skips sampling (`managers/tp_worker.py`), and the answer has output_ids [] and
+  finish_reason {type: length, length: 0} (`Req.update_finish_state`, output ids cut to
+  finished_len 0). output_token_logprobs is [] for a batch of prefill-only requests, but may
+  hold one entry when the request shares a batch with sampling requests
+  (`scheduler_components/output_streamer.py` slices to max(len(output_ids), 1)): ignored here.
+- logprob_start_len s (`managers/scheduler.py`): -1 (the default) means no input log-probs;
+  0 <= s <= len(input_ids) is used as given; s > len(input_ids) aborts the request (HTTP 400,
+  "is higher than the number of input tokens"). The radix cache reuses at most s prefix
+  tokens (`Req._compute_max_prefix_len`), so the positions asked for are always computed.
+- input log-probs are computed at positions s .. L-1, position p scoring token p + 1
+  (`ScheduleBatch.prepare_for_extend`: extend_input_logprob_token_ids =
+  origin_input_ids[s + 1:], the last one padded), then
+  `scheduler_components/logprob_result_processor.py::_process_input_token_logprobs` sets
+  values = [None] + computed[:-1] and ids = origin_input_ids[s:]. So entry j of
+  meta_info.input_token_logprobs is [log p(token s + j | tokens < s + j), token s + j, null]
+  for j >= 1, and entry 0 is [null, token s, null] for EVERY s, not only s = 0. Ids >=
+  vocab_size - 1 are reported as 0 there (a clip meant for multimodal placeholder ids).
+- input_top_logprobs (with top_logprobs_num k): [None] + the top-k rows of positions s ..
+  L-2 (`_process_input_top_logprobs`), so entry j >= 1 is the k most likely tokens of the
+  distribution that predicts token s + j, as [[logprob, token_id, text-or-null] x k]
+  (`tokenizer_manager.detokenize_top_logprobs_tokens`; empty rows become null), sorted
+  descending (`layers/logprob_processor.py`: logprobs.topk(k)).
+- no temperature is applied to input log-probs: `logprob_processor.py` takes
+  log_softmax(logits) (or logits - logsumexp on the fast path) of the raw logits;
+  `sampling_params.temperature` only affects sampled tokens.
+- text entries are null unless return_text_in_logprobs is set.
+
+We therefore send logprob_start_len = len(prompt) - 1: entry 0 is the last prompt token
+(null log-prob), entries 1 .. R are the R response tokens, and the prompt's own log-probs
+are neither computed nor sent (slime's teacher scoring sends 0 and keeps the tail; same
+numbers, L - R - 1 more entries). Same-prompt rollouts can share the cached prompt prefix.
+
 Errors: connection errors, timeouts and 5xx answers are retried with exponential backoff
 (after asking `recover` to restart a dead server); 4xx answers are not. The final error
 names the server URL, the request id and the server's last answer.
@@ -27,13 +64,15 @@ import asyncio
 import json
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from ..types import FinishReason
 from .engine import Completion, GenerateRequest, parse_weight_version
+from .scoring import ScoreRequest, TokenScores
 
+T = TypeVar("T")
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
 
@@ -97,6 +136,87 @@ def parse_generate_output(out: Any, req: GenerateRequest, *, url: str) -> Comple
     )
 
 
+def score_payload(req: ScoreRequest) -> dict:
+    """The /generate body that scores one request's response tokens (prefill only)."""
+    payload = {
+        "rid": req.request_id,
+        "input_ids": list(req.prompt_ids) + list(req.response_ids),
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+        "return_logprob": True,
+        "logprob_start_len": len(req.prompt_ids) - 1,
+        "stream": False,
+    }
+    if req.top_k:
+        payload["top_logprobs_num"] = req.top_k
+    return payload
+
+
+def parse_score_output(out: Any, req: ScoreRequest, *, url: str) -> TokenScores:
+    """SGLang's answer to `score_payload(req)` -> TokenScores (checked entry by entry).
+
+    Expects meta_info.input_token_logprobs for the tokens from the last prompt token on (see
+    the module docstring): R + 1 entries, entry 0 (null log-prob) dropped. A token id of 0 is
+    accepted for any token (SGLang reports ids >= vocab_size - 1 as 0).
+    """
+    where = f"{url}/generate score request {req.request_id!r}"
+    if not isinstance(out, dict) or not isinstance(out.get("meta_info"), dict):
+        raise EngineRequestError(f"{where}: unexpected answer {_excerpt(out)}")
+    meta = out["meta_info"]
+    if meta.get("id", req.request_id) != req.request_id:
+        raise EngineRequestError(f"{where}: the answer is for request {meta['id']!r}")
+    reason = meta.get("finish_reason") or {}
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        raise EngineRequestError(f"{where}: aborted by the server: {reason.get('message')!r}")
+    tokens = [req.prompt_ids[-1]] + list(req.response_ids)  # what entries 0 .. R refer to
+    entries = meta.get("input_token_logprobs")
+    if not isinstance(entries, list) or len(entries) != len(tokens):
+        raise EngineRequestError(
+            f"{where}: expected {len(tokens)} input_token_logprobs (last prompt token + "
+            f"{len(req.response_ids)} response tokens), got {_excerpt(entries)}; the server must "
+            "honour return_logprob and logprob_start_len")
+    logprobs = []
+    for j, entry in enumerate(entries):
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2:
+            raise EngineRequestError(f"{where}: input_token_logprobs[{j}] is {_excerpt(repr(entry))}, "
+                                     "expected [logprob, token_id, text]")
+        _check_token(where, f"input_token_logprobs[{j}]", entry[1], tokens[j])
+        if j == 0:
+            continue
+        if not isinstance(entry[0], (int, float)):
+            raise EngineRequestError(f"{where}: input_token_logprobs[{j}] (response token "
+                                     f"{j - 1}) has no log-prob: {_excerpt(entry)}")
+        logprobs.append(float(entry[0]))
+    top_ids = top_logprobs = None
+    if req.top_k:
+        top_ids, top_logprobs = _parse_top(where, meta.get("input_top_logprobs"), req)
+    return TokenScores(request_id=req.request_id, logprobs=logprobs, top_ids=top_ids,
+                       top_logprobs=top_logprobs)
+
+
+def _parse_top(where: str, rows: Any, req: ScoreRequest) -> tuple[list[list[int]], list[list[float]]]:
+    """input_top_logprobs entries 1 .. R -> (top ids, top log-probs) per response token."""
+    num = len(req.response_ids) + 1
+    if not isinstance(rows, list) or len(rows) != num:
+        raise EngineRequestError(f"{where}: expected {num} input_top_logprobs rows, got "
+                                 f"{_excerpt(rows)}; the server must honour top_logprobs_num")
+    top_ids, top_logprobs = [], []
+    for j, row in enumerate(rows[1:], start=1):
+        if not isinstance(row, list) or len(row) != req.top_k or not all(
+                isinstance(e, (list, tuple)) and len(e) >= 2 and isinstance(e[0], (int, float))
+                for e in row):
+            raise EngineRequestError(f"{where}: input_top_logprobs[{j}] should hold {req.top_k} "
+                                     f"[logprob, token_id, text] entries, got {_excerpt(row)}")
+        top_ids.append([int(e[1]) for e in row])
+        top_logprobs.append([float(e[0]) for e in row])
+    return top_ids, top_logprobs
+
+
+def _check_token(where: str, what: str, got: Any, expected: int) -> None:
+    if not isinstance(got, int) or (got != expected and got != 0):
+        raise EngineRequestError(f"{where}: {what} is for token {got!r}, the request has {expected} "
+                                 "there")
+
+
 class SGLangClient:
     """Talks to one SGLang server. Create and use it inside one event loop."""
 
@@ -137,18 +257,21 @@ class SGLangClient:
 
     async def generate(self, requests: list[GenerateRequest]) -> list[Completion]:
         """One completion per request, in order; each request is sent on its own."""
-        tasks = [asyncio.ensure_future(self.generate_one(r)) for r in requests]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:  # one request failed for good: do not leave the rest running
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await _gather_all([self.generate_one(r) for r in requests])
 
     async def generate_one(self, req: GenerateRequest) -> Completion:
         out = await self.call("POST", "/generate", generate_payload(req), request_id=req.request_id)
         return parse_generate_output(out, req, url=self.url)
+
+    # ----- teacher scoring -----
+
+    async def score(self, requests: list[ScoreRequest]) -> list[TokenScores]:
+        """Teacher scores per request, in order; each request is sent on its own."""
+        return await _gather_all([self.score_one(r) for r in requests])
+
+    async def score_one(self, req: ScoreRequest) -> TokenScores:
+        out = await self.call("POST", "/generate", score_payload(req), request_id=req.request_id)
+        return parse_score_output(out, req, url=self.url)
 
     # ----- transport -----
 
@@ -269,6 +392,18 @@ class SGLangClient:
 
     async def resume_memory_occupation(self, tags: list[str] | None = None) -> Any:
         return await self.call("POST", "/resume_memory_occupation", {"tags": tags})
+
+
+async def _gather_all(coros: list[Awaitable[T]]) -> list[T]:
+    """Run concurrently, results in order; when one fails for good, cancel the rest."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _excerpt(value: Any, limit: int = 300) -> str:

@@ -1,5 +1,8 @@
 """`SGLangEngine`: the `RolloutEngine` for an SGLang server, launched or attached.
 
+It can also score given responses (`score`, a frozen teacher's prefill log-probs; see
+scoring.py and sglang_client.parse_score_output).
+
 The trainer is synchronous; the HTTP client is asyncio. The engine owns a private event loop
 in a daemon thread: the synchronous methods submit coroutines to it and wait, and
 `agenerate` can be awaited from any other event loop. One aiohttp session lives on that loop.
@@ -24,6 +27,7 @@ import torch
 
 from ..config.rollout import EngineConfig
 from .engine import Completion, GenerateRequest, parse_weight_version
+from .scoring import ScoreRequest, TokenScores
 from .sglang_client import EngineRequestError, SGLangClient
 from .sglang_server import ServerProcess, build_launch_command, wait_healthy
 
@@ -105,6 +109,13 @@ class SGLangEngine:
         self._check_weights()
         self.onload()
         return await self._loop.run_async(self.client.generate(requests))
+
+    def score(self, requests: list[ScoreRequest]) -> list[TokenScores]:
+        """Teacher scores of given responses (prefill only, scoring.py); retried and recovered
+        like `generate`."""
+        self._check_weights()
+        self.onload()
+        return self._loop.run(self.client.score(requests))
 
     def _check_weights(self) -> None:
         if self._weights_lost:
