@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make demo   and   make test
+# Two commands on a fresh machine:  make demo   and   make test   (make bridge: the distillation bridge demo)
 # Both create .venv at the repository root on first use and install the pinned requirements.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
 
-.PHONY: install demo test test-unit test-distributed bench clean
+.PHONY: install demo bridge test test-unit test-distributed bench clean
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required; set PYTHON=python3.11")'
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/s2lpo_demo.py
+
+# A fresh output directory per run (a staged run refuses a directory that already holds one).
+bridge: $(STAMP)
+	$(PY) -m megatron_s2lpo.cli train examples/tiny_bridge_cpu.yaml run.output_dir=runs/tiny_bridge_cpu/$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest

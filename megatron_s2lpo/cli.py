@@ -3,6 +3,7 @@
     s2lpo config examples/tiny_cpu.yaml algo.t_mix=8      # print the resolved config
     s2lpo schedule --group-size 16 --t-mix 8 --steps 12   # the explorer/learner split per step
     s2lpo train examples/tiny_cpu.yaml run.num_steps=20   # S2L-PO training (--resume continues)
+    s2lpo train examples/tiny_bridge_cpu.yaml             # a multi-stage run (teacher GRPO -> ... -> student GRPO)
     s2lpo explore CONFIG --num-samples 16                 # fill rollout.explorer_store offline
     s2lpo eval CONFIG --models DIR1 DIR2 --k 16           # avg@k Pass@1 and pass@k curves (CSV, PNG)
     s2lpo convert hf-to-mcore --hf DIR --out CKPT --tp 4  # checkpoint conversion (see docs/convert.md)
@@ -101,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounding", default="paper")
     p.set_defaults(func=_cmd_schedule)
 
-    p = sub.add_parser("train", help="run S2L-PO training (Algorithm 1)")
+    p = sub.add_parser("train", help="run training: GRPO / S2L-PO / PODS, forward_kl, opd (algo.method), "
+                       "or every stage of a recipe with `stages:`")
     p.add_argument("config", nargs="?", default=None, help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="section.field=value")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint "
-                   "(same as run.resume=true)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, in the "
+                   "current stage of a staged run (same as run.resume=true)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("explore", help="fill the explorer rollout store (rollout.explorer_store)")

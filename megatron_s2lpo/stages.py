@@ -54,11 +54,14 @@ def _barrier() -> None:
 
 
 def initial_models(cfg: RunConfig) -> dict[str, str]:
-    """{model name: HF directory}: model_path, or the directory written from init_arch (rank 0)."""
+    """{model name: HF directory} of the models the stages use: model_path, or the directory
+    written from init_arch (by rank 0)."""
     from megatron_s2lpo.build import build_tokenizer, materialize_model
 
-    paths = {name: engine.model_path for name, engine in cfg.models.items() if engine.model_path}
-    built = [name for name, engine in cfg.models.items() if not engine.model_path and engine.init_arch]
+    used = {name for stage in cfg.stages for name in (stage.policy, stage.frozen) if name}
+    models = {name: engine for name, engine in cfg.models.items() if name in used}
+    paths = {name: engine.model_path for name, engine in models.items() if engine.model_path}
+    built = [name for name, engine in models.items() if not engine.model_path and engine.init_arch]
     if built:
         tokenizer = build_tokenizer(stage_run_config(cfg, 0))
         for name in built:
@@ -133,9 +136,11 @@ def summary_table(state: dict) -> str:
     def fmt(value: float | None) -> str:
         return "   -  " if value is None else f"{value:6.3f}"
 
-    rows = [f"{'stage':<16} {'method':<11} {'policy':<9} {'frozen':<9} {'steps':>5}  {'before':>6}  {'after':>6}"]
+    width = max([6] + [len(d["policy"]) for d in state["done"]] + [len(d["frozen"]) for d in state["done"]])
+    rows = [f"{'stage':<16} {'method':<11} {'policy':<{width}} {'frozen':<{width}} {'steps':>5}  {'before':>6}  "
+            f"{'after':>6}"]
     for done in state["done"]:
-        rows.append(f"{done['name']:<16} {done['method']:<11} {done['policy']:<9} {done['frozen'] or '-':<9} "
+        rows.append(f"{done['name']:<16} {done['method']:<11} {done['policy']:<{width}} {done['frozen'] or '-':<{width}} "
                     f"{done['num_steps']:>5}  {fmt(done.get('eval_start'))}  {fmt(done.get('eval_end'))}")
     return "\n".join(rows)
 

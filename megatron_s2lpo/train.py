@@ -237,11 +237,12 @@ def _teacher_supervision(parts: TrainerParts, step: int, groups: list, batch: An
         parts.teacher_scorer.new_step(step)
         rollouts = [r for g in groups for r in g.rollouts]
         scores = parts.teacher_scorer.score([(r.prompt_ids, r.response_ids) for r in rollouts])
-        return align_scores(scores, [len(r.prompt_ids) for r in rollouts], batch.tokens.shape[1], top_k)
+        aligned = align_scores(scores, [len(r.prompt_ids) for r in rollouts], batch.tokens.shape[1], top_k)
+        counts = {k: v for k, v in parts.teacher_scorer.metrics().items() if k != "teacher/seconds"}
+        return (*aligned, counts)  # the seconds are time/teacher
 
-    teacher, top_ids, top_logprobs = run_on_driver(score, parts.learner.groups)
+    teacher, top_ids, top_logprobs, metrics = run_on_driver(score, parts.learner.groups)
     seconds = time.perf_counter() - start
-    metrics: dict[str, float] = {}
     if cfg.algo.method == "forward_kl":
         batch.teacher_topk_ids, batch.teacher_topk_logprobs = top_ids, top_logprobs
         return seconds, metrics
@@ -257,14 +258,17 @@ def _teacher_supervision(parts: TrainerParts, step: int, groups: list, batch: An
 
 
 def _heldout_accuracy(parts: TrainerParts, step: int) -> float:
-    """avg@k Pass@1 of the learner's engine on the held-out prompts (rank 0; NaN elsewhere)."""
+    """avg@k Pass@1 of the learner's engine on the held-out prompts (rank 0; NaN elsewhere).
+
+    Every evaluation draws the same per-(prompt, sample) seeds, so two evaluations of one model
+    agree exactly and differences between steps come from the weights, not the sampler."""
     from megatron_s2lpo.algo.passk import avg_at_k_pass1
 
     if parts.learner_engine is None:
         return float("nan")
     cfg = parts.config
     scores = sample_scores(parts.learner_engine, parts.heldout_prompts, cfg.run.eval_num_samples,
-                           eval_sampling(cfg), parts.scorer, seed=cfg.run.seed, tag=f"eval{step}")
+                           eval_sampling(cfg), parts.scorer, seed=cfg.run.seed, tag="eval")
     return avg_at_k_pass1(scores)
 
 

@@ -44,6 +44,7 @@ def tiny_recipe(path: Path, output_dir: Path) -> Path:
     data["data"]["synthetic"].update(num_eval=4)
     data["algo"].update(group_size=4, mini_batches_per_step=2)
     data["algo"]["distill"]["top_k"] = 4
+    data["models"].pop("student_direct")  # the demo's baseline model
     data["models"]["teacher"]["init_sft_steps"] = 40
     data["models"]["student"]["init_sft_steps"] = 20
     data["sync"]["parity_every"] = 2
@@ -144,3 +145,34 @@ def test_resume_after_a_kill_inside_a_stage_is_exact(full_run, tmp_path: Path) -
         want = [without_timing(r) for r in stage_metrics(out_full, index)]
         got = [without_timing(r) for r in stage_metrics(out, index)]
         assert got == want, f"stage {STAGES[index]['name']} differs after resuming from OPD step {killed_at}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_stage_killed_after_its_last_checkpoint_exports_on_resume(full_run, tmp_path: Path) -> None:
+    """The window between a stage's final checkpoint and its export: the state file does not
+    list the stage yet and its hf/ is missing. --resume runs no steps, exports the checkpoint's
+    weights and finishes, with the same model as the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out_full, _ = full_run
+    out = tmp_path / "run"
+    shutil.copytree(out_full, out)
+    state_path = out / "stages.json"
+    state = json.loads(state_path.read_text().replace(str(out_full), str(out)))
+    last = state["done"].pop()
+    state["models"]["student"] = str(out / "stages" / "04-opd_loss" / "hf")
+    state_path.write_text(json.dumps(state))
+    shutil.rmtree(last["hf_dir"])
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", out)
+    proc = run(recipe, "--resume")
+    banner = next(line for line in proc.stdout.splitlines() if line.startswith("=== stage 5/5"))
+    assert banner.endswith("(resumed)") and "\nstep " not in proc.stdout  # no step ran again
+    resumed = json.loads(state_path.read_text())
+    assert [d["name"] for d in resumed["done"]] == [s["name"] for s in STAGES]
+    want = load_file(str(next((out_full / "stages" / "05-student_s2lpo" / "hf").glob("*.safetensors"))))
+    got = load_file(str(next(Path(resumed["done"][-1]["hf_dir"]).glob("*.safetensors"))))
+    assert want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)
+    assert [without_timing(r) for r in stage_metrics(out, 4)] == [without_timing(r) for r in stage_metrics(out_full, 4)]
