@@ -21,17 +21,19 @@ def staged(*stages: dict, **sections) -> dict:
 
 def test_bridge_recipe_maps_every_stage_to_a_single_run():
     cfg = load_config(BRIDGE)
-    assert [s.name for s in cfg.stages] == ["teacher_grpo", "warmup", "opd", "student_grpo"]
+    assert [s.name for s in cfg.stages] == ["teacher_grpo", "warmup", "opd", "student_grpo", "direct_grpo"]
     assert isinstance(cfg.models["teacher"], EngineConfig)
-    paths = {"teacher": "/out/teacher_hf", "student": "/out/student_hf"}
+    assert cfg.models["student_direct"] == cfg.models["student"]  # the baseline starts from the same student
+    paths = {"teacher": "/out/teacher_hf", "student": "/out/student_hf", "student_direct": "/out/direct_hf"}
     runs = [stage_run_config(cfg, i, paths) for i in range(len(cfg.stages))]
-    assert [r.algo.method for r in runs] == ["grpo", "forward_kl", "opd", "grpo"]
-    assert [r.rollout.learner.model_path for r in runs] == ["/out/teacher_hf"] + ["/out/student_hf"] * 3
+    assert [r.algo.method for r in runs] == ["grpo", "forward_kl", "opd", "grpo", "grpo"]
+    assert [r.rollout.learner.model_path for r in runs] == (["/out/teacher_hf"] + ["/out/student_hf"] * 3
+                                                            + ["/out/direct_hf"])
     assert all(r.rollout.learner.init_arch is None for r in runs)  # loaded, not rebuilt
     assert runs[1].rollout.teacher.model_path == runs[2].rollout.teacher.model_path == "/out/teacher_hf"
     assert [r.run.num_steps for r in runs] == [s.num_steps for s in cfg.stages]
     dirs = [r.run.output_dir for r in runs]
-    assert dirs[0].endswith(os.path.join("stages", "01-teacher_grpo")) and len(set(dirs)) == 4
+    assert dirs[0].endswith(os.path.join("stages", "01-teacher_grpo")) and len(set(dirs)) == 5
     assert all(not r.stages and not r.models for r in runs)
 
 
