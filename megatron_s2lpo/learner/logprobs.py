@@ -85,6 +85,13 @@ class _VocabParallelLogProb(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None
 
 
+def _vocab_slice(local_vocab: int, vocab_size: int, tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(first global id of this rank's logits columns, how many of them are real, not padding)."""
+    tp_rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
+    vocab_start = tp_rank * local_vocab
+    return vocab_start, max(0, min(local_vocab, vocab_size - vocab_start))
+
+
 def vocab_parallel_logprobs(
     logits: Tensor,
     target: Tensor,
@@ -105,10 +112,7 @@ def vocab_parallel_logprobs(
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree: "
                          "target must have the logits' shape without the vocab dimension")
-    tp_rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
-    local_vocab = logits.shape[-1]
-    vocab_start = tp_rank * local_vocab
-    num_real = max(0, min(local_vocab, vocab_size - vocab_start))
+    vocab_start, num_real = _vocab_slice(logits.shape[-1], vocab_size, tp_group)
     logprob, entropy = _VocabParallelLogProb.apply(
         logits, target, vocab_start, num_real, float(temperature), with_entropy, tp_group)
     return logprob, (entropy if with_entropy else None)
@@ -223,10 +227,7 @@ def vocab_parallel_logprobs_at(
                          "the logits' shape with the vocab dimension replaced by K")
     if ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"ids must be an integer tensor of vocabulary ids, got {ids.dtype}")
-    tp_rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
-    local_vocab = logits.shape[-1]
-    vocab_start = tp_rank * local_vocab
-    num_real = max(0, min(local_vocab, vocab_size - vocab_start))
+    vocab_start, num_real = _vocab_slice(logits.shape[-1], vocab_size, tp_group)
     return _VocabParallelLogProbAt.apply(logits, ids.long(), vocab_start, num_real, float(temperature), tp_group)
 
 

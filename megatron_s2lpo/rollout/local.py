@@ -24,7 +24,7 @@ import asyncio
 import glob
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -130,12 +130,7 @@ class LocalEngine:
         return self._version
 
     def generate(self, requests: list[GenerateRequest]) -> list[Completion]:
-        self._check_open()
-        out: list[Completion] = []
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(requests), self.max_batch_size):
-                out.extend(self._generate_batch(requests[start:start + self.max_batch_size]))
-        return out
+        return self._in_batches(self._generate_batch, requests)
 
     async def agenerate(self, requests: list[GenerateRequest]) -> list[Completion]:
         return await asyncio.to_thread(self.generate, requests)
@@ -143,12 +138,7 @@ class LocalEngine:
     def score(self, requests: list[ScoreRequest]) -> list[TokenScores]:
         """Teacher scores of given responses (scoring.py): one teacher-forced forward pass per
         `max_batch_size` requests, log_softmax at temperature 1 in float32."""
-        self._check_open()
-        out: list[TokenScores] = []
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(requests), self.max_batch_size):
-                out.extend(self._score_batch(requests[start:start + self.max_batch_size]))
-        return out
+        return self._in_batches(self._score_batch, requests)
 
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, flush: bool = True
@@ -188,6 +178,15 @@ class LocalEngine:
         self._closed = True
 
     # ----- internals -----
+
+    def _in_batches(self, run_batch: Callable[[list], list], requests: list) -> list:
+        """run_batch over chunks of at most max_batch_size requests, results in request order."""
+        self._check_open()
+        out: list = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(requests), self.max_batch_size):
+                out.extend(run_batch(requests[start:start + self.max_batch_size]))
+        return out
 
     def _check_open(self) -> None:
         if self._closed:

@@ -11,15 +11,13 @@ resumed with --resume; every stage's per-step metrics must equal the uninterrupt
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from process_control import kill_after_checkpoint
 
 from megatron_s2lpo.metrics_log import read_metrics
 
@@ -120,20 +118,9 @@ def test_resume_after_a_kill_inside_a_stage_is_exact(full_run, tmp_path: Path) -
     out_full, _ = full_run
     out = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "recipe.yaml", out)
-    proc = subprocess.Popen(train_command(recipe), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     latest = out / "stages" / "03-opd" / "checkpoints" / "latest"
-    try:
-        deadline = time.monotonic() + 500
-        while not (latest.is_file() and latest.read_text().strip()):
-            assert proc.poll() is None, "the run ended before the OPD stage's first checkpoint"
-            assert time.monotonic() < deadline, "no OPD checkpoint within the deadline"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its reward workers
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_checkpoint(train_command(recipe), REPO_ROOT, latest, what="the OPD stage's first checkpoint",
+                          timeout_s=500)
     killed_at = int(latest.read_text().strip().split("_")[1])
     assert killed_at < STAGES[2]["num_steps"], "the OPD stage finished before it could be killed"
     state = json.loads((out / "stages.json").read_text())

@@ -10,13 +10,12 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from process_control import kill_after_checkpoint
 
 from megatron_s2lpo.algo.schedule import schedule_share, split_group
 from megatron_s2lpo.metrics_log import read_metrics
@@ -92,21 +91,8 @@ def test_resume_after_sigkill_is_exact(full_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     out.mkdir()
     copy_models(full_run, out)
-    proc = subprocess.Popen(command(out), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     latest = out / "checkpoints" / "latest"
-    try:
-        deadline = time.monotonic() + 240
-        while not (latest.is_file() and latest.read_text().strip()):
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its reward workers
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_checkpoint(command(out), REPO_ROOT, latest, what="its first checkpoint", timeout_s=240)
     killed_at = int(latest.read_text().strip().split("_")[1])
     assert killed_at < NUM_STEPS
     run_train(out, "--resume")
