@@ -8,7 +8,12 @@ Node groups (one Slurm heterogeneous-job component each, in this order):
   learner         torchrun over `num_nodes` nodes; global rank 0 on the group's first node.
                   A colocated learner server runs on that first node too (CUDA IPC sync).
   learner_server  the learner's SGLang server on its own node (NCCL or disk weight sync).
-  explorer        the frozen explorer's SGLang server on its own node.
+  explorer        the frozen explorer's SGLang server on its own node (S2L-PO: algo.t_mix > 0).
+  teacher         the frozen teacher's SGLang server on its own node (algo.method forward_kl / opd).
+
+A multi-stage recipe (`stages:`) gets the learner group only: its engines change from stage to
+stage (a stage's trained model is the next one's teacher), so engines with `backend: sglang`
+are launched by each stage's trainer on the learner's first node (docs/cluster.md).
 
 Hosts are shell expressions (`${S2LPO_EXPLORER_HOST}` on Slurm, `127.0.0.1` on one machine):
 the URLs and the NCCL rendezvous reach the trainer as dotted overrides that the shell expands
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from ..config import EngineConfig, RunConfig
 from ..rollout.sglang_server import build_launch_command
 
-LEARNER, LEARNER_SERVER, EXPLORER = "learner", "learner_server", "explorer"
+LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"
 # Node-local copy of the resolved config written by the trainer script (one per job and node).
 EMBEDDED_CONFIG_PATH = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.yaml"
 CONFIG_EOF = "S2LPO_CONFIG_EOF"
@@ -60,6 +65,7 @@ class ClusterLayout:
     colocate_learner_server: bool | None = None
     learner_port: int = 30000
     explorer_port: int = 30001
+    teacher_port: int = 30002
     torchrun_port: int = 29500
     sync_port: int = 29600  # NCCL weight-sync rendezvous (sync.master_port)
     health_timeout_s: float = 1800.0
@@ -75,23 +81,24 @@ class ClusterLayout:
             raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node must be >= 0 (0 = CPU only), got {self.gpus_per_node}")
-        ports = (self.learner_port, self.explorer_port, self.torchrun_port, self.sync_port)
+        ports = (self.learner_port, self.explorer_port, self.teacher_port, self.torchrun_port, self.sync_port)
         if len(set(ports)) != len(ports):
-            raise ValueError(f"learner_port, explorer_port, torchrun_port and sync_port must differ, got {ports}")
+            raise ValueError(f"learner_port, explorer_port, teacher_port, torchrun_port and sync_port must differ, "
+                             f"got {ports}")
         if self.health_timeout_s <= 0:
             raise ValueError(f"health_timeout_s must be > 0, got {self.health_timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)
 class NodeGroup:
-    name: str  # LEARNER | LEARNER_SERVER | EXPLORER
+    name: str  # LEARNER | LEARNER_SERVER | EXPLORER | TEACHER
     num_nodes: int
     gpus_per_node: int  # GPUs requested per node of this group
 
 
 @dataclass(kw_only=True, slots=True)
 class ServerTask:
-    name: str  # "learner_server" | "explorer_server"
+    name: str  # "learner_server" | "explorer_server" | "teacher_server"
     group: str  # node group it runs in (LEARNER when colocated)
     num_gpus: int  # tp_size * dp_size
     command: list[str]  # sglang.launch_server command line (build_launch_command)
@@ -167,15 +174,18 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
                           f"sync.master_port={layout.sync_port}"]
         if not colocated and not one_machine:
             groups.append(NodeGroup(name=LEARNER_SERVER, num_nodes=1, gpus_per_node=num_gpus))
-    if cfg.algo.t_mix > 0 and _needs_server(explorer_engine) and explorer_engine.model_path:
-        num_gpus = _server_gpus(explorer_engine, "explorer", layout)
-        command = build_launch_command(_server_cfg(explorer_engine, layout.explorer_port, memory_saver=False),
-                                       python=layout.server_python)
-        url = f"http://{host(EXPLORER)}:{layout.explorer_port}"
-        servers.append(ServerTask(name="explorer_server", group=EXPLORER, num_gpus=num_gpus, command=command, url=url))
-        overrides.append(f"rollout.explorer.url={url}")
+    frozen = [(EXPLORER, explorer_engine, layout.explorer_port, cfg.algo.t_mix > 0),
+              (TEACHER, cfg.rollout.teacher, layout.teacher_port, cfg.algo.method in ("forward_kl", "opd"))]
+    for name, engine, port, used in frozen:  # frozen models: a server on a node of its own
+        if not (used and _needs_server(engine) and engine.model_path):
+            continue
+        num_gpus = _server_gpus(engine, name, layout)
+        command = build_launch_command(_server_cfg(engine, port, memory_saver=False), python=layout.server_python)
+        url = f"http://{host(name)}:{port}"
+        servers.append(ServerTask(name=f"{name}_server", group=name, num_gpus=num_gpus, command=command, url=url))
+        overrides.append(f"rollout.{name}.url={url}")
         if not one_machine:
-            groups.append(NodeGroup(name=EXPLORER, num_nodes=1, gpus_per_node=num_gpus))
+            groups.append(NodeGroup(name=name, num_nodes=1, gpus_per_node=num_gpus))
     learner_nodes = layout.num_nodes - sum(g.num_nodes for g in groups)
     if learner_nodes < 1:
         raise ValueError(f"num_nodes={layout.num_nodes} leaves no node for the learner: the servers take "
@@ -246,7 +256,7 @@ def server_script(server: ServerTask) -> str:
 
 
 def num_gpus_summary(plan: LaunchPlan) -> dict[str, int]:
-    """GPUs per role (learner, learner server when on its own node, explorer server)."""
+    """GPUs per role (learner, learner server when on its own node, explorer / teacher server)."""
     out = {"learner": plan.learner_nodes * plan.group(LEARNER).gpus_per_node}
     for server in plan.servers:
         out[server.name] = server.num_gpus

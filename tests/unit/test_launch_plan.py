@@ -214,3 +214,30 @@ def test_wait_healthy_module_runs_without_heavy_imports():
             "print(sorted(m for m in ('torch', 'nemo_run', 'megatron') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_distillation_gets_a_teacher_server_on_its_own_node():
+    _, plan = _plan(["algo.method=opd", "algo.t_mix=0", "rollout.teacher.backend=sglang",
+                     "rollout.teacher.model_path=/models/Qwen3-8B-RL", "rollout.teacher.tp_size=2",
+                     "rollout.teacher.dp_size=4"])
+    assert [(g.name, g.num_nodes, g.gpus_per_node) for g in plan.groups] == [
+        ("learner", 2, 8), ("learner_server", 1, 8), ("teacher", 1, 8)]
+    teacher = plan.servers[-1]
+    assert teacher.name == "teacher_server" and teacher.url == "http://${S2LPO_TEACHER_HOST}:30002"
+    flags = dict(zip(teacher.command[3::2], teacher.command[4::2]))
+    assert flags["--model-path"] == "/models/Qwen3-8B-RL" and flags["--port"] == "30002"
+    assert "rollout.teacher.url=http://${S2LPO_TEACHER_HOST}:30002" in plan.trainer_overrides
+    assert not any(o.startswith("rollout.explorer.url") for o in plan.trainer_overrides)  # t_mix=0: no explorer
+
+
+def test_staged_recipe_runs_the_trainer_alone():
+    recipe = os.path.join(REPO, "examples", "tiny_bridge_cpu.yaml")
+    cfg = load_config(recipe)
+    plan = plan_launch(cfg, recipe, ClusterLayout(num_nodes=2, gpus_per_node=0))
+    assert [g.name for g in plan.groups] == ["learner"] and not plan.servers
+    assert plan.learner_nodes == 2
+
+
+def test_ports_must_differ():
+    with pytest.raises(ValueError, match="teacher_port"):
+        ClusterLayout(teacher_port=30001)
