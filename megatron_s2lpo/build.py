@@ -301,6 +301,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     learner_engine = explorer_engine = prefetcher = collector = scorer = writer = None
     teacher_engine = teacher_scorer = None
     if groups.rank == 0:
+        _check_server_ports(cfg, rollout, uses_explorer)
         scorer = MathScorer(num_workers=cfg.run.reward_workers)
         stage = RolloutStage(None, scorer, groups)
         learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed)
@@ -331,6 +332,18 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         learner_params=learner.arch.num_params(), explorer_params=explorer_params,
         checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR), learner_dir=learner_path,
         teacher_engine=teacher_engine, teacher_scorer=teacher_scorer)
+
+
+def _check_server_ports(cfg: RunConfig, rollout: Any, uses_explorer: bool) -> None:
+    """SGLang servers this process launches (backend sglang, no url) must not share host:port."""
+    engines = [("learner", rollout.learner, True), ("explorer", rollout.explorer, uses_explorer),
+               ("teacher", rollout.teacher, cfg.algo.method == "opd")]
+    launched = [(name, e.host, e.port) for name, e, used in engines if used and e.backend == "sglang" and not e.url]
+    addresses = [(host, port) for _, host, port in launched]
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("the SGLang servers this run launches need their own ports: "
+                         + ", ".join(f"rollout.{name} at {host}:{port}" for name, host, port in launched)
+                         + "; set rollout.<engine>.port (or models.<name>.port in a staged recipe)")
 
 
 def _teacher(cfg: RunConfig, explorer_engine: Any, tokenizer: Any) -> tuple[Any, Any]:

@@ -116,3 +116,18 @@ def test_temperature_schedules():
         sampling_temperature(0, 1.0)
     with pytest.raises(ValueError, match="unknown schedule 'exp'"):
         sampling_temperature(1, 1.0, schedule="exp")
+
+
+def test_launched_servers_of_one_run_need_their_own_ports():
+    from megatron_s2lpo.build import _check_server_ports
+
+    cfg = config_from_dict({}, ["algo.method=opd", "rollout.teacher.model_path=/t", "rollout.teacher.backend=sglang",
+                                "rollout.learner.backend=sglang"])
+    with pytest.raises(ValueError, match=r"rollout\.learner at 127\.0\.0\.1:30000, rollout\.teacher at 127\.0\.0\.1:30000"):
+        _check_server_ports(cfg, cfg.rollout, uses_explorer=False)
+    moved = config_from_dict({}, ["algo.method=opd", "rollout.teacher.model_path=/t", "rollout.teacher.backend=sglang",
+                                  "rollout.learner.backend=sglang", "rollout.teacher.port=30002"])
+    _check_server_ports(moved, moved.rollout, uses_explorer=False)
+    attached = config_from_dict({}, ["algo.method=opd", "rollout.teacher.url=http://n1:30000",
+                                     "rollout.teacher.backend=sglang", "rollout.learner.backend=sglang"])
+    _check_server_ports(attached, attached.rollout, uses_explorer=False)  # attached: nothing launched here
