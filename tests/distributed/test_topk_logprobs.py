@@ -1,4 +1,5 @@
-"""TP=2 vs TP=1: log-probs at the teacher's top-k ids from vocab-parallel logits, and their gradients.
+"""TP=2 vs TP=1: log-probs at the teacher's top-k ids from vocab-parallel logits, and their gradients;
+the learner's forward_kl / reverse_kl steps at TP=2 vs TP=1 x DP=2 from the same weights.
 
 One 2-process launch (scripts/topk_checks.py) runs every check; each test asserts one of them.
 Gloo on CPU; the NCCL path on GPUs runs the same code with another backend.
@@ -12,6 +13,8 @@ CHECKS = [
     "topk_tp2_equals_tp1",
     "topk_tp2_rank_with_only_padding",
     "topk_tp2_forward_kl_gradient_equals_tp1",
+    "learner_forward_kl_tp2_equals_tp1_dp2",
+    "learner_reverse_kl_tp2_equals_tp1_dp2",
 ]
 
 

@@ -8,16 +8,26 @@ megatron's TP group; every rank also computes the TP=1 result on the full logits
 float64 full-vocabulary log_softmax (ids on both ranks, repeated ids, temperature); a rank whose
 columns are all padding; the top-k forward-KL loss through `token_topk_logprobs` has the TP=1
 loss and gradient (the identity backward of the reductions does not scale by the TP size).
+
+Then the learner's distillation objectives through megatron's schedule: a TP=2 learner takes
+one `forward_kl` (teacher top-k) and one `reverse_kl` step; a TP=1 x DP=2 learner loaded from
+the same initial checkpoint must report the same loss and gradient norm for each.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
 
-from common import max_abs_diff, run_check
+from common import fixed_batch, max_abs_diff, run_check, tiny_arch
+from tp2_checks import _shared_dir, learner_config
+
+from megatron_s2lpo.algo.losses import PolicyLossConfig
 
 from megatron_s2lpo.algo.distill import forward_kl_loss
 from megatron_s2lpo.algo.losses import loss_normalizer
@@ -90,12 +100,55 @@ def check_forward_kl_gradient(groups) -> dict:
             "loss_value": float(loss_tp2), **diffs}
 
 
+OBJECTIVES = ("forward_kl", "reverse_kl")
+
+
+def distill_batch():
+    """fixed_batch plus teacher scores: log-probs of the tokens and a top-4 per position."""
+    batch = fixed_batch(seed=3)
+    gen = torch.Generator().manual_seed(4)
+    vocab = tiny_arch().vocab_size
+    teacher = torch.log_softmax(torch.randn(*batch.tokens.shape, vocab, generator=gen) * 2, dim=-1)
+    batch.teacher_logprobs = teacher.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1) * batch.loss_mask
+    batch.teacher_topk_logprobs, batch.teacher_topk_ids = teacher.topk(4, dim=-1)
+    return batch
+
+
 def main() -> None:
+    from megatron_s2lpo.learner import Learner
+
     groups = init_parallel(tensor_parallel_size=2, seed=3)
     run_check("topk_tp2_equals_tp1", lambda: check_logprobs_at(groups, vocab=300))
     run_check("topk_tp2_rank_with_only_padding", lambda: check_logprobs_at(groups, vocab=200))
     run_check("topk_tp2_forward_kl_gradient_equals_tp1", lambda: check_forward_kl_gradient(groups))
+    root = _shared_dir(tempfile.mkdtemp(prefix="topk_checks_") if int(os.environ["RANK"]) == 0 else None)
+    learner = Learner(tiny_arch(), learner_config(2), groups=groups)
+    learner.save(root)
+    tp2 = {}
+    for objective in OBJECTIVES:  # each objective from the saved initial weights
+        learner.load(root)
+        metrics = learner.train_step(distill_batch(), loss_config=PolicyLossConfig(), objective=objective,
+                                     distill_coef=0.5)
+        tp2[objective] = metrics
+    destroy_parallel(destroy_process_group=False)
+
+    groups = init_parallel(tensor_parallel_size=1, seed=3)  # DP=2
+    learner = Learner(tiny_arch(), learner_config(1), groups=groups)
+    for objective in OBJECTIVES:
+        learner.load(root)
+        metrics = learner.train_step(distill_batch(), loss_config=PolicyLossConfig(), objective=objective,
+                                     distill_coef=0.5)
+
+        def same(objective=objective, metrics=metrics) -> dict:
+            ref = tp2[objective]
+            diffs = {"loss": abs(metrics["loss"] - ref["loss"]), "grad_norm": abs(metrics["grad_norm"] - ref["grad_norm"])}
+            return {"ok": diffs["loss"] < 1e-6 and diffs["grad_norm"] < 1e-5 and metrics["grad_norm"] > 1e-3,
+                    "loss_value": metrics["loss"], "grad_norm_value": metrics["grad_norm"], **diffs}
+
+        run_check(f"learner_{objective}_tp2_equals_tp1_dp2", same)
     dist.barrier()
+    if int(os.environ["RANK"]) == 0:
+        shutil.rmtree(root, ignore_errors=True)
     destroy_parallel()
 
 
