@@ -271,8 +271,6 @@ def eval_sampling(cfg: RunConfig) -> Any:
 
 def build_trainer(cfg: RunConfig) -> TrainerParts:
     """Every component of the run (engines and scorer on global rank 0 only)."""
-    from megatron_s2lpo.convert.hf_io import HFReader
-    from megatron_s2lpo.convert.live import load_hf_state
     from megatron_s2lpo.learner import Learner
     from megatron_s2lpo.reward import MathScorer
     from megatron_s2lpo.sync import WeightSync
@@ -294,10 +292,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         explorer_path = materialize_model(rollout.explorer, "explorer" if algo.method == "grpo" else "teacher",
                                           cfg, tokenizer)
     if not cfg.learner.load:
-        load_hf_state(learner.policy_chunks, groups.tp_rank, groups.tp_size, learner.arch,
-                      HFReader(learner_path))
-        if learner.reference is not None:
-            learner.init_reference_from_policy()
+        learner.load_hf(learner_path)
     learner_engine = explorer_engine = prefetcher = collector = scorer = writer = None
     teacher_engine = teacher_scorer = None
     if groups.rank == 0:

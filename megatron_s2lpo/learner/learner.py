@@ -84,6 +84,21 @@ class Learner:
         """The bare GPTModel chunks of the policy (for weight sync and conversion)."""
         return [unwrap_model(chunk) for chunk in self.model]
 
+    def load_hf(self, path: str) -> None:
+        """Set the policy (and the reference, if any) to the weights of Hugging Face directory `path`.
+
+        Mixed-precision optimizers (bf16 / fp8) keep fp32 main copies of the weights, made when
+        the optimizer was built; they are refreshed from the loaded weights here
+        (`reload_model_params`), so the first update starts from these weights and not from
+        the random initialisation."""
+        from megatron_s2lpo.convert.hf_io import HFReader
+        from megatron_s2lpo.convert.live import load_hf_state
+
+        load_hf_state(self.policy_chunks, self.groups.tp_rank, self.groups.tp_size, self.arch, HFReader(path))
+        self.optimizer.reload_model_params()
+        if self.reference is not None:
+            self.reference.copy_from(self.model)
+
     def init_reference_from_policy(self) -> None:
         """Make the reference a copy of the current policy (call after loading initial weights)."""
         if self.reference is None:

@@ -1,4 +1,8 @@
-"""GPU tier: Transformer Engine, FP8, NCCL and real SGLang. Skipped on machines without CUDA."""
+"""GPU tier (tests/gpu): the learner, the local engine, weight sync and the distillation objectives
+on one CUDA device. Skipped on machines without CUDA.
+
+    python -m pytest tests/gpu          # on a CUDA machine with megatron-core installed
+"""
 
 import pytest
 import torch
