@@ -251,9 +251,13 @@ class Learner:
                                     optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
 
     def load(self, path: str | Path, *, load_optimizer: bool = True) -> ckpt.LoadedState:
-        """Load a checkpoint (directory or root -> latest complete), resharding as needed."""
+        """Load a checkpoint (directory or root -> latest complete), resharding as needed.
+
+        load_optimizer=False loads the weights only (fresh optimizer state and LR schedule)."""
         loaded = ckpt.load_checkpoint(path, model_chunks=self.model,
                                       optimizer=self.optimizer if load_optimizer else None,
                                       scheduler=self.scheduler if load_optimizer else None)
+        if not load_optimizer:  # weights only: fp32 main copies (bf16 / fp8) must follow them
+            self.optimizer.reload_model_params()
         self.step = int(loaded.trainer_state.get("learner_step", loaded.step))
         return loaded

@@ -205,3 +205,23 @@ def test_local_engine_scores_its_own_samples_on_the_gpu(hf_dir):
     for comp, score in zip(comps, scores):
         assert max(abs(a - b) for a, b in zip(comp.logprobs, score.logprobs)) < 1e-4
         assert all(lps[0] >= lp - 1e-6 for lps, lp in zip(score.top_logprobs, score.logprobs))
+
+
+def test_bf16_weights_only_checkpoint_load_updates_from_the_loaded_weights(groups, hf_dir, tmp_path):
+    from megatron_s2lpo.algo.losses import PolicyLossConfig
+
+    batch = make_batch()
+    trained = make_learner(groups, hf_dir, precision="bf16", lr=1e-5)
+    trained.save(tmp_path / "ckpt", step=1)
+    fresh = make_learner(groups, hf_dir, precision="bf16", lr=1e-5)
+    with torch.no_grad():  # move the fresh learner's weights away, then load the checkpoint's weights only
+        for chunk in fresh.policy_chunks:
+            for param in chunk.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+    fresh.load(tmp_path / "ckpt", load_optimizer=False)
+    before = fresh.compute_logprobs(batch, 1.0)
+    assert float((before - trained.compute_logprobs(batch, 1.0)).abs().max()) == 0.0
+    batch.old_logprobs = before
+    fresh.train_step(batch, loss_config=PolicyLossConfig())
+    after = fresh.compute_logprobs(batch, 1.0)
+    assert float((after - before)[batch.loss_mask > 0].abs().mean()) < 0.15  # not back to the perturbed weights
