@@ -221,7 +221,7 @@ class TrainerParts:
 
         Written to a temporary sibling and renamed, so `out_dir` is either absent or complete."""
         from megatron_s2lpo.convert.export import iter_hf_buckets
-        from megatron_s2lpo.sync.disk import write_hf_dir
+        from megatron_s2lpo.sync.disk import publish_hf_dir
 
         learner = self.learner
         buckets = iter_hf_buckets(learner.policy_chunks, learner.groups, learner.arch,
@@ -230,12 +230,8 @@ class TrainerParts:
             for _ in buckets:  # collectives inside: every rank consumes the iterator
                 pass
             return out_dir
-        tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_hf_dir(tmp, buckets, arch=learner.arch, shard_bytes=self.config.sync.bucket_bytes,
-                     hf_config_dir=self.learner_dir or None)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        publish_hf_dir(out_dir, f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}", buckets, arch=learner.arch,
+                       shard_bytes=self.config.sync.bucket_bytes, hf_config_dir=self.learner_dir or None)
         return out_dir
 
     def close(self) -> None:
@@ -374,10 +370,12 @@ def _learner_dir(cfg: RunConfig, tokenizer: Any) -> str:
     """The learner's initial HF directory: rank 0 writes it when built from code, then shares the path."""
     import torch.distributed as dist
 
+    from megatron_s2lpo.utils.procs import is_rank0
+
     path = cfg.rollout.learner.model_path
     if path:
         return path
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         path = materialize_model(cfg.rollout.learner, "learner", cfg, tokenizer)
     if dist.is_initialized():
         holder = [path]

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from megatron_s2lpo.config import LoggingConfig
+from megatron_s2lpo.utils.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -64,10 +65,7 @@ class MetricsWriter:
                 continue
             if record.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(keep))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.config.log_every:

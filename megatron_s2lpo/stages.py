@@ -22,6 +22,8 @@ import os
 from typing import Any
 
 from megatron_s2lpo.config import RunConfig, stage_dir, stage_run_config
+from megatron_s2lpo.utils.files import write_atomic
+from megatron_s2lpo.utils.procs import barrier, is_rank0
 
 STATE_FILE = "stages.json"
 
@@ -29,28 +31,6 @@ STATE_FILE = "stages.json"
 def _read_state(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
-
-
-def _write_state(path: str, state: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _is_driver() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def initial_models(cfg: RunConfig) -> dict[str, str]:
@@ -66,10 +46,10 @@ def initial_models(cfg: RunConfig) -> dict[str, str]:
         tokenizer = build_tokenizer(stage_run_config(cfg, 0))
         for name in built:
             path = os.path.join(cfg.run.output_dir, "models", name)
-            if _is_driver():
+            if is_rank0():
                 materialize_model(cfg.models[name], name, cfg, tokenizer)
             paths[name] = path
-        _barrier()
+        barrier()
     return paths
 
 
@@ -86,8 +66,8 @@ def run_stages(cfg: RunConfig) -> dict:
     state = _read_state(state_path) if os.path.isfile(state_path) else {"models": {}, "done": []}
     _check_same_stages(cfg, state, state_path)
     state["models"] = {**initial_models(cfg), **state["models"]}  # trained versions win
-    if _is_driver():
-        _write_state(state_path, state)
+    if is_rank0():
+        write_atomic(state_path, json.dumps(state, indent=2))
     for index, stage in enumerate(cfg.stages):
         if index < len(state["done"]):
             continue
@@ -104,10 +84,10 @@ def run_stages(cfg: RunConfig) -> dict:
         state["done"].append({"name": stage.name, "method": stage.method, "policy": stage.policy,
                               "frozen": stage.frozen, "num_steps": stage.num_steps, "hf_dir": hf_dir,
                               **stage_evals(out)})
-        if _is_driver():
-            _write_state(state_path, state)
-        _barrier()
-    if _is_driver():
+        if is_rank0():
+            write_atomic(state_path, json.dumps(state, indent=2))
+        barrier()
+    if is_rank0():
         print(summary_table(state), flush=True)
     return state
 

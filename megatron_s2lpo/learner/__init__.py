@@ -16,8 +16,7 @@ Importing this package does not import megatron-core; the names below load on fi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_s2lpo.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "apply_cpu_shims": "cpu_shims",
@@ -44,10 +43,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -35,6 +35,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_s2lpo.utils.files import write_atomic
+from megatron_s2lpo.utils.procs import barrier
+
 from .model import unwrap_model
 
 LATEST = "latest"
@@ -83,18 +86,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _write_file_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text)
     _fsync_path(path.parent)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _on_any_rank(flag: bool) -> bool:
@@ -198,11 +191,11 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # left by a crashed save
         (tmp / DIST_DIR).mkdir(parents=True)
         (tmp / "rng").mkdir()
-    _barrier()
+    barrier()
     dist_checkpointing.save(sharded_state(model_chunks, optimizer, is_loading=False), str(tmp / DIST_DIR),
                             content_metadata=sharded_metadata())
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
+    barrier()
     if _rank() == 0:
         (tmp / STATE_FILE).write_text(state_text)
         (tmp / COMPLETE).write_text("")
@@ -217,7 +210,7 @@ def save_checkpoint(
             os.replace(tmp, final)
         _fsync_path(root)
         _write_file_atomic(root / LATEST, name + "\n")
-    _barrier()
+    barrier()
     return final
 
 
@@ -300,7 +293,7 @@ def load_checkpoint(
     rng_file = ckpt / "rng" / f"rank_{_rank():05d}.pt"
     if load_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    _barrier()
+    barrier()
     return LoadedState(path=ckpt, step=int(saved["step"]), trainer_state=saved.get("trainer_state") or {},
                        scheduler_state=saved.get("scheduler"))
 

@@ -97,7 +97,7 @@ class Learner:
         load_hf_state(self.policy_chunks, self.groups.tp_rank, self.groups.tp_size, self.arch, HFReader(path))
         self.optimizer.reload_model_params()
         if self.reference is not None:
-            self.reference.copy_from(self.model)
+            self.init_reference_from_policy()
 
     def init_reference_from_policy(self) -> None:
         """Make the reference a copy of the current policy (call after loading initial weights)."""

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..types import FinishReason, Rollout, Source
+from ..utils.files import write_atomic
 from .engine import Completion
 
 SHARD_RE = re.compile(r"^shard-(\d{6})\.jsonl$")
@@ -148,15 +149,6 @@ def _scan(store_dir: str) -> dict[str, list[_Entry]]:
     return by_prompt
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class StoreWriter:
     """Appends samples to a store directory (new or existing) as atomic shard files."""
 
@@ -206,8 +198,8 @@ class StoreWriter:
             records.append([sample.prompt_id, sample.sample_index, offset, len(line)])
             lines.append(line)
             offset += len(line)
-        _atomic_write(stem + ".jsonl", b"".join(lines))
-        _atomic_write(stem + INDEX_SUFFIX, json.dumps({"records": records}).encode())
+        write_atomic(stem + ".jsonl", b"".join(lines))
+        write_atomic(stem + INDEX_SUFFIX, json.dumps({"records": records}))
         self._next_shard += 1
         self._buffer.clear()
 

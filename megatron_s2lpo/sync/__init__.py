@@ -14,8 +14,7 @@ loads nothing heavy; the names below load on first use. See docs/sync.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_s2lpo.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "WeightSync": "weight_sync",
@@ -36,10 +35,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -105,6 +105,22 @@ def write_hf_dir(out_dir: str, buckets: Iterable[Bucket], *, arch: ModelArch, sh
     return num_bytes, num_buckets
 
 
+def publish_hf_dir(final: str, tmp: str, buckets: Iterable[Bucket], *, arch: ModelArch, shard_bytes: int,
+                   hf_config_dir: str | None = None) -> tuple[int, int]:
+    """`write_hf_dir` into `tmp`, then rename it to `final` (replacing an older `final`), so
+    `final` is never half written; `tmp` is removed if anything fails. Returns (bytes, buckets)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = write_hf_dir(tmp, buckets, arch=arch, shard_bytes=shard_bytes, hf_config_dir=hf_config_dir)
+        if os.path.exists(final):  # an earlier directory of the same name
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
 class DiskTransport:
     """HF safetensors directory + `engine.update_weights_from_disk(path, version)`."""
 
@@ -133,16 +149,8 @@ class DiskTransport:
     def push(self, buckets: Iterable[Bucket], version: int) -> PushStats:
         final = os.path.join(self.root, sync_dir_name(version))
         tmp = os.path.join(self.root, f"{TMP_PREFIX}{sync_dir_name(version)}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            num_bytes, num_buckets = write_hf_dir(tmp, buckets, arch=self.arch, shard_bytes=self.shard_bytes,
-                                                  hf_config_dir=self.hf_config_dir)
-            if os.path.exists(final):  # an earlier run's directory of the same version
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        num_bytes, num_buckets = publish_hf_dir(final, tmp, buckets, arch=self.arch, shard_bytes=self.shard_bytes,
+                                                hf_config_dir=self.hf_config_dir)
         self.engine.update_weights_from_disk(final, version)
         prune_sync_dirs(self.root, self.keep, version)
         return PushStats(num_bytes=num_bytes, num_buckets=num_buckets, path=final)
