@@ -16,23 +16,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 
 import torch
+from timing import median_seconds
 
 from megatron_s2lpo.algo.pods import max_variance_indices
-
-
-def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):  # first calls pay for thread-pool start and allocator growth
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def population_variance(values: list[float]) -> float:

@@ -18,7 +18,6 @@ Prints
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,22 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import QWEN3_QUICK  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from megatron_s2lpo.algo.distill import forward_kl_loss, opd_token_advantages, reverse_kl_loss  # noqa: E402
 from megatron_s2lpo.algo.losses import PolicyLossConfig, loss_normalizer, policy_loss  # noqa: E402
 from megatron_s2lpo.learner.logprobs import token_logprobs, token_topk_logprobs  # noqa: E402
 from megatron_s2lpo.rollout import GenerateRequest, LocalEngine, ScoreRequest  # noqa: E402
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_scoring(num_seqs: int, prompt_len: int, new_tokens: int) -> None:
@@ -60,7 +49,7 @@ def bench_scoring(num_seqs: int, prompt_len: int, new_tokens: int) -> None:
     gen_s = time.perf_counter() - start
     scores_req = [ScoreRequest(request_id=c.request_id, prompt_ids=c.prompt_ids, response_ids=c.token_ids)
                   for c in comps]
-    score_s = median_seconds(lambda: engine.score(scores_req), repeats=3)
+    score_s = median_seconds(lambda: engine.score(scores_req), repeats=3, warmup=1)
     scores = engine.score(scores_req)
     gap = max(abs(a - b) for c, s in zip(comps, scores) for a, b in zip(c.logprobs, s.logprobs))
     tokens = sum(len(c.token_ids) for c in comps)
@@ -112,12 +101,12 @@ def bench_losses(batch: int, seq_len: int, vocab: int, top_k: int, repeats: int)
         dense = opd_token_advantages(old, teacher, mask)
         return policy_loss(lp, old, dense, mask, config=config, normalizer=norm)[0]
 
-    base = median_seconds(run(grpo), repeats)
+    base = median_seconds(run(grpo), repeats, warmup=1)
     print(f"{'objective':<34} {'ms':>8} {'x GRPO':>7}")
     print(f"{'grpo policy loss (baseline)':<34} {base * 1e3:8.1f} {1.0:7.2f}")
     for name, objective in (("forward_kl, sampled tokens", fkl_sampled), (f"forward_kl, teacher top-{top_k}", fkl_topk),
                             ("opd, direct reverse-KL loss", opd_loss), ("opd, advantage mode", opd_advantage)):
-        seconds = median_seconds(run(objective), repeats)
+        seconds = median_seconds(run(objective), repeats, warmup=1)
         print(f"{name:<34} {seconds * 1e3:8.1f} {seconds / base:7.2f}")
 
 

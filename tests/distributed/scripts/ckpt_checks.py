@@ -15,13 +15,12 @@ from __future__ import annotations
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from common import fixed_batch, max_abs_diff, run_check, tiny_arch
+from common import fixed_batch, max_abs_diff, run_check, shared_tmpdir, tiny_arch
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
@@ -182,16 +181,13 @@ def part_tp2(state: dict, root: Path) -> None:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    holder = [tempfile.mkdtemp(prefix="ckpt_checks_") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(holder, src=0)
-    root = Path(holder[0]) / "checkpoints"
+    root = Path(shared_tmpdir("ckpt_checks_")) / "checkpoints"
     state: dict = {}
     part_dp2(state, root)
     part_tp2(state, root)
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(holder[0], ignore_errors=True)
+        shutil.rmtree(root.parent, ignore_errors=True)
     dist.destroy_process_group()
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import traceback
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.types import TrainBatch
@@ -48,6 +50,16 @@ def fixed_batch(seed: int = 0) -> TrainBatch:
     return TrainBatch(tokens=tokens, loss_mask=mask, advantages=adv[:, None] * mask, old_logprobs=zeros.clone(),
                       behaviour_logprobs=zeros.clone(), sources=torch.zeros(num_seqs, dtype=torch.long),
                       seq_lens=seq_lens)
+
+
+def shared_tmpdir(prefix: str) -> str:
+    """A temporary directory made by rank 0 and told to every rank (the ranks share a filesystem);
+    initialises the default gloo group if the script has not."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    holder = [tempfile.mkdtemp(prefix=prefix) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def report_check(name: str, ok: bool, **details: object) -> None:

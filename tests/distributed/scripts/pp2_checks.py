@@ -11,15 +11,13 @@ and one optimizer step with both pipeline layouts.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from common import fixed_batch, global_grads, max_abs_diff, run_check, tiny_arch
+from common import fixed_batch, global_grads, max_abs_diff, run_check, shared_tmpdir, tiny_arch
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
@@ -131,16 +129,14 @@ def part_pp1(state: dict, root: str) -> None:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    holder = [tempfile.mkdtemp(prefix="pp2_checks_") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(holder, src=0)
+    root = shared_tmpdir("pp2_checks_")
     state: dict = {}
-    part_pp2(state, holder[0])
-    part_vpp(state, holder[0])
-    part_pp1(state, holder[0])
+    part_pp2(state, root)
+    part_vpp(state, root)
+    part_pp1(state, root)
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(holder[0], ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     dist.destroy_process_group()
 
 

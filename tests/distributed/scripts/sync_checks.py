@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import threading
 
 import torch
 import torch.distributed as dist
 
-from common import RANK, max_abs_diff, run_check, tiny_arch
+from common import RANK, max_abs_diff, run_check, shared_tmpdir, tiny_arch
 
 from megatron_s2lpo.config.learner import LearnerConfig
 from megatron_s2lpo.config.rollout import EngineConfig
@@ -273,10 +272,7 @@ def start_server(root: str) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    holder = [tempfile.mkdtemp(prefix="sync_checks_") if RANK == 0 else None]
-    dist.broadcast_object_list(holder, src=0)
-    root = holder[0]
+    root = shared_tmpdir("sync_checks_")
     server = start_server(root)
     try:
         part_tp2(root, server)

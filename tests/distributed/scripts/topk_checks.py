@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from common import fixed_batch, max_abs_diff, run_check, tiny_arch
-from tp2_checks import _shared_dir, learner_config
+from common import fixed_batch, max_abs_diff, run_check, shared_tmpdir, tiny_arch
+from tp2_checks import learner_config
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 
@@ -121,7 +120,7 @@ def main() -> None:
     run_check("topk_tp2_equals_tp1", lambda: check_logprobs_at(groups, vocab=300))
     run_check("topk_tp2_rank_with_only_padding", lambda: check_logprobs_at(groups, vocab=200))
     run_check("topk_tp2_forward_kl_gradient_equals_tp1", lambda: check_forward_kl_gradient(groups))
-    root = _shared_dir(tempfile.mkdtemp(prefix="topk_checks_") if int(os.environ["RANK"]) == 0 else None)
+    root = shared_tmpdir("topk_checks_")
     learner = Learner(tiny_arch(), learner_config(2), groups=groups)
     learner.save(root)
     tp2 = {}

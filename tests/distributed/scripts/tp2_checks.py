@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from common import fixed_batch, max_abs_diff, run_check, tiny_arch
+from common import fixed_batch, max_abs_diff, run_check, shared_tmpdir, tiny_arch
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
@@ -160,22 +159,13 @@ def part_tp1(state: dict, ckpt_root: str) -> None:
 
 def main() -> None:
     state: dict = {}
-    root = _shared_dir(tempfile.mkdtemp(prefix="tp2_checks_") if int(os.environ["RANK"]) == 0 else None)
+    root = shared_tmpdir("tp2_checks_")
     part_tp2(state, root)
     part_tp1(state, root)
     dist.barrier()
     if int(os.environ["RANK"]) == 0:
         shutil.rmtree(root, ignore_errors=True)
     dist.destroy_process_group()
-
-
-def _shared_dir(root: str | None) -> str:
-    """Rank 0's temporary directory, told to every rank (the ranks share a filesystem)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    holder = [root]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 if __name__ == "__main__":
