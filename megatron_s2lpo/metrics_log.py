@@ -2,7 +2,9 @@
 
 `<run.output_dir>/metrics.jsonl` holds one JSON object per line with `step` and flat metric
 names (`reward/explorer`, `time/rollout`, ...). A resumed run first drops the lines of steps
-after its checkpoint (`truncate_after`), so the file reads like one uninterrupted run.
+after its checkpoint (`truncate_after`), so the file reads like one uninterrupted run. Each
+checkpoint also carries its step's metrics: a run killed after saving a step but before logging it
+gets that line back on resume, without `time/checkpoint` and `time/step` (measured after the save).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from megatron_s2lpo.utils.files import write_atomic
 METRICS_FILE = "metrics.jsonl"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -51,13 +53,14 @@ class MetricsWriter:
                                  "importable; pip install wandb, or set logging.wandb_project=''") from None
             self._wandb = wandb.init(project=config.wandb_project, name=run_name, resume="allow")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps > `step` (written after the checkpoint a run resumes from)."""
+    def truncate_after(self, step: int) -> int | None:
+        """Drop records of steps > `step` (written after the checkpoint a run resumes from).
+        Returns the last step still logged (None if none)."""
         if not os.path.isfile(self.path):
-            return
+            return None
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
-        keep = []
+        keep, last = [], None
         for line in lines:
             try:
                 record = json.loads(line)
@@ -65,12 +68,14 @@ class MetricsWriter:
                 continue
             if record.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
+                last = record.get("step", 0) if last is None else max(last, record.get("step", 0))
         write_atomic(self.path, "".join(keep))
+        return last
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.config.log_every:
             return
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: json_safe(v) for k, v in metrics.items()}}
         if self.config.jsonl:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

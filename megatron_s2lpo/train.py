@@ -39,6 +39,7 @@ from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.algo.schedule import sampling_temperature, schedule_share
 from megatron_s2lpo.build import TrainerParts, build_trainer, eval_sampling, mix_settings, sample_scores
 from megatron_s2lpo.config import RunConfig, load_config, split_recipe
+from megatron_s2lpo.metrics_log import json_safe
 from megatron_s2lpo.rollout.engine import derive_seed
 from megatron_s2lpo.step_metrics import mean_dicts, rollout_counts, source_metrics
 from megatron_s2lpo.types import Source
@@ -53,14 +54,15 @@ def loss_config(cfg: RunConfig) -> PolicyLossConfig:
                             entropy_coef=a.entropy_coef)
 
 
-def resume(parts: TrainerParts) -> tuple[int, dict[str, float]]:
-    """(last completed step, cumulative counters) from the latest checkpoint; (0, zeros) if none."""
+def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]]:
+    """(last completed step, cumulative counters, that step's metrics) from the latest checkpoint;
+    (0, zeros, {}) if none."""
     from megatron_s2lpo.learner.checkpoint import latest_checkpoint
 
     try:
         path = latest_checkpoint(parts.checkpoint_root)
     except (FileNotFoundError, ValueError):
-        return 0, dict.fromkeys(COUNTERS, 0.0)
+        return 0, dict.fromkeys(COUNTERS, 0.0), {}
     state = parts.learner.load(path).trainer_state
     parts.sampler.load_state_dict(state["sampler"])
     if parts.prefetcher is not None:
@@ -68,7 +70,7 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float]]:
     step = int(state["step"])
     parts.sync.sync(version=step)  # the fresh engine gets the checkpoint's weights
     parts.sync.num_syncs = step  # parity checks every sync.parity_every steps, as without the restart
-    return step, state["cumulative"]
+    return step, state["cumulative"], state.get("metrics") or {}
 
 
 def train(cfg: RunConfig, *, export_dir: str | None = None) -> None:
@@ -117,9 +119,14 @@ def _loop(parts: TrainerParts) -> None:
     t_mix, schedule, share = mix_settings(cfg)
     is_threshold = algo.is_threshold if algo.old_logprob == "behaviour" else None
     params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
-    start_step, cumulative = resume(parts) if cfg.run.resume else (0, dict.fromkeys(COUNTERS, 0.0))
+    start_step, cumulative, saved_metrics = 0, dict.fromkeys(COUNTERS, 0.0), {}
+    if cfg.run.resume:
+        start_step, cumulative, saved_metrics = resume(parts)
     if parts.writer is not None:
-        parts.writer.truncate_after(start_step if start_step else -1)
+        last_logged = parts.writer.truncate_after(start_step if start_step else -1)
+        if saved_metrics and (last_logged is None or last_logged < start_step):
+            # killed between the checkpoint and the metrics line: log the step from the checkpoint
+            parts.writer.write(start_step, saved_metrics)
     evaluates = bool(cfg.run.eval_every and parts.heldout_prompts)
     if evaluates and cfg.run.eval_at_start and start_step == 0:
         accuracy = _heldout_accuracy(parts, 0)
@@ -185,15 +192,15 @@ def _loop(parts: TrainerParts) -> None:
         if evaluates and (step % cfg.run.eval_every == 0 or step == cfg.run.num_steps):
             metrics["eval/avg_at_k"] = _heldout_accuracy(parts, step)
         t6 = time.perf_counter()
-        save = step == cfg.run.num_steps or (cfg.run.save_every and step % cfg.run.save_every == 0)
-        if save:
-            _save(parts, step, cumulative)
-        t7 = time.perf_counter()
         metrics.update({"time/rollout": rollout_s, "time/reward": reward_s, "time/teacher": teacher_s,
                         "time/old_logprob": t2 - t1 - teacher_s,
                         "time/train": t3 - t2, "time/sync": t4 - t3, "time/eval": t6 - t5,
-                        "time/checkpoint": t7 - t6, "time/step": t7 - t0,
                         "time/other": (t5 - t0) - rollout_s - reward_s - (t4 - t1)})
+        save = step == cfg.run.num_steps or (cfg.run.save_every and step % cfg.run.save_every == 0)
+        if save:
+            _save(parts, step, cumulative, metrics)  # the step's metrics travel with its checkpoint
+        t7 = time.perf_counter()
+        metrics.update({"time/checkpoint": t7 - t6, "time/step": t7 - t0})
         if parts.writer is not None:
             parts.writer.write(step, metrics)
             _progress(step, cfg.run.num_steps, metrics)
@@ -272,11 +279,14 @@ def _heldout_accuracy(parts: TrainerParts, step: int) -> float:
     return avg_at_k_pass1(scores)
 
 
-def _save(parts: TrainerParts, step: int, cumulative: dict[str, float]) -> None:
+def _save(parts: TrainerParts, step: int, cumulative: dict[str, float], metrics: dict[str, float]) -> None:
+    """Checkpoint `step` with the trainer's state and the step's metrics (all but time/checkpoint
+    and time/step), which a resume logs if the run died before writing them."""
     from megatron_s2lpo.learner.checkpoint import prune_checkpoints
 
     state = {"step": step, "sampler": parts.sampler.state_dict(), "cumulative": dict(cumulative),
-             "explorer_store": parts.prefetcher.state_dict() if parts.prefetcher is not None else {}}
+             "explorer_store": parts.prefetcher.state_dict() if parts.prefetcher is not None else {},
+             "metrics": {k: json_safe(v) for k, v in metrics.items()}}
     parts.learner.save(parts.checkpoint_root, step=step, trainer_state=state)
     if parts.is_driver:
         prune_checkpoints(parts.checkpoint_root, parts.config.run.keep_checkpoints)

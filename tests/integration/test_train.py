@@ -104,6 +104,30 @@ def test_resume_after_sigkill_is_exact(full_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_logs_a_step_killed_between_its_checkpoint_and_its_metrics(full_run: Path, tmp_path: Path) -> None:
+    """The run's state just after step 4's checkpoint committed and before its metrics line was
+    written (rebuilt from the full run: step 5's checkpoint and lines 4-5 removed). The resume
+    logs step 4 from the checkpoint and step 5 afresh; none is lost or repeated."""
+    out = tmp_path / "cut"
+    shutil.copytree(full_run, out)
+    ckpts = out / "checkpoints"
+    shutil.rmtree(ckpts / f"step_{NUM_STEPS:08d}")
+    (ckpts / "latest").write_text(f"step_{NUM_STEPS - 1:08d}\n")
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:NUM_STEPS - 2]))
+    run_train(out, "--resume")
+    expected = read_metrics(str(full_run / "metrics.jsonl"))
+    resumed = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(1, NUM_STEPS + 1))
+    for want, got in zip(expected, resumed):
+        assert without_timing(got) == without_timing(want), f"step {want['step']} differs"
+    recovered = resumed[NUM_STEPS - 2]
+    assert "time/checkpoint" not in recovered and "time/step" not in recovered  # measured after the save
+    assert recovered["time/train"] == expected[NUM_STEPS - 2]["time/train"]  # the killed run's own timings
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_eval_writes_monotone_passk_csv(full_run: Path, tmp_path: Path) -> None:
     models = [str(full_run / "models" / "explorer"), str(full_run / "models" / "learner")]

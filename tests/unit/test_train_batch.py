@@ -104,9 +104,11 @@ def test_metrics_writer_truncates_after_resume_step(tmp_path):
         writer.write(step, {"x": float(step), "bad": math.nan})
     with open(writer.path, "a") as f:
         f.write('{"step": 5, "x"')  # a line cut by a kill
-    writer.truncate_after(2)
+    assert writer.truncate_after(2) == 2
     records = read_metrics(writer.path)
     assert [r["step"] for r in records] == [1, 2] and records[0]["bad"] is None
+    assert writer.truncate_after(7) == 2
+    assert writer.truncate_after(0) is None and read_metrics(writer.path) == []
 
 
 def test_metrics_writer_tensorboard_without_the_package_is_a_clear_error(tmp_path):
