@@ -60,7 +60,7 @@ class MetricsWriter:
             return None
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
-        keep, last = [], None
+        keep, kept_steps = [], []
         for line in lines:
             try:
                 record = json.loads(line)
@@ -68,9 +68,9 @@ class MetricsWriter:
                 continue
             if record.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-                last = record.get("step", 0) if last is None else max(last, record.get("step", 0))
+                kept_steps.append(record.get("step", 0))
         write_atomic(self.path, "".join(keep))
-        return last
+        return max(kept_steps, default=None)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.config.log_every:

@@ -124,7 +124,7 @@ def _loop(parts: TrainerParts) -> None:
         start_step, cumulative, saved_metrics = resume(parts)
     if parts.writer is not None:
         last_logged = parts.writer.truncate_after(start_step if start_step else -1)
-        if saved_metrics and (last_logged is None or last_logged < start_step):
+        if saved_metrics and last_logged != start_step:
             # killed between the checkpoint and the metrics line: log the step from the checkpoint
             parts.writer.write(start_step, saved_metrics)
     evaluates = bool(cfg.run.eval_every and parts.heldout_prompts)
