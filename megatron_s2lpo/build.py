@@ -33,6 +33,11 @@ from megatron_s2lpo.types import Prompt
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
+def checkpoint_pointer(output_dir: str) -> str:
+    """The `latest` checkpoint pointer of the run in `output_dir` (present once a step was saved)."""
+    return os.path.join(output_dir, CHECKPOINT_SUBDIR, "latest")
+
+
 # ----------------------------------------------------------------------------- models
 
 

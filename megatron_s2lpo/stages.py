@@ -55,6 +55,7 @@ def initial_models(cfg: RunConfig) -> dict[str, str]:
 
 def run_stages(cfg: RunConfig) -> dict:
     """Run (or resume) every stage of `cfg`; returns the final state (see the module docstring)."""
+    from megatron_s2lpo.build import checkpoint_pointer
     from megatron_s2lpo.learner.parallel import destroy_parallel
     from megatron_s2lpo.train import train
 
@@ -73,7 +74,7 @@ def run_stages(cfg: RunConfig) -> dict:
             continue
         scfg = stage_run_config(cfg, index, state["models"])
         out = stage_dir(cfg.run.output_dir, index, stage)
-        scfg.run.resume = os.path.isfile(os.path.join(out, "checkpoints", "latest"))
+        scfg.run.resume = os.path.isfile(checkpoint_pointer(out))
         print(f"=== stage {index + 1}/{len(cfg.stages)} {stage.name}: {stage.method} on {stage.policy}"
               + (f" with {stage.frozen}" if stage.frozen else "")
               + (" (resumed)" if scfg.run.resume else ""), flush=True)

@@ -37,7 +37,8 @@ from megatron_s2lpo.algo.advantages import group_advantages
 from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.algo.schedule import sampling_temperature, schedule_share
-from megatron_s2lpo.build import TrainerParts, build_trainer, eval_sampling, mix_settings, sample_scores
+from megatron_s2lpo.build import (TrainerParts, build_trainer, checkpoint_pointer, eval_sampling, mix_settings,
+                                  sample_scores)
 from megatron_s2lpo.config import RunConfig, load_config, split_recipe
 from megatron_s2lpo.metrics_log import json_safe
 from megatron_s2lpo.rollout.engine import derive_seed
@@ -76,14 +77,12 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]
 def train(cfg: RunConfig, *, export_dir: str | None = None) -> None:
     """Run `cfg` (a single run; see stages.py for `stages:`). export_dir: afterwards write the
     trained policy there as a Hugging Face directory (atomically)."""
-    from megatron_s2lpo.build import CHECKPOINT_SUBDIR
-
     if cfg.stages:
         from megatron_s2lpo.stages import run_stages
 
         run_stages(cfg)
         return
-    latest = os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR, "latest")
+    latest = checkpoint_pointer(cfg.run.output_dir)
     if not cfg.run.resume and os.path.isfile(latest):
         raise ValueError(f"{cfg.run.output_dir} already holds checkpoints of a run ({latest}); pass --resume "
                          "(run.resume=true) to continue it, or choose another run.output_dir")
