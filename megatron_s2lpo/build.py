@@ -247,7 +247,8 @@ class TrainerParts:
 
 
 def _engine(cfg: EngineConfig, path: str, tokenizer: Any, name: str, seed: int) -> Any:
-    return build_engine(dataclasses.replace(cfg, model_path=path), tokenizer=tokenizer, name=name, seed=seed)
+    return build_engine(dataclasses.replace(cfg, model_path=path, api_key=cfg.resolved_api_key()),
+                        tokenizer=tokenizer, name=name, seed=seed)
 
 
 def mix_settings(cfg: RunConfig) -> tuple[int, str, float]:

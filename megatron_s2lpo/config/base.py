@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -69,18 +70,44 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = parse_yaml(raw, where=f"override {item!r}") if raw.strip() else ""
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a repeated key (plain YAML keeps the last
+    value silently, so `lr: 1e-6` written twice in a section would hide the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self.flatten_mapping(node)  # resolve `<<` merge keys first: a merge may be overridden
+        first_line: dict = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):
+                continue  # the base constructor reports an unhashable key itself
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {line} (first at line {first_line[key]}); "
+                    "keep one of them", key_node.start_mark)
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: Any, *, where: str) -> Any:
+    """yaml.safe_load that refuses duplicate keys; ValueError naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where} is not valid YAML: {err}") from None
 
 
 def load_yaml(path: str) -> dict:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = parse_yaml(f, where=f"config file {path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} does not exist; see examples/ for recipes") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -147,6 +174,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
                 raise ValueError(f"{path} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(value):  # `.inf` / `.nan` parse as floats and pass every `> 0` check
+            raise ValueError(f"{path} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

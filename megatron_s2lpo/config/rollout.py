@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,8 +24,9 @@ class SamplingConfig:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the tokenizer's eos
 
     def __post_init__(self) -> None:
-        check(self.temperature > 0, f"sampling.temperature must be > 0 (greedy is not supported for "
-              f"RL rollouts), got {self.temperature}")
+        check(self.temperature > 0 and math.isfinite(self.temperature),
+              f"sampling.temperature must be > 0 and finite (greedy is not supported for RL rollouts), "
+              f"got {self.temperature}")
         check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
         check(self.top_k == -1 or self.top_k >= 1, f"sampling.top_k must be -1 or >= 1, got {self.top_k}")
         check(self.max_new_tokens >= 1, f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -44,6 +47,9 @@ class EngineConfig:
     dp_size: int = 1
     mem_fraction: float = 0.8
     api_key: str = ""
+    # Name of an environment variable holding the key (the cluster launcher sets S2LPO_API_KEY),
+    # so the key itself is in no config file, command line or log; used when api_key is empty.
+    api_key_env: str = ""
     enable_memory_saver: bool = False  # colocated with the learner: release memory between phases
     extra_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
     # Program that takes sglang.launch_server's flags; empty: `<python> -m sglang.launch_server`.
@@ -74,6 +80,31 @@ class EngineConfig:
         check(self.startup_timeout_s > 0,
               f"engine startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         check(self.max_restarts >= 0, f"engine max_restarts must be >= 0, got {self.max_restarts}")
+        check(bool(self.url) or is_loopback(self.host) or bool(self.api_key or self.api_key_env),
+              f"engine host {self.host!r} makes a launched SGLang server reachable from other machines; "
+              "set api_key (or api_key_env) so it refuses unauthenticated calls, or keep host 127.0.0.1")
+
+    def resolved_api_key(self) -> str:
+        """api_key, or the value of the environment variable api_key_env ("" when neither is set)."""
+        if self.api_key or not self.api_key_env:
+            return self.api_key
+        import os
+
+        value = os.environ.get(self.api_key_env, "")
+        if not value:
+            raise ValueError(f"engine api_key_env={self.api_key_env!r}: that environment variable is unset or "
+                             "empty; export the servers' key under that name (the cluster launcher does)")
+        return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) only listens on / reaches this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or a shell expression: another machine
 
 
 @dataclass(kw_only=True, slots=True)

@@ -116,7 +116,7 @@ def build_slurm_experiment(cfg: RunConfig, config_path: str, layout: ClusterLayo
             exclusive=opts.exclusive or None, retries=opts.max_retries, packager=run.Packager(), tunnel=tunnel))
         scripts.append(_script(body))
     main = executors[0]
-    main.setup_lines = _host_exports(plan, heterogeneous)
+    main.setup_lines = "\n".join([_host_exports(plan, heterogeneous), *plan.setup_lines])
     if heterogeneous:
         main.het_group_indices = [group_index[g] for _, g, _ in tasks]
     exp = _experiment(title or cfg.run.name, base_dir)

@@ -34,6 +34,11 @@ LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explo
 # Node-local copy of the resolved config written by the trainer script (one per job and node).
 EMBEDDED_CONFIG_PATH = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.yaml"
 CONFIG_EOF = "S2LPO_CONFIG_EOF"
+# Servers placed on other nodes listen on every interface, so each job gets a random key that
+# every server it launches requires and the trainer sends. Made when the job starts (the sbatch
+# script's setup), it is written nowhere: scripts and dry runs show only the variable's name.
+API_KEY_VAR = "S2LPO_API_KEY"
+API_KEY_SETUP = (f'export {API_KEY_VAR}="${{{API_KEY_VAR}:-$(od -An -N32 -tx1 /dev/urandom | tr -d \' \\n\')}}"')
 DEFAULT_ENV = {
     "NCCL_DEBUG": "WARN",
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
@@ -115,6 +120,7 @@ class LaunchPlan:
     trainer_overrides: list[str]  # generated: URLs, rendezvous, transport, resume
     trainer_script: str  # bash: wait for every server's /health, then torchrun the trainer
     env: dict[str, str] = field(default_factory=dict)
+    setup_lines: list[str] = field(default_factory=list)  # run once per job before any task (API key)
 
     def group(self, name: str) -> NodeGroup:
         return next(g for g in self.groups if g.name == name)
@@ -124,11 +130,17 @@ def _needs_server(engine: EngineConfig) -> bool:
     return engine.backend == "sglang" and not engine.url
 
 
-def _server_cfg(engine: EngineConfig, port: int, *, memory_saver: bool) -> EngineConfig:
-    # Listen on every interface: the trainer is on another node (or another container).
-    # A configured launch_command (e.g. the CPU protocol server) is kept.
-    return dataclasses.replace(engine, host="0.0.0.0", port=port,
-                               enable_memory_saver=engine.enable_memory_saver or memory_saver)
+def _server_cfg(engine: EngineConfig, port: int, *, memory_saver: bool, one_machine: bool) -> EngineConfig:
+    # On a cluster listen on every interface (the trainer is on another node), behind the job's
+    # key; on one machine only on loopback. A configured launch_command is kept.
+    host = {"host": "127.0.0.1"} if one_machine else {"host": "0.0.0.0", "api_key": "${" + API_KEY_VAR + "}"}
+    return dataclasses.replace(engine, port=port, enable_memory_saver=engine.enable_memory_saver or memory_saver,
+                               **host)
+
+
+def _auth_overrides(name: str, one_machine: bool) -> list[str]:
+    """The trainer reads a launched server's key from the job's environment, never its argv."""
+    return [] if one_machine else [f"rollout.{name}.api_key=", f"rollout.{name}.api_key_env={API_KEY_VAR}"]
 
 
 def _server_gpus(engine: EngineConfig, name: str, layout: ClusterLayout) -> int:
@@ -158,11 +170,11 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
     if _needs_server(learner_engine):
         group = LEARNER if colocated else LEARNER_SERVER
         num_gpus = _server_gpus(learner_engine, "learner", layout)
-        command = build_launch_command(_server_cfg(learner_engine, layout.learner_port, memory_saver=colocated),
-                                       python=layout.server_python)
+        command = build_launch_command(_server_cfg(learner_engine, layout.learner_port, memory_saver=colocated,
+                                                   one_machine=one_machine), python=layout.server_python)
         url = f"http://{host(group)}:{layout.learner_port}"
         servers.append(ServerTask(name="learner_server", group=group, num_gpus=num_gpus, command=command, url=url))
-        overrides.append(f"rollout.learner.url={url}")
+        overrides += [f"rollout.learner.url={url}", *_auth_overrides("learner", one_machine)]
         if colocated:
             overrides += ["sync.transport=tensor", "rollout.learner.enable_memory_saver=true"]
         elif cfg.sync.transport != "disk":  # disk stays disk (shared storage); else NCCL broadcast
@@ -180,10 +192,11 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
         if not (used and _needs_server(engine) and engine.model_path):
             continue
         num_gpus = _server_gpus(engine, name, layout)
-        command = build_launch_command(_server_cfg(engine, port, memory_saver=False), python=layout.server_python)
+        command = build_launch_command(_server_cfg(engine, port, memory_saver=False, one_machine=one_machine),
+                                       python=layout.server_python)
         url = f"http://{host(name)}:{port}"
         servers.append(ServerTask(name=f"{name}_server", group=name, num_gpus=num_gpus, command=command, url=url))
-        overrides.append(f"rollout.{name}.url={url}")
+        overrides += [f"rollout.{name}.url={url}", *_auth_overrides(name, one_machine)]
         if not one_machine:
             groups.append(NodeGroup(name=name, num_nodes=1, gpus_per_node=num_gpus))
     learner_nodes = layout.num_nodes - sum(g.num_nodes for g in groups)
@@ -199,7 +212,8 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
                             master_host=host(LEARNER), config_text=cfg.to_yaml() if embed_config else None)
     return LaunchPlan(groups=groups, servers=servers, learner_nodes=learner_nodes, learner_procs_per_node=procs,
                       colocated=colocated and _needs_server(learner_engine),
-                      trainer_overrides=overrides, trainer_script=script, env=dict(DEFAULT_ENV))
+                      trainer_overrides=overrides, trainer_script=script, env=dict(DEFAULT_ENV),
+                      setup_lines=[API_KEY_SETUP] if servers and not one_machine else [])
 
 
 def _learner_procs_per_node(cfg: RunConfig, layout: ClusterLayout, learner_nodes: int) -> int:

@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from megatron_s2lpo.config import load_config
-from megatron_s2lpo.launch.plan import (EMBEDDED_CONFIG_PATH, ClusterLayout, local_host, num_gpus_summary,
-                                        plan_launch, server_script)
+from megatron_s2lpo.launch.plan import (API_KEY_SETUP, EMBEDDED_CONFIG_PATH, ClusterLayout, local_host,
+                                        num_gpus_summary, plan_launch, server_script, slurm_host)
 from megatron_s2lpo.launch.wait_healthy import main as wait_main
 from megatron_s2lpo.launch.wait_healthy import probe_health, wait_all_healthy
 from megatron_s2lpo.rollout.sglang_server import build_launch_command
@@ -23,9 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RECIPE_8B = os.path.join(REPO, "examples", "qwen3_8b_explorer_1p7b.yaml")
 
 
-def _plan(overrides=(), **layout):
+def _plan(overrides=(), *, one_machine=False, host=slurm_host, **layout):
     cfg = load_config(RECIPE_8B, list(overrides))
-    return cfg, plan_launch(cfg, RECIPE_8B, ClusterLayout(**{"num_nodes": 4, **layout}))
+    return cfg, plan_launch(cfg, RECIPE_8B, ClusterLayout(**{"num_nodes": 4, **layout}), one_machine=one_machine,
+                            host=host)
 
 
 def _trainer_args(script: str) -> list[str]:
@@ -39,26 +40,60 @@ def test_separate_servers_take_one_node_each_and_get_nccl_rendezvous():
     assert num_gpus_summary(plan) == {"learner": 16, "learner_server": 8, "explorer_server": 8}
     assert not plan.colocated
     assert plan.trainer_overrides == [
-        "rollout.learner.url=http://${S2LPO_LEARNER_SERVER_HOST}:30000", "sync.transport=distributed",
+        "rollout.learner.url=http://${S2LPO_LEARNER_SERVER_HOST}:30000", "rollout.learner.api_key=",
+        "rollout.learner.api_key_env=S2LPO_API_KEY", "sync.transport=distributed",
         "sync.master_address=${S2LPO_LEARNER_HOST}", "sync.master_port=29600",
-        "rollout.explorer.url=http://${S2LPO_EXPLORER_HOST}:30001", "run.resume=true"]
-    # Server commands are exactly the engine's own launch command, on all interfaces.
+        "rollout.explorer.url=http://${S2LPO_EXPLORER_HOST}:30001", "rollout.explorer.api_key=",
+        "rollout.explorer.api_key_env=S2LPO_API_KEY", "run.resume=true"]
+    # Server commands are exactly the engine's own launch command, on all interfaces, behind the job's key.
     learner, explorer = plan.servers
-    expected = build_launch_command(dataclasses.replace(cfg.rollout.learner, host="0.0.0.0"),
+    expected = build_launch_command(dataclasses.replace(cfg.rollout.learner, host="0.0.0.0",
+                                                        api_key="${S2LPO_API_KEY}"),
                                     python="${S2LPO_SGLANG_PYTHON:-python}")
     assert learner.command == expected
     assert explorer.command[:3] == ["${S2LPO_SGLANG_PYTHON:-python}", "-m", "sglang.launch_server"]
     flags = dict(zip(explorer.command[3::2], explorer.command[4::2]))
     assert flags == {"--model-path": "/models/Qwen3-1.7B-Base", "--host": "0.0.0.0", "--port": "30001",
-                     "--tp-size": "1", "--dp-size": "8", "--mem-fraction-static": "0.85"}
+                     "--tp-size": "1", "--dp-size": "8", "--mem-fraction-static": "0.85",
+                     "--api-key": "${S2LPO_API_KEY}"}
     line = server_script(explorer).splitlines()[-1]
-    assert line == 'exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(explorer.command[1:])
+    assert line == ('exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(explorer.command[1:-1])
+                    + ' "${S2LPO_API_KEY}"')
     # bash runs the image's SGLang interpreter when the variable is set, `python` otherwise
     for env, python in (({"S2LPO_SGLANG_PYTHON": "/opt/sglang/bin/python"}, "/opt/sglang/bin/python"), ({}, "python")):
         echo = line.replace("exec ", "printf '%s\\n' ", 1)
-        out = subprocess.run(["bash", "-c", echo], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
-                             text=True, check=True).stdout.split("\n")
-        assert out[:3] == [python, "-m", "sglang.launch_server"]
+        out = subprocess.run(["bash", "-c", echo], env={"PATH": os.environ["PATH"], "S2LPO_API_KEY": "k1", **env},
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+        assert out[:3] == [python, "-m", "sglang.launch_server"] and out[out.index("--api-key") + 1] == "k1"
+
+
+def test_cluster_servers_require_the_jobs_key_and_one_machine_servers_stay_on_loopback():
+    cfg, plan = _plan()
+    # the key is made when the job starts: random per job, 64 hex digits, written nowhere
+    assert plan.setup_lines == [API_KEY_SETUP]
+    keys = {subprocess.run(["bash", "-c", API_KEY_SETUP + '; printf %s "$S2LPO_API_KEY"'], capture_output=True,
+                           text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout for _ in range(2)}
+    assert len(keys) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)
+    for server in plan.servers:  # every server binding all interfaces requires the key
+        flags = dict(zip(server.command[3::2], server.command[4::2]))
+        assert flags["--host"] == "0.0.0.0" and flags["--api-key"] == "${S2LPO_API_KEY}"
+    # the trainer reads the key from its environment: no key on its command line or in its config
+    os.environ["S2LPO_API_KEY"] = "job-key"
+    try:
+        trainer_cfg = load_config(RECIPE_8B, list(plan.trainer_overrides))
+        assert trainer_cfg.rollout.learner.api_key == "" and trainer_cfg.rollout.learner.resolved_api_key() == "job-key"
+        assert trainer_cfg.rollout.explorer.resolved_api_key() == "job-key"
+    finally:
+        del os.environ["S2LPO_API_KEY"]
+    with pytest.raises(ValueError, match="S2LPO_API_KEY"):
+        trainer_cfg.rollout.learner.resolved_api_key()
+    # one machine (local, Docker with the host network): loopback only, no key needed
+    _, local = _plan(one_machine=True, host=local_host)
+    assert local.setup_lines == [] and not any("api_key" in o for o in local.trainer_overrides)
+    assert all(dict(zip(s.command[3::2], s.command[4::2]))["--host"] == "127.0.0.1" for s in local.servers)
+    # a server bound outside loopback without a key is refused
+    with pytest.raises(ValueError, match="rollout.learner.*api_key|api_key"):
+        load_config(RECIPE_8B, ["rollout.learner.host=0.0.0.0", "rollout.learner.url="])
 
 
 def test_configured_launch_command_is_kept():

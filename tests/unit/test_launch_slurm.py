@@ -102,10 +102,15 @@ def test_recipe_renders_a_heterogeneous_job(tmp_path, recipe):
     explorer_model = cfg.rollout.explorer.model_path
     assert learner_server.endswith(
         f'exec "${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {learner_model}'
-        " --host 0.0.0.0 --port 30000 --tp-size 8 --dp-size 1 --mem-fraction-static 0.85\n")
+        ' --host 0.0.0.0 --port 30000 --tp-size 8 --dp-size 1 --mem-fraction-static 0.85 --api-key "${S2LPO_API_KEY}"\n')
     assert explorer_server.endswith(
         f'exec "${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {explorer_model}'
-        " --host 0.0.0.0 --port 30001 --tp-size 1 --dp-size 8 --mem-fraction-static 0.85\n")
+        ' --host 0.0.0.0 --port 30001 --tp-size 1 --dp-size 8 --mem-fraction-static 0.85 --api-key "${S2LPO_API_KEY}"\n')
+    # the job's key is made once in the sbatch script, before any srun, and appears nowhere in clear
+    assert sbatch.index("export S2LPO_API_KEY=") < sbatch.index("srun --het-group")
+    assert '"rollout.learner.api_key_env=S2LPO_API_KEY"' in trainer
+    assert '"rollout.explorer.api_key_env=S2LPO_API_KEY"' in trainer
+    assert not re.search(r"[0-9a-f]{32}", sbatch + "".join(rendered.scripts.values()))
     for generated in ('"rollout.learner.url=http://${S2LPO_LEARNER_SERVER_HOST}:30000"',
                       '"rollout.explorer.url=http://${S2LPO_EXPLORER_HOST}:30001"', '"sync.transport=distributed"',
                       '"sync.master_address=${S2LPO_LEARNER_HOST}"', '"sync.master_port=29600"', '"run.resume=true"'):
