@@ -111,8 +111,8 @@ def build_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list[Prompt], list[Pr
     data = cfg.data
     if data.train_path:
         template = data.template or None
-        train = load_prompts(data.train_path, data.schema, template, dedupe=True)
-        heldout = [p for path in data.eval_paths for p in load_prompts(path, data.schema, template)]
+        train = load_prompts(data.train_path, data.schema, template, dedupe=data.dedupe)
+        heldout = [p for path in data.eval_paths for p in load_prompts(path, data.schema, template, dedupe=data.dedupe)]
     else:
         task = data.synthetic
         train = make_arithmetic_prompts(task, split="train", num_prompts=task.num_train)

@@ -52,6 +52,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1234
     max_prompt_tokens: int = 1024  # longer prompts are skipped with a warning
+    # Drop rows whose problem and answer repeat an earlier row of the same file (DAPO-Math-17k's
+    # parquet repeats each problem many times); false: a repeated prompt id is an error.
+    dedupe: bool = True
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
     def __post_init__(self) -> None:

@@ -238,8 +238,15 @@ def detect_schema(row: dict) -> Schema | None:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: row {line_number}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "JSON lines must be UTF-8: convert the file, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
             if not line.strip():
                 continue  # blank lines are skipped but still counted, so row = line number
             try:
@@ -349,7 +356,9 @@ def load_prompts(
         if prompt_id in first_row_of:
             raise ValueError(
                 f"{path}: row {row_number}: prompt_id {prompt_id!r} repeats row {first_row_of[prompt_id]}; "
-                "pass dedupe=True to drop repeated problems, or give rows unique ids"
+                + ("give rows unique ids (rows with the same problem and answer are already dropped)" if dedupe
+                   else "set data.dedupe=true (load_prompts(dedupe=True)) to drop repeated problems, or give rows "
+                   "unique ids")
             )
         first_row_of[prompt_id] = row_number
         if chosen is not None:

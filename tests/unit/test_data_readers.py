@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from megatron_s2lpo.config import DataConfig
 from megatron_s2lpo.data import templates
 from megatron_s2lpo.data.readers import SCHEMAS, load_prompts, strip_dapo_instruction
 from megatron_s2lpo.utils.boxed import extract_last_boxed
@@ -282,10 +283,24 @@ def test_limit_and_stable_ids(tmp_path):
 def test_repeated_id_is_an_error_unless_deduped(tmp_path):
     rows = [dapo_row(index="u1"), dapo_row(index="u2", ground_truth="9"), dapo_row(index="u1")]
     path = write_parquet(tmp_path / "d.parquet", rows)
-    with pytest.raises(ValueError, match=r"row 3: prompt_id 'd:u1' repeats row 1; pass dedupe=True"):
+    with pytest.raises(ValueError, match=r"row 3: prompt_id 'd:u1' repeats row 1; set data.dedupe=true") as err:
         load_prompts(path)
+    field = str(err.value).split("set ")[1].split("=")[0]  # the hint names a real config field
+    section, name = field.split(".")
+    assert section == "data" and hasattr(DataConfig(), name) and DataConfig().dedupe is True
     prompts = load_prompts(path, dedupe=True)
     assert [p.prompt_id for p in prompts] == ["d:u1", "d:u2"]
+    clash = write_parquet(tmp_path / "c.parquet", [dapo_row(index="u1"), dapo_row(index="u1", ground_truth="9")])
+    with pytest.raises(ValueError, match="give rows unique ids"):  # same id, other content: dedupe cannot help
+        load_prompts(clash, dedupe=True)
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_row(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(json.dumps({"problem": "1+1", "answer": "2"}).encode() + b"\n"
+                     + '{"problem": "caf\u00e9 = ?", "answer": "3"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.jsonl: row 2: not UTF-8 \(byte 0xe9 at column 17\)"):
+        load_prompts(path)
 
 
 # ----------------------------------------------------------------------------------------------
