@@ -166,13 +166,25 @@ class ExplorerPrefetcher:
                 self.reader.load_state_dict(snapshot)
             raise
 
+    def _check_stored(self, prompt: Prompt, samples: list[ExplorerSample]) -> list[ExplorerSample]:
+        """Stored samples must continue this run's prompt tokens: a store filled with another
+        template or tokenizer would train on completions of a different prompt."""
+        for sample in samples:
+            if sample.prompt_ids != list(prompt.token_ids):
+                raise ValueError(
+                    f"explorer store {self.reader.store_dir}: sample {sample.sample_index} of prompt "
+                    f"{prompt.prompt_id!r} was generated from other prompt tokens ({len(sample.prompt_ids)} tokens, "
+                    f"this run's prompt has {len(prompt.token_ids)}): the store is stale, filled with another "
+                    "template, tokenizer or dataset version; refill it with `s2lpo explore` for this recipe")
+        return samples
+
     def _take_or_generate(self, step: int, prompts: list[Prompt], num: int) -> list[list[ExplorerSample]]:
         results: list[list[ExplorerSample]] = []
         requests: list[GenerateRequest] = []
         slots: list[int] = []
         for k, prompt in enumerate(prompts):
             have = 0 if self.reader is None else min(num, self.reader.num_available(prompt.prompt_id))
-            results.append(self.reader.take(prompt.prompt_id, have) if have else [])
+            results.append(self._check_stored(prompt, self.reader.take(prompt.prompt_id, have)) if have else [])
             self.num_from_store += have
             if have < num and self.engine is None:
                 raise ValueError(

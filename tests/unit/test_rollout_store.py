@@ -43,8 +43,8 @@ def prompts(num: int) -> list[Prompt]:
             for i in range(num)]
 
 
-def completion(i: int) -> Completion:
-    return Completion(request_id=str(i), prompt_ids=[1, 2], token_ids=[i, i + 1], text=f"r{i}",
+def completion(i: int, prompt_ids=(1, 2)) -> Completion:
+    return Completion(request_id=str(i), prompt_ids=list(prompt_ids), token_ids=[i, i + 1], text=f"r{i}",
                       logprobs=[-0.5, -float(i)], finish_reason=FinishReason.LENGTH, weight_version=0)
 
 
@@ -53,7 +53,8 @@ def write_store(path, num_prompts=3, per_prompt=4, shard_records=5) -> dict:
     with StoreWriter(str(path), shard_records=shard_records) as writer:
         for j in range(per_prompt):  # interleaved prompts, as a batched fill writes them
             for p in range(num_prompts):
-                sample = writer.add(f"p{p}", completion(10 * p + j), explorer_model="explorer-1.7b",
+                sample = writer.add(f"p{p}", completion(10 * p + j, prompts(p + 1)[p].token_ids),
+                                    explorer_model="explorer-1.7b",
                                     sampling={"temperature": 1.0})
                 written.setdefault(f"p{p}", []).append(sample)
     return written
@@ -211,3 +212,17 @@ def test_prefetcher_without_live_engine_fails_clearly_and_keeps_the_cursor(tmp_p
     with pytest.raises(ValueError, match="needs an explorer store reader, a live explorer engine"):
         ExplorerPrefetcher()
     assert LIVE_SAMPLE_INDEX == -1
+
+
+def test_a_stale_store_sample_is_a_clear_error(tmp_path):
+    """A store filled from other prompt tokens (another template or tokenizer) is refused when its
+    samples are taken, naming the store and the prompt, before anything is scored or trained."""
+    write_store(tmp_path, num_prompts=2, per_prompt=2)
+    stale = [Prompt(prompt_id=p.prompt_id, text=p.text, ground_truth="1", token_ids=[7, *p.token_ids])
+             for p in prompts(2)]
+    pre = ExplorerPrefetcher(reader=StoreReader(str(tmp_path)))
+    with pytest.raises(ValueError, match=rf"explorer store {tmp_path}: sample 0 of prompt 'p0' was generated "
+                                         "from other prompt tokens.*s2lpo explore"):
+        pre.get(1, stale, 2)
+    assert [g[0].sample_index for g in pre.get(2, prompts(2), 2)] == [0, 0]  # the cursor did not move
+    pre.close()
