@@ -28,6 +28,7 @@ from megatron_s2lpo.data import PromptSampler, load_prompts, make_arithmetic_pro
 from megatron_s2lpo.metrics_log import MetricsWriter
 from megatron_s2lpo.rollout import GroupCollector, build_engine, build_prefetcher
 from megatron_s2lpo.rollout.engine import Completion, GenerateRequest, derive_seed
+from megatron_s2lpo.rollout.validation import AnswerRules
 from megatron_s2lpo.types import Prompt
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -310,7 +311,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
             group_size=algo.num_generated_per_prompt, t_mix=t_mix,
             explorer=None if explorer_engine is None else ScoringEngine(explorer_engine, stage),
             explorer_sampling=rollout.explorer.sampling, prefetcher=prefetcher, schedule=schedule,
-            rounding=algo.rounding, constant_share=constant_share, seed=cfg.run.seed)
+            rounding=algo.rounding, constant_share=constant_share, seed=cfg.run.seed,
+            rules=AnswerRules(vocab_size=learner.arch.vocab_size))
         stage.collector = collector
         teacher_engine, teacher_scorer = _teacher(cfg, explorer_engine, tokenizer)
         writer = MetricsWriter(cfg.run.output_dir, cfg.logging, run_name=cfg.run.name)

@@ -12,6 +12,10 @@ first (0 .. g_explorer-1), then the g_learner learner samples (g_explorer .. G'-
 source in the order its engine returned them. Every rollout keeps the weight version its
 engine reported (the frozen explorer: 0).
 
+Answers: with `rules` (the trainer always passes them) every completion is checked before it
+leaves the collector (validation.py): token ids inside the learner's vocabulary, finite
+log-probs, and the learner's samples drawn with the weight version the step expects.
+
 Seeds: sample j of source s for the k-th prompt of step i is drawn with
 derive_seed(seed, i, s, k, prompt_id, j), so runs are reproducible per step and a resumed run
 samples the same as an uninterrupted one (given the same weights).
@@ -29,6 +33,7 @@ from ..config.rollout import SamplingConfig
 from ..types import Group, Prompt, Rollout, Source
 from .engine import GenerateRequest, RolloutEngine, derive_seed
 from .explorer import ExplorerPrefetcher, prompt_token_ids
+from .validation import AnswerRules, check_rollouts
 
 
 class GroupCollector:
@@ -48,6 +53,7 @@ class GroupCollector:
         rounding: str = "paper",
         constant_share: float = 0.5,
         seed: int = 0,
+        rules: AnswerRules | None = None,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -62,6 +68,7 @@ class GroupCollector:
         self.rounding = rounding
         self.constant_share = constant_share
         self.seed = seed
+        self.rules = rules
         split_group(1, group_size, t_mix, schedule=schedule, rounding=rounding,
                     constant_share=constant_share)  # validate the schedule options now
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="collector")
@@ -147,16 +154,27 @@ class GroupCollector:
                           sampling: SamplingConfig) -> list[list[Rollout]]:
         requests = self._requests(prompts, step, Source.LEARNER, num, sampling)
         comps = self.learner.generate(requests)
-        return [[comps[k * num + j].to_rollout(prompt_id=prompt.prompt_id, sample_index=offset + j,
-                                               source=Source.LEARNER)
-                 for j in range(num)] for k, prompt in enumerate(prompts)]
+        out = [[comps[k * num + j].to_rollout(prompt_id=prompt.prompt_id, sample_index=offset + j,
+                                              source=Source.LEARNER)
+                for j in range(num)] for k, prompt in enumerate(prompts)]
+        return self._checked(out, step, Source.LEARNER)
 
     def _explorer_rollouts(self, prompts: list[Prompt], step: int, num: int) -> list[list[Rollout]]:
         if self.prefetcher is not None:
             samples = self.prefetcher.get(step, prompts, num)
-            return [[s.to_rollout(sample_index=j) for j, s in enumerate(group)] for group in samples]
-        requests = self._requests(prompts, step, Source.EXPLORER, num, self.explorer_sampling)
-        comps = self.explorer.generate(requests)  # type: ignore[union-attr]
-        return [[comps[k * num + j].to_rollout(prompt_id=prompt.prompt_id, sample_index=j,
-                                               source=Source.EXPLORER)
-                 for j in range(num)] for k, prompt in enumerate(prompts)]
+            out = [[s.to_rollout(sample_index=j) for j, s in enumerate(group)] for group in samples]
+        else:
+            requests = self._requests(prompts, step, Source.EXPLORER, num, self.explorer_sampling)
+            comps = self.explorer.generate(requests)  # type: ignore[union-attr]
+            out = [[comps[k * num + j].to_rollout(prompt_id=prompt.prompt_id, sample_index=j,
+                                                  source=Source.EXPLORER)
+                    for j in range(num)] for k, prompt in enumerate(prompts)]
+        return self._checked(out, step, Source.EXPLORER)
+
+    def _checked(self, rollouts: list[list[Rollout]], step: int, source: Source) -> list[list[Rollout]]:
+        # The frozen explorer's version is whatever its server started with: only the
+        # learner's samples must match the step's weights.
+        if self.rules is not None:
+            check_rollouts((r for group in rollouts for r in group), self.rules, step=step, engine=source.value,
+                           check_versions=source is Source.LEARNER)
+        return rollouts

@@ -15,6 +15,7 @@ clients send `str(version)` and read them back with `parse_weight_version`.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -44,8 +45,8 @@ class GenerateRequest:
         where = f"request {self.request_id!r}"
         if not self.prompt_ids:
             raise ValueError(f"{where}: prompt_ids is empty; tokenize the prompt first")
-        if not self.temperature > 0:
-            raise ValueError(f"{where}: temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"{where}: temperature must be > 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"{where}: top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:

@@ -60,6 +60,9 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         (["algo.pods.n=8", "algo.pods.m=4"], r"algo\.pods\.m \(4\) must equal algo\.group_size"),
         (["rollout.learner.backend=vllm"], r"rollout\.learner\.backend must be one of \['local', 'sglang'\]"),
         (["rollout.learner.sampling.temperature=0"], r"sampling\.temperature must be > 0"),
+        (["rollout.learner.sampling.temperature=inf"], r"rollout\.learner\.sampling\.temperature must be a finite"),
+        (["rollout.learner.sampling.temperature=.nan"], r"rollout\.learner\.sampling\.temperature must be a finite"),
+        (["algo.temperature.end=.inf"], r"algo\.temperature\.end must be a finite number, got inf"),
         (["sync.transport=rdma"], r"sync\.transport must be one of"),
         (["run.num_steps=0"], r"run\.num_steps must be >= 1"),
         (["algo.normalize_std=yes please"], r"algo\.normalize_std must be true or false"),
@@ -72,6 +75,29 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         config_from_dict({}, overrides)
+
+
+def test_a_non_finite_temperature_is_refused_however_the_config_is_made():
+    from megatron_s2lpo.config import SamplingConfig
+    from megatron_s2lpo.rollout.engine import GenerateRequest
+
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="sampling.temperature must be > 0 and finite"):
+            SamplingConfig(temperature=value)
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            GenerateRequest(request_id="r", prompt_ids=[1], temperature=value)
+
+
+def test_a_duplicate_yaml_key_is_refused_naming_the_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("run:\n  num_steps: 5\nlearner:\n  optim:\n    lr: 1.0e-6\n    lr: 1.0e-5\n")
+    with pytest.raises(ValueError, match=rf"config file {path} .*duplicate key 'lr' at line 6 \(first at line 5\)"):
+        load_config(str(path))
+    path.write_text("algo: {t_mix: 0}\nalgo: {t_mix: 4}\n")  # whole sections too
+    with pytest.raises(ValueError, match="duplicate key 'algo' at line 2 \\(first at line 1\\)"):
+        load_config(str(path))
+    with pytest.raises(ValueError, match="override 'algo.pods=.*duplicate key 'n'"):
+        config_from_dict({}, ["algo.pods={n: 8, n: 4}"])
 
 
 def test_explorer_present_allows_t_mix():

@@ -189,3 +189,60 @@ def test_with_two_local_engines(one_thread):
             [(Source.EXPLORER, 0)] * 2 + [(Source.LEARNER, 6)] * 2
         assert all(0 < len(r.response_ids) == len(r.response_logprobs) <= 8 for r in group.rollouts)
     collector.close()
+
+
+class BadAnswerEngine(WindowEngine):
+    """Answers like WindowEngine, then corrupts the first completion's `field` with `value`."""
+
+    def __init__(self, version: int, field: str, value) -> None:
+        super().__init__(version)
+        self.field, self.value = field, value
+
+    def generate(self, requests):
+        out = super().generate(requests)
+        if self.field == "token_ids":
+            out[0].token_ids[1] = self.value
+        elif self.field == "logprobs":
+            out[0].logprobs[2] = self.value
+        return out
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("token_ids", 300, r"learner engine answer for prompt 'p0' \(sample 0\): token id 300 at position 1 is outside "
+                       r"the learner's vocabulary \[0, 128\)"),
+    ("token_ids", -1, "token id -1 at position 1 is outside"),
+    ("logprobs", float("nan"), "log-prob nan at position 2 .* is not finite"),
+    ("logprobs", float("-inf"), "log-prob -inf at position 2"),
+])
+def test_an_answer_the_learner_cannot_train_on_is_refused(field, value, message):
+    from megatron_s2lpo.rollout.validation import AnswerRules, InvalidAnswerError
+
+    collector = GroupCollector(learner=BadAnswerEngine(1, field, value), sampling=SAMPLING, group_size=2, t_mix=0,
+                               rules=AnswerRules(vocab_size=128))
+    with pytest.raises(InvalidAnswerError, match=message):
+        collector.collect(prompts(2), step=2)
+    collector.close()
+
+
+def test_the_learners_samples_must_carry_the_steps_weight_version():
+    from megatron_s2lpo.rollout.validation import AnswerRules, InvalidAnswerError
+
+    engine = WindowEngine(3)
+    strict = GroupCollector(learner=engine, sampling=SAMPLING, group_size=2, t_mix=0, rules=AnswerRules(vocab_size=128))
+    assert strict.collect(prompts(1), step=4)  # step 4 samples with the weights synced after step 3
+    for step, expected in ((5, "expects version 4"), (3, "expects version 2")):  # a missed update; newer weights
+        with pytest.raises(InvalidAnswerError, match=f"at step {step} was sampled with weight version 3, but the "
+                                                     f"step {expected} \\(max_staleness=0\\)"):
+            strict.collect(prompts(1), step=step)
+    window = GroupCollector(learner=engine, sampling=SAMPLING, group_size=2, t_mix=0,
+                            rules=AnswerRules(vocab_size=128, max_staleness=1))
+    assert window.collect(prompts(1), step=5)  # one version behind: inside the window
+    with pytest.raises(InvalidAnswerError, match=r"expects a version in \[4, 5\] \(max_staleness=1\)"):
+        window.collect(prompts(1), step=6)
+    # the frozen explorer's version is not the learner's: only its tokens and log-probs are checked
+    mixed = GroupCollector(learner=engine, explorer=BadAnswerEngine(7, "logprobs", float("nan")), sampling=SAMPLING,
+                           group_size=2, t_mix=8, rules=AnswerRules(vocab_size=128))
+    with pytest.raises(InvalidAnswerError, match="explorer engine answer for prompt 'p0'.*log-prob nan"):
+        mixed.collect(prompts(1), step=4)
+    for c in (strict, window, mixed):
+        c.close()
