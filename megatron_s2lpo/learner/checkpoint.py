@@ -18,32 +18,44 @@ stale `.tmp-*` directory is ignored by loads and removed by the next save of tha
 
 dist_checkpointing stores every tensor under its global (unsharded) key, so a checkpoint saved
 with one TP/PP/DP layout loads into another. The optimizer state is stored "fully reshardable".
+
+Loads validate first (checkpoint_files.check_checkpoint: files present and as long as their
+metadata says, metadata and trainer state readable, RNG files loadable as plain data, nothing
+that would unpickle code). Loading a root takes the newest checkpoint that passes and logs a
+warning naming the bad file of every newer one it skipped. A save that fails (a full disk is
+named as such) removes its `.tmp-*` directory and leaves `latest` and every older checkpoint
+as they were.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_s2lpo.utils.files import write_atomic
 from megatron_s2lpo.utils.procs import barrier
 
+from .checkpoint_files import (COMPLETE, DIST_DIR, RNG_DIR, STATE_FILE, CheckpointSaveError, CorruptCheckpointError,
+                               check_checkpoint, describe_save_failure, in_process_write_results, read_rng_file,
+                               rng_state, set_rng_state, write_rng_file)
 from .model import unwrap_model
 
+__all__ = ["CheckpointSaveError", "CorruptCheckpointError", "LoadedState", "latest_checkpoint", "load_checkpoint",
+           "loadable_checkpoints", "prune_checkpoints", "resolve_checkpoint", "rng_state", "save_checkpoint",
+           "set_rng_state"]
+
+logger = logging.getLogger(__name__)
+
 LATEST = "latest"
-COMPLETE = "COMPLETE"
-DIST_DIR = "dist"
-STATE_FILE = "trainer_state.json"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -102,28 +114,6 @@ def _on_any_rank(flag: bool) -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def rng_state() -> dict:
-    """RNG states of this rank: python, numpy, torch, CUDA and megatron's tracker."""
-    from megatron.core import tensor_parallel
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def sharded_state(model_chunks: list[Any], optimizer: Any | None, *, is_loading: bool) -> dict:
@@ -190,58 +180,127 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crashed save
         (tmp / DIST_DIR).mkdir(parents=True)
-        (tmp / "rng").mkdir()
+        (tmp / RNG_DIR).mkdir()
     barrier()
-    dist_checkpointing.save(sharded_state(model_chunks, optimizer, is_loading=False), str(tmp / DIST_DIR),
-                            content_metadata=sharded_metadata())
-    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    in_process_write_results()
+    try:  # megatron raises a failed write on every rank
+        dist_checkpointing.save(sharded_state(model_chunks, optimizer, is_loading=False), str(tmp / DIST_DIR),
+                                content_metadata=sharded_metadata())
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException derives from BaseException
+        _abandon_save(tmp, step, err)
+    _agree_or_abandon(tmp, step, lambda: write_rng_file(tmp / RNG_DIR / f"rank_{_rank():05d}.pt"))
+    _agree_or_abandon(tmp, step, (lambda: _commit(root, tmp, final, state_text)) if _rank() == 0 else None)
+    return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, state_text: str) -> None:
+    """Rank 0: trainer state and COMPLETE into `tmp`, fsync, rename to `final`, move `latest`."""
+    (tmp / STATE_FILE).write_text(state_text)
+    (tmp / COMPLETE).write_text("")
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step: move the old copy aside first
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(root)
+    _write_file_atomic(root / LATEST, final.name + "\n")
+
+
+def _agree_or_abandon(tmp: Path, step: int, work: Any) -> None:
+    """Run this rank's `work` (None: nothing); if it failed on any rank, every rank abandons the save."""
+    error: BaseException | None = None
+    if work is not None:
+        try:
+            work()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - shared with the other ranks below
+            error = err
+    if _on_any_rank(error is not None):
+        _abandon_save(tmp, step, error or RuntimeError("the save failed on another rank (see its log)"))
+
+
+def _abandon_save(tmp: Path, step: int, error: BaseException) -> None:
+    """Remove the partial save (it may be what filled the disk) and raise CheckpointSaveError on every rank."""
+    message = describe_save_failure(error, tmp.parent)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # megatron tells every rank THAT a write failed but only its coordinator WHY: every rank
+        # raises the most telling description (a full disk first)
+        messages: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)  # also: every rank is done with tmp
+        message = next((m for m in messages if m.startswith("no space left")), messages[0])
     barrier()
     if _rank() == 0:
-        (tmp / STATE_FILE).write_text(state_text)
-        (tmp / COMPLETE).write_text("")
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step: move the old copy aside first
-            old = root / f".old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_path(root)
-        _write_file_atomic(root / LATEST, name + "\n")
-    barrier()
-    return final
+        shutil.rmtree(tmp, ignore_errors=True)
+    latest = tmp.parent / LATEST
+    kept = f"; {latest} still names {latest.read_text().strip()}, which stays loadable" if latest.is_file() else ""
+    raise CheckpointSaveError(f"saving the checkpoint of step {step} under {tmp.parent} failed: {message}{kept}") \
+        from error
 
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / STATE_FILE).is_file() and (path / DIST_DIR).is_dir()
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path:
-    """The checkpoint `latest` names, or the highest complete `step_*` if the pointer is unusable.
+def _step_of(path: Path) -> int:
+    return int(STEP_RE.match(path.name).group(1))
 
-    FileNotFoundError when `root` holds no complete checkpoint.
+
+def loadable_checkpoints(root: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the checkpoint a load of `root` uses, [(newer checkpoint skipped, why)]).
+
+    Candidates, newest first: the one `latest` names, then every complete `step_*` by step.
+    The first that passes `check_checkpoint` is used; None when none does. Incomplete
+    directories (no COMPLETE marker: a save that died) are not candidates and not reported.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist; check learner.load / "
                                 "run.output_dir, or start without resuming")
+    complete = sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)), key=_step_of,
+                      reverse=True)
     pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if STEP_RE.match(named.name) and is_complete(named):
-            return named
-    steps = sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)),
-                   key=lambda p: p.name, reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"no complete checkpoint under {root} (expected {LATEST} and "
-                                f"step_XXXXXXXX/ directories containing {COMPLETE})")
-    return steps[0]
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and named in complete:
+        complete.remove(named)
+        complete.insert(0, named)
+    skipped: list[tuple[Path, str]] = []
+    for path in complete:
+        try:
+            check_checkpoint(path, _step_of(path))
+        except CorruptCheckpointError as err:
+            skipped.append((path, str(err)))
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path:
+    """The newest loadable checkpoint under `root` (see `loadable_checkpoints`); every newer one
+    that was skipped is logged as a warning naming its bad file.
+
+    FileNotFoundError when `root` holds no loadable checkpoint (the message lists the skipped ones).
+    """
+    path, skipped = loadable_checkpoints(root)
+    for bad, why in skipped:
+        logger.warning("checkpoint %s cannot be loaded (%s); %s", bad, why,
+                       f"falling back to {path.name}" if path is not None else "no older checkpoint to fall back to")
+    if path is None:
+        found = "".join(f"\n  {bad.name}: {why}" for bad, why in skipped)
+        raise FileNotFoundError(f"no loadable checkpoint under {root} (expected {LATEST} and step_XXXXXXXX/ "
+                                f"directories containing {COMPLETE})" + (f"; found:{found}" if found else ""))
+    return path
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory itself, or the latest complete one under a checkpoint root."""
+    """A checkpoint directory itself (validated: no fallback for a named checkpoint), or the
+    newest loadable one under a checkpoint root."""
     path = Path(path)
     if STEP_RE.match(path.name):
         if not path.is_dir():
@@ -250,8 +309,32 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             raise ValueError(f"checkpoint {path} is incomplete (no {COMPLETE} marker, {STATE_FILE} or "
                              f"{DIST_DIR}/): its save did not finish; load the checkpoint root instead "
                              "to get the latest complete one")
+        try:
+            check_checkpoint(path, _step_of(path))
+        except CorruptCheckpointError as err:
+            raise ValueError(f"checkpoint {path} cannot be loaded: {err}; load the checkpoint root to fall back "
+                             "to the newest loadable one") from None
         return path
     return latest_checkpoint(path)
+
+
+def _agreed_checkpoint(path: str | os.PathLike) -> Path:
+    """resolve_checkpoint on rank 0, told to every rank, so all ranks load the same directory."""
+    chosen: list[Any] = [None]
+    error: BaseException | None = None
+    if _rank() == 0:
+        try:
+            chosen[0] = resolve_checkpoint(path)
+        except (FileNotFoundError, ValueError) as err:
+            error = err
+            chosen[0] = (type(err), str(err))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if error is not None:
+        raise error
+    if isinstance(chosen[0], tuple):
+        raise chosen[0][0](chosen[0][1] + " [raised on rank 0]")
+    return chosen[0]
 
 
 def load_checkpoint(
@@ -269,7 +352,7 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = _agreed_checkpoint(path)
     model_chunks = [unwrap_model(chunk) for chunk in model_chunks]
     saved = json.loads((ckpt / STATE_FILE).read_text())
     if not saved.get("optimizer", True):
@@ -290,25 +373,27 @@ def load_checkpoint(
     if scheduler is not None and saved.get("scheduler") is not None:
         scheduler.num_steps = 0  # megatron's load_state_dict ADDS the saved step count
         scheduler.load_state_dict(saved["scheduler"])
-    rng_file = ckpt / "rng" / f"rank_{_rank():05d}.pt"
+    rng_file = ckpt / RNG_DIR / f"rank_{_rank():05d}.pt"
     if load_rng and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(read_rng_file(rng_file))
     barrier()
     return LoadedState(path=ckpt, step=int(saved["step"]), trainer_state=saved.get("trainer_state") or {},
                        scheduler_state=saved.get("scheduler"))
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names); rank 0 only."""
+    """Delete all but the newest `keep` complete checkpoints; rank 0 only. Never deleted: the one
+    `latest` names and the newest loadable one (the fallback if a newer one turns out damaged)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (run.keep_checkpoints), got {keep}")
     root = Path(root)
     if _rank() != 0 or not root.is_dir():
         return []
-    protected = latest_checkpoint(root)
+    pointer = root / LATEST
+    protected = {loadable_checkpoints(root)[0], root / pointer.read_text().strip() if pointer.is_file() else None}
     steps = sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)),
                    key=lambda p: p.name, reverse=True)
-    removed = [p for p in steps[keep:] if p != protected]
+    removed = [p for p in steps[keep:] if p not in protected]
     for path in removed:
         shutil.rmtree(path)
     return removed

@@ -98,20 +98,23 @@ def part_dp2(state: dict, root: Path) -> None:
         try:
             learner.save(root)
             raised = False
-        except InjectedCrash:
-            raised = True
+        except ckpt.CheckpointSaveError as err:  # on every rank, the crash as its cause
+            raised = isinstance(err.__cause__, InjectedCrash) and "killed during the save" in str(err)
         finally:
             dist_checkpointing.save = real_save
         dist.barrier()
         pointer = (root / ckpt.LATEST).read_text().strip()
-        leftover = (root / ".tmp-step_00000003").is_dir()
+        removed = not (root / ".tmp-step_00000003").exists()  # the failed save cleaned up after itself
         loaded = learner.load(root)
         again = learner.train_step(next_batch, loss_config=LOSS)
         loss_diff = abs(again["loss"] - state["next"]["loss"])
-        saved = learner.save(root)  # a later save of the same step cleans the leftover up
+        if dist.get_rank() == 0:  # what a SIGKILL mid-save leaves: a later save of the step removes it
+            (root / ".tmp-step_00000003" / "dist").mkdir(parents=True)
+        dist.barrier()
+        saved = learner.save(root)
         clean = not (root / ".tmp-step_00000003").exists() and ckpt.latest_checkpoint(root) == saved
-        return {"ok": raised and pointer == "step_00000002" and leftover and loaded.step == 2 and loss_diff < 1e-6
-                and clean, "raised": raised, "pointer": pointer, "leftover_tmp": leftover, "loss_diff": loss_diff,
+        return {"ok": raised and pointer == "step_00000002" and removed and loaded.step == 2 and loss_diff < 1e-6
+                and clean, "raised": raised, "pointer": pointer, "partial_removed": removed, "loss_diff": loss_diff,
                 "clean_after_next_save": clean}
 
     run_check("interrupted_save_leaves_previous_checkpoint", interrupted_save)
@@ -136,6 +139,9 @@ def part_dp2(state: dict, root: Path) -> None:
         return {"ok": ok, "latest_skips_incomplete": skipped, **errors}
 
     run_check("checkpoint_errors_are_clear", clear_errors)
+    run_check("save_leaves_no_helper_process", no_helper_process)
+    run_check("damaged_or_planted_newest_falls_back_to_previous", lambda: falls_back(learner, root, state))
+    run_check("full_disk_is_named_and_keeps_the_previous_checkpoint", lambda: full_disk(learner, root, state))
 
     def reference_from_checkpoint() -> dict:
         learner.reference.load(str(root / "step_00000002"))
@@ -145,6 +151,119 @@ def part_dp2(state: dict, root: Path) -> None:
 
     run_check("reference_loads_from_checkpoint", reference_from_checkpoint)
     destroy_parallel(destroy_process_group=False)
+
+
+def no_helper_process() -> dict:
+    """megatron's save would leave a spawned Manager and a resource tracker behind (both outlive a
+    SIGKILLed trainer); the save runs without any helper process."""
+    import psutil
+
+    children = [" ".join(c.cmdline())[:120] for c in psutil.Process().children(recursive=True)]
+    return {"ok": not children, "children": children}
+
+
+class Planted:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _on_rank0(fn) -> None:
+    if dist.get_rank() == 0:
+        fn()
+    dist.barrier()
+
+
+def falls_back(learner, root: Path, state: dict) -> dict:
+    """The newest checkpoint (step 3) with a truncated shard, then with a planted pickle as its
+    RNG file: the load of the root falls back to step 2 and the next step is identical; the
+    planted code never runs."""
+    newest = root / "step_00000003"
+    shard = sorted((newest / "dist").glob("*.distcp"))[0]
+    rng_file = newest / "rng" / "rank_00001.pt"
+    intact = {shard: shard.read_bytes(), rng_file: rng_file.read_bytes()}
+    marker = root.parent / "pwned"
+    outcomes = {}
+    for label, damage in (("truncated_shard", lambda: shard.write_bytes(intact[shard][:100])),
+                          ("planted_rng_pickle", lambda: torch.save(Planted(marker), rng_file))):
+        _on_rank0(damage)
+        loaded = learner.load(root)
+        again = learner.train_step(state["next_batch"], loss_config=LOSS)
+        outcomes[label] = {"step": loaded.step, "loss_diff": abs(again["loss"] - state["next"]["loss"])}
+        _on_rank0(lambda: [path.write_bytes(data) for path, data in intact.items()])
+    ran = marker.exists()
+    ok = not ran and all(o["step"] == 2 and o["loss_diff"] < 1e-6 for o in outcomes.values())
+    return {"ok": ok, "planted_code_ran": ran, **outcomes}
+
+
+def _small_filesystem(path: Path, size_bytes: int) -> bool:
+    """Mount a tmpfs of `size_bytes` at `path` (root only); False where mounting is not allowed."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def full_disk(learner, root: Path, state: dict) -> dict:
+    """A save onto a filesystem with room for one checkpoint only (a real tmpfs when this process may
+    mount one; else OSError(ENOSPC) raised by megatron's shard writer itself): the error says no
+    space left on device, the partial save is removed, `latest` and the previous checkpoint load."""
+    import errno
+    import shutil
+    import subprocess
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = root / "step_00000002"
+    size = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+    small = root.parent / "small"
+    mounted = [False]
+    _on_rank0(lambda: mounted.__setitem__(0, _small_filesystem(small, int(size * 1.5) + 65536)))
+    holder = [mounted[0]]
+    dist.broadcast_object_list(holder, src=0)
+    real_write = filesystem_async._write_item
+    if not holder[0]:  # the writer processes are forked: they inherit the replaced function
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        filesystem_async._write_item = no_space
+        _on_rank0(lambda: small.mkdir(parents=True, exist_ok=True))
+    small_root = small / "checkpoints"
+    _on_rank0(lambda: (shutil.copytree(previous, small_root / previous.name),
+                       (small_root / "latest").write_text(previous.name + "\n")))
+    try:
+        try:
+            learner.save(small_root, step=4)
+            message = "no error"
+        except ckpt.CheckpointSaveError as err:
+            message = str(err)
+        finally:
+            filesystem_async._write_item = real_write
+        dist.barrier()
+        leftover = [p.name for p in small_root.iterdir() if p.name.startswith(".tmp-")]
+        pointer = (small_root / "latest").read_text().strip()
+        loaded = learner.load(small_root)
+        again = learner.train_step(state["next_batch"], loss_config=LOSS)
+        loss_diff = abs(again["loss"] - state["next"]["loss"])
+        dist.barrier()
+    finally:
+        if dist.get_rank() == 0:
+            if holder[0]:
+                subprocess.run(["umount", "-l", str(small)], check=False)
+            shutil.rmtree(small, ignore_errors=True)
+    dist.barrier()
+    ok = ("no space left on device (ENOSPC)" in message and "step_00000002, which stays loadable" in message
+          and not leftover and pointer == "step_00000002" and loaded.step == 2 and loss_diff < 1e-6)
+    return {"ok": ok, "real_filesystem": holder[0], "message": message[:400], "leftover": leftover,
+            "pointer": pointer, "loss_diff": loss_diff}
 
 
 def part_tp2(state: dict, root: Path) -> None:
