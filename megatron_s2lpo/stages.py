@@ -11,7 +11,9 @@ that model from there. Models built from code (`init_arch`) are written once to
 
 Resuming. `<run.output_dir>/stages.json` records the finished stages and where every model
 lives, rewritten atomically after each stage. `--resume` skips the finished stages and resumes
-the current one from its latest checkpoint (mid-stage), or starts it (at a boundary). A stage
+the current one from its newest loadable checkpoint (mid-stage), or starts it when its directory
+is unused (at a boundary); a stage directory that holds results but no loadable checkpoint is
+refused (run_dir.py), as is a fresh start when any stage directory holds results. A stage
 killed after its last checkpoint but before its export resumes with no steps left and exports.
 """
 
@@ -55,14 +57,18 @@ def initial_models(cfg: RunConfig) -> dict[str, str]:
 
 def run_stages(cfg: RunConfig) -> dict:
     """Run (or resume) every stage of `cfg`; returns the final state (see the module docstring)."""
-    from megatron_s2lpo.build import checkpoint_pointer
     from megatron_s2lpo.learner.parallel import destroy_parallel
+    from megatron_s2lpo.run_dir import run_traces
     from megatron_s2lpo.train import train
 
     state_path = os.path.join(cfg.run.output_dir, STATE_FILE)
-    if os.path.isfile(state_path) and not cfg.run.resume:
-        raise ValueError(f"{cfg.run.output_dir} already holds a staged run ({state_path}); pass --resume "
-                         "(run.resume=true) to continue it, or choose another run.output_dir")
+    if not cfg.run.resume:  # the same rule as a single run: never start over on a used directory
+        used = ([state_path] if os.path.isfile(state_path) else []) + [
+            f"{stage_dir(cfg.run.output_dir, i, s)}: {trace}" for i, s in enumerate(cfg.stages)
+            for trace in run_traces(stage_dir(cfg.run.output_dir, i, s))]
+        if used:
+            raise ValueError(f"{cfg.run.output_dir} already holds a staged run ({'; '.join(used)}); pass --resume "
+                             "(run.resume=true) to continue it, or choose another run.output_dir")
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     state = _read_state(state_path) if os.path.isfile(state_path) else {"models": {}, "done": []}
     _check_same_stages(cfg, state, state_path)
@@ -74,10 +80,12 @@ def run_stages(cfg: RunConfig) -> dict:
             continue
         scfg = stage_run_config(cfg, index, state["models"])
         out = stage_dir(cfg.run.output_dir, index, stage)
-        scfg.run.resume = os.path.isfile(checkpoint_pointer(out))
+        # train() continues the stage from its checkpoint, starts it when its directory is unused,
+        # and refuses a used one it cannot continue
+        scfg.run.resume = cfg.run.resume
         print(f"=== stage {index + 1}/{len(cfg.stages)} {stage.name}: {stage.method} on {stage.policy}"
               + (f" with {stage.frozen}" if stage.frozen else "")
-              + (" (resumed)" if scfg.run.resume else ""), flush=True)
+              + (" (resumed)" if cfg.run.resume and run_traces(out) else ""), flush=True)
         hf_dir = os.path.join(out, "hf")
         train(scfg, export_dir=hf_dir)
         destroy_parallel(destroy_process_group=False)  # the next stage may train another model

@@ -26,7 +26,6 @@ Multi-stage pipelines (`stages:`) run this loop once per stage (stages.py).
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from typing import Any
@@ -37,11 +36,11 @@ from megatron_s2lpo.algo.advantages import group_advantages
 from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.algo.schedule import sampling_temperature, schedule_share
-from megatron_s2lpo.build import (TrainerParts, build_trainer, checkpoint_pointer, eval_sampling, mix_settings,
-                                  sample_scores)
+from megatron_s2lpo.build import TrainerParts, build_trainer, eval_sampling, mix_settings, sample_scores
 from megatron_s2lpo.config import RunConfig, load_config, split_recipe
 from megatron_s2lpo.metrics_log import json_safe
 from megatron_s2lpo.rollout.engine import derive_seed
+from megatron_s2lpo.run_dir import check_run_dir
 from megatron_s2lpo.step_metrics import mean_dicts, rollout_counts, source_metrics
 from megatron_s2lpo.types import Source
 
@@ -56,15 +55,9 @@ def loss_config(cfg: RunConfig) -> PolicyLossConfig:
 
 
 def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]]:
-    """(last completed step, cumulative counters, that step's metrics) from the latest checkpoint;
-    (0, zeros, {}) if none."""
-    from megatron_s2lpo.learner.checkpoint import latest_checkpoint
-
-    try:
-        path = latest_checkpoint(parts.checkpoint_root)
-    except (FileNotFoundError, ValueError):
-        return 0, dict.fromkeys(COUNTERS, 0.0), {}
-    state = parts.learner.load(path).trainer_state
+    """(last completed step, cumulative counters, that step's metrics) from the newest loadable
+    checkpoint (run_dir.check_run_dir has made sure there is one)."""
+    state = parts.learner.load(parts.checkpoint_root).trainer_state
     parts.sampler.load_state_dict(state["sampler"])
     if parts.prefetcher is not None:
         parts.prefetcher.load_state_dict(state.get("explorer_store", {}))
@@ -82,13 +75,10 @@ def train(cfg: RunConfig, *, export_dir: str | None = None) -> None:
 
         run_stages(cfg)
         return
-    latest = checkpoint_pointer(cfg.run.output_dir)
-    if not cfg.run.resume and os.path.isfile(latest):
-        raise ValueError(f"{cfg.run.output_dir} already holds checkpoints of a run ({latest}); pass --resume "
-                         "(run.resume=true) to continue it, or choose another run.output_dir")
+    resuming = check_run_dir(cfg.run.output_dir, resume=cfg.run.resume)  # refuses to start over on a used run
     parts = build_trainer(cfg)
     try:
-        _loop(parts)
+        _loop(parts, resuming)
         if export_dir:
             parts.export_hf(export_dir)
     finally:
@@ -112,17 +102,17 @@ def objective(cfg: RunConfig) -> str:
     return "policy"
 
 
-def _loop(parts: TrainerParts) -> None:
+def _loop(parts: TrainerParts, resuming: bool) -> None:
     cfg, learner, algo = parts.config, parts.learner, parts.config.algo
     distill, train_objective = algo.distill, objective(cfg)
     t_mix, schedule, share = mix_settings(cfg)
     is_threshold = algo.is_threshold if algo.old_logprob == "behaviour" else None
     params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
     start_step, cumulative, saved_metrics = 0, dict.fromkeys(COUNTERS, 0.0), {}
-    if cfg.run.resume:
+    if resuming:
         start_step, cumulative, saved_metrics = resume(parts)
-    if parts.writer is not None:
-        last_logged = parts.writer.truncate_after(start_step if start_step else -1)
+    if parts.writer is not None and start_step:
+        last_logged = parts.writer.truncate_after(start_step)  # the steps after the checkpoint run again
         if saved_metrics and last_logged != start_step:
             # killed between the checkpoint and the metrics line: log the step from the checkpoint
             parts.writer.write(start_step, saved_metrics)

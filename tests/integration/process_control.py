@@ -9,19 +9,53 @@ import time
 from pathlib import Path
 
 
-def kill_after_checkpoint(command: list[str], cwd: Path, latest: Path, *, what: str, timeout_s: float) -> None:
-    """Run `command` in its own session and SIGKILL the whole group (trainer and reward workers)
-    once the checkpoint pointer `latest` holds a checkpoint name. Fails if the run ends first."""
+def group_members(pgid: int) -> list[str]:
+    """Live (not zombie) processes of process group `pgid`, as 'pid: command line'."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:160]}")
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return out
+
+
+def kill_after_checkpoint(command: list[str], cwd: Path, latest: Path, *, what: str, timeout_s: float,
+                          trainer_only: bool = False) -> list[str]:
+    """Run `command` in its own session and SIGKILL it once the checkpoint pointer `latest` holds a
+    checkpoint name. Fails if the run ends first.
+
+    trainer_only: SIGKILL the trainer process alone (as the OOM killer does) and return what of
+    its process group is still alive 5 s later (reward workers, checkpoint helpers, resource
+    trackers: all should have died with it); otherwise SIGKILL the whole group. Survivors are
+    killed before returning either way."""
     proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    survivors: list[str] = []
     try:
         deadline = time.monotonic() + timeout_s
         while not (latest.is_file() and latest.read_text().strip()):
             assert proc.poll() is None, f"the run ended before {what}"
             assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
             time.sleep(0.02)
+        if trainer_only:
+            proc.kill()
+            proc.wait()
+            settle = time.monotonic() + 5.0
+            while (survivors := group_members(proc.pid)) and time.monotonic() < settle:
+                time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing of the group was left to kill
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return survivors

@@ -92,7 +92,10 @@ def test_resume_after_sigkill_is_exact(full_run: Path, tmp_path: Path) -> None:
     out.mkdir()
     copy_models(full_run, out)
     latest = out / "checkpoints" / "latest"
-    kill_after_checkpoint(command(out), REPO_ROOT, latest, what="its first checkpoint", timeout_s=240)
+    # SIGKILL of the trainer alone: its reward workers, any checkpoint helper and resource tracker die too
+    survivors = kill_after_checkpoint(command(out), REPO_ROOT, latest, what="its first checkpoint", timeout_s=240,
+                                      trainer_only=True)
+    assert not survivors, f"processes outlived the SIGKILLed trainer: {survivors}"
     killed_at = int(latest.read_text().strip().split("_")[1])
     assert killed_at < NUM_STEPS
     run_train(out, "--resume")
@@ -196,8 +199,21 @@ def test_explore_then_train_from_the_store_with_pods_kl_and_behaviour_mode(full_
     assert [without_timing(r) for r in resumed] == [without_timing(r) for r in records]
 
 
-@pytest.mark.timeout(120)
-def test_fresh_run_refuses_a_directory_with_checkpoints(full_run: Path) -> None:
+@pytest.mark.timeout(200)
+def test_a_used_run_directory_is_never_started_over(full_run: Path, tmp_path: Path) -> None:
     proc = subprocess.run(command(full_run), cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 2
     assert "--resume" in proc.stderr
+    out = tmp_path / "used"
+    shutil.copytree(full_run, out)
+    ckpts = out / "checkpoints"
+    (ckpts / "latest").unlink()  # the pointer alone is gone: the step directories still count
+    proc = subprocess.run(command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "step_00000004" in proc.stderr
+    for marker in ckpts.glob("step_*/COMPLETE"):  # no checkpoint is complete any more
+        marker.unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = subprocess.run(command(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2 and "no checkpoint that can be loaded" in proc.stderr, proc.stderr[-3000:]
+    assert f"metrics.jsonl with {NUM_STEPS} record(s), steps 1-{NUM_STEPS}" in proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing truncated or rewritten
