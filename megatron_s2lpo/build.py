@@ -300,7 +300,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     teacher_engine = teacher_scorer = None
     if groups.rank == 0:
         _check_server_ports(cfg, rollout, uses_explorer)
-        scorer = MathScorer(num_workers=cfg.run.reward_workers)
+        scorer = MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs())
         stage = RolloutStage(None, scorer, groups)
         learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed)
         if explorer_path or (uses_explorer and rollout.explorer.url):

@@ -38,7 +38,7 @@ def evaluate_models(cfg: RunConfig, model_dirs: list[str], *, k: int, out_dir: s
     out_dir = out_dir or os.path.join(cfg.run.output_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     result: dict = {"avg_at_k": {}, "curves": {}, "files": []}
-    with MathScorer(num_workers=cfg.run.reward_workers) as scorer:
+    with MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs()) as scorer:
         for path in model_dirs:
             engine = LocalEngine.from_pretrained(path, tokenizer=tokenizer, seed=cfg.run.seed)
             scores = sample_scores(engine, heldout, k, cfg.rollout.learner.sampling, scorer, cfg.run.seed)

@@ -5,6 +5,7 @@ from .base import apply_overrides, from_dict, to_dict
 from .data import DataConfig, SyntheticTaskConfig
 from .learner import LearnerConfig
 from .logs import LoggingConfig
+from .reward import RewardConfig
 from .model import ModelArch
 from .rollout import EngineConfig, RolloutConfig, SamplingConfig
 from .run import RunConfig, RunSection, config_from_dict, load_config, split_recipe
@@ -13,7 +14,7 @@ from .sync import SyncConfig
 
 __all__ = [
     "AlgoConfig", "DataConfig", "DistillConfig", "EngineConfig", "LearnerConfig", "LoggingConfig", "ModelArch",
-    "PodsConfig", "RolloutConfig", "RunConfig", "RunSection", "SamplingConfig", "StageConfig", "SyncConfig",
+    "PodsConfig", "RewardConfig", "RolloutConfig", "RunConfig", "RunSection", "SamplingConfig", "StageConfig", "SyncConfig",
     "SyntheticTaskConfig", "TemperatureScheduleConfig", "apply_overrides", "config_from_dict", "from_dict", "load_config",
     "split_recipe", "stage_dir", "stage_run_config", "to_dict",
 ]

@@ -13,6 +13,7 @@ from .base import apply_overrides, check, from_dict, load_yaml, to_dict
 from .data import DataConfig
 from .learner import LearnerConfig
 from .logs import LoggingConfig
+from .reward import RewardConfig
 from .rollout import EngineConfig, RolloutConfig
 from .stages import StageConfig, stage_run_config
 from .sync import SyncConfig
@@ -54,6 +55,7 @@ class RunConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     models: dict[str, EngineConfig] = field(default_factory=dict)  # named models of `stages`
     stages: list[StageConfig] = field(default_factory=list)  # empty: one run of `algo.method`

@@ -1,29 +1,34 @@
 """Persistent scoring processes with a hard wall-clock timeout per call.
 
-A `WorkerProcess` is one child process (multiprocessing "spawn" context: the trainer has imported
-torch and runs threads, so fork is unsafe) that imports the scoring code once, then answers calls
-over a pipe: the parent sends (completion, ground_truth), the child replies (status, payload). The
-parent waits at most `timeout_s` for the reply and otherwise SIGKILLs the child. SIGKILL is the only
-interruption that also reaches sympy inside a long C call (a big-integer power), which a
-signal.alarm timeout cannot; it also works from any parent thread.
+A `WorkerProcess` is one child process, `python -m megatron_s2lpo.reward.<worker>` started with
+`subprocess` (not multiprocessing): a fresh interpreter that imports the scoring code and nothing
+of its parent, so a caller without an `if __name__ == "__main__":` guard, a notebook or a thread
+can start workers, and no worker ever re-runs the caller's script. The child warms up once, then
+answers calls over its stdin/stdout pipes: the parent writes a frame (completion, ground_truth),
+the child replies (status, payload). Frames are a 4-byte big-endian length and a JSON body, so
+nothing is ever unpickled on either side. The parent waits at most `timeout_s` for the reply and
+otherwise SIGKILLs the child. SIGKILL is the only interruption that also reaches sympy inside a
+long C call (a big-integer power), which a signal.alarm timeout cannot; it works from any thread.
 
 Ownership: a WorkerProcess is driven by one thread at a time. Other threads may only call
-`interrupt()` (a signal, safe at any moment); `kill()` closes the pipe and must come from the owner
-or after the owner has stopped.
+`interrupt()` (a signal, safe at any moment); `kill()` closes the pipes and must come from the
+owner or after the owner has stopped.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import os
+import select
 import signal
+import struct
+import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from multiprocessing import connection as mp_connection
-from multiprocessing.context import SpawnContext
 
 # The score function runs in the child; None means "cannot be scored" (e.g. the ground truth does
 # not parse), which the parent reports as 0.0 and counts as an error.
@@ -32,6 +37,8 @@ ScoreFn = Callable[[str, str], "float | None"]
 _READY = "ready"
 _START_FAILED = "start-failed"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_HEADER = struct.Struct(">I")
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class CallStatus(enum.Enum):
@@ -46,69 +53,105 @@ class WorkerStartError(RuntimeError):
     """A worker process exited or stayed silent while importing the scoring code."""
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the thread that started it exits.
+# ----------------------------------------------------------------------------- the child
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """Ask Linux to SIGKILL this process when the thread that started it exits; False if the
+    parent is already gone.
 
     Without it a worker stuck in a pathological sympy call outlives a crashed trainer and burns a
     core forever. The 'parent' is the starting THREAD, so only threads that live as long as the
     pool (the scorer's slot threads) may start workers.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        return  # best effort: the parent's close() and multiprocessing's atexit still reap workers
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # best effort: the parent's close() and the EOF on stdin still end the worker
+    return os.getppid() == parent_pid
 
 
-def worker_main(conn: mp_connection.Connection, parent_pid: int, score_fn: ScoreFn) -> None:
-    """Child process loop: warm up once, then score calls until EOF or a None message."""
-    _die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
-        return
+def _write_frame(fd: int, message: object) -> None:
+    body = json.dumps(message).encode()
+    data = _HEADER.pack(len(body)) + body
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    """`size` bytes from a blocking fd; None at end of file."""
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def serve(score_fn: ScoreFn, argv: list[str] | None = None) -> None:
+    """The child's main loop (`python -m megatron_s2lpo.reward.<worker> --parent-pid PID`): warm up
+    once, then score calls until EOF or a null frame."""
+    args = sys.argv[1:] if argv is None else argv
+    parent_pid = int(args[args.index("--parent-pid") + 1]) if "--parent-pid" in args else os.getppid()
+    # Frames travel on the original stdout; anything the scoring code prints goes to stderr.
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    if not _die_with_parent(parent_pid):
+        return  # the parent died before the death signal was armed
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        score_fn("1", "1")  # imports math-verify and warms its caches before the first deadline
+        score_fn("1", "1")  # imports the scoring library and warms its caches before the first deadline
     except Exception:  # noqa: BLE001 -- reported to the parent, which raises WorkerStartError
-        conn.send((_START_FAILED, traceback.format_exc()))
+        _write_frame(proto_out, [_START_FAILED, traceback.format_exc()])
         return
-    conn.send((_READY, None))
+    _write_frame(proto_out, [_READY, None])
     while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent closed the pipe or died
+        header = _read_exact(proto_in, _HEADER.size)
+        body = None if header is None else _read_exact(proto_in, _HEADER.unpack(header)[0])
+        message = None if body is None else json.loads(body)
         if message is None:
-            return
+            return  # the parent closed the pipe, died, or said stop
         completion, ground_truth = message
         try:
             reward = score_fn(completion, ground_truth)
         except Exception as err:  # noqa: BLE001 -- RecursionError, MemoryError, sympy internals
-            conn.send((CallStatus.ERROR.value, f"{type(err).__name__}: {str(err)[:300]}"))
+            _write_frame(proto_out, [CallStatus.ERROR.value, f"{type(err).__name__}: {str(err)[:300]}"])
             continue
         if reward is None:
-            conn.send((CallStatus.UNSCORABLE.value, None))
+            _write_frame(proto_out, [CallStatus.UNSCORABLE.value, None])
         else:
-            conn.send((CallStatus.OK.value, float(reward)))
+            _write_frame(proto_out, [CallStatus.OK.value, float(reward)])
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def _child_env() -> dict[str, str]:
+    """The caller's environment, with this package importable even from an uninstalled checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH")]))
+    return env
 
 
 class WorkerProcess:
-    """Parent-side handle of one scoring process."""
+    """Parent-side handle of one scoring process running `python -m <module>`."""
 
-    def __init__(self, ctx: SpawnContext, score_fn: ScoreFn, name: str) -> None:
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(
-            target=worker_main, args=(child_conn, os.getpid(), score_fn), name=name, daemon=True
-        )
-        self._process.start()
-        self._pid: int = self._process.pid  # type: ignore[assignment]
-        # Drop our copy of the child's end so that the child's death reads as EOF here.
-        child_conn.close()
-        self._conn = parent_conn
+    def __init__(self, module: str, name: str) -> None:
+        self.name = name
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", module, "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=None, env=_child_env(), bufsize=0, close_fds=True)
+        self._pid: int = self._process.pid
+        self._in = self._process.stdin.fileno()  # type: ignore[union-attr]
+        self._out = self._process.stdout.fileno()  # type: ignore[union-attr]
+        self._buffer = b""
         self._ready = False
         self._ready_lock = threading.Lock()  # wait_ready may come from a waiter and the owner
         self._killed = False
@@ -116,6 +159,26 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self._pid
+
+    def _read_frame(self, deadline: float | None) -> object:
+        """The next reply; TimeoutError past `deadline`, EOFError when the child is gone."""
+        while True:
+            if len(self._buffer) >= _HEADER.size:
+                size = _HEADER.unpack(self._buffer[:_HEADER.size])[0]
+                if len(self._buffer) >= _HEADER.size + size:
+                    body = self._buffer[_HEADER.size:_HEADER.size + size]
+                    self._buffer = self._buffer[_HEADER.size + size:]
+                    return json.loads(body)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            readable, _, _ = select.select([self._out], [], [], remaining)
+            if not readable:
+                raise TimeoutError
+            chunk = os.read(self._out, 65536)
+            if not chunk:
+                raise EOFError
+            self._buffer += chunk
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the child has imported the scoring code; WorkerStartError otherwise."""
@@ -126,25 +189,23 @@ class WorkerProcess:
     def _wait_ready_locked(self, timeout_s: float) -> None:
         if self._killed:
             raise WorkerStartError(f"reward worker {self.pid} was killed")
-        ready = mp_connection.wait([self._conn, self._process.sentinel], timeout_s)
-        if self._conn in ready:
-            try:
-                tag, detail = self._conn.recv()
-            except (EOFError, OSError):
-                tag, detail = None, None
-            if tag == _READY:
-                self._ready = True
-                return
-            if tag == _START_FAILED:
-                raise WorkerStartError(f"reward worker {self.pid} failed to start:\n{detail}")
-        if not ready:
+        try:
+            tag, detail = self._read_frame(time.monotonic() + timeout_s)  # type: ignore[misc]
+        except TimeoutError:
             raise WorkerStartError(
                 f"reward worker {self.pid} did not finish importing within {timeout_s:g} s; "
                 "raise startup_timeout_s on a heavily loaded machine"
-            )
+            ) from None
+        except (EOFError, OSError, ValueError):
+            tag, detail = None, None
+        if tag == _READY:
+            self._ready = True
+            return
+        if tag == _START_FAILED:
+            raise WorkerStartError(f"reward worker {self.pid} failed to start:\n{detail}")
         raise WorkerStartError(
-            f"reward worker {self.pid} exited during start-up (exit code "
-            f"{self._process.exitcode}); its stderr shows why"
+            f"reward worker {self.pid} exited during start-up (exit code {self._process.poll()}); "
+            "its stderr shows why"
         )
 
     def call(self, completion: str, ground_truth: str, timeout_s: float) -> tuple[CallStatus, object]:
@@ -152,35 +213,32 @@ class WorkerProcess:
         assert self._ready, "call() before wait_ready()"
         deadline = time.monotonic() + timeout_s
         try:
-            self._conn.send((completion, ground_truth))
-        except (OSError, ValueError):  # BrokenPipeError: the child is gone
-            return CallStatus.DIED, None
-        remaining = max(0.0, deadline - time.monotonic())
-        ready = mp_connection.wait([self._conn, self._process.sentinel], remaining)
-        if not ready:
-            return CallStatus.TIMEOUT, None
-        if self._conn not in ready:
+            _write_frame(self._in, [completion, ground_truth])
+        except OSError:  # BrokenPipeError: the child is gone
             return CallStatus.DIED, None
         try:
-            status, payload = self._conn.recv()
-        except (EOFError, OSError):
+            status, payload = self._read_frame(deadline)  # type: ignore[misc]
+        except TimeoutError:
+            return CallStatus.TIMEOUT, None
+        except (EOFError, OSError, ValueError):
             return CallStatus.DIED, None
         return CallStatus(status), payload
 
     def interrupt(self) -> None:
-        """SIGKILL the child without touching the pipe; safe from any thread at any time."""
+        """SIGKILL the child without touching the pipes; safe from any thread at any time."""
         try:
-            self._process.kill()
-        except ValueError:
-            pass  # the owner has already reaped and closed it
+            self._process.kill()  # a no-op once the owner has reaped it
+        except OSError:
+            pass
 
     def kill(self) -> None:
-        """SIGKILL, reap (no zombie) and release the pipe. Idempotent; owner thread only."""
+        """SIGKILL, reap (no zombie) and release the pipes. Idempotent; owner thread only."""
         if self._killed:
             return
-        self._process.kill()  # first, so that a thread blocked in wait_ready wakes up
+        self.interrupt()  # first, so that a thread blocked in wait_ready wakes up
         with self._ready_lock:
-            self._process.join()
-            self._conn.close()
-            self._process.close()
+            self._process.wait()
+            for pipe in (self._process.stdin, self._process.stdout):
+                if pipe is not None:
+                    pipe.close()
             self._killed = True

@@ -8,11 +8,14 @@ The ground truth is parsed the same way as box content, so `3/4`, `0.75`, `\frac
 
 Why processes: math-verify's own timeouts use signal.alarm, which raises ValueError outside the
 main thread and cannot interrupt sympy inside a C call (e.g. `9^{9^{9^{9}}}` never returns). So
-every call runs in a persistent worker process with math-verify's timeouts switched off; a worker
-that overruns `timeout_s` is SIGKILLed and replaced (by a pre-started spare, so the next call does
-not wait for the 0.7 s import), and that completion gets 0.0.
+every call runs in a persistent worker process (`python -m megatron_s2lpo.reward.math_worker`,
+see _worker.py: a fresh interpreter, so any caller works and none is re-imported) with
+math-verify's timeouts switched off; a worker that overruns `timeout_s` is SIGKILLed and
+replaced (by a pre-started spare, so the next call does not wait for the 0.7 s import), and that
+completion gets 0.0. `batch_timeout_s` bounds a whole batch the same way: what is not scored by
+then gets 0.0, so a batch of degenerate completions costs at most that long.
 
-    with MathScorer(num_workers=2, timeout_s=5.0) as scorer:
+    with MathScorer(num_workers=2, timeout_s=5.0, batch_timeout_s=120.0) as scorer:
         rewards = scorer.score(completions, ground_truths)      # blocking, order preserved
         future = scorer.submit(completions, ground_truths)      # overlap with generation
         ...; rewards = future.result()   # or: await asyncio.wrap_future(future)
@@ -30,7 +33,6 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import multiprocessing
 import os
 import threading
 import time
@@ -48,8 +50,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 5.0
 _MATH_DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _MAX_WARNED_TRUTHS = 1000
-# Every open scorer, closed at interpreter exit before multiprocessing's own exit hook runs
-# (atexit is last-in first-out), so no slot thread sees its worker vanish mid-shutdown.
+# Every open scorer, closed at interpreter exit so that no worker process outlives the interpreter.
 _open_scorers: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -135,9 +136,10 @@ class ScorerStats:
     """
 
     num_scored: int = 0  # rewards math-verify produced within the timeout
-    num_timeouts: int = 0  # calls killed at timeout_s
+    num_timeouts: int = 0  # calls killed at timeout_s, or unscored when their batch's deadline passed
     num_errors: int = 0
     num_worker_restarts: int = 0  # workers replaced after a timeout or an unexpected death
+    num_past_deadline: int = 0  # of num_timeouts: completions cut or skipped by batch_timeout_s
 
 
 class ScorerClosedError(RuntimeError):
@@ -147,9 +149,11 @@ class ScorerClosedError(RuntimeError):
 class _Batch:
     """Rewards of one submit() call, filled in any order by the slot threads."""
 
-    __slots__ = ("future", "rewards", "num_left", "lock")
+    __slots__ = ("future", "rewards", "num_left", "lock", "deadline", "warned")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, deadline: float | None = None) -> None:
+        self.deadline = deadline  # time.monotonic() past which its items get 0.0 unscored
+        self.warned = False
         self.future: Future[list[float]] = Future()
         self.future.set_running_or_notify_cancel()  # running from the start: cannot be cancelled
         self.rewards = [0.0] * size
@@ -201,6 +205,8 @@ class MathScorer:
     Args:
         num_workers: scoring processes (each scores one completion at a time).
         timeout_s: wall-clock limit per completion; past it the worker is killed, reward 0.0.
+        batch_timeout_s: wall-clock limit per submitted batch, from submit(); completions not
+            scored by then get 0.0 (counted as timeouts). None: no limit.
         num_spare_workers: pre-started processes that replace killed ones without waiting for
             math-verify's import, so a timeout costs only its own timeout_s.
         startup_timeout_s: how long a new worker may take to import math-verify before the
@@ -216,6 +222,7 @@ class MathScorer:
         num_workers: int = 2,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         *,
+        batch_timeout_s: float | None = None,
         num_spare_workers: int = 1,
         startup_timeout_s: float = 120.0,
     ) -> None:
@@ -223,17 +230,18 @@ class MathScorer:
             raise ValueError(f"MathScorer: num_workers={num_workers}; need at least 1")
         if not timeout_s > 0:
             raise ValueError(f"MathScorer: timeout_s={timeout_s}; need a positive number of seconds")
+        if batch_timeout_s is not None and not batch_timeout_s > 0:
+            raise ValueError(f"MathScorer: batch_timeout_s={batch_timeout_s}; need a positive number of seconds "
+                             "or None")
         if num_spare_workers < 0:
             raise ValueError(f"MathScorer: num_spare_workers={num_spare_workers}; need 0 or more")
         if not startup_timeout_s > 0:
             raise ValueError(f"MathScorer: startup_timeout_s={startup_timeout_s}; need > 0")
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
+        self.batch_timeout_s = None if batch_timeout_s is None else float(batch_timeout_s)
         self.num_spare_workers = num_spare_workers
         self.startup_timeout_s = float(startup_timeout_s)
-        # spawn: the parent has torch imported and runs threads, so fork is unsafe; forkserver
-        # would leave its server process alive after close().
-        self._ctx = multiprocessing.get_context("spawn")
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._closed = False
@@ -257,7 +265,8 @@ class MathScorer:
     def submit(self, completions: Sequence[str], ground_truths: Sequence[str]) -> Future[list[float]]:
         """Queue a batch; the future resolves to rewards in input order (0.0 / 1.0 each)."""
         _check_inputs(completions, ground_truths)
-        batch = _Batch(len(completions))
+        deadline = None if self.batch_timeout_s is None else time.monotonic() + self.batch_timeout_s
+        batch = _Batch(len(completions), deadline)
         if not completions:
             batch.future.set_result([])
             return batch.future
@@ -403,10 +412,31 @@ class MathScorer:
                 return None
             return self._queue.popleft()
 
+    def _past_deadline(self, item: _Item) -> float:
+        """0.0 for an item whose batch ran out of time, counted and warned about once per batch."""
+        with self._cond:
+            self._stats.num_timeouts += 1
+            self._stats.num_past_deadline += 1
+            warn, item.batch.warned = not item.batch.warned, True
+        if warn:
+            logger.warning("MathScorer: a batch of %d completions passed its batch_timeout_s=%g s; completions "
+                           "not scored by then get reward 0.0 (raise reward.batch_timeout_s or "
+                           "run.reward_workers)", len(item.batch.rewards), self.batch_timeout_s)
+        return 0.0
+
+    def _call_timeout(self, item: _Item) -> float:
+        """timeout_s, or less when the batch's deadline comes first (<= 0: no time left)."""
+        if item.batch.deadline is None:
+            return self.timeout_s
+        return min(self.timeout_s, item.batch.deadline - time.monotonic())
+
     def _score_item(self, slot: int, item: _Item) -> float:
         for _ in range(2):  # a worker that dies unexpectedly gets one retry on a fresh worker
+            timeout_s = self._call_timeout(item)
+            if timeout_s <= 0:
+                return self._past_deadline(item)
             worker = self._ensure_worker(slot)
-            status, payload = worker.call(item.completion, item.ground_truth, self.timeout_s)
+            status, payload = worker.call(item.completion, item.ground_truth, timeout_s)
             if status is CallStatus.OK:
                 self._count("num_scored")
                 return float(payload)  # type: ignore[arg-type]
@@ -419,6 +449,8 @@ class MathScorer:
             if self._closed:
                 raise ScorerClosedError("MathScorer was closed")
             if status is CallStatus.TIMEOUT:
+                if timeout_s < self.timeout_s:  # cut by the batch's deadline, not its own limit
+                    return self._past_deadline(item)
                 self._count("num_timeouts")
                 return 0.0
         self._count("num_errors")
@@ -468,7 +500,7 @@ class MathScorer:
 
     def _start_process(self) -> WorkerProcess:
         # Started from a slot thread on purpose: workers die with the thread that started them.
-        worker = WorkerProcess(self._ctx, score_math_in_process, name="math-verify-worker")
+        worker = WorkerProcess("megatron_s2lpo.reward.math_worker", name="math-verify-worker")
         with self._cond:
             if not self._closed:
                 self._processes.add(worker)
@@ -563,8 +595,9 @@ os.register_at_fork(after_in_child=_forget_scorers_in_child)
 def math_reward(completion: str, ground_truth: str) -> float:
     r"""1.0 if the completion's final answer equals `ground_truth` under math-verify, else 0.0.
 
-    Safe from any thread; each call runs in the module's worker process under a hard timeout of
-    DEFAULT_TIMEOUT_S (5 s) and gets 0.0 when it runs past it. For batches use `MathScorer`.
+    Safe from any thread, a notebook or a script without a main guard; each call runs in the
+    module's worker process under a hard timeout of DEFAULT_TIMEOUT_S (5 s) and gets 0.0 when it
+    runs past it. For batches (and other timeouts) use `MathScorer`.
 
     >>> math_reward(r"so $x = \boxed{\dfrac{1}{2}}$", "0.5")
     1.0

@@ -1,13 +1,13 @@
 """math-verify rewards through real worker processes: equivalences, timeouts, dead workers, close().
 
-No mocks: every reward here comes from math-verify 0.9.0 running in a spawned worker.
+No mocks: every reward here comes from math-verify 0.9.0 running in a worker process
+(`python -m megatron_s2lpo.reward.math_worker`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import doctest
-import multiprocessing
 import os
 import random
 import signal
@@ -74,7 +74,11 @@ CASES = [(c, t, 1.0) for c, t in EQUIVALENT] + [(c, t, 0.0) for c, t in DIFFEREN
 
 
 def _child_pids() -> set[int]:
-    return {child.pid for child in multiprocessing.active_children()}
+    """Live scoring processes started by this process (zombies count: they were not reaped)."""
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)
+            if "megatron_s2lpo.reward.math_worker" in " ".join(child.cmdline() if child.is_running() else [])}
 
 
 def _assert_reaped(pids: list[int]) -> None:
@@ -306,3 +310,58 @@ def test_workers_die_with_a_crashed_parent(tmp_path) -> None:
     while not all(_gone_or_zombie(pid) for pid in pids):
         assert time.monotonic() < deadline, f"orphaned workers still running: {pids}"
         time.sleep(0.05)
+
+
+_PLAIN_SCRIPT = """
+import threading
+print("script body ran", flush=True)  # a worker that re-imported this script would print it again
+from megatron_s2lpo.reward.math import math_reward
+print(math_reward(r"so $x = \\boxed{\\dfrac{1}{2}}$", "0.5"), flush=True)
+out = []
+thread = threading.Thread(target=lambda: out.append(math_reward(r"\\boxed{4}", "5")))
+thread.start()
+thread.join()
+print(out[0], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_math_reward_from_a_plain_script_a_thread_and_stdin(tmp_path) -> None:
+    """No main guard, a call from a thread, and code read from stdin (as a notebook kernel runs
+    it): the rewards are right and the script body runs once, in the caller only."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain_script.py"
+    script.write_text(_PLAIN_SCRIPT)
+    for command, stdin in (([sys.executable, str(script)], None), ([sys.executable, "-"], _PLAIN_SCRIPT)):
+        run = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split("\n") == ["script body ran", "1.0", "0.0", ""], run.stdout + run.stderr[-2000:]
+
+
+def test_a_degenerate_batch_costs_at_most_its_deadline() -> None:
+    """Six completions that never finish (9^{9^{9^{9}}}), one worker, 30 s per completion: without
+    the batch deadline the batch would take 180 s; with batch_timeout_s=2 it is back by then
+    (a correctness bound, as above), all 0.0, and the scorer still works."""
+    with MathScorer(num_workers=1, timeout_s=30.0, batch_timeout_s=2.0) as bounded:
+        start = time.monotonic()
+        rewards = bounded.score([r"\boxed{9^{9^{9^{9}}}}"] * 6, ["1"] * 6)
+        elapsed = time.monotonic() - start
+        assert rewards == [0.0] * 6 and elapsed < 2.0 + MARGIN_S, f"{elapsed:.2f} s"
+        stats = bounded.stats()
+        assert stats.num_past_deadline == stats.num_timeouts == 6 and stats.num_worker_restarts == 1
+        assert bounded.score([r"\boxed{\frac{2}{4}}"], ["0.5"]) == [1.0]  # a new batch has its own deadline
+    with pytest.raises(ValueError, match="batch_timeout_s"):
+        MathScorer(batch_timeout_s=0)
+
+
+def test_reward_limits_come_from_the_config() -> None:
+    from megatron_s2lpo.config import load_config
+
+    cfg = load_config(None, ["reward.timeout_s=2.5", "reward.batch_timeout_s=60"])
+    assert cfg.reward.scorer_kwargs() == {"timeout_s": 2.5, "batch_timeout_s": 60.0}
+    assert load_config(None, ["reward.batch_timeout_s=null"]).reward.batch_timeout_s is None
+    for bad in ("reward.timeout_s=0", "reward.batch_timeout_s=-1"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            load_config(None, [bad])
