@@ -217,9 +217,9 @@ def check_checkpoint(path: Path, step: int | None = None) -> dict:
             torch.load(common, weights_only=True)
         except Exception as err:  # noqa: BLE001
             raise CorruptCheckpointError(common, f"does not load as plain data ({type(err).__name__})") from None
+    # RNG files are optional (checkpoints written by the conversion tool have none; a rank without
+    # one keeps its RNG), but every one present must load.
     rng_files = sorted((path / RNG_DIR).glob("rank_*.pt")) if (path / RNG_DIR).is_dir() else []
-    if not rng_files:
-        raise CorruptCheckpointError(path / RNG_DIR, "holds no rank_*.pt RNG file")
     for rng_file in rng_files:
         read_rng_file(rng_file)
     return saved
