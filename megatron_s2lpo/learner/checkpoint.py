@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_s2lpo.utils.files import write_atomic
-from megatron_s2lpo.utils.procs import barrier
+from megatron_s2lpo.utils.procs import barrier, on_any_rank
 
 from .model import unwrap_model
 
@@ -88,16 +88,6 @@ def _fsync_tree(root: Path) -> None:
 def _write_file_atomic(path: Path, text: str) -> None:
     write_atomic(path, text)
     _fsync_path(path.parent)
-
-
-def _on_any_rank(flag: bool) -> bool:
-    """True if `flag` holds on some rank (the save layout must be the same on all ranks)."""
-    if not dist.is_initialized():
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _rank() -> int:
@@ -179,7 +169,7 @@ def save_checkpoint(
     root = Path(root)
     name = step_dir_name(step)
     final, tmp = root / name, root / f".tmp-{name}"
-    if not _on_any_rank(optimizer_has_state(optimizer)):
+    if not on_any_rank(optimizer_has_state(optimizer)):  # the save layout must agree
         optimizer = None  # a fresh optimizer is restored by not loading any state
     state_text = json.dumps({"step": step, "trainer_state": trainer_state or {}, "optimizer": optimizer is not None,
                              "distributed_optimizer": _is_distributed(optimizer),

@@ -69,8 +69,10 @@ def worker_main(conn: mp_connection.Connection, parent_pid: int, score_fn: Score
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         return
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    # Ctrl-C reaches the whole process group, and a cluster's stop request (SIGUSR1) the whole
+    # job step; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         score_fn("1", "1")  # imports math-verify and warms its caches before the first deadline
     except Exception:  # noqa: BLE001 -- reported to the parent, which raises WorkerStartError
