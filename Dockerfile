@@ -68,7 +68,7 @@ RUN python -m venv --without-pip /opt/sglang \
 COPY docker/sglang-python /opt/sglang/bin/s2lpo-python
 RUN echo "${LD_LIBRARY_PATH:-}" | tr ':' '\n' | { grep -vE '^$|^/usr/local/nvidia/|/compat' || true; } | paste -sd: - \
        > /opt/sglang/ngc-library-path \
-    && /opt/sglang/bin/s2lpo-python -c "import sglang, torch; print('sglang', sglang.__version__, 'torch', torch.__version__)"
+    && /opt/sglang/bin/s2lpo-python -c "import sglang, torch; print('sglang', sglang.__version__, torch.__version__)"
 
 # One NCCL for the trainer and the servers (the distributed weight sync broadcasts between them):
 # pin the SGLang environment's NCCL wheel to the library the trainer's torch loads, then FAIL the

@@ -299,7 +299,7 @@ def _run_trainer(command: str) -> list[str]:
         f'rm -f "${STOP_MARKER_ENV}"',
         "status=0",
         f"{command} || status=$?",
-        f'if [ -e "${STOP_MARKER_ENV}" ]; then status={CONTINUE_EXIT_CODE}; fi',
+        f'if [ -e "${STOP_MARKER_ENV}" ]; then status={CONTINUE_EXIT_CODE}; rm -f "${STOP_MARKER_ENV}"; fi',
         f'if [ "$status" -eq {CONTINUE_EXIT_CODE} ]; then',
         '  echo "s2lpo: the trainer checkpointed its step and stopped on request; resuming continues the run" >&2',
         "  exit 0",

@@ -129,7 +129,8 @@ def test_nccl_check_compares_compiled_and_loaded_versions():
     a = {"python": "/usr/bin/python", "torch": "2.9.0a0+nv25.10", "compiled": "2.27.7", "loaded": "2.27.7",
          "library": "/usr/lib/x86_64-linux-gnu/libnccl.so.2"}
     assert nccl.disagreement(a, {**a, "python": "/opt/sglang/bin/s2lpo-python"}) == ""
-    assert "built against (torch.cuda.nccl.version()) differs: 2.27.7" in nccl.disagreement(a, {**a, "compiled": "2.28.3"})
+    newer = nccl.disagreement(a, {**a, "compiled": "2.28.3"})
+    assert "built against (torch.cuda.nccl.version()) differs: 2.27.7" in newer
     assert "loaded at run time (ncclGetVersion) differs" in nccl.disagreement(a, {**a, "loaded": "2.26.2"})
     assert nccl._version_text(22707) == "2.27.7" and nccl._version_text(2804) == "2.8.4"
 

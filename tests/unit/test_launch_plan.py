@@ -328,8 +328,8 @@ def test_trainer_script_maps_the_trainers_outcome(tmp_path, trainer, finished, s
                                   f'touch "{tmp_path}/trainer-ran"\n{trainer}\n')
     plan = plan_launch(load_config(recipe), recipe, ClusterLayout(num_nodes=1, gpus_per_node=0, python=stub),
                        host=local_host, embed_config=False)
-    proc = subprocess.run(["bash", "-c", plan.trainer_script], env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)},
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", "-c", plan.trainer_script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)})
     assert proc.returncode == status, proc.stderr
     assert (tmp_path / "trainer-ran").exists() == (finished == 1)
     assert ("stopped on request" in proc.stderr) == ("75" in trainer or "MARKER" in trainer)

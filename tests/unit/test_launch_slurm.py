@@ -328,7 +328,8 @@ def test_examples_launch_dryrun_prints_the_sbatch_script(tmp_path, capsys, monke
     # no --time: the partition's maximum, from sinfo where Slurm is (this machine here)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sinfo").write_text('#!/bin/bash\n[ "$*" = "--noheader --partition P --format %l" ] && echo 2-00:00:00\n')
+    sinfo = '#!/bin/bash\n[ "$*" = "--noheader --partition P --format %l" ] && echo 2-00:00:00\n'
+    (bin_dir / "sinfo").write_text(sinfo)
     (bin_dir / "sinfo").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     assert launch.main([*base, "--max-chained-jobs", "1", "algo.t_mix=4"]) == 0
