@@ -126,7 +126,7 @@ def _run_on_cluster(args: argparse.Namespace):
     if args.ssh_host:
         import nemo_run as run
 
-        tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir or "/tmp")
+        tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir)
         return lambda command: tunnel.run(command, hide=True).stdout
     return lambda command: subprocess.run(command, shell=True, capture_output=True, text=True, check=True,
                                           timeout=60).stdout
@@ -136,6 +136,8 @@ def _slurm_options(args: argparse.Namespace, name: str, mounts: list[str]):
     from megatron_s2lpo.launch.experiment import SlurmOptions
     from megatron_s2lpo.launch.walltime import partition_time_limit
 
+    if args.ssh_host and not (args.ssh_user and args.job_dir):
+        raise ValueError("submitting over SSH (--ssh-host) needs --ssh-user and --job-dir on the cluster")
     time = args.time or partition_time_limit(args.partition, _run_on_cluster(args))
     step_minutes = args.step_time if args.step_time is not None else RECIPE_STEP_MINUTES.get(name, 0)
     return SlurmOptions(account=args.account, partition=args.partition, container_image=args.container_image,
