@@ -4,9 +4,11 @@
     python examples/launch.py --recipe qwen3_8b_explorer_1p7b --executor slurm --nodes 4 \\
         --account A --partition P --container-image IMAGE \\
         --mounts /lustre/models:/models,/lustre/data:/data,/lustre/ckpt:/checkpoints --dryrun
-    # submit (from a login node; --ssh-host/--ssh-user/--job-dir to submit from a workstation)
+    # submit (from a login node; --ssh-host/--ssh-user/--job-dir to submit from a workstation):
+    # 12 h jobs, each signalled 33 min before its end to checkpoint, and up to 5 follow-up jobs
     python examples/launch.py --recipe qwen3_8b_explorer_1p7b --executor slurm --nodes 4 \\
-        --account A --partition P --container-image IMAGE --mounts ... --job-dir /lustre/jobs
+        --account A --partition P --container-image IMAGE --mounts ... --job-dir /lustre/jobs \\
+        --time 12:00:00 --max-chained-jobs 5 --qos high --sbatch-arg mail-type=END
     # one machine: the tiny CPU recipe, or a GPU recipe with its servers on spare GPUs
     python examples/launch.py --recipe tiny_cpu --executor local run.num_steps=3
     python examples/launch.py --recipe qwen3_8b_explorer_1p7b --executor docker --gpus 8 \\
@@ -15,18 +17,25 @@
 `--recipe` is a name under examples/ (`qwen3_8b_explorer_1p7b`, `qwen3_8b_explorer_4b`,
 `qwen3_14b_explorer_4b`, `tiny_cpu`) or a YAML path; trailing `section.field=value` arguments
 override it. The layout (which nodes run the learner, its SGLang server, the explorer's) is
-derived from the recipe: see megatron_s2lpo/launch/plan.py and docs/cluster.md.
+derived from the recipe: see megatron_s2lpo/launch/plan.py and docs/cluster.md. Missing Slurm
+settings, a recipe that does not fit the nodes, a run.save_every that does not fit in the job's
+time limit and a weight sync the image cannot run are usage errors that say what to change.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import warnings
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 # Node counts the recipes were sized for (stated in each YAML's header; docs/cluster.md).
 RECIPE_NODES = {"qwen3_8b_explorer_1p7b": 4, "qwen3_8b_explorer_4b": 4, "qwen3_14b_explorer_4b": 6}
+# Stated minutes per step, the slowest phase (after T_mix: the learner server generates every
+# sample); docs/cluster.md "Expected step time". A measured one from an earlier job wins.
+RECIPE_STEP_MINUTES = {"qwen3_8b_explorer_1p7b": 23, "qwen3_8b_explorer_4b": 23, "qwen3_14b_explorer_4b": 35}
 
 
 def recipe_path(recipe: str) -> str:
@@ -37,7 +46,7 @@ def recipe_path(recipe: str) -> str:
     return path
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--recipe", required=True)
@@ -50,23 +59,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
                    help="learner server on the learner's GPUs (default: when sync.transport=tensor)")
     p.add_argument("--no-resume", action="store_true", help="do not pass run.resume=true")
+    p.add_argument("--trainer-provides", default=None, metavar="cuda,sglang",
+                   help="what the trainer's environment has for the weight sync (default: the image's, cuda; "
+                        "local: this machine's)")
     slurm = p.add_argument_group("slurm")
     slurm.add_argument("--nodes", type=int, default=0, help="total nodes (default: the recipe's)")
     slurm.add_argument("--gpus-per-node", type=int, default=8)
     slurm.add_argument("--account", default="")
-    slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--time", default="04:00:00")
+    slurm.add_argument("--partition", default="")
+    slurm.add_argument("--time", default="", help="time limit, HH:MM:SS or D-HH:MM:SS (default: the partition's "
+                       "maximum, from sinfo)")
+    slurm.add_argument("--signal-lead", type=int, default=None, metavar="SECONDS",
+                       help="SIGUSR1 this long before the limit: the trainer checkpoints and stops "
+                            "(default: one step plus 10 min; 0: none)")
+    slurm.add_argument("--max-chained-jobs", type=int, default=0, metavar="N",
+                       help="submit N follow-up jobs, each starting after the previous ended and resuming")
+    slurm.add_argument("--step-time", type=float, default=None, metavar="MINUTES",
+                       help="minutes per step for the walltime check (default: measured by an earlier job, "
+                            "else the recipe's stated one)")
     slurm.add_argument("--job-dir", default="", help="shared directory for the sbatch script and logs")
     slurm.add_argument("--ssh-host", default="")
     slurm.add_argument("--ssh-user", default="")
     slurm.add_argument("--retries", type=int, default=0, help="requeues after a failure (resumes)")
+    slurm.add_argument("--qos", default="")
+    slurm.add_argument("--constraint", default="", help="node features, e.g. h100")
+    slurm.add_argument("--gres", default="", help="generic resources, e.g. gpu:8")
+    slurm.add_argument("--reservation", default="")
+    slurm.add_argument("--mem", default="0", help="memory per node (default 0: all of it)")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                       help="any other sbatch option, e.g. --sbatch-arg mail-type=END (repeatable)")
+    slurm.add_argument("--mount-home", action="store_true",
+                       help="let pyxis mount $HOME (off: a user's ~/.local would shadow the image's packages)")
     one = p.add_argument_group("local / docker")
     one.add_argument("--gpus", type=int, default=0, help="GPUs of this machine (0: CPU)")
     one.add_argument("--learner-gpus", type=int, default=None, help="GPUs for the learner (default: all)")
+    return p
+
+
+def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    p = parser or build_parser()
     args, overrides = p.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-") or "=" not in o]
     if unknown:
         p.error(f"unrecognized arguments {unknown}; overrides look like section.field=value")
+    if args.executor == "slurm":
+        missing = [flag for flag, value in (("--account", args.account), ("--partition", args.partition),
+                                            ("--container-image", args.container_image)) if not value]
+        if missing:
+            p.error(f"--executor slurm needs {', '.join(missing)} (the Slurm account and partition to charge and "
+                    "run on, and the image built from the Dockerfile)")
+    if args.executor == "docker" and not args.container_image:
+        p.error("--executor docker needs --container-image (the image built from the Dockerfile)")
     args.overrides = tuple(overrides)
     return args
 
@@ -78,46 +121,85 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return dict(e.split("=", 1) for e in pairs)
 
 
+def _run_on_cluster(args: argparse.Namespace):
+    """`command -> stdout` where Slurm is: this machine, or the login node over SSH."""
+    if args.ssh_host:
+        import nemo_run as run
+
+        tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir)
+        return lambda command: tunnel.run(command, hide=True).stdout
+    return lambda command: subprocess.run(command, shell=True, capture_output=True, text=True, check=True,
+                                          timeout=60).stdout
+
+
+def _slurm_options(args: argparse.Namespace, name: str, mounts: list[str]):
+    from megatron_s2lpo.launch.experiment import SlurmOptions
+    from megatron_s2lpo.launch.walltime import partition_time_limit
+
+    if args.ssh_host and not (args.ssh_user and args.job_dir):
+        raise ValueError("submitting over SSH (--ssh-host) needs --ssh-user and --job-dir on the cluster")
+    time = args.time or partition_time_limit(args.partition, _run_on_cluster(args))
+    step_minutes = args.step_time if args.step_time is not None else RECIPE_STEP_MINUTES.get(name, 0)
+    return SlurmOptions(account=args.account, partition=args.partition, container_image=args.container_image,
+                        container_mounts=mounts, time=time, job_dir=args.job_dir, ssh_host=args.ssh_host,
+                        ssh_user=args.ssh_user, env=_env(args.env), max_retries=args.retries, mem=args.mem,
+                        qos=args.qos, constraint=args.constraint, gres=args.gres, reservation=args.reservation,
+                        sbatch_args=list(args.sbatch_arg), mount_home=args.mount_home,
+                        signal_lead_s=args.signal_lead, max_chained_jobs=args.max_chained_jobs,
+                        step_time_s=60.0 * step_minutes)
+
+
 def build(args: argparse.Namespace):
     """(experiment, plan) for the parsed command line."""
     from megatron_s2lpo.config import load_config
-    from megatron_s2lpo.launch.experiment import (SlurmOptions, build_docker_experiment,
-                                                  build_local_experiment, build_slurm_experiment)
+    from megatron_s2lpo.launch.experiment import (build_docker_experiment, build_local_experiment,
+                                                  build_slurm_experiment)
     from megatron_s2lpo.launch.plan import ClusterLayout
 
     path = recipe_path(args.recipe)
     mounts = [m for m in args.mounts.split(",") if m]
     common = dict(colocate_learner_server=args.colocate, resume=not args.no_resume)
+    if args.trainer_provides is not None:
+        common["trainer_provides"] = tuple(x for x in args.trainer_provides.split(",") if x)
     if args.executor == "slurm":
         name = os.path.splitext(os.path.basename(path))[0]
         nodes = args.nodes or RECIPE_NODES.get(name, 0)
         if not nodes:
             raise ValueError(f"--nodes is required for recipe {name!r} (no default node count)")
-        opts = SlurmOptions(account=args.account, partition=args.partition, container_image=args.container_image,
-                            container_mounts=mounts, time=args.time, job_dir=args.job_dir, ssh_host=args.ssh_host,
-                            ssh_user=args.ssh_user, env=_env(args.env), max_retries=args.retries)
+        opts = _slurm_options(args, name, mounts)
         layout = ClusterLayout(num_nodes=nodes, gpus_per_node=args.gpus_per_node, **common)
         return build_slurm_experiment(load_config(path, args.overrides), path, layout, opts, title=args.title,
                                       user_overrides=args.overrides)
     if args.executor == "local":
         return build_local_experiment(path, args.overrides, num_gpus=args.gpus, learner_gpus=args.learner_gpus,
                                       title=args.title, **common)
-    if not args.container_image:
-        raise ValueError("--executor docker needs --container-image")
     return build_docker_experiment(path, args.overrides, container_image=args.container_image,
                                    num_gpus=args.gpus or 8, learner_gpus=args.learner_gpus, volumes=tuple(mounts),
                                    title=args.title, **common)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    exp, plan = build(args)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    from megatron_s2lpo.launch.walltime import LaunchWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")  # third-party deprecation noise of the NeMo-Run import
+        warnings.simplefilter("always", LaunchWarning)
+        try:
+            exp, plan = build(args)
+        except (ValueError, FileNotFoundError) as err:  # a user mistake: usage error, no traceback
+            parser.error(str(err))
+    for warning in caught:
+        print(f"launch: warning: {warning.message}", file=sys.stderr)
     if args.dryrun:
         if args.executor == "slurm":
             from megatron_s2lpo.launch.experiment import render_slurm
 
             rendered = render_slurm(exp)
             print(rendered.sbatch)
+            for i, chained in enumerate(rendered.chained, 1):
+                print(f"\n# ---- chained job {i} (submitted with --dependency=afterany:<previous job id>)\n{chained}")
             for name, text in rendered.scripts.items():
                 print(f"\n# ---- {name}\n{text}")
         else:
@@ -128,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.executor == "slurm":
             exp.run(detach=True)
         else:
-            exp.run(sequential=False, tail_logs=True)
+            exp.run(tail_logs=True)  # one task, the supervisor: returns when the trainer ends
     return 0
 
 

@@ -42,6 +42,7 @@ from megatron_s2lpo.metrics_log import json_safe
 from megatron_s2lpo.rollout.engine import derive_seed
 from megatron_s2lpo.run_dir import check_run_dir
 from megatron_s2lpo.step_metrics import mean_dicts, rollout_counts, source_metrics
+from megatron_s2lpo.stop_signal import RunStopped, received_signal, stop_on_signal, stop_requested
 from megatron_s2lpo.types import Source
 
 COUNTERS = ("rollout_tokens/explorer", "rollout_tokens/learner", "rollout_flops/explorer", "rollout_flops/learner")
@@ -67,6 +68,7 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]
     return step, state["cumulative"], state.get("metrics") or {}
 
 
+@stop_on_signal()  # SIGUSR1 / SIGTERM: finish the step, checkpoint it, raise RunStopped (stop_signal.py)
 def train(cfg: RunConfig, *, export_dir: str | None = None) -> None:
     """Run `cfg` (a single run; see stages.py for `stages:`). export_dir: afterwards write the
     trained policy there as a Hugging Face directory (atomically)."""
@@ -185,14 +187,17 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
                         "time/old_logprob": t2 - t1 - teacher_s,
                         "time/train": t3 - t2, "time/sync": t4 - t3, "time/eval": t6 - t5,
                         "time/other": (t5 - t0) - rollout_s - reward_s - (t4 - t1)})
+        stopping = stop_requested() and step < cfg.run.num_steps  # every rank agrees
         save = step == cfg.run.num_steps or (cfg.run.save_every and step % cfg.run.save_every == 0)
-        if save:
+        if save or stopping:
             _save(parts, step, cumulative, metrics)  # the step's metrics travel with its checkpoint
         t7 = time.perf_counter()
         metrics.update({"time/checkpoint": t7 - t6, "time/step": t7 - t0})
         if parts.writer is not None:
             parts.writer.write(step, metrics)
             _progress(step, cfg.run.num_steps, metrics)
+        if stopping:
+            raise RunStopped(step, received_signal())
 
 
 def _split(parts: TrainerParts, step: int) -> tuple[int, int]:
@@ -301,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"s2lpo train: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(f"s2lpo train: {stopped}", file=sys.stderr)
+        return stopped.exit_code()
     return 0
 
 

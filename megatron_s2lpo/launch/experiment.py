@@ -12,20 +12,35 @@ trainer, the learner's own-node server, the explorer server. On Slurm they are s
 heterogeneous job: component 0 = learner nodes, then one component per server node. The sbatch
 script resolves each component's first host with `scontrol show hostnames` (outside the
 container, where scontrol exists) and exports it as S2LPO_<GROUP>_HOST; the trainer's overrides
-reference those variables. nemo_run is imported only inside these functions.
+reference those variables. The batch shell passes Slurm's early SIGUSR1 (`--signal`) to the
+trainer's srun (launch/sbatch.py); `max_chained_jobs` adds copies of the job that start after the
+previous one ended (afterany) and resume the run. On one machine (local, Docker) the experiment
+has one task, the supervisor (launch/supervisor.py), which runs the same scripts.
+nemo_run is imported only inside these functions.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import shlex
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RunConfig
 from .plan import LEARNER, ClusterLayout, LaunchPlan, host_var, local_host, plan_launch, server_script, slurm_host
+from .sbatch import parse_sbatch_args, quoted_env, stop_signal_trap
+from .supervisor import SupervisedServer, SupervisorSpec
+from .walltime import (MAX_SIGNAL_LEAD_S, LaunchWarning, check_walltime, default_signal_lead, host_path,
+                       measured_step_time, parse_slurm_time)
+
+
+SUPERVISOR = "supervisor"  # the one task of a local or Docker run
+SERVER_LOGS = "server_logs"  # under run.output_dir: <name>.log per server of a local or Docker run
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,33 +48,55 @@ class SlurmOptions:
     """Where and how the job runs on the cluster (nothing here changes the training)."""
 
     account: str
+    partition: str
     container_image: str
-    partition: str | None = None
+    time: str  # the job's time limit (Slurm format): explicit, or the partition's maximum (walltime.py)
     container_mounts: list[str] = field(default_factory=list)  # "host_path:container_path"
-    time: str = "04:00:00"
     job_dir: str = ""  # sbatch script and logs, on storage the login node writes ("" = ~/.nemo_run)
     ssh_host: str = ""  # submit over SSH from a workstation; empty: run on a login node
     ssh_user: str = ""
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. NCCL_SOCKET_IFNAME
     max_retries: int = 0  # requeues after a failure (the trainer resumes from its last checkpoint)
     exclusive: bool = True
+    mem: str = "0"  # all of each node's memory (with --exclusive Slurm grants only the default otherwise)
+    qos: str = ""
+    constraint: str = ""
+    gres: str = ""
+    reservation: str = ""
+    sbatch_args: list[str] = field(default_factory=list)  # raw sbatch options, "KEY=VALUE" or "KEY"
+    mount_home: bool = False  # pyxis mounts $HOME by default: a user's ~/.local would shadow the image's packages
+    # SIGUSR1 this many seconds before the time limit (the trainer checkpoints and stops);
+    # None: one step plus a checkpoint (walltime.default_signal_lead); 0: no signal.
+    signal_lead_s: int | None = None
+    max_chained_jobs: int = 0  # follow-up jobs (afterany), each resuming from the last checkpoint
+    step_time_s: float = 0.0  # stated seconds per step when no earlier job measured one; 0 = unknown
 
     def __post_init__(self) -> None:
-        if not self.account:
-            raise ValueError("Slurm account is empty: pass --account")
-        if not self.container_image:
-            raise ValueError("container image is empty: pass --container-image (see Dockerfile, docs/cluster.md)")
+        for name, flag in (("account", "--account"), ("partition", "--partition"),
+                           ("container_image", "--container-image (see Dockerfile, docs/cluster.md)")):
+            if not getattr(self, name):
+                raise ValueError(f"Slurm {name.replace('_', ' ')} is empty: pass {flag}")
+        if parse_slurm_time(self.time) is None:
+            raise ValueError(f"--time {self.time!r}: the job needs a finite time limit")
         for mount in self.container_mounts:
             if ":" not in mount:
                 raise ValueError(f"container mount {mount!r} must look like /host/path:/container/path")
         if self.ssh_host and not (self.ssh_user and self.job_dir):
             raise ValueError("submitting over SSH (ssh_host) needs ssh_user and job_dir on the cluster")
+        if self.signal_lead_s is not None and not 0 <= self.signal_lead_s <= MAX_SIGNAL_LEAD_S:
+            raise ValueError(f"--signal-lead must be in 0..{MAX_SIGNAL_LEAD_S} seconds (sbatch's limit), "
+                             f"got {self.signal_lead_s}")
+        if self.max_chained_jobs < 0 or self.max_retries < 0:
+            raise ValueError("--max-chained-jobs and --retries must be >= 0")
+        quoted_env(self.env)  # names checked now, values quoted when the script is written
+        parse_sbatch_args(self.sbatch_args)
 
 
 @dataclass(kw_only=True, slots=True)
 class RenderedLaunch:
     sbatch: str  # the sbatch script NeMo-Run would submit
     scripts: dict[str, str]  # task scripts the sruns execute, by file name (`<title>-<i>.sh`)
+    chained: list[str] = field(default_factory=list)  # sbatch scripts of the chained jobs, in order
 
 
 def _script(body: str) -> Any:
@@ -89,10 +126,14 @@ def _host_exports(plan: LaunchPlan, heterogeneous: bool) -> str:
 def build_slurm_experiment(cfg: RunConfig, config_path: str, layout: ClusterLayout, opts: SlurmOptions, *,
                            title: str = "", user_overrides: tuple[str, ...] = (),
                            base_dir: str | None = None) -> tuple[Any, LaunchPlan]:
-    """A NeMo-Run experiment holding one Slurm job (heterogeneous when servers have own nodes)."""
+    """A NeMo-Run experiment holding one Slurm job (heterogeneous when servers have own nodes),
+    and `opts.max_chained_jobs` copies of it that each start after the previous one ended."""
     import nemo_run as run
 
+    if opts.max_chained_jobs and not layout.resume:
+        raise ValueError("chained jobs continue the run from its last checkpoint: drop --no-resume")
     plan = plan_launch(cfg, config_path, layout, host=slurm_host, user_overrides=user_overrides)
+    signal_lead = _check_walltime(cfg, opts)
     heterogeneous = len(plan.groups) > 1
     group_index = {g.name: i for i, g in enumerate(plan.groups)}
     if opts.ssh_host:
@@ -100,29 +141,67 @@ def build_slurm_experiment(cfg: RunConfig, config_path: str, layout: ClusterLayo
     else:
         tunnel = run.LocalTunnel(job_dir=opts.job_dir)
     tasks = _tasks(plan)
+    env = {**plan.env, **opts.env}
     scripts, executors = [], []
     for role, group_name, body in tasks:
         group = plan.groups[group_index[group_name]]
-        srun_args = []
+        srun_args = [] if opts.mount_home else ["--no-container-mount-home"]
         if plan.colocated and group_name == LEARNER:
             srun_args.append("--overlap")  # trainer and server steps share the node's GPUs
             if role != "trainer":  # one server, on the learner's first node (global rank 0)
                 srun_args += ["--nodes=1", "--ntasks=1", f"--nodelist={slurm_host(LEARNER)}"]
         executors.append(run.SlurmExecutor(
             account=opts.account, partition=opts.partition, time=opts.time, nodes=group.num_nodes,
-            ntasks_per_node=1, gpus_per_node=group.gpus_per_node or None,
+            ntasks_per_node=1, gpus_per_node=group.gpus_per_node or None, mem=opts.mem or None,
+            qos=opts.qos or None, constraint=opts.constraint or None, gres=opts.gres or None,
+            signal=f"B:USR1@{signal_lead}" if signal_lead else None,
+            additional_parameters=_additional_sbatch(opts) or None,
             container_image=opts.container_image, container_mounts=list(opts.container_mounts),
-            env_vars={**plan.env, **opts.env}, srun_args=srun_args or None, heterogeneous=heterogeneous,
-            exclusive=opts.exclusive or None, retries=opts.max_retries, packager=run.Packager(), tunnel=tunnel))
+            # pyxis keeps the image's value of a variable the image defines unless it is listed here
+            container_env=sorted({*env, *(host_var(g.name) for g in plan.groups)}),
+            env_vars=quoted_env(env), srun_args=srun_args or None, heterogeneous=heterogeneous,
+            exclusive=opts.exclusive or None, retries=opts.max_retries, dependency_type="afterany",
+            packager=run.Packager(), tunnel=tunnel))
         scripts.append(_script(body))
     main = executors[0]
-    main.setup_lines = "\n".join([_host_exports(plan, heterogeneous), *plan.setup_lines])
+    trainer_index = [role for role, _, _ in tasks].index("trainer")
+    main.setup_lines = "\n".join([_host_exports(plan, heterogeneous), *plan.setup_lines,
+                                   *([stop_signal_trap(trainer_index)] if signal_lead else [])])
     if heterogeneous:
         main.het_group_indices = [group_index[g] for _, g, _ in tasks]
-    exp = _experiment(title or cfg.run.name, base_dir)
+    name = title or cfg.run.name
+    exp = _experiment(name, base_dir)
     with exp:
-        exp.add(scripts, executor=executors, name=title or cfg.run.name)
+        previous = exp.add(scripts, executor=executors, name=name)
+        for i in range(1, opts.max_chained_jobs + 1):  # afterany: after a timeout, a failure or the end
+            previous = exp.add(scripts, executor=executors, name=f"{name}-chain{i}", dependencies=[previous])
     return exp, plan
+
+
+def _additional_sbatch(opts: SlurmOptions) -> dict[str, str | bool]:
+    extra: dict[str, str | bool] = parse_sbatch_args(opts.sbatch_args)
+    if opts.reservation:
+        extra["reservation"] = opts.reservation
+    return extra
+
+
+def _check_walltime(cfg: RunConfig, opts: SlurmOptions) -> int:
+    """The stop signal's lead in seconds (0: none), after checking the run against the walltime."""
+    if host_path(cfg.run.output_dir, opts.container_mounts) is None:
+        warnings.warn(f"run.output_dir={cfg.run.output_dir} is under none of the container mounts "
+                      f"{opts.container_mounts}: checkpoints written there end with the job's container",
+                      LaunchWarning, stacklevel=3)
+    measured = measured_step_time(cfg.run.output_dir, opts.container_mounts)
+    step_time, source = measured if measured else (opts.step_time_s, "stated for the recipe")
+    if measured:
+        source = f"measured in {source}"
+    walltime = parse_slurm_time(opts.time) or 0
+    lead = default_signal_lead(step_time) if opts.signal_lead_s is None else opts.signal_lead_s
+    if opts.signal_lead_s is None:
+        lead = min(lead, walltime // 2)
+    check_walltime(save_every=cfg.run.save_every, num_steps=cfg.run.num_steps, walltime_s=walltime,
+                   signal_lead_s=lead, step_time_s=step_time, source=source)
+    return lead
 
 
 def _experiment(title: str, base_dir: str | None) -> Any:
@@ -133,22 +212,28 @@ def _experiment(title: str, base_dir: str | None) -> Any:
 
 
 def render_slurm(exp: Any, *, keep_files: bool = False) -> RenderedLaunch:
-    """NeMo-Run's dry run of a Slurm experiment: the sbatch script and task scripts, not submitted."""
+    """NeMo-Run's dry run of a Slurm experiment: the sbatch scripts and task scripts, not submitted.
+
+    A chained job's `--dependency=afterany:<job id>` is not in its script: NeMo-Run passes it on
+    the sbatch command line at submission, once the previous job's id is known.
+    """
     with exp:
         exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
     exp_dir = exp._exp_dir
-    sbatch = sorted(glob.glob(os.path.join(exp_dir, "*_sbatch.sh")))
-    if not sbatch:
-        raise RuntimeError(f"NeMo-Run's dry run wrote no sbatch script under {exp_dir}")
-    with open(sbatch[0]) as f:
-        text = f.read()
+    sbatch = []
+    for job in exp.jobs:  # NeMo-Run writes <exp_dir>/<job id>_sbatch.sh
+        path = os.path.join(exp_dir, f"{job.id}_sbatch.sh")
+        if not os.path.isfile(path):
+            raise RuntimeError(f"NeMo-Run's dry run wrote no sbatch script for job {job.id} at {path}")
+        with open(path) as f:
+            sbatch.append(f.read())
     scripts = {}
     for path in sorted(glob.glob(os.path.join(exp_dir, "*", "scripts", "*.sh"))):
         with open(path) as f:
             scripts[os.path.basename(path)] = f.read()
     if not keep_files:
         shutil.rmtree(exp_dir, ignore_errors=True)
-    return RenderedLaunch(sbatch=text, scripts=scripts)
+    return RenderedLaunch(sbatch=sbatch[0], scripts=scripts, chained=sbatch[1:])
 
 
 def _gpu_slices(plan: LaunchPlan, num_gpus: int) -> dict[str, str]:
@@ -180,13 +265,37 @@ def _single_machine_plan(cfg: RunConfig, config_path: str, overrides: tuple[str,
     return plan, _gpu_slices(plan, num_gpus)
 
 
+def supervisor_spec(plan: LaunchPlan, slices: dict[str, str], *, log_dir: str) -> SupervisorSpec:
+    """The one-machine run as launch/supervisor.py runs it: every server (logging to
+    `<log_dir>/<name>.log`), then the trainer."""
+    def gpus(role: str) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": slices[role]} if role in slices else {}
+
+    servers = [SupervisedServer(name=s.name, script=server_script(s), url=s.url, env=gpus(s.name))
+               for s in plan.servers]
+    return SupervisorSpec(servers=servers, trainer_script=plan.trainer_script, trainer_env=gpus("trainer"),
+                          log_dir=log_dir)
+
+
+def _supervisor_script(spec: SupervisorSpec, python: str) -> Any:
+    return _script(f"set -euo pipefail\nexec {python} -m megatron_s2lpo.launch.supervisor "
+                   f"--spec-json {shlex.quote(spec.to_json())}\n")
+
+
+def _local_trainer_provides(num_gpus: int) -> tuple[str, ...]:
+    """What this machine's interpreter offers the weight-sync transports (plan.check_trainer_environment)."""
+    has_sglang = importlib.util.find_spec("sglang") is not None
+    return tuple(name for name, present in (("cuda", num_gpus > 0), ("sglang", has_sglang)) if present)
+
+
 def build_local_experiment(config_path: str, overrides: tuple[str, ...] = (), *, num_gpus: int = 0,
                            learner_gpus: int | None = None, title: str = "", base_dir: str | None = None,
                            **layout_kwargs: Any) -> tuple[Any, LaunchPlan]:
-    """One machine with NeMo-Run's LocalExecutor: servers (if any) and the trainer as parallel tasks.
+    """One machine with NeMo-Run's LocalExecutor: one task, the supervisor (launch/supervisor.py),
+    which starts the servers (if any), runs the trainer and stops the servers when it ends.
 
     `num_gpus=0` is a CPU run (the tiny config: in-process engines, one trainer process).
-    Run it with `with exp: exp.run(sequential=False)`.
+    Run it with `with exp: exp.run()`; it returns when the trainer has ended.
     """
     import nemo_run as run
 
@@ -196,15 +305,14 @@ def build_local_experiment(config_path: str, overrides: tuple[str, ...] = (), *,
     cfg = load_config(config_path, overrides)
     layout_kwargs.setdefault("python", sys.executable)
     layout_kwargs.setdefault("resume", False)
+    layout_kwargs.setdefault("trainer_provides", _local_trainer_provides(num_gpus))
     plan, slices = _single_machine_plan(cfg, config_path, overrides, num_gpus, learner_gpus, embed_config=False,
                                         **layout_kwargs)
     exp = _experiment(title or cfg.run.name, base_dir)
     with exp:
-        for role, _group, body in _tasks(plan):
-            env = dict(plan.env)
-            if role in slices:
-                env["CUDA_VISIBLE_DEVICES"] = slices[role]
-            exp.add(_script(body), executor=run.LocalExecutor(ntasks_per_node=1, env_vars=env), name=role)
+        spec = supervisor_spec(plan, slices, log_dir=os.path.join(cfg.run.output_dir, SERVER_LOGS))
+        exp.add(_supervisor_script(spec, layout_kwargs["python"]),
+                executor=run.LocalExecutor(ntasks_per_node=1, env_vars=dict(plan.env)), name=SUPERVISOR)
     return exp, plan
 
 
@@ -212,8 +320,8 @@ def build_docker_experiment(config_path: str, overrides: tuple[str, ...] = (), *
                             num_gpus: int = 8, learner_gpus: int | None = None, volumes: tuple[str, ...] = (),
                             title: str = "", base_dir: str | None = None,
                             **layout_kwargs: Any) -> tuple[Any, LaunchPlan]:
-    """One GPU machine with NeMo-Run's DockerExecutor: one container per task, host network and IPC
-    (127.0.0.1 URLs; CUDA IPC weight sync between the trainer's and a colocated server's containers)."""
+    """One GPU machine with NeMo-Run's DockerExecutor: one container (host network and IPC) running
+    the supervisor, which starts the servers on their GPUs, runs the trainer and stops the servers."""
     import nemo_run as run
 
     from ..config import load_config
@@ -224,10 +332,10 @@ def build_docker_experiment(config_path: str, overrides: tuple[str, ...] = (), *
                                         **layout_kwargs)
     exp = _experiment(title or cfg.run.name, base_dir)
     with exp:
-        for role, _group, body in _tasks(plan):
-            env = {**plan.env, "CUDA_VISIBLE_DEVICES": slices.get(role, "")}
-            executor = run.DockerExecutor(container_image=container_image, num_gpus=-1, network="host",
-                                          ipc_mode="host", shm_size="16g", volumes=list(volumes),
-                                          env_vars=env, packager=run.Packager())
-            exp.add(_script(body), executor=executor, name=role)
+        executor = run.DockerExecutor(container_image=container_image, num_gpus=-1, network="host",
+                                      ipc_mode="host", shm_size="16g", volumes=list(volumes),
+                                      env_vars=dict(plan.env), packager=run.Packager())
+        spec = supervisor_spec(plan, slices, log_dir=os.path.join(cfg.run.output_dir, SERVER_LOGS))
+        exp.add(_supervisor_script(spec, layout_kwargs.get("python", "python")),
+                executor=executor, name=SUPERVISOR)
     return exp, plan

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import EngineConfig, RunConfig
+from ..rollout.sglang_python import sglang_python_expr
 from ..rollout.sglang_server import build_launch_command
+from ..stop_signal import CONTINUE_EXIT_CODE, STOP_MARKER_ENV
 
 LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"
 # Node-local copy of the resolved config written by the trainer script (one per job and node).
@@ -78,8 +80,12 @@ class ClusterLayout:
     # start finds none and starts fresh.
     resume: bool = True
     python: str = "python"  # the trainer's interpreter inside the container / on the node
-    # The servers' interpreter: the image keeps SGLang in its own environment (Dockerfile).
-    server_python: str = "${S2LPO_SGLANG_PYTHON:-python}"
+    # The servers' interpreter; "" = the SGLang interpreter rule (rollout/sglang_python.py),
+    # resolved on the node: the image keeps SGLang in its own environment (Dockerfile).
+    server_python: str = ""
+    # What the trainer's own environment provides to the weight-sync transports (sync/transports.py
+    # trainer_needs): the image gives CUDA and keeps SGLang out of the trainer's environment.
+    trainer_provides: tuple[str, ...] = ("cuda",)
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -92,6 +98,7 @@ class ClusterLayout:
                              f"got {ports}")
         if self.health_timeout_s <= 0:
             raise ValueError(f"health_timeout_s must be > 0, got {self.health_timeout_s}")
+        self.server_python = self.server_python or sglang_python_expr(self.python)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -186,6 +193,8 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
                           f"sync.master_port={layout.sync_port}"]
         if not colocated and not one_machine:
             groups.append(NodeGroup(name=LEARNER_SERVER, num_nodes=1, gpus_per_node=num_gpus))
+    if learner_engine.backend == "sglang":
+        check_trainer_environment(_sync_transport(cfg, overrides), layout)
     frozen = [(EXPLORER, explorer_engine, layout.explorer_port, cfg.algo.t_mix > 0),
               (TEACHER, cfg.rollout.teacher, layout.teacher_port, cfg.algo.method in ("forward_kl", "opd"))]
     for name, engine, port, used in frozen:  # frozen models: a server on a node of its own
@@ -216,6 +225,30 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
                       setup_lines=[API_KEY_SETUP] if servers and not one_machine else [])
 
 
+def _sync_transport(cfg: RunConfig, overrides: list[str]) -> str:
+    """sync.transport as the trainer will see it (the last generated override wins)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("sync.transport=")]
+    return chosen[-1] if chosen else cfg.sync.transport
+
+
+def check_trainer_environment(transport: str, layout: ClusterLayout) -> None:
+    """Refuse, before anything is submitted, a weight sync that the trainer's environment cannot run
+    (what each transport needs is declared by its class: sync/transports.py `trainer_needs`)."""
+    from ..sync.transports import trainer_needs
+
+    missing = [need for need in trainer_needs(transport) if need not in layout.trainer_provides]
+    if not missing:
+        return
+    colocated = " (a learner server colocated with the learner)" if transport == "tensor" else ""
+    raise ValueError(
+        f"sync.transport={transport}{colocated} needs {' and '.join(missing)} in the trainer's own environment, "
+        f"which this launch's trainer does not have (it provides: {', '.join(layout.trainer_provides) or 'nothing'}; "
+        "the image keeps SGLang in /opt/sglang, apart from the trainer's torch). Give the learner server a node "
+        "of its own (--no-colocate: sync.transport=distributed, NCCL) or sync through shared storage "
+        "(sync.transport=disk); if your trainer environment has them, say so with --trainer-provides "
+        f"{','.join(dict.fromkeys([*layout.trainer_provides, *missing]))}")
+
+
 def _learner_procs_per_node(cfg: RunConfig, layout: ClusterLayout, learner_nodes: int) -> int:
     """One process per GPU (one per node on CPU); the world size must hold whole TP*PP blocks."""
     procs = layout.gpus_per_node or 1
@@ -237,28 +270,61 @@ def _expandable(arg: str) -> str:
 def trainer_script(config_path: str, user_overrides: list[str], generated: list[str], *,
                    servers: list[ServerTask], layout: ClusterLayout, learner_nodes: int,
                    procs_per_node: int, master_host: str, config_text: str | None = None) -> str:
-    """Bash run on every learner node: health gate, then the trainer (torchrun when > 1 process)."""
-    lines = ["set -euo pipefail"]
+    """Bash run on every learner node: health gate, then the trainer (torchrun when > 1 process).
+
+    The trainer stops on SIGUSR1 / SIGTERM after checkpointing its current step (stop_signal.py);
+    the script then exits 0 (the job did its part; a chained job or a resubmission resumes), and
+    with the trainer's own status otherwise.
+    """
+    # The stop request reaches every process of the job step; the trainer processes take it,
+    # this shell and torchrun (whose default for SIGUSR1 is to die) ignore it.
+    lines = ["set -euo pipefail", "trap '' USR1"]
     if config_text is not None:
         assert CONFIG_EOF not in config_text
         config_path = EMBEDDED_CONFIG_PATH
         lines += [f'mkdir -p "$(dirname "{config_path}")"',
                   f"cat > \"{config_path}\" <<'{CONFIG_EOF}'", config_text.rstrip("\n"), CONFIG_EOF]
+    config_args = [_expandable(config_path) if config_text is not None else shlex.quote(config_path)]
+    config_args += [shlex.quote(o) for o in user_overrides]
+    if layout.resume:  # a chained job after the last step: done before waiting for the servers
+        lines.append(f"if {layout.python} -m megatron_s2lpo.launch.run_state {' '.join(config_args)}; then exit 0; fi")
     if servers:
+        hosts = ",".join(dict.fromkeys(_url_host(s.url) for s in servers))
+        lines.append(f'export NO_PROXY="${{NO_PROXY:+$NO_PROXY,}}{hosts}" no_proxy="${{no_proxy:+$no_proxy,}}{hosts}"')
         urls = " ".join(_expandable(s.url) for s in servers)
         lines.append(f"{layout.python} -m megatron_s2lpo.launch.wait_healthy "
                      f"--timeout-s {layout.health_timeout_s:g} {urls}")
-    args = ["-m", "megatron_s2lpo.cli", "train",
-            _expandable(config_path) if config_text is not None else shlex.quote(config_path)]
-    args += [shlex.quote(o) for o in user_overrides] + [_expandable(o) for o in generated]
+    args = ["-m", "megatron_s2lpo.cli", "train", *config_args, *(_expandable(o) for o in generated)]
     if learner_nodes * procs_per_node == 1:
-        lines.append(f"exec {layout.python} " + " ".join(args))
+        command = f"{layout.python} " + " ".join(args)
     else:
         node_rank = "${SLURM_NODEID:-0}" if learner_nodes > 1 else "0"
-        lines.append(f"exec torchrun --nnodes {learner_nodes} --nproc-per-node {procs_per_node} "
-                     f"--node-rank {node_rank} --master-addr {_expandable(master_host)} "
-                     f"--master-port {layout.torchrun_port} " + " ".join(args))
-    return "\n".join(lines) + "\n"
+        command = (f"torchrun --nnodes {learner_nodes} --nproc-per-node {procs_per_node} "
+                   f"--node-rank {node_rank} --master-addr {_expandable(master_host)} "
+                   f"--master-port {layout.torchrun_port} " + " ".join(args))
+    return "\n".join(lines + _run_trainer(command)) + "\n"
+
+
+def _run_trainer(command: str) -> list[str]:
+    """Run the trainer and map "stopped on request" (stop_signal.py) to success."""
+    return [
+        # torchrun reports a worker's non-zero exit as its own 1: the trainer writes this marker
+        f'export {STOP_MARKER_ENV}="${{TMPDIR:-/tmp}}/s2lpo-stopped-${{SLURM_JOB_ID:-local}}-$$"',
+        f'rm -f "${STOP_MARKER_ENV}"',
+        "status=0",
+        f"{command} || status=$?",
+        f'if [ -e "${STOP_MARKER_ENV}" ]; then status={CONTINUE_EXIT_CODE}; rm -f "${STOP_MARKER_ENV}"; fi',
+        f'if [ "$status" -eq {CONTINUE_EXIT_CODE} ]; then',
+        '  echo "s2lpo: the trainer checkpointed its step and stopped on request; resuming continues the run" >&2',
+        "  exit 0",
+        "fi",
+        'exit "$status"',
+    ]
+
+
+def _url_host(url: str) -> str:
+    """The host of `http://host:port` (kept verbatim: it may be a shell expression)."""
+    return url.split("://", 1)[-1].rsplit(":", 1)[0]
 
 
 def _quote(arg: str) -> str:

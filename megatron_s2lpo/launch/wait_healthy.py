@@ -17,10 +17,15 @@ import urllib.request
 from collections.abc import Callable
 
 
+# The servers are the job's own nodes: never reach them through an http_proxy the job inherited
+# from the login environment (urllib follows $http_proxy unless $no_proxy names the host).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def probe_health(url: str, timeout_s: float = 5.0) -> tuple[bool, str]:
-    """(healthy, what was seen) for one GET `url`/health."""
+    """(healthy, what was seen) for one GET `url`/health, never through a proxy."""
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as answer:
+        with _DIRECT.open(url.rstrip("/") + "/health", timeout=timeout_s) as answer:
             return answer.status == 200, f"HTTP {answer.status}"
     except urllib.error.HTTPError as err:
         return False, f"HTTP {err.code}"

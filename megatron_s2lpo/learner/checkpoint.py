@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_s2lpo.utils.files import write_atomic
-from megatron_s2lpo.utils.procs import barrier
+from megatron_s2lpo.utils.procs import barrier, on_any_rank
 
 from .checkpoint_files import (COMPLETE, DIST_DIR, RNG_DIR, STATE_FILE, CheckpointSaveError, CorruptCheckpointError,
                                check_checkpoint, describe_save_failure, in_process_write_results, read_rng_file,
@@ -102,16 +102,6 @@ def _write_file_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
-def _on_any_rank(flag: bool) -> bool:
-    """True if `flag` holds on some rank (the save layout must be the same on all ranks)."""
-    if not dist.is_initialized():
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -169,7 +159,7 @@ def save_checkpoint(
     root = Path(root)
     name = step_dir_name(step)
     final, tmp = root / name, root / f".tmp-{name}"
-    if not _on_any_rank(optimizer_has_state(optimizer)):
+    if not on_any_rank(optimizer_has_state(optimizer)):  # the save layout must agree
         optimizer = None  # a fresh optimizer is restored by not loading any state
     state_text = json.dumps({"step": step, "trainer_state": trainer_state or {}, "optimizer": optimizer is not None,
                              "distributed_optimizer": _is_distributed(optimizer),
@@ -222,7 +212,7 @@ def _agree_or_abandon(tmp: Path, step: int, work: Any) -> None:
             raise
         except BaseException as err:  # noqa: BLE001 - shared with the other ranks below
             error = err
-    if _on_any_rank(error is not None):
+    if on_any_rank(error is not None):
         _abandon_save(tmp, step, error or RuntimeError("the save failed on another rank (see its log)"))
 
 

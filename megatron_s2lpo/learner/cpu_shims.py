@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -101,6 +104,7 @@ def apply_cpu_shims() -> None:
     global _APPLIED
     if _APPLIED or torch.cuda.is_available():
         return
+    _import_without_triton()
     # Replaces the CUDA device index that ~170 megatron call sites pass as `device=` when they
     # allocate: weights (`use_cpu_initialization` still allocates some buffers), the attention
     # scratch buffer (`GlobalMemoryBuffer.get_tensor`), RoPE frequencies, p2p receive buffers.
@@ -108,6 +112,10 @@ def apply_cpu_shims() -> None:
     # Replaces the device barrier around dist_checkpointing save/load and p2p (CPU ops are
     # synchronous, so there is nothing to wait for).
     torch.cuda.synchronize = _no_op  # type: ignore[assignment]
+    # Replaces the compute stream that megatron-core 0.19's grad buffer asks for in every
+    # start_grad_sync (`torch.cuda.current_stream().wait_event(...)` for CUDA-graph replays): on
+    # CPU every op has finished when it returns, so waiting on a stream or event is a no-op.
+    torch.cuda.current_stream = _cpu_stream  # type: ignore[assignment]
     for name in _MODULES_WITH_CUDA_LITERALS:
         module = importlib.import_module(name)
         if not isinstance(module.torch, _CpuTorch):
@@ -121,6 +129,80 @@ def apply_cpu_shims() -> None:
     random_module = importlib.import_module("megatron.core.tensor_parallel.random")
     random_module._get_cuda_rng_state = _empty_cuda_rng_state
     _APPLIED = True
+
+
+class _CpuStream:
+    """What megatron-core calls on `torch.cuda.current_stream()`; nothing to wait for on CPU."""
+
+    def wait_event(self, _event: Any) -> None:
+        return None
+
+    def wait_stream(self, _stream: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+def _cpu_stream(*_args: Any, **_kwargs: Any) -> _CpuStream:
+    return _CpuStream()
+
+
+# megatron-core modules that `import triton` unconditionally and sit on the import path of every
+# model (megatron-core 0.19: `import megatron.core` -> pipeline schedules -> moe.paged_stash ->
+# these kernels, `@triton.jit` at import). A CPU-only torch has no triton; the placeholder module
+# keeps the names importable and fails only if a kernel is launched (MoE paged stash, GPU only).
+_TRITON_KERNEL_MODULES = {
+    "megatron.core.transformer.moe.ops.paged_stash": {
+        "constants": {"GLOBAL_BLOCK_SIZE": 1024},
+        "kernels": ("paged_stash_copy_kernel", "paged_stash_pop_kernel"),
+    },
+}
+
+
+class _TritonKernelPlaceholder:
+    """Stands in for a `@triton.jit` kernel; launching it (`kernel[grid](...)`) raises."""
+
+    def __init__(self, qualname: str) -> None:
+        self.qualname = qualname
+
+    def __getitem__(self, _grid: Any) -> Any:
+        raise RuntimeError(f"{self.qualname} is a triton kernel (MoE paged stash) and needs triton and a "
+                           "CUDA GPU; this CPU-only torch has neither")
+
+    __call__ = __getitem__
+
+
+class _TritonFreeKernelModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import hook that answers for `_TRITON_KERNEL_MODULES` with placeholder modules."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _TRITON_KERNEL_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> None:
+        return None  # the default module object
+
+    def exec_module(self, module: Any) -> None:
+        entry = _TRITON_KERNEL_MODULES[module.__name__]
+        vars(module).update(entry["constants"])
+        for name in entry["kernels"]:
+            setattr(module, name, _TritonKernelPlaceholder(f"{module.__name__}.{name}"))
+        module.__all__ = sorted([*entry["constants"], *entry["kernels"]])
+
+
+def _import_without_triton() -> None:
+    """Let `import megatron.core` succeed without triton (megatron-core 0.19; see above).
+
+    Must run before megatron-core is first imported; does nothing when triton is installed or a
+    module in the table was already imported for real.
+    """
+    if importlib.util.find_spec("triton") is not None:
+        return
+    if any(isinstance(finder, _TritonFreeKernelModules) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _TritonFreeKernelModules())
 
 
 def _empty_cuda_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:

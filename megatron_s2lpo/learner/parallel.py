@@ -110,9 +110,9 @@ def init_parallel(
     one it creates a single-process world. Applies the CPU shims when CUDA is absent. Call
     `destroy_parallel()` before initialising again with another layout in the same process.
     """
+    apply_cpu_shims()  # before megatron-core's first import (0.19 needs triton without them)
     from megatron.core import parallel_state
 
-    apply_cpu_shims()
     has_cuda = torch.cuda.is_available()
     if has_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

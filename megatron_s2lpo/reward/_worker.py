@@ -104,8 +104,10 @@ def serve(score_fn: ScoreFn, argv: list[str] | None = None) -> None:
     sys.stdout = sys.stderr
     if not _die_with_parent(parent_pid):
         return  # the parent died before the death signal was armed
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    # Ctrl-C reaches the whole process group, and a cluster's stop request (SIGUSR1) the whole
+    # job step; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         score_fn("1", "1")  # imports the scoring library and warms its caches before the first deadline
     except Exception:  # noqa: BLE001 -- reported to the parent, which raises WorkerStartError

@@ -12,20 +12,21 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
 from ..config.rollout import EngineConfig
+from .sglang_python import sglang_python
 
 
-def build_launch_command(cfg: EngineConfig, *, python: str = sys.executable) -> list[str]:
-    """The server's command line (flags of sglang.launch_server, SGLang 0.5.23)."""
+def build_launch_command(cfg: EngineConfig, *, python: str | None = None) -> list[str]:
+    """The server's command line (flags of sglang.launch_server, SGLang 0.5.23); `python`
+    defaults to the SGLang interpreter of this process (rollout/sglang_python.py)."""
     if not cfg.model_path:
         raise ValueError("engine model_path is empty: set the HF checkpoint directory the server "
                          "loads, or engine url to attach to a running server")
-    prefix = list(cfg.launch_command) or [python, "-m", "sglang.launch_server"]
+    prefix = list(cfg.launch_command) or [python or sglang_python(), "-m", "sglang.launch_server"]
     args = [
         "--model-path", cfg.model_path,
         "--host", cfg.host,

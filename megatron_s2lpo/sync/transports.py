@@ -110,11 +110,12 @@ class TensorTransport:
 
     name = "tensor"
     flat = False
+    trainer_needs = ("cuda", "sglang")  # what the trainer's environment must provide (see trainer_needs())
 
     def __init__(self, engine: Any, config: SyncConfig, context: TransportContext, *,
                  check_environment: bool = True) -> None:
         if check_environment:  # tests pass False to check the call sequence on CPU
-            _require_cuda_and_sglang("tensor", need_sglang=True)
+            _require_cuda_and_sglang(self.name, need_sglang="sglang" in self.trainer_needs)
             from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
 
             monkey_patch_torch_reductions()
@@ -175,11 +176,12 @@ class DistributedTransport:
 
     name = "distributed"
     flat = False
+    trainer_needs = ("cuda",)
 
     def __init__(self, engine: Any, config: SyncConfig, context: TransportContext, *,
                  backend: str = "nccl", check_environment: bool = True) -> None:
         if check_environment:  # tests pass False (and backend="gloo") to run it on CPU
-            _require_cuda_and_sglang("distributed", need_sglang=False)
+            _require_cuda_and_sglang(self.name, need_sglang="sglang" in self.trainer_needs)
         server = getattr(engine, "cfg", None)
         if server is None or not hasattr(engine, "init_weights_update_group"):
             raise ValueError(f"sync.transport=distributed needs an SGLang engine, got {describe_engine(engine)}")
@@ -273,6 +275,14 @@ def route(transport: str, engine: Any) -> str:
         raise ValueError(f"sync.transport={transport!r} needs an SGLang server as the learner's engine, "
                          f"got the in-process {describe_engine(engine)}; use sync.transport=disk")
     return key
+
+
+def trainer_needs(transport: str, kind: str = "server") -> tuple[str, ...]:
+    """What `sync.transport` with this kind of engine needs in the trainer's own environment:
+    a subset of ("cuda", "sglang"), read from the transport class (the launcher checks a layout
+    against it before submitting a job)."""
+    key = ROUTES.get((transport, kind))
+    return tuple(getattr(TRANSPORTS[key], "trainer_needs", ())) if key is not None else ()
 
 
 def build_transport(name: str, engine: Any, config: SyncConfig, context: TransportContext) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -14,3 +15,14 @@ def barrier() -> None:
     """dist.barrier() over the default group; nothing in a single process."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_any_rank(flag: bool) -> bool:
+    """True if `flag` holds on some rank of the default group (all ranks must call it); `flag`
+    itself in a single process."""
+    if not dist.is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -10,15 +10,17 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from process_control import kill_after_checkpoint
+from process_control import kill_after_checkpoint, signal_after_lines
 
 from megatron_s2lpo.algo.schedule import schedule_share, split_group
 from megatron_s2lpo.metrics_log import read_metrics
+from megatron_s2lpo.stop_signal import CONTINUE_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO_ROOT / "examples" / "tiny_cpu.yaml")
@@ -86,24 +88,37 @@ def test_train_writes_every_metric_per_step(full_run: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_resume_after_sigkill_is_exact(full_run: Path, tmp_path: Path) -> None:
-    out = tmp_path / "killed"
+@pytest.mark.timeout(500)
+def test_resume_after_sigusr1_and_after_sigkill_is_exact(full_run: Path, tmp_path: Path) -> None:
+    """One run stopped twice, each resume continuing exactly as the uninterrupted run did:
+
+    1. SIGUSR1 (a cluster's "time is nearly up") while step 3 runs: the trainer finishes step 3,
+       checkpoints it although run.save_every=2 would not, and exits with the "continue" status;
+    2. `--resume`, SIGKILLed right after its next checkpoint (step 4);
+    3. `--resume` to the end.
+    """
+    out = tmp_path / "stopped"
     out.mkdir()
     copy_models(full_run, out)
     latest = out / "checkpoints" / "latest"
+    status, log = signal_after_lines(command(out), REPO_ROOT, out / "metrics.jsonl", num_lines=2,
+                                     sig=signal.SIGUSR1, timeout_s=240)
+    assert status == CONTINUE_EXIT_CODE, log[-4000:]
+    assert "SIGUSR1: finishing the current step" in log and "stopped on SIGUSR1 after step 3" in log
+    assert latest.read_text().strip() == "step_00000003"
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2, 3]
     # SIGKILL of the trainer alone: its reward workers, any checkpoint helper and resource tracker die too
-    survivors = kill_after_checkpoint(command(out), REPO_ROOT, latest, what="its first checkpoint", timeout_s=240,
-                                      trainer_only=True)
+    survivors = kill_after_checkpoint(command(out, "--resume"), REPO_ROOT, latest, what="its next checkpoint",
+                                      timeout_s=240, after="step_00000003", trainer_only=True)
     assert not survivors, f"processes outlived the SIGKILLed trainer: {survivors}"
     killed_at = int(latest.read_text().strip().split("_")[1])
-    assert killed_at < NUM_STEPS
+    assert 3 < killed_at < NUM_STEPS
     run_train(out, "--resume")
     expected = [without_timing(r) for r in read_metrics(str(full_run / "metrics.jsonl"))]
     resumed = [without_timing(r) for r in read_metrics(str(out / "metrics.jsonl"))]
     assert [r["step"] for r in resumed] == list(range(1, NUM_STEPS + 1))
     for want, got in zip(expected, resumed):
-        assert got == want, f"step {want['step']} differs after resuming from step {killed_at}"
+        assert got == want, f"step {want['step']} differs after stopping at step 3 and at step {killed_at}"
 
 
 @pytest.mark.slow

@@ -29,8 +29,13 @@ def _plan(overrides=(), *, one_machine=False, host=slurm_host, **layout):
                             host=host)
 
 
+def _trainer_line(script: str) -> str:
+    """The line that runs the trainer (python or torchrun), as the script has it."""
+    return next(line for line in script.splitlines() if " megatron_s2lpo.cli train " in line)
+
+
 def _trainer_args(script: str) -> list[str]:
-    return script.strip().splitlines()[-1].split()
+    return _trainer_line(script).split()
 
 
 def test_separate_servers_take_one_node_each_and_get_nccl_rendezvous():
@@ -106,14 +111,17 @@ def test_trainer_script_waits_for_every_server_then_torchruns():
     _, plan = _plan()
     lines = plan.trainer_script.strip().splitlines()
     gate = next(i for i, line in enumerate(lines) if "megatron_s2lpo.launch.wait_healthy" in line)
-    run = next(i for i, line in enumerate(lines) if line.startswith("exec torchrun"))
-    assert gate < run
+    run = lines.index(_trainer_line(plan.trainer_script))
+    finished = next(i for i, line in enumerate(lines) if "megatron_s2lpo.launch.run_state" in line)
+    assert lines[:2] == ["set -euo pipefail", "trap '' USR1"]
+    assert finished < gate < run  # a chained job after the last step ends before waiting for servers
     assert '"http://${S2LPO_LEARNER_SERVER_HOST}:30000" "http://${S2LPO_EXPLORER_HOST}:30001"' in lines[gate]
     assert "--timeout-s 1800" in lines[gate]
     args = _trainer_args(plan.trainer_script)
-    assert args[:11] == ["exec", "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank",
+    assert args[:10] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank",
                          "${SLURM_NODEID:-0}", "--master-addr", '"${S2LPO_LEARNER_HOST}"', "--master-port"]
-    assert args[12:16] == ["-m", "megatron_s2lpo.cli", "train", f'"{EMBEDDED_CONFIG_PATH}"']
+    assert args[11:15] == ["-m", "megatron_s2lpo.cli", "train", f'"{EMBEDDED_CONFIG_PATH}"']
+    assert _trainer_line(plan.trainer_script).endswith('"run.resume=true" || status=$?')
 
 
 def test_embedded_config_round_trips_and_bash_expands_the_overrides(tmp_path):
@@ -124,7 +132,7 @@ def test_embedded_config_round_trips_and_bash_expands_the_overrides(tmp_path):
     assert load_config(str(path)).to_dict() == cfg.to_dict()
     assert load_config(str(path)).algo.t_mix == 77
     # Let bash expand the generated arguments with hosts set, exactly as srun would.
-    last = plan.trainer_script.strip().splitlines()[-1].replace("exec torchrun", "printf '%s\\n'", 1)
+    last = _trainer_line(plan.trainer_script).replace("torchrun", "printf '%s\\n'", 1).split(" || ")[0]
     env = {**os.environ, "S2LPO_LEARNER_HOST": "n1", "S2LPO_LEARNER_SERVER_HOST": "n3",
            "S2LPO_EXPLORER_HOST": "n4", "SLURM_NODEID": "1", "SLURM_JOB_ID": "77", "TMPDIR": "/t"}
     out = subprocess.run(["bash", "-c", last], env=env, capture_output=True, text=True, check=True).stdout.split("\n")
@@ -137,7 +145,8 @@ def test_embedded_config_round_trips_and_bash_expands_the_overrides(tmp_path):
 
 
 def test_colocated_learner_server_shares_the_learner_nodes():
-    cfg, plan = _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)
+    cfg, plan = _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3,
+                      trainer_provides=("cuda", "sglang"))
     assert [(g.name, g.num_nodes) for g in plan.groups] == [("learner", 2), ("explorer", 1)]
     assert plan.colocated
     learner = plan.servers[0]
@@ -163,8 +172,9 @@ def test_tiny_cpu_config_needs_no_server_and_runs_one_process():
     plan = plan_launch(cfg, path, ClusterLayout(num_nodes=1, gpus_per_node=0, resume=False), host=local_host,
                        user_overrides=("run.num_steps=2", "run.name=a b"), embed_config=False)
     assert plan.servers == [] and plan.trainer_overrides == []
-    assert plan.trainer_script == f"set -euo pipefail\nexec python -m megatron_s2lpo.cli train {path} " \
-                                  "run.num_steps=2 'run.name=a b'\n"
+    assert _trainer_line(plan.trainer_script) == (f"python -m megatron_s2lpo.cli train {path} "
+                                                  "run.num_steps=2 'run.name=a b' || status=$?")
+    assert "wait_healthy" not in plan.trainer_script and "run_state" not in plan.trainer_script  # no resume
 
 
 @pytest.mark.parametrize("overrides, layout, message", [
@@ -276,3 +286,104 @@ def test_staged_recipe_runs_the_trainer_alone():
 def test_ports_must_differ():
     with pytest.raises(ValueError, match="teacher_port"):
         ClusterLayout(teacher_port=30001)
+
+
+# ----------------------------------------------------------------------------- trainer environment
+
+
+def test_colocation_the_trainer_environment_cannot_run_is_refused_at_plan_time(monkeypatch):
+    from megatron_s2lpo.sync import transports
+
+    with pytest.raises(ValueError, match=r"sync.transport=tensor .* needs sglang in the trainer's own environment"
+                                         r".*--no-colocate.*sync.transport=disk.*--trainer-provides cuda,sglang"):
+        _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)
+    with pytest.raises(ValueError, match="needs cuda"):  # the NCCL broadcast needs CUDA in the trainer
+        _plan(trainer_provides=())
+    _plan(["sync.transport=disk"], trainer_provides=())  # shared storage needs nothing
+    # The check reads what the transport class declares: a tensor transport that no longer needs
+    # SGLang in the trainer's process makes colocation plannable with the image.
+    monkeypatch.setattr(transports.TensorTransport, "trainer_needs", ("cuda",))
+    assert _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)[1].colocated
+
+
+def test_transports_declare_what_the_trainer_needs():
+    from megatron_s2lpo.sync.transports import trainer_needs
+
+    assert trainer_needs("tensor") == ("cuda", "sglang")
+    assert trainer_needs("distributed") == ("cuda",)
+    assert trainer_needs("disk") == () and trainer_needs("tensor", "in_process") == ()
+
+
+# ----------------------------------------------------------------------------- SGLang interpreter
+
+
+def test_one_rule_picks_the_sglang_interpreter(tmp_path, monkeypatch):
+    from megatron_s2lpo.rollout.sglang_python import SGLANG_PYTHON_ENV, sglang_python, sglang_python_expr
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert sglang_python({}) == sys.executable
+    assert sglang_python({SGLANG_PYTHON_ENV: str(fake)}) == str(fake)
+    with pytest.raises(ValueError, match="S2LPO_SGLANG_PYTHON='/nope/python' is not an executable"):
+        sglang_python({SGLANG_PYTHON_ENV: "/nope/python"})
+    # servers the trainer launches itself use the same rule (rollout/sglang_engine.py)
+    cfg = load_config(RECIPE_8B)
+    monkeypatch.setenv(SGLANG_PYTHON_ENV, str(fake))
+    assert build_launch_command(cfg.rollout.explorer)[:3] == [str(fake), "-m", "sglang.launch_server"]
+    monkeypatch.delenv(SGLANG_PYTHON_ENV)
+    assert build_launch_command(cfg.rollout.explorer)[0] == sys.executable
+    # ... and the launch plan writes it for the node, falling back to the trainer's interpreter there
+    _, plan = _plan(python="/opt/py/bin/python")
+    assert plan.servers[0].command[0] == sglang_python_expr("/opt/py/bin/python") == \
+        "${S2LPO_SGLANG_PYTHON:-/opt/py/bin/python}"
+
+
+# ----------------------------------------------------------------------------- trainer script
+
+
+def _stub_python(tmp_path, body: str):
+    """An executable standing in for the node's python: it sees `-m <module> ...`."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\n" + body)
+    stub.chmod(0o755)
+    return str(stub)
+
+
+@pytest.mark.parametrize("trainer, finished, status", [
+    ("exit 0", 1, 0),  # the run finished normally
+    ("exit 75", 1, 0),  # stopped on request after a checkpoint (CONTINUE_EXIT_CODE): the job did its part
+    ('echo 3 > "$S2LPO_STOP_MARKER"; exit 0', 1, 0),  # the same under torchrun, through the marker
+    ("exit 3", 1, 3),  # a failure stays a failure (Slurm requeues it with --retries)
+    ("exit 3", 0, 0),  # a chained job after the last checkpointed step never starts the trainer
+])
+def test_trainer_script_maps_the_trainers_outcome(tmp_path, trainer, finished, status):
+    recipe = os.path.join(REPO, "examples", "tiny_cpu.yaml")
+    stub = _stub_python(tmp_path, f'if [ "$2" = megatron_s2lpo.launch.run_state ]; then exit {finished}; fi\n'
+                                  f'touch "{tmp_path}/trainer-ran"\n{trainer}\n')
+    plan = plan_launch(load_config(recipe), recipe, ClusterLayout(num_nodes=1, gpus_per_node=0, python=stub),
+                       host=local_host, embed_config=False)
+    proc = subprocess.run(["bash", "-c", plan.trainer_script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)})
+    assert proc.returncode == status, proc.stderr
+    assert (tmp_path / "trainer-ran").exists() == (finished == 1)
+    assert ("stopped on request" in proc.stderr) == ("75" in trainer or "MARKER" in trainer)
+
+
+def test_trainer_script_bypasses_proxies_for_the_servers(tmp_path):
+    _, plan = _plan()
+    line = next(x for x in plan.trainer_script.splitlines() if x.startswith("export NO_PROXY="))
+    env = {"PATH": os.environ["PATH"], "S2LPO_LEARNER_SERVER_HOST": "n3", "S2LPO_EXPLORER_HOST": "n4",
+           "no_proxy": "localhost"}
+    out = subprocess.run(["bash", "-c", f'{line}; printf "%s|%s" "$NO_PROXY" "$no_proxy"'], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "n3,n4|localhost,n3,n4"
+
+
+@pytest.mark.timeout(30)
+def test_wait_healthy_never_goes_through_an_inherited_proxy(health_server, monkeypatch):
+    url, _ = health_server
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:1")  # nothing listens: through it, every probe fails
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert probe_health(url) == (True, "HTTP 200")

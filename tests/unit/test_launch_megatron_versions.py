@@ -1,0 +1,74 @@
+"""megatron-core versions: the image installs the release CI runs (0.16.1, tests/unit/
+test_launch_dockerfile.py); a user on Python 3.12 outside the image may resolve 0.19.x, so the CPU
+shims (learner/cpu_shims.py) are checked here against megatron-core 0.19.2's own code.
+
+The check downloads the 0.19.2 wheel once (`pip download --no-deps`, 2.4 MB, cached under
+~/.cache/megatron_s2lpo/wheels or $S2LPO_WHEEL_CACHE) and puts its sources first on PYTHONPATH.
+The wheel declares Python >= 3.12, but its Python code imports and runs on this 3.11: enough to
+run the learner on it. One process, gloo: build the tiny GPT learner (DDP + distributed
+optimizer) and take one optimizer step (without the shims the schedules' import chain needs
+triton, and the grad buffer's sync calls torch.cuda.current_stream()). The trainer's checkpoints
+on 0.19.2 were checked by hand (`s2lpo train examples/tiny_cpu.yaml run.save_every=1` with these
+sources first on PYTHONPATH; docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VERSION = "0.19.2"
+
+SCRIPT = """
+import math, sys
+sys.path.insert(0, "tests/distributed/scripts")
+from common import fixed_batch, tiny_arch
+from megatron_s2lpo.algo.losses import PolicyLossConfig
+from megatron_s2lpo.config.learner import LearnerConfig
+from megatron_s2lpo.learner import Learner
+
+if __name__ == "__main__":
+    learner = Learner(tiny_arch(), LearnerConfig(micro_batch_tokens=96))  # applies the CPU shims first
+    import megatron.core
+    assert megatron.core.__version__ == "{version}", megatron.core.__version__
+    metrics = learner.train_step(fixed_batch(), loss_config=PolicyLossConfig())
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0, metrics
+    print("OK", megatron.core.__version__, metrics["loss"])
+"""
+
+
+def _megatron_core_sources(version: str) -> Path:
+    cache = Path(os.environ.get("S2LPO_WHEEL_CACHE", Path.home() / ".cache" / "megatron_s2lpo" / "wheels"))
+    sources = cache / f"megatron_core-{version}"
+    if (sources / "megatron" / "core" / "__init__.py").is_file():
+        return sources
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = list(cache.glob(f"megatron_core-{version}-*.whl"))
+    if not wheels:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary=:all:",
+                               "--python-version", "3.12", "-d", str(cache), f"megatron-core=={version}"],
+                              capture_output=True, text=True, timeout=120)
+        wheels = list(cache.glob(f"megatron_core-{version}-*.whl"))
+        if proc.returncode or not wheels:
+            pytest.skip(f"could not download megatron-core {version} (needs PyPI): {proc.stderr[-500:]}")
+    tmp = cache / f".tmp-{os.getpid()}"
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extractall(tmp, [n for n in wheel.namelist() if n.startswith("megatron/") and n.endswith(".py")])
+    os.replace(tmp, sources)
+    return sources
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cpu_shims_run_the_learner_on_megatron_core_0_19():
+    sources = _megatron_core_sources(VERSION)
+    env = {**os.environ, "PYTHONPATH": f"{sources}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(version=VERSION)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "OK 0.19.2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
