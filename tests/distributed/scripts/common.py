@@ -97,3 +97,31 @@ def global_grads(chunks: list) -> dict[str, torch.Tensor]:
                 name = f"decoder.layers.{layers[int(local)].layer_number - 1}.{rest}"
             grads[name] = param.main_grad.detach().clone().float()
     return grads
+
+
+def layout_results(learner, batch, loss, *, packed: bool, chunk_tokens: int | None = None) -> dict:
+    """Log-probs, entropy, loss metrics and per-parameter gradients of `learner` on `batch` with
+    sequences packed (THD) or right-padded (and optionally another log-prob chunk size); the
+    learner's config is restored afterwards."""
+    config = learner.config
+    saved = (config.pack_sequences, config.logprob_chunk_tokens)
+    config.pack_sequences = packed
+    if chunk_tokens is not None:
+        config.logprob_chunk_tokens = chunk_tokens
+    try:
+        logprobs, entropy = learner.compute_logprobs(batch, 0.7, with_entropy=True)
+        metrics = learner.compute_gradients(batch, loss_config=loss, temperature=0.7)
+        return {"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "grads": global_grads(learner.model)}
+    finally:
+        config.pack_sequences, config.logprob_chunk_tokens = saved
+
+
+def compare_results(a: dict, b: dict, tol: float = 1e-6) -> dict:
+    """Largest differences between two `layout_results` (ok when all are below tol)."""
+    diffs = {"logprobs": max_abs_diff(a["logprobs"], b["logprobs"]),
+             "entropy": max_abs_diff(a["entropy"], b["entropy"]),
+             "loss": abs(a["metrics"]["loss"] - b["metrics"]["loss"]),
+             "grads": max(max_abs_diff(a["grads"][k], b["grads"][k]) for k in a["grads"])}
+    nonzero = bool((a["logprobs"] != 0).any()) and max(float(g.abs().max()) for g in a["grads"].values()) > 0
+    return {"ok": nonzero and max(diffs.values()) < tol, **diffs,
+            "micro_batches": (a["metrics"]["num_micro_batches"], b["metrics"]["num_micro_batches"])}
