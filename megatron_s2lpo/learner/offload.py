@@ -109,7 +109,7 @@ def module_tensors(modules: Iterable[torch.nn.Module]) -> list[Tensor]:
     out: list[Tensor] = []
     for module in modules:
         out += [p.data for p in module.parameters()]
-        out += [b for b in module.buffers()]
+        out += list(torch.nn.Module.buffers(module))  # megatron's DDP shadows .buffers with its grad buffers
     return out
 
 

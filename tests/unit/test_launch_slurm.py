@@ -147,7 +147,8 @@ def test_user_options_reach_the_job(tmp_path):
 
 
 def test_single_group_job_is_not_heterogeneous(tmp_path):
-    rendered, plan = _render(tmp_path, "qwen3_8b_explorer_1p7b", ["algo.t_mix=0", "sync.transport=tensor"], nodes=2)
+    rendered, plan = _render(tmp_path, "qwen3_8b_explorer_1p7b", ["algo.t_mix=0", "sync.transport=tensor",
+                                                              "rollout.learner.mem_fraction=0.5"], nodes=2)
     assert "hetjob" not in rendered.sbatch and "--het-group" not in rendered.sbatch
     assert 'export S2LPO_LEARNER_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in rendered.sbatch
     assert len(_sruns(rendered.sbatch)) == 2  # colocated learner server + trainer, no explorer
