@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from .base import check
+from .rollout import EngineConfig
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 FP8_FORMATS = ("hybrid", "e4m3")  # megatron TransformerConfig.fp8
@@ -197,3 +198,24 @@ class LearnerConfig:
         if self.sequence_parallel:
             multiple = math.lcm(multiple, self.tensor_parallel_size)
         return multiple
+
+
+_SGLANG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def engine_precision(engine: EngineConfig) -> str:
+    """The precision a rollout engine samples at: fp32 for the in-process local engine; for an
+    SGLang server its `--quantization` (e.g. fp8), else its `--dtype`, else bf16 (`auto` takes
+    the checkpoint's dtype, bf16 for the models this project trains)."""
+    if engine.backend == "local":
+        return "fp32"
+    args = [part for arg in engine.extra_args for part in str(arg).split("=", 1)]
+    value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag in ("--quantization", "--dtype")}
+    if "--quantization" in value:
+        return value["--quantization"]
+    return _SGLANG_DTYPES.get(value.get("--dtype", "auto"), "bf16")
+
+
+def precision_differs(learner: LearnerConfig, engine: EngineConfig) -> bool:
+    """Whether the learner computes its log-probs at another precision than the engine samples."""
+    return learner.precision != engine_precision(engine)

@@ -18,6 +18,9 @@ CHECKS = [
     "tp2_chunked_logprobs_equal_full_logits",
     "tp1_packed_equals_padded",
     "tp1_chunked_logprobs_equal_full_logits",
+    "dp2_overlap_and_offload_continue_identically",
+    "tp2_planner_within_25pct_of_measured_peak",
+    "tp1_planner_within_25pct_of_measured_peak",
 ]
 
 

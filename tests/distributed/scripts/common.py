@@ -125,3 +125,61 @@ def compare_results(a: dict, b: dict, tol: float = 1e-6) -> dict:
     nonzero = bool((a["logprobs"] != 0).any()) and max(float(g.abs().max()) for g in a["grads"].values()) > 0
     return {"ok": nonzero and max(diffs.values()) < tol, **diffs,
             "micro_batches": (a["metrics"]["num_micro_batches"], b["metrics"]["num_micro_batches"])}
+
+
+# Shapes of the planner check: the CPU estimate (planner/estimate.py, backend CPU) of one rank's
+# peak in a training step must be within 25 % of the measured one.
+PLANNER_SHAPES = (
+    dict(hidden=128, layers=2, vocab=4096, lens=(256,) * 4, chunk=256, recompute="none"),
+    dict(hidden=64, layers=6, vocab=2048, lens=(64,) * 16, chunk=64, recompute="none"),
+    dict(hidden=192, layers=2, vocab=16384, lens=(96,) * 8, chunk=96, recompute="full"),
+)
+
+
+def planner_vs_measured(groups, tp: int, shapes=PLANNER_SHAPES) -> dict:
+    """est / measured peak per shape: measured = this rank's storages (weights, DDP buffers, Adam
+    state) + the profiler-measured peak of a step (planner/measure.py), after a first step."""
+    from megatron_s2lpo.algo.losses import PolicyLossConfig
+    from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
+    from megatron_s2lpo.learner import Learner
+    from megatron_s2lpo.learner.offload import ddp_buffers, module_tensors, optimizer_tensors
+    from megatron_s2lpo.planner.estimate import CPU, estimate_learner
+    from megatron_s2lpo.planner.measure import peak_allocated_bytes, storage_bytes
+
+    ratios = []
+    for shape in shapes:
+        h = shape["hidden"]
+        arch = ModelArch(family="qwen3", vocab_size=shape["vocab"], hidden_size=h, ffn_hidden_size=3 * h,
+                         num_layers=shape["layers"], num_attention_heads=4, num_query_groups=2, head_dim=h // 4,
+                         qk_layernorm=True)
+        config = LearnerConfig(tensor_parallel_size=tp, micro_batch_tokens=sum(shape["lens"]),
+                               logprob_chunk_tokens=shape["chunk"], seq_length_multiple=1,
+                               recompute_granularity=shape["recompute"], optim=OptimConfig(lr=1e-5))
+        learner = Learner(arch, config, groups=groups)
+        batch = length_batch(shape["lens"] * groups.dp_size, shape["vocab"])  # a full micro-batch per DP rank
+        loss = PolicyLossConfig()
+        learner.train_step(batch, loss_config=loss)  # Adam's state exists from here on
+        param_buffers, grad_buffers = ddp_buffers(learner.model)
+        static = storage_bytes(module_tensors(learner.model) + param_buffers + grad_buffers
+                               + optimizer_tensors(learner.optimizer))
+        backward, _ = peak_allocated_bytes(lambda: learner.compute_gradients(batch, loss_config=loss))
+        step, _ = peak_allocated_bytes(learner.optimizer_step)
+        estimate = estimate_learner(arch, config, dp_size=groups.dp_size, max_seq_len=max(shape["lens"]),
+                                    with_reference=False, backend=CPU)
+        ratios.append(round(estimate.peak / (static + max(backward, step)), 3))
+    return {"ok": all(abs(r - 1) <= 0.25 for r in ratios), "estimate_over_measured": ratios}
+
+
+def length_batch(seq_lens, vocab: int, prompt: int = 8) -> TrainBatch:
+    """Rows of the given lengths, `prompt` prompt tokens each, random tokens and advantages."""
+    g = torch.Generator().manual_seed(0)
+    num, width = len(seq_lens), max(seq_lens)
+    tokens = torch.randint(1, vocab, (num, width), generator=g)
+    mask = torch.zeros(num, width)
+    for row, n in enumerate(seq_lens):
+        tokens[row, n:] = 0
+        mask[row, prompt:n] = 1.0
+    zeros = torch.zeros(num, width)
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.randn(num, 1, generator=g) * mask,
+                      old_logprobs=zeros.clone(), behaviour_logprobs=zeros.clone(),
+                      sources=torch.zeros(num, dtype=torch.long), seq_lens=torch.tensor(seq_lens))

@@ -9,7 +9,9 @@ right-padded micro-batches and response-only chunked log-probs = the full-logits
 (values, entropy, gradients); one GRPO step; the loss going down over steps. The initial weights are saved as a dist checkpoint.
 Part 2 (TP=1, DP=2, same processes): load that checkpoint (TP=2 -> TP=1 resharding) and compare
 log-probs, entropy, the first step's loss / grad norm and the log-probs after it; packed =
-padded and chunked = full logits at TP=1 too.
+padded and chunked = full logits at TP=1 too; the distributed optimizer with overlapped grad
+reduce / param gather and an offload() + onload() between steps = plain steps exactly. Both
+parts check the memory planner's CPU estimate against measured peaks of three tiny shapes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from common import compare_results, fixed_batch, layout_results, max_abs_diff, run_check, shared_tmpdir, tiny_arch
+from common import (PLANNER_SHAPES, compare_results, fixed_batch, layout_results, max_abs_diff, planner_vs_measured,
+                    run_check, shared_tmpdir, tiny_arch)
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
@@ -113,6 +116,47 @@ def chunked_equals_full_logits(learner, batch) -> dict:
     return {"ok": max(diffs.values()) < 1e-6, **diffs}
 
 
+def overlap_and_offload(groups, root: str) -> dict:
+    """Distributed optimizer over DP=2: steps with overlapped grad reduce / param gather, and an
+    offload() + onload() between two steps, equal plain steps without offload exactly; offload()
+    releases every storage of weights, grad buffers and Adam state and the learner refuses to run."""
+    import dataclasses
+
+    from megatron_s2lpo.learner import Learner
+    from megatron_s2lpo.learner.offload import ddp_buffers, module_tensors, optimizer_tensors
+    from megatron_s2lpo.planner.measure import storage_bytes
+
+    runs, details = {}, {}
+    for special in (False, True):
+        base = learner_config(1)
+        config = dataclasses.replace(base, overlap_grad_reduce=special, overlap_param_gather=special,
+                                     optim=dataclasses.replace(base.optim, use_distributed_optimizer=True))
+        learner = Learner(tiny_arch("qwen3"), config, groups=groups)
+        learner.load(root, load_optimizer=False)
+        batch = fixed_batch()
+        batch.old_logprobs = learner.compute_logprobs(batch, 1.0)
+        first = learner.train_step(batch, loss_config=LOSS)
+        if special:
+            tensors = lambda: module_tensors(learner.model) + sum(ddp_buffers(learner.model), []) + optimizer_tensors(  # noqa: E731
+                learner.optimizer)
+            details["bytes_before_offload"] = storage_bytes(tensors())
+            learner.offload()
+            details["bytes_offloaded"] = storage_bytes(tensors())
+            try:
+                learner.compute_logprobs(batch, 1.0)
+                details["refused_while_offloaded"] = False
+            except RuntimeError:
+                details["refused_while_offloaded"] = True
+            learner.onload()
+        second = learner.train_step(batch, loss_config=LOSS)
+        runs[special] = ([first["loss"], first["grad_norm"], second["loss"], second["grad_norm"]],
+                         learner.compute_logprobs(batch, 1.0))
+    diffs = {"metrics": max(abs(a - b) for a, b in zip(runs[False][0], runs[True][0])),
+             "logprobs_after": max_abs_diff(runs[False][1], runs[True][1])}
+    return {"ok": max(diffs.values()) == 0.0 and details["bytes_offloaded"] == 0 and details["bytes_before_offload"] > 0
+            and details["refused_while_offloaded"], **diffs, **details}
+
+
 def part_tp2(state: dict, ckpt_root: str) -> None:
     from megatron_s2lpo.learner import Learner
 
@@ -154,6 +198,7 @@ def part_tp2(state: dict, ckpt_root: str) -> None:
         return {"ok": losses[-1] < losses[0] - 1e-3, "losses": losses}
 
     run_check("tp2_grpo_steps_decrease_loss", grpo_steps)
+    run_check("tp2_planner_within_25pct_of_measured_peak", lambda: planner_vs_measured(groups, 2))
     destroy_parallel(destroy_process_group=False)
 
 
@@ -177,6 +222,8 @@ def part_tp1(state: dict, ckpt_root: str) -> None:
     batch.old_logprobs = state["lp"]
     run_check("tp1_packed_equals_padded", lambda: packed_equals_padded(learner, batch))
     run_check("tp1_chunked_logprobs_equal_full_logits", lambda: chunked_equals_full_logits(learner, batch))
+    run_check("dp2_overlap_and_offload_continue_identically", lambda: overlap_and_offload(groups, ckpt_root))
+    run_check("tp1_planner_within_25pct_of_measured_peak", lambda: planner_vs_measured(groups, 1, PLANNER_SHAPES[:2]))
 
     def step_equal() -> dict:
         metrics = learner.train_step(batch, loss_config=LOSS)
