@@ -180,6 +180,6 @@ def test_chunked_logprobs_never_hold_all_logits():
         (lp.sum() + ent.sum()).backward()
 
     unchunked, _ = peak_allocated_bytes(lambda: run(0))
-    chunked, _ = peak_allocated_bytes(lambda: run(64))
-    assert unchunked > 2 * full_buffer  # logits, shifted logits, exp, gradients: several buffers
-    assert chunked < full_buffer / 2  # at most a few (64 x vocab) buffers at a time
+    chunked, _ = peak_allocated_bytes(lambda: run(32))
+    assert unchunked > 4 * full_buffer  # logits, shifted logits, exp, gradients: several full buffers
+    assert chunked < full_buffer / 2  # a few (32 x vocab) buffers at a time, never one for all tokens
