@@ -82,20 +82,6 @@ def rl_lengths(num: int, max_len: int, median_response: int, seed: int = 0) -> l
     return [int(min(p + r, max_len)) for p, r in zip(prompts, responses)]
 
 
-def rl_batch(seq_lens: list[int], vocab: int, prompt: int = 32) -> TrainBatch:
-    gen = torch.Generator().manual_seed(1)
-    num, width = len(seq_lens), max(seq_lens)
-    tokens = torch.randint(0, vocab, (num, width), generator=gen)
-    mask = torch.zeros(num, width)
-    for row, n in enumerate(seq_lens):
-        tokens[row, n:] = 0
-        mask[row, prompt:n] = 1.0
-    zeros = torch.zeros(num, width)
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.randn(num, 1, generator=gen) * mask,
-                      old_logprobs=zeros.clone(), behaviour_logprobs=zeros.clone(),
-                      sources=torch.zeros(num, dtype=torch.long), seq_lens=torch.tensor(seq_lens))
-
-
 def train_flops(arch: ModelArch, seq_lens: list[int]) -> float:
     """Model FLOPs of one training step over sequences of these lengths (module docstring)."""
     q_dim, kv_dim, h = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim, arch.hidden_size
@@ -197,6 +183,7 @@ def _device_name() -> str:
 
 def main() -> None:
     from megatron_s2lpo.learner import Learner, destroy_parallel, init_parallel
+    from megatron_s2lpo.learner.batching import random_batch
 
     args = parse_args()
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
@@ -213,7 +200,7 @@ def main() -> None:
     learner = Learner(arch, config, groups=groups)
     lens = ([args.fixed_len] * args.num_seqs if args.fixed_len
             else rl_lengths(args.num_seqs, args.max_len, args.median_response))
-    batch = rl_batch(lens, args.vocab)
+    batch = random_batch(lens, args.vocab, prompt_tokens=32, seed=1)
     batch.old_logprobs = learner.compute_logprobs(batch)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(dtype, groups.device)

@@ -93,6 +93,24 @@ class MicroBatch:
         return rows * self.seq_len + cols - 1
 
 
+def random_batch(seq_lens: list[int] | tuple[int, ...], vocab_size: int, *, prompt_tokens: int = 8,
+                 seed: int = 0) -> TrainBatch:
+    """Random tokens in rows of these lengths: `prompt_tokens` of prompt, the rest response (loss
+    mask 1), a random advantage per sequence, zero old / behaviour log-probs, learner sources.
+    For benchmarks and tests that need a GRPO-shaped batch of a given length distribution."""
+    gen = torch.Generator().manual_seed(seed)
+    num, width = len(seq_lens), max(seq_lens)
+    tokens = torch.randint(1, vocab_size, (num, width), generator=gen)
+    mask = torch.zeros(num, width)
+    for row, n in enumerate(seq_lens):
+        tokens[row, n:] = 0
+        mask[row, prompt_tokens:n] = 1.0
+    zeros = torch.zeros(num, width)
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.randn(num, 1, generator=gen) * mask,
+                      old_logprobs=zeros.clone(), behaviour_logprobs=zeros.clone(),
+                      sources=torch.zeros(num, dtype=torch.long), seq_lens=torch.tensor(list(seq_lens)))
+
+
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 

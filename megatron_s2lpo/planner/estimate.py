@@ -207,7 +207,7 @@ def estimate_learner(arch: ModelArch, cfg: LearnerConfig, *, dp_size: int, max_s
         ref_peak = static + (reference - resident_ref) + head_no_grad + overhead
         peak, phase = (train_peak, "training step") if train_peak >= ref_peak else (ref_peak, "reference pass")
         items = (
-            Item(name="weights", bytes=weights, note=f"{params / 1e9:.2f}B params on this rank"),
+            Item(name="weights", bytes=weights, note=f"{params / 1e6:,.0f}M params on this rank"),
             Item(name="grads", bytes=grads, note="fp32 DDP buffer"),
             Item(name="optimizer", bytes=optim, note=_optim_note(cfg, dp_size)),
             Item(name="activations", bytes=acts, note=_act_note(cfg)),

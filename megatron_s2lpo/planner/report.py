@@ -227,9 +227,13 @@ def _advice(cfg, estimate, budget: float, dp: int) -> list[str]:
     return lines
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _run_text(run: RunPlan) -> str:
     lm = run.learner
-    out = [f"{run.title}: learner {run.arch.family} {run.arch.num_params() / 1e9:.2f}B params, {run.layout}",
+    out = [f"{run.title}: learner {run.arch.family} {_count(run.arch.num_params())} params, {run.layout}",
            f"  per learner GPU (busiest rank: {lm.stage} pipeline stage)"]
     for item in lm.items:
         out.append(f"    {item.name:<18}{item.bytes / GIB:8.2f} GB   {item.note}")

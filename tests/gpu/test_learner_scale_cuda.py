@@ -30,18 +30,10 @@ needs_te = pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is 
                               reason="needs Transformer Engine")
 
 
-def make_batch(seq_lens=SEQ_LENS, vocab=ARCH.vocab_size) -> TrainBatch:
-    gen = torch.Generator().manual_seed(0)
-    num, width = len(seq_lens), max(seq_lens)
-    tokens = torch.randint(1, vocab, (num, width), generator=gen)
-    mask = torch.zeros(num, width)
-    for b, n in enumerate(seq_lens):
-        tokens[b, n:] = 0
-        mask[b, 16:n] = 1.0
-    zeros = torch.zeros(num, width)
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.randn(num, 1, generator=gen) * mask,
-                      old_logprobs=zeros.clone(), behaviour_logprobs=zeros.clone(),
-                      sources=torch.zeros(num, dtype=torch.long), seq_lens=torch.tensor(seq_lens))
+def make_batch(seq_lens=SEQ_LENS) -> TrainBatch:
+    from megatron_s2lpo.learner.batching import random_batch
+
+    return random_batch(seq_lens, ARCH.vocab_size, prompt_tokens=16)
 
 
 @pytest.fixture(scope="module")

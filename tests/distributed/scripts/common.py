@@ -142,6 +142,7 @@ def planner_vs_measured(groups, tp: int, shapes=PLANNER_SHAPES) -> dict:
     from megatron_s2lpo.algo.losses import PolicyLossConfig
     from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
     from megatron_s2lpo.learner import Learner
+    from megatron_s2lpo.learner.batching import random_batch
     from megatron_s2lpo.learner.offload import ddp_buffers, module_tensors, optimizer_tensors
     from megatron_s2lpo.planner.estimate import CPU, estimate_learner
     from megatron_s2lpo.planner.measure import peak_allocated_bytes, storage_bytes
@@ -156,7 +157,7 @@ def planner_vs_measured(groups, tp: int, shapes=PLANNER_SHAPES) -> dict:
                                logprob_chunk_tokens=shape["chunk"], seq_length_multiple=1,
                                recompute_granularity=shape["recompute"], optim=OptimConfig(lr=1e-5))
         learner = Learner(arch, config, groups=groups)
-        batch = length_batch(shape["lens"] * groups.dp_size, shape["vocab"])  # a full micro-batch per DP rank
+        batch = random_batch(shape["lens"] * groups.dp_size, shape["vocab"])  # a full micro-batch per DP rank
         loss = PolicyLossConfig()
         learner.train_step(batch, loss_config=loss)  # Adam's state exists from here on
         param_buffers, grad_buffers = ddp_buffers(learner.model)
@@ -168,18 +169,3 @@ def planner_vs_measured(groups, tp: int, shapes=PLANNER_SHAPES) -> dict:
                                     with_reference=False, backend=CPU)
         ratios.append(round(estimate.peak / (static + max(backward, step)), 3))
     return {"ok": all(abs(r - 1) <= 0.25 for r in ratios), "estimate_over_measured": ratios}
-
-
-def length_batch(seq_lens, vocab: int, prompt: int = 8) -> TrainBatch:
-    """Rows of the given lengths, `prompt` prompt tokens each, random tokens and advantages."""
-    g = torch.Generator().manual_seed(0)
-    num, width = len(seq_lens), max(seq_lens)
-    tokens = torch.randint(1, vocab, (num, width), generator=g)
-    mask = torch.zeros(num, width)
-    for row, n in enumerate(seq_lens):
-        tokens[row, n:] = 0
-        mask[row, prompt:n] = 1.0
-    zeros = torch.zeros(num, width)
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.randn(num, 1, generator=g) * mask,
-                      old_logprobs=zeros.clone(), behaviour_logprobs=zeros.clone(),
-                      sources=torch.zeros(num, dtype=torch.long), seq_lens=torch.tensor(seq_lens))
