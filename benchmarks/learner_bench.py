@@ -4,8 +4,8 @@
     python benchmarks/learner_bench.py
     # one GPU, the Qwen3-1.7B shape in bf16 with megatron's local spec (the packed attention core)
     python benchmarks/learner_bench.py --hidden 2048 --ffn 6144 --layers 28 --heads 16 --kv-heads 8 \\
-        --head-dim 128 --vocab 151936 --num-seqs 64 --max-len 5120 --median-response 1024 \\
-        --micro-batch-tokens 16384 --logprob-chunk-tokens 1024 --use-te false
+        --head-dim 128 --vocab 151936 --num-seqs 64 --max-len 2048 --median-response 512 \\
+        --micro-batch-tokens 8192 --logprob-chunk-tokens 1024 --use-te false
     torchrun --nproc-per-node 2 benchmarks/learner_bench.py --tp 2     # tensor / pipeline parallel
 
 packing   the same learner and weights train on one batch whose lengths look like RL rollouts
