@@ -165,17 +165,7 @@ def transformer_config(
         raise ValueError(f"learner.precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
     check_spec_options(use_te, sequence_parallel=sequence_parallel, context_parallel_size=groups.cp_size,
                        gradient_accumulation_fusion=gradient_accumulation_fusion)
-    stages = groups.pp_size * (groups.vpp_size or 1)
-    if arch.num_layers % stages:
-        raise ValueError(
-            f"model.num_layers ({arch.num_layers}) must be divisible by pipeline_parallel_size x "
-            f"virtual_pipeline_parallel_size ({stages}) so every pipeline chunk gets whole layers"
-        )
-    for name, value in (("num_attention_heads", arch.num_attention_heads),
-                        ("num_query_groups", arch.num_query_groups)):
-        if value % groups.tp_size:
-            raise ValueError(f"model.{name} ({value}) must be divisible by learner.tensor_parallel_size "
-                             f"({groups.tp_size})")
+    _check_divisible(arch, groups)
     dtype = PRECISION_DTYPES[precision]
     on_cpu = not torch.cuda.is_available()
     recompute = None if recompute_granularity in (None, "none") else recompute_granularity
@@ -228,13 +218,31 @@ def transformer_config(
     if recompute == "selective" and recompute_modules:
         kwargs["recompute_modules"] = list(recompute_modules)
     if precision == "fp8":
-        _check_fp8_device(fp8_recipe)
-        if fp8_recipe == "nvfp4":  # TE's NVFP4BlockScaling goes through megatron's fp4 options
-            kwargs.update(fp4="e2m1", fp4_recipe="nvfp4")
-        else:
-            kwargs.update(fp8=fp8_format, fp8_recipe=fp8_recipe)
+        kwargs.update(_low_precision_kwargs(fp8_format, fp8_recipe))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _check_divisible(arch: ModelArch, groups: ParallelGroups) -> None:
+    stages = groups.pp_size * (groups.vpp_size or 1)
+    if arch.num_layers % stages:
+        raise ValueError(
+            f"model.num_layers ({arch.num_layers}) must be divisible by pipeline_parallel_size x "
+            f"virtual_pipeline_parallel_size ({stages}) so every pipeline chunk gets whole layers"
+        )
+    for name, value in (("num_attention_heads", arch.num_attention_heads),
+                        ("num_query_groups", arch.num_query_groups)):
+        if value % groups.tp_size:
+            raise ValueError(f"model.{name} ({value}) must be divisible by learner.tensor_parallel_size "
+                             f"({groups.tp_size})")
+
+
+def _low_precision_kwargs(fp8_format: str, fp8_recipe: str) -> dict[str, Any]:
+    """megatron's quantization fields for a recipe, after checking this GPU can run it."""
+    _check_fp8_device(fp8_recipe)
+    if fp8_recipe == "nvfp4":  # TE's NVFP4BlockScaling goes through megatron's fp4 options
+        return {"fp4": "e2m1", "fp4_recipe": "nvfp4"}
+    return {"fp8": fp8_format, "fp8_recipe": fp8_recipe}
 
 
 def layer_spec(arch: ModelArch, *, use_te: bool) -> Any:
