@@ -1,35 +1,51 @@
-"""Learner throughput: tokens/s and model FLOP utilisation (MFU) of a GRPO train step.
+"""Learner benchmarks: packed vs padded micro-batches on RL-like lengths, chunked vs full log-probs.
 
-    # CPU (tiny default shape, fp32, local layer spec); prints one JSON line per measurement
+    # CPU (tiny default shape, fp32, local layer spec); one JSON line per measurement
     python benchmarks/learner_bench.py
-    # a Qwen3-0.6B-like shape on one GPU (bf16, Transformer Engine spec when installed)
-    python benchmarks/learner_bench.py --hidden 1024 --ffn 3072 --layers 28 --heads 16 --kv-heads 8 \\
-        --head-dim 128 --vocab 151936 --seq-len 4096 --num-seqs 16 --micro-batch-tokens 16384
-    # tensor / pipeline parallel
-    torchrun --nproc-per-node 2 benchmarks/learner_bench.py --tp 2
+    # one GPU, the Qwen3-1.7B shape in bf16 with megatron's local spec (the packed attention core)
+    python benchmarks/learner_bench.py --hidden 2048 --ffn 6144 --layers 28 --heads 16 --kv-heads 8 \\
+        --head-dim 128 --vocab 151936 --num-seqs 64 --max-len 2048 --median-response 512 \\
+        --micro-batch-tokens 8192 --logprob-chunk-tokens 1024 --use-te false
+    torchrun --nproc-per-node 2 benchmarks/learner_bench.py --tp 2     # tensor / pipeline parallel
 
-MFU = model FLOPs per second / peak FLOP/s. Model FLOPs of a train step are 3x the forward
-matmul FLOPs (forward + backward, recompute not counted): per token 2 x (matmul parameters incl.
-the output layer) + causal attention 2 x seq_len x q_dim per layer (QK^T and AV, half of the
-square). Only real tokens count (padding is waste). The peak is MEASURED in the same run with a
-large matmul in the step's precision (fp32 on CPU, bf16 on GPU) unless --peak-tflops is given,
-so on CPU the figure says how close the step gets to the machine's own matmul speed.
+packing   the same learner and weights train on one batch whose lengths look like RL rollouts
+          (a prompt of 32-160 tokens and a log-normal response: most short, a long tail up to
+          --max-len): right-padded micro-batches (`learner.pack_sequences=false`) against THD
+          packs (true). Prints tokens/s of real tokens, MFU, padding share, micro-batches and
+          peak memory of a step for each, and their ratios.
+logprobs  peak memory of the old-log-prob pass over the same batch: every position's logits at
+          once (`all_tokens`, one chunk: what the learner computed before) against the response
+          tokens in chunks of --logprob-chunk-tokens; and the training pass with one chunk
+          against chunks (recomputed in the backward).
+
+MFU = model FLOPs / s / peak FLOP/s, model FLOPs of a step = 3x the forward matmuls of the real
+tokens (2 x matmul params per token, output layer included) + causal attention (2 x L x q_dim
+per token and layer, summed per sequence); padding is waste and not counted. The peak is
+measured in the same run with a large matmul in the step's dtype unless --peak-tflops is given.
+Peak memory: torch.cuda.max_memory_allocated above what was allocated before the call on a GPU;
+on the CPU torch's profiler allocation events (megatron_s2lpo/planner/measure.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
-import time
+import sys
 
 import torch
 import torch.distributed as dist
 
-from megatron_s2lpo.algo.losses import PolicyLossConfig
-from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
-from megatron_s2lpo.config.model import ModelArch
-from megatron_s2lpo.types import TrainBatch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import median_seconds  # noqa: E402
+
+from megatron_s2lpo.algo.losses import PolicyLossConfig  # noqa: E402
+from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig  # noqa: E402
+from megatron_s2lpo.config.model import ModelArch  # noqa: E402
+from megatron_s2lpo.types import TrainBatch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,53 +58,50 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--num-seqs", type=int, default=8)
-    p.add_argument("--micro-batch-tokens", type=int, default=1024)
+    p.add_argument("--num-seqs", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=1024, help="longest prompt + response")
+    p.add_argument("--median-response", type=int, default=64, help="median response tokens (log-normal)")
+    p.add_argument("--fixed-len", type=int, default=0, help="every sequence this long instead (no padding to save)")
+    p.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--micro-batch-tokens", type=int, default=2048)
+    p.add_argument("--logprob-chunk-tokens", type=int, default=256)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--use-te", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mode", default="all", choices=["all", "packing", "logprobs"])
     p.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring it")
     return p.parse_args()
 
 
-def train_flops_per_token(arch: ModelArch, seq_len: int) -> float:
-    q_dim, kv_dim = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    hidden = arch.hidden_size
-    layer_matmul = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * arch.ffn_hidden_size
-    forward = 2 * (arch.num_layers * layer_matmul + arch.hidden_size * arch.vocab_size)
-    forward += arch.num_layers * 2 * seq_len * q_dim  # causal QK^T + AV: 2 * (2 * s * q_dim) / 2
+def rl_lengths(num: int, max_len: int, median_response: int, seed: int = 0) -> list[int]:
+    """Prompt 32-160 tokens + a log-normal response (sigma 1: most short, a long tail), capped."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(32, 161, (num,), generator=gen)
+    responses = torch.exp(torch.randn(num, generator=gen) + math.log(median_response)).long().clamp(min=8)
+    return [int(min(p + r, max_len)) for p, r in zip(prompts, responses)]
+
+
+def train_flops(arch: ModelArch, seq_lens: list[int]) -> float:
+    """Model FLOPs of one training step over sequences of these lengths (module docstring)."""
+    q_dim, kv_dim, h = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim, arch.hidden_size
+    matmul = arch.num_layers * (h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * arch.ffn_hidden_size) + h * arch.vocab_size
+    forward = sum(2 * matmul * n + arch.num_layers * 2 * n * n * q_dim for n in seq_lens)
     return 3.0 * forward
 
 
 def measured_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
-    """Best of a few large square matmuls: the machine's practical peak for this dtype."""
     n = 4096 if device.type == "cuda" else 1536
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(4 if device.type == "cuda" else 1):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    calls = 4 if device.type == "cuda" else 1
+
+    def matmuls():
+        for _ in range(calls):
             a @ b
         _sync(device)
-        best = min(best, (time.perf_counter() - start) / (4 if device.type == "cuda" else 1))
-    return 2.0 * n**3 / best
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return 2.0 * n**3 * calls / median_seconds(matmuls, repeats=5, warmup=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -96,66 +109,112 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def synthetic_batch(num_seqs: int, seq_len: int, vocab: int) -> TrainBatch:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab, (num_seqs, seq_len), generator=g)
-    mask = torch.ones(num_seqs, seq_len)
-    mask[:, : seq_len // 4] = 0  # a prompt quarter
-    adv = torch.randn(num_seqs, 1, generator=g) * mask
-    zeros = torch.zeros(num_seqs, seq_len)
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=adv, old_logprobs=zeros, behaviour_logprobs=zeros,
-                      sources=torch.zeros(num_seqs, dtype=torch.long), seq_lens=torch.full((num_seqs,), seq_len))
-
-
-def timed(fn, device: torch.device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory `fn` allocates above what was live before it (GPU: CUDA allocator; CPU: profiler)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         fn()
-    _sync(device)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from megatron_s2lpo.planner.measure import peak_allocated_bytes
+
+    return peak_allocated_bytes(fn)[0]
+
+
+def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+
+
+def bench_packing(learner, batch: TrainBatch, arch: ModelArch, peak: float, repeats: int) -> dict:
+    """Padded vs packed micro-batches of the same batch on the same learner (a train step each:
+    forward, backward and the optimizer step; the tiny lr keeps the weights where they were)."""
+    loss, device, world = PolicyLossConfig(), learner.groups.device, learner.groups.world_size
+    lens = [int(n) for n in batch.seq_lens]
+    flops, tokens = train_flops(arch, lens), sum(lens)
+    out = {}
+    for packed in (False, True):
+        learner.config.pack_sequences = packed
+        micro = learner._local_micro_batches(batch, learner.config.micro_batch_tokens)
+        model_tokens = sum(m.input_shape[0] * m.input_shape[1] for m in micro)
+
+        def step():
+            learner.train_step(batch, loss_config=loss)
+            _sync(device)
+
+        _barrier()
+        seconds = median_seconds(step, repeats=repeats, warmup=1)
+        name = "packed" if packed else "padded"
+        out[name] = {"step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+                     "mfu": round(flops / seconds / world / peak, 4), "micro_batches": len(micro),
+                     "padding_share": round(1 - tokens / (model_tokens * learner.groups.dp_size), 3),
+                     "peak_mb": round(peak_bytes(step, device) / 1e6, 1)}
+    out["packed_over_padded_tokens_per_s"] = round(out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"], 2)
+    out["packed_over_padded_peak_memory"] = round(out["packed"]["peak_mb"] / out["padded"]["peak_mb"], 2)
+    return out
+
+
+def bench_logprobs(learner, batch: TrainBatch, chunk: int) -> dict:
+    """Peak memory of the log-prob pass and of a training pass: all logits at once vs chunks."""
+    loss, device, config = PolicyLossConfig(), learner.groups.device, learner.config
+    config.pack_sequences = True
+    config.logprob_chunk_tokens = 0
+    full = peak_bytes(lambda: learner.compute_logprobs(batch, all_tokens=True), device)
+    train_full = peak_bytes(lambda: learner.compute_gradients(batch, loss_config=loss), device)
+    config.logprob_chunk_tokens = chunk
+    chunked = peak_bytes(lambda: learner.compute_logprobs(batch), device)
+    train_chunked = peak_bytes(lambda: learner.compute_gradients(batch, loss_config=loss), device)
+    return {"logprob_pass_full_mb": round(full / 1e6, 1), "logprob_pass_chunked_mb": round(chunked / 1e6, 1),
+            "logprob_pass_chunked_over_full": round(chunked / full, 3),
+            "train_pass_one_chunk_mb": round(train_full / 1e6, 1), "train_pass_chunked_mb": round(train_chunked / 1e6, 1),
+            "train_pass_chunked_over_one_chunk": round(train_chunked / train_full, 3), "chunk_tokens": chunk}
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def main() -> None:
     from megatron_s2lpo.learner import Learner, destroy_parallel, init_parallel
+    from megatron_s2lpo.learner.batching import random_batch
 
     args = parse_args()
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    use_te = {"auto": None, "true": True, "false": False}[args.use_te]
     arch = ModelArch(family=args.family, vocab_size=args.vocab, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                      num_layers=args.layers, num_attention_heads=args.heads, num_query_groups=args.kv_heads,
                      head_dim=args.head_dim, qk_layernorm=args.family == "qwen3",
-                     add_qkv_bias=args.family == "qwen2", max_position_embeddings=max(args.seq_len, 4096))
+                     add_qkv_bias=args.family == "qwen2", max_position_embeddings=max(args.max_len, 4096))
     config = LearnerConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, precision=precision,
-                           micro_batch_tokens=args.micro_batch_tokens, recompute_granularity=args.recompute,
-                           optim=OptimConfig(lr=1e-5))
+                           use_te=use_te, micro_batch_tokens=args.micro_batch_tokens, seq_length_multiple=1,
+                           logprob_chunk_tokens=args.logprob_chunk_tokens, recompute_granularity=args.recompute,
+                           optim=OptimConfig(lr=1e-7))
     groups = init_parallel(args.tp, args.pp)
     learner = Learner(arch, config, groups=groups)
-    batch = synthetic_batch(args.num_seqs, args.seq_len, args.vocab)
+    lens = ([args.fixed_len] * args.num_seqs if args.fixed_len
+            else rl_lengths(args.num_seqs, args.max_len, args.median_response))
+    batch = random_batch(lens, args.vocab, prompt_tokens=32, seed=1)
     batch.old_logprobs = learner.compute_logprobs(batch)
-    loss = PolicyLossConfig()
-    step_s = timed(lambda: learner.train_step(batch, loss_config=loss), groups.device, args.steps, args.warmup)
-    logprob_s = timed(lambda: learner.compute_logprobs(batch), groups.device, args.steps, args.warmup)
-
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(dtype, groups.device)
-    tokens = int(batch.seq_lens.sum())
-    flops = train_flops_per_token(arch, args.seq_len) * tokens
-    world = groups.world_size
-    result = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
-        "threads": torch.get_num_threads(), "world_size": world, "tp": args.tp, "pp": args.pp,
-        "precision": precision, "params_M": round(arch.num_params() / 1e6, 2), "tokens_per_step": tokens,
-        "step_s": round(step_s, 4), "train_tokens_per_s": round(tokens / step_s, 1),
-        "logprob_tokens_per_s": round(tokens / logprob_s, 1),
-        "model_tflops_per_s_per_rank": round(flops / step_s / world / 1e12, 4),
-        "peak_tflops_per_rank": round(peak / 1e12, 4),
-        "peak": "given" if args.peak_tflops else f"measured {dtype} matmul",
-        "mfu": round(flops / step_s / world / peak, 4),
-    }
+    result = {"device": _device_name(), "threads": torch.get_num_threads(), "world_size": groups.world_size,
+              "tp": args.tp, "pp": args.pp, "precision": precision, "params_M": round(arch.num_params() / 1e6, 2),
+              "num_seqs": len(lens), "tokens": sum(lens), "max_len": max(lens),
+              "median_len": sorted(lens)[len(lens) // 2], "micro_batch_tokens": args.micro_batch_tokens,
+              "peak_tflops_per_rank": round(peak / 1e12, 3),
+              "peak": "given" if args.peak_tflops else f"measured {dtype} matmul"}
+    if args.mode in ("all", "packing"):
+        result["packing"] = bench_packing(learner, batch, arch, peak, args.repeats)
+    if args.mode in ("all", "logprobs"):
+        result["logprobs"] = bench_logprobs(learner, batch, args.logprob_chunk_tokens)
     if groups.rank == 0:
         print(json.dumps(result), flush=True)
     destroy_parallel()

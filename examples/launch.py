@@ -14,7 +14,9 @@
     python examples/launch.py --recipe qwen3_8b_explorer_1p7b --executor docker --gpus 8 \\
         --learner-gpus 4 --container-image IMAGE --mounts /models:/models,... learner.tensor_parallel_size=2
 
-`--recipe` is a name under examples/ (`qwen3_8b_explorer_1p7b`, `qwen3_8b_explorer_4b`,
+Before anything is written or submitted the recipe is sized for the GPUs (megatron_s2lpo/planner,
+`s2lpo plan`); one that would not fit is refused with what to change (`--allow-over-budget`
+launches it anyway). `--recipe` is a name under examples/ (`qwen3_8b_explorer_1p7b`, `qwen3_8b_explorer_4b`,
 `qwen3_14b_explorer_4b`, `tiny_cpu`) or a YAML path; trailing `section.field=value` arguments
 override it. The layout (which nodes run the learner, its SGLang server, the explorer's) is
 derived from the recipe: see megatron_s2lpo/launch/plan.py and docs/cluster.md. Missing Slurm
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer-provides", default=None, metavar="cuda,sglang",
                    help="what the trainer's environment has for the weight sync (default: the image's, cuda; "
                         "local: this machine's)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory the recipe is checked against "
+                   "before launching (s2lpo plan)")
+    p.add_argument("--allow-over-budget", action="store_true", help="launch even if the memory check refuses it")
     slurm = p.add_argument_group("slurm")
     slurm.add_argument("--nodes", type=int, default=0, help="total nodes (default: the recipe's)")
     slurm.add_argument("--gpus-per-node", type=int, default=8)
@@ -158,7 +163,8 @@ def build(args: argparse.Namespace):
 
     path = recipe_path(args.recipe)
     mounts = [m for m in args.mounts.split(",") if m]
-    common = dict(colocate_learner_server=args.colocate, resume=not args.no_resume)
+    common = dict(colocate_learner_server=args.colocate, resume=not args.no_resume, gpu_memory_gb=args.gpu_memory_gb,
+                  allow_over_budget=args.allow_over_budget)
     if args.trainer_provides is not None:
         common["trainer_provides"] = tuple(x for x in args.trainer_provides.split(",") if x)
     if args.executor == "slurm":

@@ -7,6 +7,7 @@
     s2lpo explore CONFIG --num-samples 16                 # fill rollout.explorer_store offline
     s2lpo eval CONFIG --models DIR1 DIR2 --k 16           # avg@k Pass@1 and pass@k curves (CSV, PNG)
     s2lpo convert hf-to-mcore --hf DIR --out CKPT --tp 4  # checkpoint conversion (see docs/convert.md)
+    s2lpo plan examples/qwen3_8b_explorer_1p7b.yaml --gpu-memory-gb 80 --learner-gpus 16   # does it fit?
 
 Every command that takes a recipe accepts dotted overrides after it (`section.field=value`).
 """
@@ -77,6 +78,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return convert_main(args.args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from megatron_s2lpo.config import load_config
+    from megatron_s2lpo.planner import check_fits
+    from megatron_s2lpo.planner.estimate import CPU, GPU
+
+    config, overrides = split_recipe(args.config, args.overrides)
+    report = check_fits(load_config(config, overrides), args.gpu_memory_gb, num_learner_gpus=args.learner_gpus,
+                        gpus_per_node=args.gpus_per_node, backend=CPU if args.device == "cpu" else GPU)
+    sys.stdout.write(report.text())
+    return 0 if report.fits else 1
+
+
 def load_config_or_defaults(config: str | None, overrides: list[str]):
     from megatron_s2lpo.config import load_config
 
@@ -123,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=16, help="samples per problem (pass@k for k = 1..K)")
     p.add_argument("--out", default="", help="output directory (default: <run.output_dir>/eval)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plan", help="estimate per-GPU memory of the learner and the servers; exit 1 if the "
+                       "recipe does not fit (docs/learner.md, 'Memory planner')")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (default 80, H100)")
+    p.add_argument("--learner-gpus", type=int, default=None,
+                   help="GPUs of the learner (sets data parallel); default: one node of --gpus-per-node")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="gpu: TE spec with fused attention (default); cpu: the local spec as it runs on a CPU")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("convert", help="convert checkpoints HF <-> megatron-core (tools/convert_checkpoint.py)",
                        add_help=False)

@@ -43,7 +43,7 @@ from megatron_s2lpo.rollout.engine import derive_seed
 from megatron_s2lpo.run_dir import check_run_dir
 from megatron_s2lpo.step_metrics import mean_dicts, rollout_counts, source_metrics
 from megatron_s2lpo.stop_signal import RunStopped, received_signal, stop_on_signal, stop_requested
-from megatron_s2lpo.types import Source
+from megatron_s2lpo.types import SOURCE_CODES, Source
 
 COUNTERS = ("rollout_tokens/explorer", "rollout_tokens/learner", "rollout_flops/explorer", "rollout_flops/learner")
 
@@ -94,6 +94,28 @@ def learner_temperature(cfg: RunConfig, step: int) -> float:
                                 end=t.end, steps=t.steps)
 
 
+def importance_correction(cfg: RunConfig) -> tuple[float | None, tuple[int, ...] | None]:
+    """(truncated-IS cap, source codes of the rows it weights): every row in behaviour mode; the
+    learner's own samples when its engine samples at another precision (algo.precision_correction)."""
+    from megatron_s2lpo.config.learner import precision_differs
+
+    algo = cfg.algo
+    if algo.old_logprob == "behaviour":
+        return algo.is_threshold, None
+    on = algo.precision_correction
+    if on is None:
+        on = precision_differs(cfg.learner, cfg.rollout.learner)
+    return (algo.is_threshold, (SOURCE_CODES[Source.LEARNER],)) if on else (None, None)
+
+
+def behaviour_mismatch(batch: Any, sources: tuple[int, ...] | None) -> float:
+    """Mean |old - behaviour| log-prob over the loss tokens of the rows with these source codes
+    (None: every row): the gap between the learner's numerics and the sampling engine's."""
+    rows = torch.ones_like(batch.sources, dtype=torch.bool) if sources is None else \
+        torch.isin(batch.sources, torch.tensor(sources))
+    return masked_mean((batch.old_logprobs - batch.behaviour_logprobs).abs()[rows], batch.loss_mask[rows])
+
+
 def objective(cfg: RunConfig) -> str:
     """The learner's training objective for algo.method (learner/step.py OBJECTIVES)."""
     method = cfg.algo.method
@@ -108,7 +130,8 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
     cfg, learner, algo = parts.config, parts.learner, parts.config.algo
     distill, train_objective = algo.distill, objective(cfg)
     t_mix, schedule, share = mix_settings(cfg)
-    is_threshold = algo.is_threshold if algo.old_logprob == "behaviour" else None
+    is_threshold, is_sources = importance_correction(cfg)
+    mismatch_sources = is_sources if is_threshold is not None else (SOURCE_CODES[Source.LEARNER],)
     params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
     start_step, cumulative, saved_metrics = 0, dict.fromkeys(COUNTERS, 0.0), {}
     if resuming:
@@ -158,7 +181,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         # 6. PPO epochs x mini-batches
         t2 = time.perf_counter()
         updates = [learner.train_step(take_rows(batch, rows), loss_config=loss_config(cfg),
-                                      temperature=temperature, is_threshold=is_threshold,
+                                      temperature=temperature, is_threshold=is_threshold, is_sources=is_sources,
                                       objective=train_objective, distill_coef=distill.opd_coef)
                    for _ in range(algo.ppo_epochs)
                    for rows in mini_batch_rows(batch.num_seqs, algo.mini_batches_per_step)]
@@ -177,6 +200,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
             **source_metrics(batch, rewards.flatten(), seq_adv), **counts,
             **{f"cumulative/{k}": v for k, v in cumulative.items()},
             **{f"train/{k}": v for k, v in mean_dicts(updates).items()},
+            "train/behaviour_mismatch": behaviour_mismatch(batch, mismatch_sources),
             **{k: v for k, v in synced.metrics().items() if k not in ("sync/seconds", "sync/gb_per_s")},
         }
         t5 = time.perf_counter()

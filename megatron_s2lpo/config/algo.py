@@ -114,7 +114,11 @@ class AlgoConfig:
     kl_estimator: str = "low_var_kl"
     entropy_coef: float = 0.0
     old_logprob: str = "recompute"  # recompute with the learner (paper) or the behaviour log-probs
-    is_threshold: float = 2.0  # truncation of importance weights in `behaviour` mode
+    is_threshold: float = 2.0  # truncation of importance weights (behaviour mode, precision correction)
+    # recompute mode: truncated IS weights min(exp(old - behaviour), is_threshold) on the learner's
+    # own samples, for the numerics gap between the learner and its rollout engine (e.g. an FP8
+    # learner, bf16 SGLang); null: on when learner.precision differs from the engine's
+    precision_correction: bool | None = None
     ppo_epochs: int = 1
     mini_batches_per_step: int = 1
     pods: PodsConfig = field(default_factory=PodsConfig)

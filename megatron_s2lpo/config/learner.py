@@ -1,21 +1,31 @@
-"""Learner section: parallel layout, precision, micro-batching, optimizer and LR schedule.
+"""Learner section: parallel layout, precision, micro-batching, memory options, optimizer.
 
 The learner (`megatron_s2lpo.learner`) turns these into megatron-core objects
-(`TransformerConfig`, `OptimizerConfig`, `OptimizerParamScheduler`); this module only holds
-and validates the numbers, so the config layer never imports megatron.
+(`TransformerConfig`, `DistributedDataParallelConfig`, `OptimizerConfig`,
+`OptimizerParamScheduler`); this module only holds and validates the numbers, so the config
+layer never imports megatron. Rules that depend on the machine (a GPU, Transformer Engine, a
+Blackwell GPU for mxfp8 / nvfp4) are checked when the learner is built (learner/model.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .base import check
+from .rollout import EngineConfig
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 FP8_FORMATS = ("hybrid", "e4m3")  # megatron TransformerConfig.fp8
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")  # megatron TransformerConfig.fp8_recipe
+# Current-scaling recipes (TE 2.x names): tensorwise = Float8CurrentScaling, blockwise =
+# Float8BlockScaling (Hopper), mxfp8 = MXFP8BlockScaling and nvfp4 = NVFP4BlockScaling (Blackwell).
+FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8", "nvfp4")
+BLACKWELL_RECIPES = ("mxfp8", "nvfp4")
+# Token-dimension alignment TE's quantized GEMMs need (transformer_engine get_align_size_for_quantization).
+QUANT_ALIGNMENT = {"tensorwise": 16, "blockwise": 16, "mxfp8": 32, "nvfp4": 128}
 RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of megatron's selective recompute
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
@@ -34,6 +44,10 @@ class OptimConfig:
     lr_decay_steps: int = 0  # optimizer steps until min_lr (0: decay over warmup only = constant)
     lr_decay_style: str = "constant"
     use_distributed_optimizer: bool = False  # ZeRO-1: shard Adam state over data-parallel ranks
+    # megatron's optimizer_cpu_offload / optimizer_offload_fraction: Adam state and update on the
+    # host for this share of the parameters (HybridDeviceOptimizer; GPU only, distributed optimizer)
+    cpu_offload: bool = False
+    cpu_offload_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.lr > 0, f"learner.optim.lr must be > 0, got {self.lr}")
@@ -53,32 +67,52 @@ class OptimConfig:
         check(self.lr_decay_style == "constant" or self.lr_decay_steps > self.lr_warmup_steps,
               f"learner.optim.lr_decay_steps ({self.lr_decay_steps}) must exceed lr_warmup_steps "
               f"({self.lr_warmup_steps}) for lr_decay_style={self.lr_decay_style!r}")
+        check(0 < self.cpu_offload_fraction <= 1,
+              f"learner.optim.cpu_offload_fraction must be in (0, 1], got {self.cpu_offload_fraction}")
+        check(not self.cpu_offload or self.use_distributed_optimizer,
+              "learner.optim.cpu_offload needs learner.optim.use_distributed_optimizer=true (megatron's "
+              "HybridDeviceOptimizer runs inside the distributed optimizer)")
 
 
 @dataclass(kw_only=True, slots=True)
 class LearnerConfig:
-    """Megatron learner: model parallelism, precision, micro-batching, recompute, optimizer."""
+    """Megatron learner: model parallelism, precision, micro-batching, memory, optimizer."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     virtual_pipeline_parallel_size: int | None = None  # interleaved 1F1B chunks per pipeline rank
+    sequence_parallel: bool = False  # shard norms/activations over TP ranks (TE spec, TP > 1)
+    context_parallel_size: int = 1  # split long sequences over ranks (TE spec + packed sequences)
     precision: str = "fp32"  # fp32 everywhere on CPU; bf16 / fp8 need CUDA (+ Transformer Engine)
-    fp8_format: str = "hybrid"  # e4m3 forward, e5m2 backward
-    fp8_recipe: str = "delayed"
+    fp8_format: str = "hybrid"  # e4m3 forward, e5m2 backward (nvfp4 uses e4m3 scales regardless)
+    fp8_recipe: str = "tensorwise"
     use_te: bool | None = None  # Transformer Engine layer spec; None = when CUDA and TE are present
+    pack_sequences: bool = True  # THD packing of whole sequences (False: right-padded rows)
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (sequences are never split)
     logprob_micro_batch_tokens: int = 0  # budget for no-grad log-prob passes; 0 = micro_batch_tokens
-    seq_length_multiple: int = 8  # pad every micro-batch's length to a multiple of this
+    logprob_chunk_tokens: int = 1024  # output-layer rows per chunk of the log-prob pass; 0 = one chunk
+    seq_length_multiple: int = 8  # pad every sequence (packed) / micro-batch (padded) to a multiple
     recompute_granularity: str = "none"  # activation recompute: none | full | selective
     recompute_method: str = "uniform"  # for full recompute
     recompute_num_layers: int = 1  # for full recompute
+    recompute_modules: list[str] = field(default_factory=list)  # selective; [] = megatron's default core_attn
+    overlap_grad_reduce: bool = False  # DP gradient reduce overlapped with the backward (bucketed)
+    overlap_param_gather: bool = False  # distributed optimizer: param all-gather overlapped with forward
+    gradient_accumulation_fusion: bool = False  # fused wgrad GEMM into main_grad (CUDA + Apex/TE)
+    ref_offload: bool = True  # keep the reference model in host memory between its passes (GPU)
     seed: int = 1234
     load: str = ""  # megatron dist checkpoint to initialise from ("" = random / HF weights)
     ref_load: str = ""  # reference model checkpoint ("" = a copy of the initial policy)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        self._check_layout()
+        self._check_precision()
+        self._check_batching()
+        self._check_memory_options()
+
+    def _check_layout(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
             value = getattr(self, name)
             check(value >= 1, f"learner.{name} must be >= 1, got {value}")
         vpp = self.virtual_pipeline_parallel_size
@@ -86,19 +120,47 @@ class LearnerConfig:
               f"learner.virtual_pipeline_parallel_size must be >= 1 or null, got {vpp}")
         check(vpp is None or vpp == 1 or self.pipeline_parallel_size > 1,
               "learner.virtual_pipeline_parallel_size > 1 needs learner.pipeline_parallel_size > 1")
+        check(not self.sequence_parallel or self.tensor_parallel_size > 1,
+              "learner.sequence_parallel shards activations over the tensor-parallel ranks: it needs "
+              "learner.tensor_parallel_size > 1")
+        check(not self.sequence_parallel or self.use_te is not False,
+              "learner.sequence_parallel needs the Transformer Engine layer spec (megatron's local spec "
+              "has no sequence-parallel norms without Apex); set learner.use_te=null or true")
+        check(self.context_parallel_size == 1 or self.use_te is not False,
+              "learner.context_parallel_size > 1 needs the Transformer Engine layer spec (only TE's "
+              "attention splits a sequence over ranks); set learner.use_te=null or true")
+        check(self.context_parallel_size == 1 or self.pack_sequences,
+              "learner.context_parallel_size > 1 needs learner.pack_sequences=true (the learner splits "
+              "packed THD sequences over the context-parallel ranks)")
+
+    def _check_precision(self) -> None:
         check(self.precision in PRECISIONS,
               f"learner.precision must be one of {PRECISIONS}, got {self.precision!r}")
         check(self.fp8_format in FP8_FORMATS,
               f"learner.fp8_format must be one of {FP8_FORMATS}, got {self.fp8_format!r}")
+        if self.fp8_recipe == "delayed":
+            raise ValueError(
+                "learner.fp8_recipe=delayed is not offered: delayed scaling takes its scales from an amax "
+                "history that changes between the old-log-prob pass and every training pass, so the PPO "
+                "ratio is not 1 even on-policy; use tensorwise or blockwise (current scaling) on Hopper, "
+                "mxfp8 or nvfp4 on Blackwell")
         check(self.fp8_recipe in FP8_RECIPES,
               f"learner.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        check(self.precision != "fp8" or self.use_te is not False,
+              "learner.precision=fp8 needs the Transformer Engine layer spec; set learner.use_te=null or true")
+
+    def _check_batching(self) -> None:
         check(self.micro_batch_tokens >= 1,
               f"learner.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
         check(self.logprob_micro_batch_tokens >= 0,
               f"learner.logprob_micro_batch_tokens must be >= 0 (0 = micro_batch_tokens), "
               f"got {self.logprob_micro_batch_tokens}")
+        check(self.logprob_chunk_tokens >= 0,
+              f"learner.logprob_chunk_tokens must be >= 0 (0 = one chunk), got {self.logprob_chunk_tokens}")
         check(self.seq_length_multiple >= 1,
               f"learner.seq_length_multiple must be >= 1, got {self.seq_length_multiple}")
+
+    def _check_memory_options(self) -> None:
         check(self.recompute_granularity in RECOMPUTE_GRANULARITIES,
               f"learner.recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "
               f"got {self.recompute_granularity!r}")
@@ -106,6 +168,13 @@ class LearnerConfig:
               f"learner.recompute_method must be one of {RECOMPUTE_METHODS}, got {self.recompute_method!r}")
         check(self.recompute_num_layers >= 1,
               f"learner.recompute_num_layers must be >= 1, got {self.recompute_num_layers}")
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        check(not unknown, f"learner.recompute_modules: unknown module(s) {unknown}; choose from {RECOMPUTE_MODULES}")
+        check(not self.recompute_modules or self.recompute_granularity == "selective",
+              "learner.recompute_modules applies to learner.recompute_granularity=selective only")
+        check(not self.overlap_param_gather or (self.optim.use_distributed_optimizer and self.overlap_grad_reduce),
+              "learner.overlap_param_gather needs learner.optim.use_distributed_optimizer=true and "
+              "learner.overlap_grad_reduce=true (megatron overlaps the distributed optimizer's all-gather)")
 
     @property
     def effective_vpp_size(self) -> int | None:
@@ -116,3 +185,37 @@ class LearnerConfig:
     @property
     def logprob_tokens(self) -> int:
         return self.logprob_micro_batch_tokens or self.micro_batch_tokens
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What every sequence's length is padded to: seq_length_multiple, TE's quantized-GEMM
+        alignment under fp8, 2 x CP (load-balanced causal halves) and TP with sequence parallel."""
+        multiple = self.seq_length_multiple
+        if self.precision == "fp8":
+            multiple = math.lcm(multiple, QUANT_ALIGNMENT[self.fp8_recipe])
+        if self.context_parallel_size > 1:
+            multiple = math.lcm(multiple, 2 * self.context_parallel_size)
+        if self.sequence_parallel:
+            multiple = math.lcm(multiple, self.tensor_parallel_size)
+        return multiple
+
+
+_SGLANG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def engine_precision(engine: EngineConfig) -> str:
+    """The precision a rollout engine samples at: fp32 for the in-process local engine; for an
+    SGLang server its `--quantization` (e.g. fp8), else its `--dtype`, else bf16 (`auto` takes
+    the checkpoint's dtype, bf16 for the models this project trains)."""
+    if engine.backend == "local":
+        return "fp32"
+    args = [part for arg in engine.extra_args for part in str(arg).split("=", 1)]
+    value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag in ("--quantization", "--dtype")}
+    if "--quantization" in value:
+        return value["--quantization"]
+    return _SGLANG_DTYPES.get(value.get("--dtype", "auto"), "bf16")
+
+
+def precision_differs(learner: LearnerConfig, engine: EngineConfig) -> bool:
+    """Whether the learner computes its log-probs at another precision than the engine samples."""
+    return learner.precision != engine_precision(engine)

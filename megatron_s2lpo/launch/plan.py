@@ -31,6 +31,7 @@ from ..config import EngineConfig, RunConfig
 from ..rollout.sglang_python import sglang_python_expr
 from ..rollout.sglang_server import build_launch_command
 from ..stop_signal import CONTINUE_EXIT_CODE, STOP_MARKER_ENV
+from .memory import check_launch_memory
 
 LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"
 # Node-local copy of the resolved config written by the trainer script (one per job and node).
@@ -86,6 +87,8 @@ class ClusterLayout:
     # What the trainer's own environment provides to the weight-sync transports (sync/transports.py
     # trainer_needs): the image gives CUDA and keeps SGLang out of the trainer's environment.
     trainer_provides: tuple[str, ...] = ("cuda",)
+    gpu_memory_gb: float = 80.0  # the memory check (launch/memory.py) sizes the recipe for these GPUs
+    allow_over_budget: bool = False  # launch even when the memory check refuses the recipe
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -213,6 +216,9 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
         raise ValueError(f"num_nodes={layout.num_nodes} leaves no node for the learner: the servers take "
                          f"{layout.num_nodes - learner_nodes}; ask for more nodes")
     procs = _learner_procs_per_node(cfg, layout, learner_nodes)
+    check_launch_memory(cfg, learner_gpus=learner_nodes * layout.gpus_per_node, gpus_per_node=layout.gpus_per_node,
+                        gpu_memory_gb=layout.gpu_memory_gb, allow_over_budget=layout.allow_over_budget,
+                        colocated=colocated)
     groups.insert(0, NodeGroup(name=LEARNER, num_nodes=learner_nodes, gpus_per_node=layout.gpus_per_node))
     if layout.resume:
         overrides.append("run.resume=true")

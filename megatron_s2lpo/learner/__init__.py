@@ -2,12 +2,15 @@
 
 cpu_shims   the CPU stand-ins megatron-core needs without CUDA (one module, no-op with CUDA)
 parallel    init_parallel / destroy_parallel -> ParallelGroups (TP, PP, VPP, DP)
-model       build_gpt_model / build_model_chunks from a ModelArch (TE spec on GPU, local on CPU)
-logprobs    log-probs and entropy of sampled tokens from vocab-parallel logits (pure torch)
-batching    DP split and token-budget micro-batches (pure torch)
+model       build_gpt_model / build_model_chunks from a ModelArch (TE spec on GPU, local on CPU),
+            option / FP8 checks, the deferred output layer
+attention   the local spec's attention core, also for packed (THD) sequences
+logprobs    log-probs and entropy of sampled tokens from vocab-parallel logits, chunked (pure torch)
+batching    DP split and token-budget micro-batches: THD packs or padded rows (pure torch)
 step        forward_step / loss_fn for megatron's get_forward_backward_func, metric reduction
 optimizer   DDP wrappers, get_megatron_optimizer, OptimizerParamScheduler
-reference   frozen reference model for the KL penalty
+offload     storages of weights, buffers and optimizer state to host memory and back
+reference   frozen reference model for the KL penalty (host memory between its passes)
 checkpoint  atomic dist_checkpointing save / load with trainer state and RNG
 learner     Learner: what the trainer calls
 
@@ -32,6 +35,8 @@ _EXPORTS = {
     "MicroBatch": "batching",
     "make_micro_batches": "batching",
     "pack_sequences": "batching",
+    "bin_pack": "batching",
+    "StorageOffloader": "offload",
     "ReferenceModel": "reference",
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",

@@ -1,10 +1,17 @@
-"""Split a TrainBatch over data-parallel ranks and pack each share into token-budget micro-batches.
+"""Split a TrainBatch over data-parallel ranks and group each share into token-budget micro-batches.
 
-Dynamic batch size: a micro-batch holds as many whole sequences as fit in `max_tokens` once
-right-padded to a common length (rounded up to `multiple`), so short sequences share a
-micro-batch and long ones get their own. Sequences are packed longest first, which keeps the
-padding small (each micro-batch's length is its first sequence's length) and surfaces an
-out-of-memory on the first micro-batch rather than the last.
+Two layouts (`learner.pack_sequences`):
+  packed (THD)  whole sequences back to back in ONE row of at most `max_tokens` tokens, each
+                padded only to `multiple` (first-fit decreasing bin packing, `bin_pack`); the
+                model sees (1, T) tokens with megatron's `PackedSeqParams` (cu_seqlens) so
+                attention stays within each sequence and RoPE restarts at every sequence.
+  padded        as many whole sequences as fit in `max_tokens` once right-padded to a common
+                length (`pack_sequences`): the model sees (b, L).
+Both are sorted longest first, which surfaces an out-of-memory on the first micro-batch rather
+than the last. Either way a micro-batch also carries its rows in the right-padded (b, L) "loss
+layout" (advantages, old / behaviour / ref log-probs, loss mask): the loss code works on rows,
+and `prediction_index` maps a (row, column) of that layout to the model output position whose
+logits predict it.
 
 Shapes differ between micro-batches. Without PP there is no p2p and any shape is fine; with
 PP the 1F1B schedule copes because the learner sets `variable_seq_lengths=True` (each p2p
@@ -17,7 +24,7 @@ Pure torch (no megatron): unit-tested in tests/unit/test_learner_batching.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,8 +34,22 @@ Tensor = torch.Tensor
 
 
 @dataclass(kw_only=True, slots=True)
+class PackedRows:
+    """The THD model input of a micro-batch: its sequences back to back in one (1, T) row."""
+
+    tokens: Tensor  # (1, T) long
+    position_ids: Tensor  # (1, T) long, restarting at 0 at every sequence
+    cu_seqlens: Tensor  # (b + 1,) int32 padded boundaries; the last sequence absorbs the pack's tail
+    max_seqlen: int  # longest padded sequence (what RoPE and varlen kernels size for)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+
+@dataclass(kw_only=True, slots=True)
 class MicroBatch:
-    """Rows `indices` of a TrainBatch, right-padded to a common length L."""
+    """Rows `indices` of a TrainBatch, right-padded to a common length L, and optionally packed."""
 
     indices: Tensor  # (b,) long, rows of the source TrainBatch
     tokens: Tensor  # (b, L) long
@@ -39,9 +60,11 @@ class MicroBatch:
     behaviour_logprobs: Tensor  # (b, L) float
     ref_logprobs: Tensor | None  # (b, L) float
     seq_lens: Tensor  # (b,) long
+    sources: Tensor | None = None  # (b,) long source codes (types.SOURCE_CODES)
     teacher_logprobs: Tensor | None = None  # (b, L) float
     teacher_topk_ids: Tensor | None = None  # (b, L, K) long
     teacher_topk_logprobs: Tensor | None = None  # (b, L, K) float
+    packed: PackedRows | None = None  # the model input when sequences are packed
 
     @property
     def num_seqs(self) -> int:
@@ -50,6 +73,42 @@ class MicroBatch:
     @property
     def seq_len(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(batch, sequence) of what the model sees: (1, T) packed, (b, L) padded."""
+        return (1, self.packed.num_tokens) if self.packed is not None else (self.num_seqs, self.seq_len)
+
+    def model_inputs(self) -> tuple[Tensor, Tensor]:
+        """(tokens, position_ids) as the model takes them."""
+        if self.packed is not None:
+            return self.packed.tokens, self.packed.position_ids
+        return self.tokens, self.position_ids
+
+    def prediction_index(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """Flat position in the model output (batch and sequence flattened) whose logits predict
+        token (rows, cols) of the loss layout: the position before it, in the same sequence."""
+        if self.packed is not None:
+            return self.packed.cu_seqlens[:-1].long()[rows] + cols - 1
+        return rows * self.seq_len + cols - 1
+
+
+def random_batch(seq_lens: list[int] | tuple[int, ...], vocab_size: int, *, prompt_tokens: int = 8,
+                 seed: int = 0) -> TrainBatch:
+    """Random tokens in rows of these lengths: `prompt_tokens` of prompt, the rest response (loss
+    mask 1), a random advantage per sequence, zero old / behaviour log-probs, learner sources.
+    For benchmarks and tests that need a GRPO-shaped batch of a given length distribution."""
+    gen = torch.Generator().manual_seed(seed)
+    num, width = len(seq_lens), max(seq_lens)
+    tokens = torch.randint(1, vocab_size, (num, width), generator=gen)
+    mask = torch.zeros(num, width)
+    for row, n in enumerate(seq_lens):
+        tokens[row, n:] = 0
+        mask[row, prompt_tokens:n] = 1.0
+    zeros = torch.zeros(num, width)
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.randn(num, 1, generator=gen) * mask,
+                      old_logprobs=zeros.clone(), behaviour_logprobs=zeros.clone(),
+                      sources=torch.zeros(num, dtype=torch.long), seq_lens=torch.tensor(list(seq_lens)))
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -71,18 +130,46 @@ def pack_sequences(seq_lens: list[int], max_tokens: int, multiple: int = 1) -> l
     capacity = 0
     for i in order:
         length = round_up(max(int(seq_lens[i]), 1), multiple)
-        if length > max_tokens:
-            raise ValueError(
-                f"sequence {i} has {seq_lens[i]} tokens ({length} padded to a multiple of {multiple}), "
-                f"more than learner.micro_batch_tokens={max_tokens}; raise learner.micro_batch_tokens "
-                "to at least the longest prompt + response"
-            )
+        _check_fits(i, int(seq_lens[i]), length, max_tokens, multiple)
         if groups and len(groups[-1]) < capacity:
             groups[-1].append(i)
         else:
             groups.append([i])
             capacity = max_tokens // length  # the first (longest) sequence fixes the length
     return groups
+
+
+def bin_pack(seq_lens: list[int], max_tokens: int, multiple: int = 1) -> list[list[int]]:
+    """Group sequence positions into packs of at most `max_tokens` tokens (each sequence padded
+    to `multiple`): first-fit decreasing. Returns lists of positions, longest first in each pack
+    and the pack holding the longest sequence first.
+
+    >>> bin_pack([3, 9, 4, 2], max_tokens=10)
+    [[1], [2, 0, 3]]
+    """
+    order = sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i))
+    packs: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        length = round_up(max(int(seq_lens[i]), 1), multiple)
+        _check_fits(i, int(seq_lens[i]), length, max_tokens, multiple)
+        slot = next((p for p, load in enumerate(loads) if load + length <= max_tokens), None)
+        if slot is None:
+            packs.append([i])
+            loads.append(length)
+        else:
+            packs[slot].append(i)
+            loads[slot] += length
+    return packs
+
+
+def _check_fits(position: int, seq_len: int, padded: int, max_tokens: int, multiple: int) -> None:
+    if padded > max_tokens:
+        raise ValueError(
+            f"sequence {position} has {seq_len} tokens ({padded} padded to a multiple of {multiple}), "
+            f"more than learner.micro_batch_tokens={max_tokens}; raise learner.micro_batch_tokens "
+            "(or learner.logprob_micro_batch_tokens for log-prob passes) to at least the longest "
+            "prompt + response")
 
 
 def split_rows_for_data_parallel(seq_lens: list[int], dp_size: int) -> list[list[int]]:
@@ -116,29 +203,65 @@ def _take_optional(values: Tensor | None, rows: Tensor, length: int) -> Tensor |
 
 
 def make_micro_batches(
-    batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1
+    batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1, packed: bool = False
 ) -> list[MicroBatch]:
-    """Pack `rows` of `batch` into token-budget micro-batches (see `pack_sequences`)."""
+    """Group `rows` of `batch` into token-budget micro-batches: right-padded rows
+    (`pack_sequences`) or, with `packed`, THD packs (`bin_pack`) that also carry `PackedRows`."""
     seq_lens = [int(batch.seq_lens[r]) for r in rows]
+    grouping = bin_pack if packed else pack_sequences
     micro_batches = []
-    for group in pack_sequences(seq_lens, max_tokens, multiple):
+    for group in grouping(seq_lens, max_tokens, multiple):
         index = torch.tensor([rows[g] for g in group], dtype=torch.long)
         length = round_up(max(max(seq_lens[g] for g in group), 1), multiple)
-        micro_batches.append(MicroBatch(
-            indices=index,
-            tokens=_take(batch.tokens, index, length),
-            position_ids=torch.arange(length).unsqueeze(0).expand(len(group), length).contiguous(),
-            loss_mask=_take(batch.loss_mask.float(), index, length),
-            advantages=_take(batch.advantages.float(), index, length),
-            old_logprobs=_take(batch.old_logprobs.float(), index, length),
-            behaviour_logprobs=_take(batch.behaviour_logprobs.float(), index, length),
-            ref_logprobs=None if batch.ref_logprobs is None else _take(batch.ref_logprobs.float(), index, length),
-            seq_lens=batch.seq_lens[index].clone(),
-            teacher_logprobs=_take_optional(batch.teacher_logprobs, index, length),
-            teacher_topk_ids=_take_optional(batch.teacher_topk_ids, index, length),
-            teacher_topk_logprobs=_take_optional(batch.teacher_topk_logprobs, index, length),
-        ))
+        micro = _loss_layout(batch, index, length)
+        if packed:
+            micro.packed = _pack(micro.tokens, [seq_lens[g] for g in group], multiple)
+        micro_batches.append(micro)
     return micro_batches
+
+
+def _loss_layout(batch: TrainBatch, index: Tensor, length: int) -> MicroBatch:
+    return MicroBatch(
+        indices=index,
+        tokens=_take(batch.tokens, index, length),
+        position_ids=torch.arange(length).unsqueeze(0).expand(index.numel(), length).contiguous(),
+        loss_mask=_take(batch.loss_mask.float(), index, length),
+        advantages=_take(batch.advantages.float(), index, length),
+        old_logprobs=_take(batch.old_logprobs.float(), index, length),
+        behaviour_logprobs=_take(batch.behaviour_logprobs.float(), index, length),
+        ref_logprobs=None if batch.ref_logprobs is None else _take(batch.ref_logprobs.float(), index, length),
+        seq_lens=batch.seq_lens[index].clone(),
+        sources=batch.sources[index].clone(),
+        teacher_logprobs=_take_optional(batch.teacher_logprobs, index, length),
+        teacher_topk_ids=_take_optional(batch.teacher_topk_ids, index, length),
+        teacher_topk_logprobs=_take_optional(batch.teacher_topk_logprobs, index, length),
+    )
+
+
+def _pack(tokens: Tensor, seq_lens: list[int], multiple: int) -> PackedRows:
+    """Rows of `tokens` (b, L), each cut to its length padded to `multiple`, back to back."""
+    padded = [round_up(max(n, 1), multiple) for n in seq_lens]
+    cu_seqlens = torch.zeros(len(padded) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(padded).cumsum(0)
+    return PackedRows(
+        tokens=torch.cat([tokens[j, :p] for j, p in enumerate(padded)]).unsqueeze(0),
+        position_ids=torch.cat([torch.arange(p) for p in padded]).unsqueeze(0),
+        cu_seqlens=cu_seqlens, max_seqlen=max(padded))
+
+
+def _grow_pack(packed: PackedRows, num_tokens: int) -> PackedRows:
+    """`packed` with its last sequence's padding extended to `num_tokens` tokens in all."""
+    extra = num_tokens - packed.num_tokens
+    if extra < 0:
+        raise ValueError(f"cannot shrink a pack of {packed.num_tokens} tokens to {num_tokens}")
+    cu_seqlens = packed.cu_seqlens.clone()
+    cu_seqlens[-1] = num_tokens
+    last_start = int(packed.cu_seqlens[-2])
+    return PackedRows(
+        tokens=torch.cat([packed.tokens, packed.tokens.new_zeros(1, extra)], dim=1),
+        position_ids=torch.cat([packed.position_ids, packed.position_ids.new_tensor(
+            [list(range(packed.num_tokens - last_start, num_tokens - last_start))])], dim=1),
+        cu_seqlens=cu_seqlens, max_seqlen=max(packed.max_seqlen, num_tokens - last_start))
 
 
 def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroBatch:
@@ -160,6 +283,10 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
     seq_lens[:micro.num_seqs] = micro.seq_lens
     indices = micro.indices.new_full((num_seqs,), -1)
     indices[:micro.num_seqs] = micro.indices
+    sources = None
+    if micro.sources is not None:
+        sources = micro.sources.new_zeros(num_seqs)
+        sources[:micro.num_seqs] = micro.sources
     return MicroBatch(
         indices=indices,
         tokens=grow(micro.tokens),
@@ -170,6 +297,7 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
         behaviour_logprobs=grow(micro.behaviour_logprobs),
         ref_logprobs=grow(micro.ref_logprobs),
         seq_lens=seq_lens,
+        sources=sources,
         teacher_logprobs=grow(micro.teacher_logprobs),
         teacher_topk_ids=grow(micro.teacher_topk_ids),
         teacher_topk_logprobs=grow(micro.teacher_topk_logprobs),
@@ -177,20 +305,24 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
 
 
 def uniform_micro_batches(micro_batches: list[MicroBatch], *, multiple_of: int = 1) -> list[MicroBatch]:
-    """Pad every micro-batch to the largest (num_seqs, seq_len) and the count to a multiple.
+    """One model-input shape for every micro-batch, and a count that is a multiple of `multiple_of`.
 
     For megatron's interleaved pipeline schedule, which needs one activation shape per step and
-    a number of micro-batches divisible by the pipeline size. Filler rows and micro-batches have
-    no loss tokens, so the loss and the gradients are unchanged.
+    a number of micro-batches divisible by the pipeline size. Padded micro-batches grow to the
+    largest (num_seqs, seq_len); packs grow to the longest pack (the last sequence's padding
+    extends). Filler rows and micro-batches have no loss tokens, so the loss and the gradients
+    are unchanged.
     """
-    num_seqs = max(m.num_seqs for m in micro_batches)
-    seq_len = max(m.seq_len for m in micro_batches)
-    out = [pad_micro_batch(m, num_seqs=num_seqs, seq_len=seq_len) for m in micro_batches]
+    if micro_batches[0].packed is not None:
+        num_tokens = max(m.packed.num_tokens for m in micro_batches)
+        out = [replace(m, packed=_grow_pack(m.packed, num_tokens)) for m in micro_batches]
+    else:
+        num_seqs = max(m.num_seqs for m in micro_batches)
+        seq_len = max(m.seq_len for m in micro_batches)
+        out = [pad_micro_batch(m, num_seqs=num_seqs, seq_len=seq_len) for m in micro_batches]
     while len(out) % multiple_of:
-        filler = pad_micro_batch(out[-1], num_seqs=num_seqs, seq_len=seq_len)
-        filler.indices.fill_(-1)
-        filler.loss_mask.zero_()
-        out.append(filler)
+        last = out[-1]
+        out.append(replace(last, indices=torch.full_like(last.indices, -1), loss_mask=torch.zeros_like(last.loss_mask)))
     return out
 
 

@@ -4,6 +4,7 @@
     old = learner.compute_logprobs(batch, temperature)            # (B, T), no grad
     metrics = learner.train_step(batch, loss_config=..., temperature=temperature)
     learner.save(ckpt_root, step, trainer_state={...})
+    learner.offload(); ...; learner.onload()                      # a colocated server's turn
 
 Every rank calls every method with the SAME full TrainBatch; the learner takes this rank's
 data-parallel share (token-balanced, deterministic) and returns full-batch results on every
@@ -28,6 +29,7 @@ from megatron_s2lpo.types import TrainBatch
 from . import checkpoint as ckpt
 from .batching import MicroBatch, make_micro_batches, scatter_rows, split_rows_for_data_parallel, uniform_micro_batches
 from .model import build_model_chunks, unwrap_model
+from .offload import StorageOffloader, ddp_buffers, module_tensors, optimizer_tensors
 from .optimizer import build_optimizer, build_scheduler, wrap_for_training, zero_grads
 from .parallel import ParallelGroups, init_parallel
 from .reference import ReferenceModel
@@ -58,17 +60,31 @@ class Learner:
             raise ValueError(f"the parallel groups (TP, PP, VPP) = {layout} do not match the learner config "
                              f"{wanted} (learner.tensor_parallel_size, pipeline_parallel_size, "
                              "virtual_pipeline_parallel_size)")
+        if config.context_parallel_size > 1:
+            raise ValueError(
+                f"learner.context_parallel_size={config.context_parallel_size}: context parallelism is not wired "
+                "into this learner's data path yet (it needs TE's THD split of every sequence over the CP ranks); "
+                "keep it 1 and raise learner.micro_batch_tokens to the longest prompt + response, with "
+                "learner.recompute_granularity=full if activations do not fit")
         build = dict(precision=config.precision, use_te=config.use_te, fp8_format=config.fp8_format,
-                     fp8_recipe=config.fp8_recipe)
+                     fp8_recipe=config.fp8_recipe, sequence_parallel=config.sequence_parallel)
         model_kwargs = dict(build, recompute_granularity=config.recompute_granularity,
                             recompute_method=config.recompute_method,
-                            recompute_num_layers=config.recompute_num_layers)
+                            recompute_num_layers=config.recompute_num_layers,
+                            recompute_modules=config.recompute_modules,
+                            gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.model = wrap_for_training(build_model_chunks(arch, self.groups, **model_kwargs),
-                                       use_distributed_optimizer=config.optim.use_distributed_optimizer)
+                                       use_distributed_optimizer=config.optim.use_distributed_optimizer,
+                                       overlap_grad_reduce=config.overlap_grad_reduce,
+                                       overlap_param_gather=config.overlap_param_gather)
         self.optimizer = build_optimizer(self.model, config.optim, precision=config.precision)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.step = 0  # optimizer steps taken
-        self.reference = ReferenceModel(arch, self.groups, **build) if with_reference else None
+        self._params_pending = False  # overlap_param_gather: updated shards not yet all-gathered
+        self._offloader: StorageOffloader | None = None
+        self.reference = None
+        if with_reference:
+            self.reference = ReferenceModel(arch, self.groups, offload=config.ref_offload, **build)
         if config.load:
             self.load(config.load)
         if self.reference is not None:
@@ -81,8 +97,60 @@ class Learner:
 
     @property
     def policy_chunks(self) -> list[Any]:
-        """The bare GPTModel chunks of the policy (for weight sync and conversion)."""
+        """The bare GPTModel chunks of the policy (for weight sync and conversion), with every
+        parameter up to date (see `sync_params`)."""
+        self._require_onloaded("read the policy weights")
+        self.sync_params()
         return [unwrap_model(chunk) for chunk in self.model]
+
+    def sync_params(self) -> None:
+        """Finish the distributed optimizer's parameter all-gather of the last step.
+
+        With learner.overlap_param_gather megatron gathers the updated parameter shards lazily,
+        in the forward pre-hooks of the next forward pass; anything that reads the parameters
+        outside a forward (weight sync, checkpoints, the reference copy, offload) calls this
+        first. A no-op otherwise."""
+        if self._params_pending:
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
+            self._params_pending = False
+
+    # ------------------------------------------------------------------ colocated servers
+
+    @property
+    def offloaded(self) -> bool:
+        return self._offloader is not None
+
+    def offload(self) -> None:
+        """Move weights, optimizer state (and drop gradient buffers) to host memory, releasing the
+        device memory for a colocated rollout server; `onload()` restores everything exactly.
+
+        Between the two, nothing of the policy may run (methods that need it raise). The
+        reference model is in host memory already with learner.ref_offload."""
+        if self._offloader is not None:
+            return
+        self.sync_params()
+        offloader = StorageOffloader()
+        param_buffers, grad_buffers = ddp_buffers(self.model)
+        offloader.add(module_tensors(self.model))
+        offloader.add(param_buffers)
+        offloader.add(optimizer_tensors(self.optimizer))
+        offloader.add(grad_buffers, keep_values=False)  # zeroed before every step anyway
+        offloader.offload()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._offloader = offloader
+
+    def onload(self) -> None:
+        """Bring back what `offload()` moved; a no-op when not offloaded."""
+        if self._offloader is not None:
+            self._offloader.onload()
+            self._offloader = None
+
+    def _require_onloaded(self, what: str) -> None:
+        if self._offloader is not None:
+            raise RuntimeError(f"the learner is offloaded (its weights are in host memory); call onload() "
+                               f"before you {what}")
 
     def load_hf(self, path: str) -> None:
         """Set the policy (and the reference, if any) to the weights of Hugging Face directory `path`.
@@ -94,6 +162,7 @@ class Learner:
         from megatron_s2lpo.convert.hf_io import HFReader
         from megatron_s2lpo.convert.live import load_hf_state
 
+        self._require_onloaded("load weights")
         load_hf_state(self.policy_chunks, self.groups.tp_rank, self.groups.tp_size, self.arch, HFReader(path))
         self.optimizer.reload_model_params()
         if self.reference is not None:
@@ -103,7 +172,7 @@ class Learner:
         """Make the reference a copy of the current policy (call after loading initial weights)."""
         if self.reference is None:
             raise ValueError("this learner has no reference model; build it with with_reference=True")
-        self.reference.copy_from(self.model)
+        self.reference.copy_from(self.policy_chunks)
 
     # ------------------------------------------------------------------ batches
 
@@ -111,7 +180,8 @@ class Learner:
         """This DP rank's share of `batch` as token-budget micro-batches."""
         seq_lens = [int(n) for n in batch.seq_lens]
         rows = split_rows_for_data_parallel(seq_lens, self.groups.dp_size)[self.groups.dp_rank]
-        micro = make_micro_batches(batch, rows, max_tokens=max_tokens, multiple=self.config.seq_length_multiple)
+        micro = make_micro_batches(batch, rows, max_tokens=max_tokens, multiple=self.config.sequence_multiple,
+                                   packed=self.config.pack_sequences)
         if self.groups.vpp_size is not None:  # interleaved schedule: one shape, a multiple of PP
             micro = uniform_micro_batches(micro, multiple_of=self.groups.pp_size)
         return micro
@@ -136,31 +206,37 @@ class Learner:
         *,
         reference: bool = False,
         with_entropy: bool = False,
+        all_tokens: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Log-probs of `batch.tokens` under the policy (or the reference); (B, T) on every rank.
 
         Aligned with tokens (types.py): entry [b, t] = log p(tokens[b, t] | tokens[b, :t]) at
-        `temperature`; 0 at t = 0 and past each sequence's length. With `with_entropy`, also the
-        (B, T) entropy of the same distributions.
+        `temperature`, computed where batch.loss_mask is 1 (the response tokens the loss uses)
+        and 0 elsewhere; with `all_tokens`, at every position 1 <= t < seq_len (prompts too).
+        With `with_entropy`, also the (B, T) entropy of the same distributions. The output layer
+        runs on learner.logprob_chunk_tokens of those positions at a time (step.py).
         """
         if reference and self.reference is None:
             raise ValueError("reference log-probs requested but the learner has no reference model "
                              "(build it with with_reference=True, i.e. algo.kl_coef > 0)")
-        chunks = self.reference.chunks if reference else self.model
-        for chunk in chunks:
-            chunk.eval()
+        self._require_onloaded("compute log-probs")
         spec = LogProbSpec(vocab_size=self.arch.vocab_size, tp_group=self.groups.tp_group,
-                           temperature=temperature, with_entropy=with_entropy)
+                           temperature=temperature, with_entropy=with_entropy,
+                           chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens)
         micro = self._local_micro_batches(batch, self.config.logprob_tokens)
-        stored = run_schedule(partial(logprob_forward_step, spec=spec), chunks, micro, forward_only=True)
+        if reference:
+            with self.reference.on_device() as chunks:
+                stored = run_schedule(partial(logprob_forward_step, spec=spec), chunks, micro, forward_only=True)
+        else:
+            for chunk in self.model:
+                chunk.eval()
+            stored = run_schedule(partial(logprob_forward_step, spec=spec), self.model, micro, forward_only=True)
         num_seqs, seq_len = batch.tokens.shape
-        valid = torch.arange(seq_len).unsqueeze(0) < batch.seq_lens.unsqueeze(1)  # (B, T)
-        logprobs = scatter_rows([(s["indices"], s["logprobs"]) for s in stored], num_seqs, seq_len)
-        logprobs = self._gather_rows(logprobs) * valid
+        logprobs = self._gather_rows(scatter_rows([(s["indices"], s["logprobs"]) for s in stored], num_seqs, seq_len))
         if not with_entropy:
             return logprobs
-        entropy = scatter_rows([(s["indices"], s["entropy"]) for s in stored], num_seqs, seq_len)
-        return logprobs, self._gather_rows(entropy) * valid
+        return logprobs, self._gather_rows(scatter_rows([(s["indices"], s["entropy"]) for s in stored],
+                                                        num_seqs, seq_len))
 
     # ------------------------------------------------------------------ training
 
@@ -171,6 +247,7 @@ class Learner:
         loss_config: PolicyLossConfig,
         temperature: float = 1.0,
         is_threshold: float | None = None,
+        is_sources: tuple[int, ...] | None = None,
         objective: str = "policy",
         distill_coef: float = 1.0,
     ) -> dict[str, float]:
@@ -180,13 +257,14 @@ class Learner:
         the whole batch's `loss_normalizer`, so it and its gradient do not depend on how the
         batch is split into micro-batches or DP ranks (see step.py). is_threshold: multiply
         the policy-gradient terms by truncated importance weights min(exp(old - behaviour),
-        is_threshold) (None: off). objective: `policy` (the above), `forward_kl` (cross-entropy
+        is_threshold) (None: off), on the rows whose source code is in is_sources (None: every
+        row; types.SOURCE_CODES). objective: `policy` (the above), `forward_kl` (cross-entropy
         on the batch's tokens, against batch.teacher_topk_* when present) or `reverse_kl` (direct
         on-policy distillation loss against batch.teacher_logprobs, weighted by distill_coef); see
         algo/distill.py. Metric `loss` is the loss before the update.
         """
         metrics = self.compute_gradients(batch, loss_config=loss_config, temperature=temperature,
-                                         is_threshold=is_threshold, objective=objective,
+                                         is_threshold=is_threshold, is_sources=is_sources, objective=objective,
                                          distill_coef=distill_coef)
         metrics.update(self.optimizer_step())
         return metrics
@@ -198,6 +276,7 @@ class Learner:
         loss_config: PolicyLossConfig,
         temperature: float = 1.0,
         is_threshold: float | None = None,
+        is_sources: tuple[int, ...] | None = None,
         micro_batch_tokens: int | None = None,
         objective: str = "policy",
         distill_coef: float = 1.0,
@@ -210,6 +289,7 @@ class Learner:
         if objective == "policy" and loss_config.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("loss_config.kl_coef > 0 needs batch.ref_logprobs; compute them with "
                              "compute_logprobs(batch, reference=True)")
+        self._require_onloaded("train")
         g = self.groups
         normalizer = loss_normalizer(batch.loss_mask.float(), loss_config.loss_agg_mode)
         if normalizer <= 0:  # checked here, on every rank, not inside the last pipeline stage
@@ -218,7 +298,8 @@ class Learner:
         spec = LossSpec(loss_config=loss_config, normalizer=normalizer,
                         num_microbatches=len(micro), dp_size=g.dp_size, vocab_size=self.arch.vocab_size,
                         tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold,
-                        objective=objective, distill_coef=distill_coef)
+                        is_sources=is_sources, objective=objective, distill_coef=distill_coef,
+                        chunk_tokens=self.config.logprob_chunk_tokens)
         for chunk in self.model:
             chunk.train()
         zero_grads(self.model, self.optimizer)
@@ -231,7 +312,9 @@ class Learner:
     def optimizer_step(self) -> dict[str, float]:
         """Advance the LR schedule and apply the accumulated gradients (clipped) with Adam."""
         self.scheduler.step(increment=1)  # the LR of this step (see optimizer.build_scheduler)
+        self._require_onloaded("step the optimizer")
         update_successful, grad_norm, _num_zeros = self.optimizer.step()
+        self._params_pending = self.config.overlap_param_gather
         if update_successful:
             self.step += 1
         else:  # skipped (non-finite gradients): the schedule does not advance either
@@ -246,6 +329,8 @@ class Learner:
 
     def save(self, root: str | Path, *, step: int | None = None, trainer_state: dict | None = None) -> Path:
         """Atomic dist checkpoint of policy + optimizer + LR schedule + RNG (+ trainer_state)."""
+        self._require_onloaded("save a checkpoint")
+        self.sync_params()
         state = {"learner_step": self.step, **(trainer_state or {})}
         return ckpt.save_checkpoint(root, self.step if step is None else step, model_chunks=self.model,
                                     optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
@@ -254,6 +339,8 @@ class Learner:
         """Load a checkpoint (directory or root -> latest complete), resharding as needed.
 
         load_optimizer=False loads the weights only (fresh optimizer state and LR schedule)."""
+        self._require_onloaded("load a checkpoint")
+        self.sync_params()  # a pending gather must not overwrite the loaded weights later
         loaded = ckpt.load_checkpoint(path, model_chunks=self.model,
                                       optimizer=self.optimizer if load_optimizer else None,
                                       scheduler=self.scheduler if load_optimizer else None)

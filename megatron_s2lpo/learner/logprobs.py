@@ -256,3 +256,66 @@ def token_topk_logprobs(
     logprob = vocab_parallel_logprobs_at(logits, next_ids, vocab_size=vocab_size, tp_group=tp_group,
                                          temperature=temperature)  # (B, T, K)
     return torch.cat([logprob.new_zeros(logprob.shape[0], 1, logprob.shape[2]), logprob[:, :-1]], dim=1)
+
+
+# ----------------------------------------------------------------------------- chunked, selected positions
+
+
+def chunked_logprobs(
+    hidden: Tensor,
+    index: Tensor,
+    targets: Tensor,
+    logits_fn,
+    *,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    topk_ids: Tensor | None = None,
+    chunk_tokens: int = 0,
+    recompute: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Log-probs of `targets` from the logits of the hidden states at `index`, a chunk at a time.
+
+    hidden: (N_all, h) flattened model outputs before the output layer; index: (N,) long, the
+    rows of `hidden` whose logits predict each target; targets: (N,) global ids; logits_fn:
+    (n, h) -> (n, V_local) vocab-parallel logits (the output layer); topk_ids: (N, K) ids to
+    also score (the teacher's top-k). Only `chunk_tokens` rows of logits exist at a time (0: all
+    N at once). recompute: keep nothing of a chunk for the backward but its (n, h) input and
+    recompute its logits there (torch.utils.checkpoint), so the training pass never holds more
+    than one chunk's logits either. Returns ((N,) log-probs, (N,) entropies or None, (N, K) or
+    None), float32, differentiable w.r.t. hidden (and the output layer's weight).
+    """
+    if index.dim() != 1 or targets.shape != index.shape:
+        raise ValueError(f"index {tuple(index.shape)} and targets {tuple(targets.shape)} must be equal 1-D shapes")
+    if topk_ids is not None and topk_ids.shape[0] != index.shape[0]:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} must have one row per target ({index.shape[0]})")
+
+    def one_chunk(h: Tensor, tgt: Tensor, ids: Tensor | None):
+        logits = logits_fn(h)  # (n, V_local)
+        logprob, entropy = vocab_parallel_logprobs(logits, tgt, vocab_size=vocab_size, tp_group=tp_group,
+                                                   temperature=temperature, with_entropy=with_entropy)
+        at = None if ids is None else vocab_parallel_logprobs_at(logits, ids, vocab_size=vocab_size,
+                                                                 tp_group=tp_group, temperature=temperature)
+        return logprob, entropy, at
+
+    size = chunk_tokens if chunk_tokens > 0 else max(index.numel(), 1)
+    parts: list[tuple] = []
+    for start in range(0, index.numel(), size):
+        rows = index[start:start + size]
+        args = (hidden[rows], targets[start:start + size], None if topk_ids is None else topk_ids[start:start + size])
+        if recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            parts.append(checkpoint(one_chunk, *args, use_reentrant=False))
+        else:
+            parts.append(one_chunk(*args))
+    if not parts:  # no selected positions: empty results that still belong to the graph
+        empty = hidden.sum() * 0.0
+        k = 0 if topk_ids is None else topk_ids.shape[1]
+        return (empty.reshape(1).expand(0).float(), empty.reshape(1).expand(0).float() if with_entropy else None,
+                None if topk_ids is None else empty.reshape(1, 1).expand(0, k).float())
+    logprob = torch.cat([p[0] for p in parts])
+    entropy = torch.cat([p[1] for p in parts]) if with_entropy else None
+    at = torch.cat([p[2] for p in parts]) if topk_ids is not None else None
+    return logprob, entropy, at

@@ -8,9 +8,15 @@ output embedding. The vocabulary is padded to `arch.padded_vocab_size(tp)`; the 
 logits are masked in `logprobs.py` so they never carry probability.
 
 Layer spec (which implementation each layer uses):
-  * Transformer Engine (`use_te=True`; default when CUDA and TE are present): needed for bf16 and
-    FP8. TE fuses each pre-norm into the following linear, so parameter names differ.
-  * local (megatron-core modules only; the only choice on CPU).
+  * Transformer Engine (`use_te=True`; default when CUDA and TE are present): needed for FP8,
+    sequence and context parallelism. TE fuses each pre-norm into the following linear, so
+    parameter names differ. Packed (THD) sequences go to TE's attention as they are.
+  * local (megatron-core modules only; the only choice on CPU), with megatron's attention core
+    replaced by `attention.PackedDotProductAttention`, which also takes packed sequences.
+
+The output layer of the last pipeline stage can defer its logits (`deferred_logits`): the model
+then returns the final hidden states and the caller computes logits for the positions it needs,
+in chunks (`OutputHead`), instead of a (tokens x vocab) tensor for every position.
 
 Parameter names of one layer `decoder.layers.{i}.` (i is the index within this pipeline stage):
   local spec                              TE spec
@@ -32,12 +38,17 @@ query heads followed by its key and value head: [q_g0 ... k_g0, v_g0, q_g1 ...].
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+Tensor = torch.Tensor
+
+from megatron_s2lpo.config.learner import BLACKWELL_RECIPES
 from megatron_s2lpo.config.model import ModelArch
 
 from .parallel import ParallelGroups
@@ -67,6 +78,50 @@ def _resolve_use_te(use_te: bool | None, precision: str) -> bool:
     return use_te
 
 
+def check_spec_options(use_te: bool, *, sequence_parallel: bool = False, context_parallel_size: int = 1,
+                       gradient_accumulation_fusion: bool = False) -> None:
+    """Options the local layer spec or this machine cannot run, refused with the reason."""
+    if sequence_parallel and not use_te:
+        raise ValueError("learner.sequence_parallel needs the Transformer Engine layer spec: megatron's local "
+                         "spec has no sequence-parallel layer norms (without Apex); this learner builds the local "
+                         "spec (no CUDA or no transformer_engine here, or learner.use_te=false)")
+    if context_parallel_size > 1 and not use_te:
+        raise ValueError("learner.context_parallel_size > 1 needs the Transformer Engine layer spec: only TE's "
+                         "attention splits a sequence over ranks; this learner builds the local spec")
+    if gradient_accumulation_fusion and not (torch.cuda.is_available()
+                                             and importlib.util.find_spec("fused_weight_gradient_mlp_cuda")):
+        raise ValueError("learner.gradient_accumulation_fusion needs CUDA and Apex's fused_weight_gradient_mlp_cuda "
+                         "extension (megatron's output layer uses it; the NGC PyTorch image ships it); set it false")
+
+
+def fp8_support_error(recipe: str, capability: tuple[int, int], cuda_version: str | None) -> str | None:
+    """Why `recipe` cannot run on a GPU of compute `capability` with this CUDA, or None.
+
+    Transformer Engine 2.x's rules (transformer_engine/pytorch/quantization.py): current
+    scaling (tensorwise) needs sm_89+, blockwise sm_90+ and CUDA 12.9+, MXFP8 sm_100 to sm_11x,
+    NVFP4 sm_100+ (Blackwell).
+    """
+    name = f"sm_{capability[0]}{capability[1]}"
+    cuda = tuple(int(x) for x in (cuda_version or "0.0").split(".")[:2])
+    if recipe in BLACKWELL_RECIPES and not (capability >= (10, 0) and (recipe == "nvfp4" or capability < (12, 0))):
+        return (f"learner.fp8_recipe={recipe} needs a Blackwell GPU (compute capability 10.x); this GPU is {name}: "
+                "use fp8_recipe=tensorwise or blockwise on Hopper")
+    if recipe == "blockwise" and not (capability >= (9, 0) and cuda >= (12, 9)):
+        return (f"learner.fp8_recipe=blockwise needs compute capability 9.0+ and CUDA 12.9+; this is {name} with "
+                f"CUDA {cuda_version}: use fp8_recipe=tensorwise")
+    if recipe == "tensorwise" and capability < (8, 9):
+        return f"learner.fp8_recipe=tensorwise needs compute capability 8.9+ (Ada, Hopper); this GPU is {name}"
+    return None
+
+
+def _check_fp8_device(recipe: str) -> None:
+    if not torch.cuda.is_available():
+        return  # _resolve_use_te already refused fp8 without CUDA
+    error = fp8_support_error(recipe, torch.cuda.get_device_capability(), torch.version.cuda)
+    if error:
+        raise ValueError(error)
+
+
 def rope_scaling_factor(arch: ModelArch) -> float | None:
     """The llama3 RoPE scaling factor megatron applies, or None; ValueError if megatron cannot express it."""
     if arch.rope_scaling is None:
@@ -88,32 +143,29 @@ def transformer_config(
     precision: str = "fp32",
     use_te: bool = False,
     fp8_format: str = "hybrid",
-    fp8_recipe: str = "delayed",
+    fp8_recipe: str = "tensorwise",
     recompute_granularity: str | None = None,
     recompute_method: str = "uniform",
     recompute_num_layers: int = 1,
+    recompute_modules: list[str] | None = None,
+    sequence_parallel: bool = False,
+    gradient_accumulation_fusion: bool = False,
     **overrides: Any,
 ) -> Any:
     """The megatron `TransformerConfig` of `arch` under the layout of `groups` (see module doc).
 
     use_te: whether the layers will use the Transformer Engine spec (enables TE's fused RoPE).
+    fp8_recipe: tensorwise / blockwise / mxfp8 (megatron fp8_recipe) or nvfp4 (megatron fp4).
+    recompute_modules: selective recompute's modules (None / []: megatron's default core_attn).
     overrides: any other TransformerConfig field.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"learner.precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
-    stages = groups.pp_size * (groups.vpp_size or 1)
-    if arch.num_layers % stages:
-        raise ValueError(
-            f"model.num_layers ({arch.num_layers}) must be divisible by pipeline_parallel_size x "
-            f"virtual_pipeline_parallel_size ({stages}) so every pipeline chunk gets whole layers"
-        )
-    for name, value in (("num_attention_heads", arch.num_attention_heads),
-                        ("num_query_groups", arch.num_query_groups)):
-        if value % groups.tp_size:
-            raise ValueError(f"model.{name} ({value}) must be divisible by learner.tensor_parallel_size "
-                             f"({groups.tp_size})")
+    check_spec_options(use_te, sequence_parallel=sequence_parallel, context_parallel_size=groups.cp_size,
+                       gradient_accumulation_fusion=gradient_accumulation_fusion)
+    _check_divisible(arch, groups)
     dtype = PRECISION_DTYPES[precision]
     on_cpu = not torch.cuda.is_available()
     recompute = None if recompute_granularity in (None, "none") else recompute_granularity
@@ -139,7 +191,9 @@ def transformer_config(
         tensor_model_parallel_size=groups.tp_size,
         pipeline_model_parallel_size=groups.pp_size,
         virtual_pipeline_model_parallel_size=groups.vpp_size,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
+        context_parallel_size=groups.cp_size,
+        gradient_accumulation_fusion=gradient_accumulation_fusion,
         params_dtype=dtype,
         pipeline_dtype=dtype,  # dtype of p2p activations; megatron requires it with PP
         bf16=precision in ("bf16", "fp8"),
@@ -161,19 +215,48 @@ def transformer_config(
         recompute_method=recompute_method if recompute == "full" else None,
         recompute_num_layers=recompute_num_layers if recompute == "full" else None,
     )
+    if recompute == "selective" and recompute_modules:
+        kwargs["recompute_modules"] = list(recompute_modules)
     if precision == "fp8":
-        kwargs.update(fp8=fp8_format, fp8_recipe=fp8_recipe)
+        kwargs.update(_low_precision_kwargs(fp8_format, fp8_recipe))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
+def _check_divisible(arch: ModelArch, groups: ParallelGroups) -> None:
+    stages = groups.pp_size * (groups.vpp_size or 1)
+    if arch.num_layers % stages:
+        raise ValueError(
+            f"model.num_layers ({arch.num_layers}) must be divisible by pipeline_parallel_size x "
+            f"virtual_pipeline_parallel_size ({stages}) so every pipeline chunk gets whole layers"
+        )
+    for name, value in (("num_attention_heads", arch.num_attention_heads),
+                        ("num_query_groups", arch.num_query_groups)):
+        if value % groups.tp_size:
+            raise ValueError(f"model.{name} ({value}) must be divisible by learner.tensor_parallel_size "
+                             f"({groups.tp_size})")
+
+
+def _low_precision_kwargs(fp8_format: str, fp8_recipe: str) -> dict[str, Any]:
+    """megatron's quantization fields for a recipe, after checking this GPU can run it."""
+    _check_fp8_device(fp8_recipe)
+    if fp8_recipe == "nvfp4":  # TE's NVFP4BlockScaling goes through megatron's fp4 options
+        return {"fp4": "e2m1", "fp4_recipe": "nvfp4"}
+    return {"fp8": fp8_format, "fp8_recipe": fp8_recipe}
+
+
 def layer_spec(arch: ModelArch, *, use_te: bool) -> Any:
-    """Transformer layer ModuleSpec: TE modules (GPU) or megatron-core local modules."""
+    """Transformer layer ModuleSpec: TE modules (GPU) or megatron-core local modules whose
+    attention core also takes packed sequences (attention.py)."""
     from megatron.core.models.gpt import gpt_layer_specs
+
+    from .attention import packed_core_attention_class
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = packed_core_attention_class()
+    return spec
 
 
 def build_gpt_model(
@@ -228,6 +311,8 @@ def build_gpt_model(
         model.cuda(torch.cuda.current_device())
     if precision != "fp32":
         model.to(PRECISION_DTYPES[precision])
+    if post_process:
+        _install_logit_deferral(model.output_layer)
     return model
 
 
@@ -253,6 +338,70 @@ def build_model_chunks(
     stages = [None] if groups.vpp_size is None else list(range(groups.vpp_size))
     return [build_gpt_model(arch, groups, precision=precision, use_te=use_te, vp_stage=stage, config=config)
             for stage in stages]
+
+
+def _install_logit_deferral(layer: Any) -> None:
+    """Give the output layer a switch: while `layer.defer_logits` is set, its forward returns the
+    hidden states it was given (gathered from the sequence-parallel region) instead of logits.
+    GPTModel then returns those (b, s, h) hidden states; `OutputHead` computes logits later.
+    megatron's own inference path gathers the same way before its last-token logits."""
+    compute = layer.forward  # the bound ColumnParallelLinear.forward
+
+    def forward(input_: Any, weight: Any = None, runtime_gather_output: Any = None) -> Any:
+        if not layer.defer_logits:
+            return compute(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        if layer.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            # backward: take this rank's slice (the logits' dgrad is all-reduced in OutputHead)
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False,
+                                                          group=layer.tp_group)
+        return input_, None
+
+    layer.defer_logits = False
+    layer.compute_logits = compute
+    layer.forward = forward
+
+
+@contextlib.contextmanager
+def deferred_logits(chunks: list[Any]) -> Iterator[None]:
+    """While active, the last stage's model chunk returns final hidden states, not logits."""
+    layers = [unwrap_model(c).output_layer for c in chunks if getattr(unwrap_model(c), "post_process", False)]
+    for layer in layers:
+        layer.defer_logits = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.defer_logits = False
+
+
+class OutputHead:
+    """Logits of chosen hidden states through a last-stage chunk's output layer.
+
+    head(hidden (n, h)) -> (n, V_local) vocab-parallel logits, the same as the model's output
+    layer gives for those positions: tied embeddings use the embedding weight, inputs are cast
+    to the weight's dtype (Float16Module hands fp32 outputs back), and with sequence parallel the
+    layer runs as plain tensor parallel (its dgrad all-reduced over TP) because the hidden
+    states were gathered."""
+
+    def __init__(self, chunk: Any) -> None:
+        self.model = unwrap_model(chunk)
+        self.layer = self.model.output_layer
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        weight = (self.model.shared_embedding_or_output_weight()
+                  if self.model.share_embeddings_and_output_weights else None)
+        dtype = (weight if weight is not None else self.layer.weight).dtype
+        layer, saved = self.layer, (self.layer.sequence_parallel, self.layer.allreduce_dgrad)
+        if layer.sequence_parallel:
+            layer.sequence_parallel = False
+            layer.allreduce_dgrad = layer.tp_group.size() > 1
+        try:
+            logits, _ = layer.compute_logits(hidden.to(dtype).unsqueeze(1), weight=weight)  # [s, b=1, h] in
+        finally:
+            layer.sequence_parallel, layer.allreduce_dgrad = saved
+        return logits.squeeze(1)
 
 
 def unwrap_model(model: Any) -> Any:

@@ -20,15 +20,22 @@ import torch
 from megatron_s2lpo.config.learner import OptimConfig
 
 
-def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool) -> list[Any]:
-    """Wrap bare GPTModel chunks in (Float16Module and) megatron DDP; sets the schedule hooks."""
+def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False,
+                      overlap_param_gather: bool = False) -> list[Any]:
+    """Wrap bare GPTModel chunks in (Float16Module and) megatron DDP; sets the schedule hooks.
+
+    overlap_grad_reduce: bucketed DP reduce launched during the backward (megatron's no_sync /
+    start_grad_sync hooks drive it across micro-batches); overlap_param_gather: the distributed
+    optimizer's param all-gather runs in the next forward's pre-hooks (see Learner.sync_params).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
@@ -43,6 +50,11 @@ def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool) -> 
         ))
     # The schedule calls this after the last backward: DP all-reduce, embedding and layernorm syncs.
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:  # as megatron's trainer sets them (training.py, align_grad_reduce)
+        no_sync = [chunk.no_sync for chunk in wrapped]
+        grad_sync = [chunk.start_grad_sync for chunk in wrapped]
+        config.no_sync_func = no_sync[0] if len(wrapped) == 1 else no_sync
+        config.grad_sync_func = grad_sync[0] if len(wrapped) == 1 else grad_sync
     return wrapped
 
 
@@ -51,7 +63,7 @@ def build_optimizer(chunks: list[Any], optim: OptimConfig, *, precision: str) ->
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     half = precision in ("bf16", "fp8")
-    config = OptimizerConfig(
+    kwargs: dict[str, Any] = dict(
         optimizer="adam",
         lr=optim.lr,
         min_lr=optim.min_lr,
@@ -64,6 +76,15 @@ def build_optimizer(chunks: list[Any], optim: OptimConfig, *, precision: str) ->
         params_dtype=torch.bfloat16 if half else torch.float32,
         use_distributed_optimizer=optim.use_distributed_optimizer,
     )
+    if optim.cpu_offload:
+        if not torch.cuda.is_available():
+            raise ValueError("learner.optim.cpu_offload moves Adam from the GPU to host memory; it needs CUDA "
+                             "(on a CPU-only machine the state is in host memory already): set it false")
+        # megatron's HybridDeviceOptimizer reuses the precision-aware optimizer's code path
+        # (Megatron-LM refuses --optimizer-cpu-offload without --use-precision-aware-optimizer)
+        kwargs.update(optimizer_cpu_offload=True, optimizer_offload_fraction=optim.cpu_offload_fraction,
+                      use_precision_aware_optimizer=True, overlap_cpu_optimizer_d2h_h2d=True)
+    config = OptimizerConfig(**kwargs)
     optimizer = get_megatron_optimizer(config, chunks)
     chunks[0].config.grad_scale_func = optimizer.scale_loss
     return optimizer

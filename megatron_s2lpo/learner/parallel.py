@@ -46,6 +46,7 @@ class ParallelGroups:
     rank: int
     world_size: int
     device: torch.device
+    cp_size: int = 1  # context-parallel ranks per sequence (1: none)
 
     @property
     def is_first_stage(self) -> bool:

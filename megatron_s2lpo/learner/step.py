@@ -18,6 +18,13 @@ The loss contract (why the numbers are exact for any micro-batch split and any D
   5. Metrics are the unscaled partial values (a detached clone, taken before megatron edits
      the returned tensor in place): summed over micro-batches and DP ranks they give the batch
      value (`ratio_max`: max).
+
+Log-probs come from the final hidden states, not from full logits: the last stage's output
+layer is deferred (`model.deferred_logits`), the loss function picks the positions it needs
+(the loss-mask tokens; every token for `LogProbSpec.all_tokens`) and `logprobs.chunked_logprobs`
+runs the output layer on `chunk_tokens` of them at a time (recomputing each chunk in the
+backward), so no (tokens x vocab) buffer is ever held. Values are scattered back to the
+micro-batch's (b, L) rows, so the loss code is the same for packed and padded layouts.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from megatron_s2lpo.algo.losses import PolicyLossConfig, policy_loss, truncated_
 
 OBJECTIVES = ("policy", "forward_kl", "reverse_kl")  # PPO-clip, distillation warmup, direct OPD loss
 
-from .batching import MicroBatch
-from .logprobs import token_logprobs
+from .batching import MicroBatch, PackedRows
+from .logprobs import chunked_logprobs
+from .model import OutputHead, deferred_logits, unwrap_model
 
 Tensor = torch.Tensor
 MAX_METRICS = ("ratio_max",)  # combined with max over micro-batches and ranks; the rest add up
@@ -53,8 +61,10 @@ class LossSpec:
     tp_group: dist.ProcessGroup | None
     temperature: float = 1.0
     is_threshold: float | None = None  # truncated IS weights old/behaviour; None = off
+    is_sources: tuple[int, ...] | None = None  # source codes whose rows get IS weights; None = all
     objective: str = "policy"  # one of OBJECTIVES
     distill_coef: float = 1.0  # reverse_kl: the loss weight
+    chunk_tokens: int = 0  # output-layer rows per log-prob chunk (0: one chunk)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -69,31 +79,89 @@ class LogProbSpec:
     tp_group: dist.ProcessGroup | None
     temperature: float = 1.0
     with_entropy: bool = False
+    chunk_tokens: int = 0  # output-layer rows per log-prob chunk (0: one chunk)
+    all_tokens: bool = False  # every position of every sequence, not only the loss-mask tokens
 
 
 def _device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def packed_seq_params(packed: PackedRows, device: torch.device) -> Any:
+    """megatron's THD description of a pack. The padded boundaries serve as the real ones: the
+    padding of a sequence sits after it, so causal attention never lets a real token see it."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = packed.cu_seqlens.to(device=device, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+
+
 def _model_forward(model: Any, micro: MicroBatch) -> Tensor:
-    """Last stage: vocab-parallel logits (b, L, V_local); other stages: hidden states."""
+    """Last stage (logits deferred): final hidden states (b, s, h); other stages: activations."""
     device = _device_of(model)
-    return model(micro.tokens.to(device), micro.position_ids.to(device), None)
+    tokens, position_ids = micro.model_inputs()
+    kwargs = {} if micro.packed is None else {"packed_seq_params": packed_seq_params(micro.packed, device)}
+    return model(tokens.to(device), position_ids.to(device), None, **kwargs)
 
 
-def policy_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def _head(model: Any) -> OutputHead | None:
+    return OutputHead(model) if getattr(unwrap_model(model), "post_process", False) else None
+
+
+def selected_positions(micro: MicroBatch, all_tokens: bool = False) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the loss-layout tokens whose log-probs are needed: loss-mask tokens, or
+    with `all_tokens` every token after the first of each sequence."""
+    cols = torch.arange(micro.seq_len).unsqueeze(0)
+    if all_tokens:
+        chosen = (cols >= 1) & (cols < micro.seq_lens.unsqueeze(1))
+    else:
+        chosen = (micro.loss_mask > 0) & (cols >= 1)
+    rows, cols = chosen.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def token_values(micro: MicroBatch, hidden: Tensor, head: OutputHead, *, vocab_size: int, tp_group: Any,
+                 temperature: float, chunk_tokens: int, with_entropy: bool = False, topk: bool = False,
+                 all_tokens: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Aligned (b, L) log-probs (and entropy, (b, L, K) top-k log-probs) of a micro-batch from
+    its final hidden states; 0 at positions that were not selected (`selected_positions`)."""
+    device = hidden.device
+    rows, cols = selected_positions(micro, all_tokens)
+    index = micro.prediction_index(rows, cols).to(device)
+    topk_ids = micro.teacher_topk_ids[rows, cols].to(device) if topk else None
+    logprob, entropy, at = chunked_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), index, micro.tokens[rows, cols].to(device), head,
+        vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, with_entropy=with_entropy,
+        topk_ids=topk_ids, chunk_tokens=chunk_tokens, recompute=0 < chunk_tokens < index.numel())
+    rows, cols = rows.to(device), cols.to(device)
+
+    def scatter(values: Tensor | None, *trailing: int) -> Tensor | None:
+        if values is None:
+            return None
+        out = torch.zeros((micro.num_seqs, micro.seq_len, *trailing), dtype=values.dtype, device=device)
+        return out.index_put((rows, cols), values)
+
+    return scatter(logprob), scatter(entropy), scatter(at, *(() if at is None else at.shape[1:]))
+
+
+def policy_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: Tensor
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, scaled for megatron (module docstring, point 3)."""
     if spec.objective != "policy":
-        return _distill_loss_fn(micro, spec, logits)
+        return _distill_loss_fn(micro, spec, head, hidden)
     cfg = spec.loss_config
-    device = logits.device
-    logprobs, entropy = token_logprobs(
-        logits, micro.tokens.to(device), vocab_size=spec.vocab_size, tp_group=spec.tp_group,
-        temperature=spec.temperature, with_entropy=cfg.entropy_coef > 0)
+    device = hidden.device
+    logprobs, entropy, _ = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
+                                        temperature=spec.temperature, chunk_tokens=spec.chunk_tokens,
+                                        with_entropy=cfg.entropy_coef > 0)
     old = micro.old_logprobs.to(device)
     is_weights = None
     if spec.is_threshold is not None:
         is_weights = truncated_importance_weights(old, micro.behaviour_logprobs.to(device), spec.is_threshold)
+        if spec.is_sources is not None:  # other rows keep weight 1
+            weighted = torch.isin(micro.sources, torch.tensor(spec.is_sources)).to(device).unsqueeze(1)
+            is_weights = torch.where(weighted, is_weights, torch.ones_like(is_weights))
     loss, metrics = policy_loss(
         logprobs, old, micro.advantages.to(device), micro.loss_mask.to(device),
         config=cfg, normalizer=spec.normalizer,
@@ -103,23 +171,19 @@ def policy_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple[T
     return loss * float(spec.num_microbatches * spec.dp_size), metrics
 
 
-def _distill_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def _distill_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: Tensor
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
     """forward_kl (teacher completions, optionally the teacher's top-k) or the direct reverse KL."""
     from megatron_s2lpo.algo.distill import forward_kl_loss, reverse_kl_loss
 
-    from .logprobs import token_topk_logprobs
-
-    device = logits.device
+    device = hidden.device
     agg = spec.loss_config.loss_agg_mode
-    logprobs, _ = token_logprobs(logits, micro.tokens.to(device), vocab_size=spec.vocab_size,
-                                 tp_group=spec.tp_group, temperature=spec.temperature)
+    topk = spec.objective == "forward_kl" and micro.teacher_topk_ids is not None
+    logprobs, _, student_topk = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
+                                             temperature=spec.temperature, chunk_tokens=spec.chunk_tokens, topk=topk)
     mask = micro.loss_mask.to(device)
     if spec.objective == "forward_kl":
-        student_topk = teacher_topk = None
-        if micro.teacher_topk_ids is not None:
-            student_topk = token_topk_logprobs(logits, micro.teacher_topk_ids.to(device), vocab_size=spec.vocab_size,
-                                               tp_group=spec.tp_group, temperature=spec.temperature)
-            teacher_topk = micro.teacher_topk_logprobs.to(device)
+        teacher_topk = micro.teacher_topk_logprobs.to(device) if topk else None
         loss, metrics = forward_kl_loss(logprobs, mask, normalizer=spec.normalizer, loss_agg_mode=agg,
                                         student_topk_logprobs=student_topk, teacher_topk_logprobs=teacher_topk)
     else:
@@ -132,26 +196,27 @@ def _distill_loss_fn(micro: MicroBatch, spec: LossSpec, logits: Tensor) -> tuple
 
 
 def train_forward_step(data_iterator: Iterator[MicroBatch], model: Any, *, spec: LossSpec):
-    """forward_step for training: (output, partial(policy_loss_fn, micro, spec))."""
+    """forward_step for training: (output, partial(policy_loss_fn, micro, spec, head))."""
     micro = next(data_iterator)
-    return _model_forward(model, micro), partial(policy_loss_fn, micro, spec)
+    return _model_forward(model, micro), partial(policy_loss_fn, micro, spec, _head(model))
 
 
-def logprob_loss_fn(micro: MicroBatch, spec: LogProbSpec, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def logprob_loss_fn(micro: MicroBatch, spec: LogProbSpec, head: OutputHead, hidden: Tensor
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """No-grad pass: a zero 'loss' and the micro-batch's aligned log-probs (and entropy)."""
-    logprobs, entropy = token_logprobs(
-        logits, micro.tokens.to(logits.device), vocab_size=spec.vocab_size, tp_group=spec.tp_group,
-        temperature=spec.temperature, with_entropy=spec.with_entropy)
+    logprobs, entropy, _ = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
+                                        temperature=spec.temperature, chunk_tokens=spec.chunk_tokens,
+                                        with_entropy=spec.with_entropy, all_tokens=spec.all_tokens)
     out = {"indices": micro.indices, "logprobs": logprobs.float().cpu()}
     if entropy is not None:
         out["entropy"] = entropy.float().cpu()
-    return logits.new_zeros(()), out
+    return hidden.new_zeros(()), out
 
 
 def logprob_forward_step(data_iterator: Iterator[MicroBatch], model: Any, *, spec: LogProbSpec):
     """forward_step for log-prob passes (old / reference log-probs)."""
     micro = next(data_iterator)
-    return _model_forward(model, micro), partial(logprob_loss_fn, micro, spec)
+    return _model_forward(model, micro), partial(logprob_loss_fn, micro, spec, _head(model))
 
 
 def run_schedule(
@@ -170,15 +235,16 @@ def run_schedule(
 
     data = [iter(micro_batches) for _ in model_chunks]
     forward_backward = get_forward_backward_func()
-    stored = forward_backward(
-        forward_step_func=forward_step_func,
-        data_iterator=data if len(model_chunks) > 1 else data[0],
-        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=max(m.seq_len for m in micro_batches),
-        micro_batch_size=max(m.num_seqs for m in micro_batches),
-        forward_only=forward_only,
-    )
+    with deferred_logits(model_chunks):
+        stored = forward_backward(
+            forward_step_func=forward_step_func,
+            data_iterator=data if len(model_chunks) > 1 else data[0],
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=max(m.input_shape[1] for m in micro_batches),
+            micro_batch_size=max(m.input_shape[0] for m in micro_batches),
+            forward_only=forward_only,
+        )
     return list(stored) if stored else []
 
 

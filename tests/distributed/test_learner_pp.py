@@ -12,6 +12,7 @@ CHECKS = [
     "pp2_loss_and_grads_equal_pp1",
     "vpp2_loss_and_grads_equal_pp1",
     "pp2_logprobs_and_step_equal_pp1",
+    "pp2_packed_equals_padded",
 ]
 
 

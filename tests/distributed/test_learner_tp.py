@@ -14,6 +14,13 @@ CHECKS = [
     "tp2_grpo_steps_decrease_loss",
     "tp2_logprobs_equal_tp1",
     "tp2_step_equals_tp1_dp2_step",
+    "tp2_packed_equals_padded",
+    "tp2_chunked_logprobs_equal_full_logits",
+    "tp1_packed_equals_padded",
+    "tp1_chunked_logprobs_equal_full_logits",
+    "dp2_overlap_and_offload_continue_identically",
+    "tp2_planner_within_25pct_of_measured_peak",
+    "tp1_planner_within_25pct_of_measured_peak",
 ]
 
 

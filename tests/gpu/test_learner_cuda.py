@@ -94,7 +94,7 @@ def hf_logprobs(hf_dir: str, batch: TrainBatch) -> torch.Tensor:
 def test_fp32_learner_matches_hugging_face_on_the_gpu(groups, hf_dir):
     batch = make_batch()
     learner = make_learner(groups, hf_dir)
-    got = learner.compute_logprobs(batch, 1.0)
+    got = learner.compute_logprobs(batch, 1.0, all_tokens=True)  # prompts too, as the HF pass has them
     want = hf_logprobs(hf_dir, batch)
     assert float((got - want).abs().max()) < 1e-4
     assert float(want[:, 1:].abs().sum()) > 0

@@ -302,7 +302,8 @@ def test_the_partitions_maximum_is_read_from_sinfo():
 
 
 def test_single_group_job_is_not_heterogeneous(tmp_path):
-    rendered, plan = _render(tmp_path, "qwen3_8b_explorer_1p7b", ["algo.t_mix=0", "sync.transport=tensor"], nodes=2,
+    rendered, plan = _render(tmp_path, "qwen3_8b_explorer_1p7b", ["algo.t_mix=0", "sync.transport=tensor",
+                                                              "rollout.learner.mem_fraction=0.5"], nodes=2,
                              layout={"trainer_provides": ("cuda", "sglang")})
     assert "hetjob" not in rendered.sbatch and "--het-group" not in rendered.sbatch
     assert 'export S2LPO_LEARNER_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in rendered.sbatch

@@ -67,3 +67,82 @@ def test_precisions_that_need_cuda_are_refused_on_cpu():
             _resolve_use_te(None, precision)
     with pytest.raises(ValueError, match="learner.use_te"):
         _resolve_use_te(True, "fp32")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fp8_recipe="delayed"), "learner.fp8_recipe=delayed is not offered: delayed scaling .* amax history"),
+    (dict(fp8_recipe="fp4"), "learner.fp8_recipe must be one of"),
+    (dict(sequence_parallel=True), "learner.sequence_parallel .* learner.tensor_parallel_size > 1"),
+    (dict(sequence_parallel=True, tensor_parallel_size=2, use_te=False), "sequence_parallel needs the Transformer"),
+    (dict(context_parallel_size=2, use_te=False), "context_parallel_size > 1 needs the Transformer Engine"),
+    (dict(context_parallel_size=2, pack_sequences=False), "context_parallel_size > 1 needs learner.pack_sequences"),
+    (dict(precision="fp8", use_te=False), "learner.precision=fp8 needs the Transformer Engine"),
+    (dict(overlap_param_gather=True), "learner.overlap_param_gather needs .*use_distributed_optimizer"),
+    (dict(recompute_modules=["attention"]), r"learner.recompute_modules: unknown module\(s\) \['attention'\]"),
+    (dict(recompute_modules=["mlp"]), "recompute_modules applies to .*selective only"),
+    (dict(logprob_chunk_tokens=-1), "learner.logprob_chunk_tokens"),
+    (dict(optim=dict(cpu_offload=True)), "learner.optim.cpu_offload needs learner.optim.use_distributed_optimizer"),
+    (dict(optim=dict(cpu_offload_fraction=0.0)), "learner.optim.cpu_offload_fraction"),
+])
+def test_memory_and_precision_options_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(LearnerConfig, kwargs, "learner")
+
+
+def test_sequence_multiple_follows_fp8_cp_and_sp():
+    assert LearnerConfig().sequence_multiple == 8
+    assert LearnerConfig(precision="fp8", fp8_recipe="tensorwise").sequence_multiple == 16
+    assert LearnerConfig(precision="fp8", fp8_recipe="mxfp8").sequence_multiple == 32
+    assert LearnerConfig(precision="fp8", fp8_recipe="nvfp4", seq_length_multiple=1).sequence_multiple == 128
+    assert LearnerConfig(context_parallel_size=4, seq_length_multiple=1).sequence_multiple == 8
+    assert LearnerConfig(tensor_parallel_size=3, sequence_parallel=True, seq_length_multiple=4).sequence_multiple == 12
+
+
+def test_fp8_recipes_follow_transformer_engines_hardware_rules():
+    from megatron_s2lpo.learner.model import fp8_support_error
+
+    hopper, blackwell, ada, ampere = (9, 0), (10, 0), (8, 9), (8, 0)
+    assert fp8_support_error("tensorwise", hopper, "12.8") is None
+    assert fp8_support_error("blockwise", hopper, "12.9") is None
+    assert "CUDA 12.9+" in fp8_support_error("blockwise", hopper, "12.8")
+    for recipe in ("mxfp8", "nvfp4"):
+        assert f"learner.fp8_recipe={recipe} needs a Blackwell GPU" in fp8_support_error(recipe, hopper, "12.9")
+        assert "sm_90" in fp8_support_error(recipe, hopper, "12.9")
+        assert fp8_support_error(recipe, blackwell, "12.9") is None
+    assert fp8_support_error("mxfp8", (12, 0), "12.9") is not None  # TE: no MXFP8 on sm_120 yet
+    assert fp8_support_error("tensorwise", ada, "12.4") is None
+    assert "8.9+" in fp8_support_error("tensorwise", ampere, "12.4")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only checks")
+def test_local_spec_refuses_options_it_cannot_run():
+    from megatron_s2lpo.learner.model import check_spec_options
+
+    with pytest.raises(ValueError, match="learner.sequence_parallel needs the Transformer Engine layer spec"):
+        check_spec_options(False, sequence_parallel=True)
+    with pytest.raises(ValueError, match="learner.context_parallel_size > 1 needs the Transformer Engine"):
+        check_spec_options(False, context_parallel_size=2)
+    with pytest.raises(ValueError, match="gradient_accumulation_fusion needs CUDA and Apex"):
+        check_spec_options(False, gradient_accumulation_fusion=True)
+    check_spec_options(False)
+
+
+def test_engine_precision_and_the_default_importance_correction():
+    from megatron_s2lpo.config import load_config
+    from megatron_s2lpo.config.learner import engine_precision
+    from megatron_s2lpo.config.rollout import EngineConfig
+    from megatron_s2lpo.train import importance_correction
+    from megatron_s2lpo.types import SOURCE_CODES, Source
+
+    assert engine_precision(EngineConfig()) == "fp32"  # the in-process engine
+    assert engine_precision(EngineConfig(backend="sglang")) == "bf16"
+    assert engine_precision(EngineConfig(backend="sglang", extra_args=["--dtype", "float16"])) == "fp16"
+    assert engine_precision(EngineConfig(backend="sglang", extra_args=["--quantization=fp8"])) == "fp8"
+    learner_rows = (SOURCE_CODES[Source.LEARNER],)
+    assert importance_correction(load_config(None)) == (None, None)  # fp32 learner, fp32 local engine
+    sglang = ["rollout.learner.backend=sglang", "sync.transport=distributed"]
+    assert importance_correction(load_config(None, sglang)) == (2.0, learner_rows)  # fp32 learner vs bf16
+    assert importance_correction(load_config(None, [*sglang, "learner.precision=bf16"])) == (None, None)
+    assert importance_correction(load_config(None, [*sglang, "learner.precision=bf16",
+                                                    "algo.precision_correction=true"])) == (2.0, learner_rows)
+    assert importance_correction(load_config(None, ["algo.old_logprob=behaviour", "algo.is_threshold=3"])) == (3.0, None)

@@ -97,3 +97,75 @@ def global_grads(chunks: list) -> dict[str, torch.Tensor]:
                 name = f"decoder.layers.{layers[int(local)].layer_number - 1}.{rest}"
             grads[name] = param.main_grad.detach().clone().float()
     return grads
+
+
+def layout_results(learner, batch, loss, *, packed: bool, chunk_tokens: int | None = None) -> dict:
+    """Log-probs, entropy, loss metrics and per-parameter gradients of `learner` on `batch` with
+    sequences packed (THD) or right-padded (and optionally another log-prob chunk size); the
+    learner's config is restored afterwards."""
+    config = learner.config
+    saved = (config.pack_sequences, config.logprob_chunk_tokens)
+    config.pack_sequences = packed
+    if chunk_tokens is not None:
+        config.logprob_chunk_tokens = chunk_tokens
+    try:
+        logprobs, entropy = learner.compute_logprobs(batch, 0.7, with_entropy=True)
+        metrics = learner.compute_gradients(batch, loss_config=loss, temperature=0.7)
+        return {"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "grads": global_grads(learner.model)}
+    finally:
+        config.pack_sequences, config.logprob_chunk_tokens = saved
+
+
+def compare_results(a: dict, b: dict, tol: float = 1e-6) -> dict:
+    """Largest differences between two `layout_results` (ok when all are below tol)."""
+    diffs = {"logprobs": max_abs_diff(a["logprobs"], b["logprobs"]),
+             "entropy": max_abs_diff(a["entropy"], b["entropy"]),
+             "loss": abs(a["metrics"]["loss"] - b["metrics"]["loss"]),
+             "grads": max(max_abs_diff(a["grads"][k], b["grads"][k]) for k in a["grads"])}
+    nonzero = bool((a["logprobs"] != 0).any()) and max(float(g.abs().max()) for g in a["grads"].values()) > 0
+    return {"ok": nonzero and max(diffs.values()) < tol, **diffs,
+            "micro_batches": (a["metrics"]["num_micro_batches"], b["metrics"]["num_micro_batches"])}
+
+
+# Shapes of the planner check: the CPU estimate (planner/estimate.py, backend CPU) of one rank's
+# peak in a training step must be within 25 % of the measured one.
+PLANNER_SHAPES = (
+    dict(hidden=128, layers=2, vocab=4096, lens=(256,) * 4, chunk=256, recompute="none"),
+    dict(hidden=64, layers=6, vocab=2048, lens=(64,) * 16, chunk=64, recompute="none"),
+    dict(hidden=192, layers=2, vocab=16384, lens=(96,) * 8, chunk=96, recompute="full"),
+)
+
+
+def planner_vs_measured(groups, tp: int, shapes=PLANNER_SHAPES) -> dict:
+    """est / measured peak per shape: measured = this rank's storages (weights, DDP buffers, Adam
+    state) + the profiler-measured peak of a step (planner/measure.py), after a first step."""
+    from megatron_s2lpo.algo.losses import PolicyLossConfig
+    from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
+    from megatron_s2lpo.learner import Learner
+    from megatron_s2lpo.learner.batching import random_batch
+    from megatron_s2lpo.learner.offload import ddp_buffers, module_tensors, optimizer_tensors
+    from megatron_s2lpo.planner.estimate import CPU, estimate_learner
+    from megatron_s2lpo.planner.measure import peak_allocated_bytes, storage_bytes
+
+    ratios = []
+    for shape in shapes:
+        h = shape["hidden"]
+        arch = ModelArch(family="qwen3", vocab_size=shape["vocab"], hidden_size=h, ffn_hidden_size=3 * h,
+                         num_layers=shape["layers"], num_attention_heads=4, num_query_groups=2, head_dim=h // 4,
+                         qk_layernorm=True)
+        config = LearnerConfig(tensor_parallel_size=tp, micro_batch_tokens=sum(shape["lens"]),
+                               logprob_chunk_tokens=shape["chunk"], seq_length_multiple=1,
+                               recompute_granularity=shape["recompute"], optim=OptimConfig(lr=1e-5))
+        learner = Learner(arch, config, groups=groups)
+        batch = random_batch(shape["lens"] * groups.dp_size, shape["vocab"])  # a full micro-batch per DP rank
+        loss = PolicyLossConfig()
+        learner.train_step(batch, loss_config=loss)  # Adam's state exists from here on
+        param_buffers, grad_buffers = ddp_buffers(learner.model)
+        static = storage_bytes(module_tensors(learner.model) + param_buffers + grad_buffers
+                               + optimizer_tensors(learner.optimizer))
+        backward, _ = peak_allocated_bytes(lambda: learner.compute_gradients(batch, loss_config=loss))
+        step, _ = peak_allocated_bytes(learner.optimizer_step)
+        estimate = estimate_learner(arch, config, dp_size=groups.dp_size, max_seq_len=max(shape["lens"]),
+                                    with_reference=False, backend=CPU)
+        ratios.append(round(estimate.peak / (static + max(backward, step)), 3))
+    return {"ok": all(abs(r - 1) <= 0.25 for r in ratios), "estimate_over_measured": ratios}
