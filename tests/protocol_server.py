@@ -73,6 +73,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class ServerState:
         self.weights = None  # ProtocolWeights, or the contract backend (SGLang's own code)
         self.contract = None  # the contract backend in --sglang-source mode
         self.violations: list[str] = []  # requests SGLang's own parsers refused (contract mode)
+        self.sglang_args: dict = {}  # the command line as SGLang's ServerArgs parsed it (contract mode)
 
     def set_version(self, version: str | None) -> None:
         if version is not None:
@@ -572,6 +574,8 @@ async def test_faults(request: web.Request) -> web.Response:
     state.delay_s = float(body.get("delay_s", state.delay_s))
     state.hang_next = int(body.get("hang_next", state.hang_next))
     state.truncate_next = int(body.get("truncate_next", state.truncate_next))
+    if body.get("clear_violations"):
+        state.violations.clear()
     if "refuse_updates" in body and hasattr(state.weights, "refuse_next"):
         state.weights.refuse_next = int(body["refuse_updates"])
     return web.json_response({"ok": True})
@@ -587,7 +591,7 @@ async def test_state(request: web.Request) -> web.Response:
         "weight_version": state.weight_version, "memory_saver": state.args.enable_memory_saver,
         "session_open": bool(getattr(weights, "session_open", False)),
         "groups": sorted(getattr(weights, "groups", {})), "violations": state.violations,
-        "contract": state.contract is not None, "pid": os.getpid()})
+        "contract": state.contract is not None, "sglang_args": state.sglang_args, "pid": os.getpid()})
 
 
 @web.middleware
@@ -697,8 +701,11 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
         return build_app(state)
 
+    # A test double has nothing to flush: leave at once on SIGTERM (a graceful aiohttp shutdown and
+    # torch's teardown take seconds, and every test that stops a server would wait for them).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None,
-                shutdown_timeout=2.0)
+                shutdown_timeout=2.0, handle_signals=False)
 
 
 if __name__ == "__main__":

@@ -178,9 +178,10 @@ class SGLangEngine:
                 loop.run(self._close_clients())
             finally:
                 loop.stop()
-        for replica in getattr(self, "replicas", []):
-            if replica.process is not None:
-                replica.process.stop(remove_log=True)
+        processes = [r.process for r in getattr(self, "replicas", []) if r.process is not None]
+        if processes:  # in parallel: each may take its SIGTERM grace period
+            with concurrent.futures.ThreadPoolExecutor(len(processes)) as pool:
+                list(pool.map(lambda p: p.stop(remove_log=True), processes))
 
     async def _close_clients(self) -> None:
         await asyncio.gather(*(r.close() for r in self.replicas), return_exceptions=True)

@@ -86,6 +86,9 @@ class ContractBackend:
         ServerArgs.add_cli_args(parser)
         known = _sglang_flags(argv)
         self.server_args = ServerArgs.from_cli_args(parser.parse_args(known))  # exits on an unknown flag
+        state.sglang_args = {k: getattr(self.server_args, k, None) for k in (
+            "model_path", "host", "port", "tp_size", "dp_size", "base_gpu_id", "mem_fraction_static", "random_seed",
+            "enable_deterministic_inference", "api_key", "enable_memory_saver")}
         self._publish(parser, argv)
         self.manager = self._manager()
 
