@@ -17,6 +17,7 @@ What the GPU transports' tests cover on CPU, and what they do not:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -230,29 +231,44 @@ def fault(url: str, **body) -> None:
     urllib.request.urlopen(req, timeout=30).read()
 
 
+# Replica 1 serves ANOTHER model of the same shapes (rms_norm_eps 1 instead of 1e-6): a sync moves the same
+# weights into both, the weight-parity check on replica 1 must fail and name it.
+REPLICA_ARCHS = (ARCH, dataclasses.replace(ARCH, rms_norm_eps=1.0))
+
+
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
-    """Two protocol-server replicas of one tiny model (ARCH)."""
+    """Two protocol-server replicas attached as one engine (ARCH, and ARCH with another rms_norm_eps)."""
     from megatron_s2lpo.config.rollout import EngineConfig
     from megatron_s2lpo.rollout.sglang_engine import SGLangEngine
+    from megatron_s2lpo.rollout.sglang_server import ServerProcess
 
-    path = str(tmp_path_factory.mktemp("model"))
-    LocalEngine.from_arch(ARCH, init_seed=0).save_pretrained(path)
-    cfg = EngineConfig(backend="sglang", model_path=path, replicas=2, ports=[free_port(), free_port()],
-                       launch_command=SERVER, startup_timeout_s=90, max_retries=1)
-    engine = SGLangEngine(cfg, name="learner", backoff_s=0.05)
-    yield engine
-    engine.close()
+    procs, urls = [], []
+    for i, arch in enumerate(REPLICA_ARCHS):
+        path, port = str(tmp_path_factory.mktemp(f"model{i}")), free_port()
+        LocalEngine.from_arch(arch, init_seed=0).save_pretrained(path)
+        procs.append(ServerProcess(SERVER + ["--model-path", path, "--port", str(port)]))
+        urls.append(f"http://127.0.0.1:{port}")
+    for proc in procs:
+        proc.start()
+    try:
+        engine = SGLangEngine(EngineConfig(backend="sglang", urls=urls, startup_timeout_s=90, max_retries=1),
+                              name="learner", backoff_s=0.05)
+        yield engine
+        engine.close()
+    finally:
+        for proc in procs:
+            proc.stop(remove_log=True)
 
 
-def reference_logprobs(weights: dict, engine, prompt: list[int]) -> tuple[list[float], list[float]]:
-    """(the replicas' log-probs of their own completion, a LocalEngine holding `weights` on the same tokens)."""
+def reference_logprobs(weights: dict, engine, prompt: list[int]) -> list[float]:
+    """Per replica: max |its log-prob of its own completion - a LocalEngine of its arch holding `weights`|."""
     from megatron_s2lpo.rollout.engine import GenerateRequest
 
-    local = LocalEngine.from_arch(ARCH, init_seed=0)
-    local.update_weights_from_tensors(list(weights.items()), version=1)
     out = []
     for i in range(len(engine.replicas)):
+        local = LocalEngine.from_arch(REPLICA_ARCHS[i], init_seed=0)
+        local.update_weights_from_tensors(list(weights.items()), version=1)
         (comp,) = engine.replica_engine(i).generate([GenerateRequest(request_id=f"p{i}", prompt_ids=prompt,
                                                                      max_new_tokens=6)])
         ids = torch.tensor([comp.prompt_ids + comp.token_ids])
@@ -284,6 +300,45 @@ def test_distributed_transport_reaches_every_replica_with_one_broadcast_per_buck
     assert transport.group_name == group and max(reference_logprobs(state(3), replicas, [4, 5])) < 1e-5
     transport.close()
     assert all(server_state(url)["groups"] == [] for url in replicas.urls)  # destroyed on every replica
+
+
+class HFLearner:
+    """`compute_logprobs` of a transformers model (teacher-forced, float64): the parity learner."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch, temperature: float = 1.0) -> torch.Tensor:
+        out = torch.zeros(batch.tokens.shape)
+        for b in range(batch.num_seqs):
+            tokens = batch.tokens[b, :int(batch.seq_lens[b])]
+            logp = torch.log_softmax(self.model(input_ids=tokens[None]).logits[0].double() / temperature, dim=-1)
+            out[b, 1:len(tokens)] = logp[torch.arange(len(tokens) - 1), tokens[1:]].float()
+        return out
+
+
+@pytest.mark.timeout(120)
+def test_weight_sync_checks_every_replica_version_and_parity_rotates_and_names_the_replica(replicas):
+    from megatron_s2lpo.sync.errors import WeightParityError
+    from megatron_s2lpo.sync.weight_sync import WeightSync
+
+    learner = LocalEngine.from_arch(ARCH, init_seed=3).model
+    weights = {n: t for n, t in learner.state_dict().items() if n != "lm_head.weight"}
+    sync = WeightSync(None, SimpleNamespace(rank=0, world_size=1, dp_rank=0), ARCH, replicas,
+                      SyncConfig(transport="distributed", group_backend="gloo", master_address="127.0.0.1",
+                                 group_timeout_s=30, parity_num_sequences=2, parity_max_new_tokens=4,
+                                 parity_threshold=1e-4),
+                      learner=HFLearner(learner), exporter=StateDictExporter(weights, 1 << 20))
+    try:
+        base = replicas.weight_version
+        first = sync.sync(base + 1)  # parity on replica 0: the learner's model
+        assert first.parity.mean_abs_diff < 1e-5 and "learner[0]" in first.parity.engine
+        with pytest.raises(WeightParityError, match=rf"SGLang replica learner\[1\] at {replicas.urls[1]}"):
+            sync.sync(base + 2)  # parity on replica 1: the same weights in another model
+        assert replicas.replica_versions() == {"learner[0]": base + 2, "learner[1]": base + 2}
+    finally:
+        sync.close()
 
 
 @pytest.mark.timeout(120)
