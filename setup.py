@@ -38,16 +38,13 @@ SGLANG_CONTRACT = [
     "pybase64==1.5.1",
     "dill==0.4.1",
     "openai==2.8.0",  # the version sglang 0.5.23 pins
-    "fastapi==0.163.2",
     "ipython==9.18.1",  # sglang/utils.py imports IPython.display at import time
     "sentencepiece==0.2.1",
     "compressed-tensors==0.18.0",
     "gguf==0.19.0",
     "partial-json-parser==0.2.1.1.post7",
     "apache-tvm-ffi==0.1.11",
-    "uvloop==0.23.0",
-    "setproctitle==1.3.8",
-    "einops==0.8.2",
+    "einops==0.8.2",  # imported when a weight-update session begins (model_loader)
 ]
 
 EXTRAS_REQUIRE = {
