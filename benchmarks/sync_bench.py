@@ -1,8 +1,18 @@
-"""Disk weight sync of a ~1B-parameter megatron learner into a LocalEngine, on CPU, next to
-raw safetensors I/O of the same bytes.
+"""Weight sync on CPU next to the raw cost of moving the same bytes, measured in the same run.
 
-    python benchmarks/sync_bench.py            # 1.12B-parameter Qwen3-like model, bf16 learner, TP=1
-    python benchmarks/sync_bench.py --quick    # small smoke run (seconds)
+    python benchmarks/sync_bench.py                  # disk: 1.12B-parameter Qwen3-like learner, bf16, TP=1
+    python benchmarks/sync_bench.py --quick          # small smoke run (seconds)
+    python benchmarks/sync_bench.py --distributed    # distributed over gloo into 1, 2, 4 replicas
+    python benchmarks/sync_bench.py --distributed --quick
+
+--distributed: the `distributed` transport (one update group over the trainer and every replica,
+one broadcast per bucket, sync/distributed.py) pushes `--gb` GB of bf16 tensors in buckets of
+`--bucket-mb` into N = 1, 2, 4 protocol-server replicas (`--noop`: they post SGLang's flattened
+receive and keep no model), generation paused, one weight-update session per replica, every
+HTTP call included; next to it, in the same run, a raw gloo broadcast of the same buckets from
+the trainer to N processes that only receive. Seconds per GB and the ratio raw / transport
+(target >= 0.8) per N; one broadcast serves every replica, so both should stay about flat in N
+where the machine has a core per receiver.
 
 The learner is megatron-core model chunks with random bf16 weights (2.24 GB; fp32 would need
 4.5 GB for the learner plus 4.5 GB for the engine, too much beside other jobs on a shared 24 GiB
@@ -74,13 +84,95 @@ def raw_safetensors(named: list[tuple[str, torch.Tensor]], out_dir: str) -> tupl
     return saved - start, done - saved
 
 
+def _raw_receiver(address: str, port: int, world: int, rank: int, sizes: list[int], rounds: int) -> None:
+    """Joins the group and receives `rounds` x the buckets (the raw reference's replica)."""
+    from megatron_s2lpo.sync.distributed import init_custom_group
+
+    torch.set_num_threads(1)
+    group = init_custom_group("gloo", address, port, world, rank, "raw_bench")
+    buffers = [torch.empty(size, dtype=torch.uint8) for size in sizes]
+    for _ in range(rounds):
+        for buf in buffers:
+            torch.distributed.broadcast(buf, src=0, group=group)
+    torch.distributed.destroy_process_group(group)
+
+
+def raw_broadcast(flats: list[torch.Tensor], num_receivers: int, rounds: int) -> list[float]:
+    """Seconds per round of one gloo broadcast per bucket to `num_receivers` processes."""
+    import multiprocessing as mp
+
+    from megatron_s2lpo.sync.distributed import init_custom_group
+    from megatron_s2lpo.sync.transports import free_port
+
+    ctx = mp.get_context("spawn")
+    port, world = free_port(), 1 + num_receivers
+    procs = [ctx.Process(target=_raw_receiver, args=("127.0.0.1", port, world, r, [f.numel() for f in flats],
+                                                     rounds + 1)) for r in range(1, world)]
+    for proc in procs:
+        proc.start()
+    group = init_custom_group("gloo", "127.0.0.1", port, world, 0, "raw_bench")
+    times = []
+    for _ in range(rounds + 1):  # the first round warms the connections up
+        start = time.perf_counter()
+        for flat in flats:
+            torch.distributed.broadcast(flat, src=0, group=group)
+        times.append(time.perf_counter() - start)
+    for proc in procs:
+        proc.join(60)
+    torch.distributed.destroy_process_group(group)
+    return times[1:]
+
+
+def distributed_bench(args: argparse.Namespace) -> None:
+    """The distributed transport into N noop replicas vs a raw broadcast (see the module docstring)."""
+    from benchmarks_servers import noop_replicas
+
+    from megatron_s2lpo.config.sync import SyncConfig
+    from megatron_s2lpo.rollout.sglang_tensors import pack_bucket
+    from megatron_s2lpo.sync.base import TransportContext
+    from megatron_s2lpo.sync.distributed import DistributedTransport
+
+    total = int((0.05 if args.quick else args.gb) * 1e9)
+    tensor_bytes, bucket_bytes = 8 << 20, args.bucket_mb << 20
+    gen = torch.Generator().manual_seed(0)
+    named = [(f"layer{i}.weight", torch.randn(tensor_bytes // 2, generator=gen).to(torch.bfloat16))
+             for i in range(max(1, total // tensor_bytes))]
+    per = max(1, bucket_bytes // tensor_bytes)
+    buckets = [named[i:i + per] for i in range(0, len(named), per)]
+    num_bytes = sum(t.numel() * t.element_size() for _, t in named)
+    flats = [pack_bucket(b)[0] for b in buckets]
+    print(f"{num_bytes / 1e9:.2f} GB bf16 in {len(buckets)} buckets of <= {args.bucket_mb} MiB, gloo on 127.0.0.1, "
+          f"{os.cpu_count()} cores, best of {args.repeats}")
+    print(f"{'replicas':>8} | {'raw s/GB':>8} | {'transport s/GB':>14} | raw/transport")
+    for n in (1, 2, 4):
+        raw = min(raw_broadcast(flats, n, args.repeats))
+        with noop_replicas(n) as engine:
+            transport = DistributedTransport(engine, SyncConfig(group_backend="gloo", master_address="127.0.0.1",
+                                                                group_timeout_s=300), TransportContext(arch=None))
+            pushes = []
+            for version in range(1, args.repeats + 2):  # the first push also builds the group
+                start = time.perf_counter()
+                with engine.paused():
+                    transport.push(iter(buckets), version)
+                pushes.append(time.perf_counter() - start)
+            transport.close()
+        best = min(pushes[1:])
+        gb = num_bytes / 1e9
+        print(f"{n:>8} | {raw / gb:>8.3f} | {best / gb:>14.3f} | {raw / best:>13.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, for a smoke run")
     parser.add_argument("--bucket-mb", type=int, default=512, help="bucket (and shard) size in MiB")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (raw safetensors, disk sync)")
     parser.add_argument("--dir", default="", help="where to write (default: a temporary directory)")
+    parser.add_argument("--distributed", action="store_true", help="distributed over gloo into 1, 2, 4 replicas")
+    parser.add_argument("--gb", type=float, default=1.0, help="--distributed: GB pushed per sync")
     args = parser.parse_args()
+    if args.distributed:
+        distributed_bench(args)
+        return
 
     from megatron_s2lpo.config.sync import SyncConfig
     from megatron_s2lpo.convert.mcore_io import build_conversion_chunks

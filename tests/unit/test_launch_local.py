@@ -40,22 +40,29 @@ def test_tiny_cpu_config_is_one_local_trainer_task(tmp_path):
 
 def test_gpu_recipe_on_one_machine_splits_the_gpus(tmp_path):
     exp, plan = build_local_experiment(RECIPE_8B, ("learner.tensor_parallel_size=2", "rollout.learner.tp_size=2",
-                                                   "rollout.explorer.dp_size=2"),
+                                                   "rollout.learner.replicas=1", "rollout.explorer.replicas=2"),
                                        num_gpus=8, learner_gpus=4, base_dir=str(tmp_path / "home"))
     jobs = _jobs(exp)
     assert list(jobs) == ["trainer", "learner_server", "explorer_server"]
     env = {name: job.executor.env_vars["CUDA_VISIBLE_DEVICES"] for name, job in jobs.items()}
     assert env == {"trainer": "0,1,2,3", "learner_server": "4,5", "explorer_server": "6,7"}
     trainer = jobs["trainer"].task.inline
-    assert "wait_healthy --timeout-s 1800 \"http://127.0.0.1:30000\" \"http://127.0.0.1:30001\"" in trainer
+    assert ("wait_healthy --timeout-s 1800 \"http://127.0.0.1:30000\" \"http://127.0.0.1:30001\" "
+            "\"http://127.0.0.1:30101\"") in trainer  # both explorer replicas, on their own ports
     assert "torchrun --nnodes 1 --nproc-per-node 4 --node-rank 0 --master-addr \"127.0.0.1\"" in trainer
     assert '"sync.master_address=127.0.0.1"' in trainer
     assert "--tp-size 2 --dp-size 1" in jobs["learner_server"].task.inline
+    explorer = jobs["explorer_server"].task.inline  # two replicas in one task, GPUs 0 and 1 of its slice
+    assert "--port 30001 --tp-size 1 --dp-size 1 --base-gpu-id 0" in explorer
+    assert "--port 30101 --tp-size 1 --dp-size 1 --base-gpu-id 1" in explorer
 
 
 def test_one_machine_gpu_budget_is_checked(tmp_path):
     with pytest.raises(ValueError, match="the machine has 8 GPUs"):
         build_local_experiment(RECIPE_8B, (), num_gpus=8, base_dir=str(tmp_path / "home"))
+    with pytest.raises(ValueError, match="learner_server replica 1 and explorer_server replica 0 would both listen "
+                                         "on port 30100"):
+        build_local_experiment(RECIPE_8B, (), num_gpus=8, base_dir=str(tmp_path / "home"), explorer_port=30100)
 
 
 def test_docker_experiment_uses_host_network_and_ipc(tmp_path):
