@@ -7,10 +7,12 @@
 
 --distributed: the `distributed` transport (one update group over the trainer and every replica,
 one broadcast per bucket, sync/distributed.py) pushes `--gb` GB of bf16 tensors in buckets of
-`--bucket-mb` into N = 1, 2, 4 protocol-server replicas (`--noop`: they post SGLang's flattened
+`--bucket-mb` (as the megatron export's flat buffer holds them: back to back, so they are sent
+without a copy) into N = 1, 2, 4 protocol-server replicas (`--noop`: they post SGLang's flattened
 receive and keep no model), generation paused, one weight-update session per replica, every
-HTTP call included; next to it, in the same run, a raw gloo broadcast of the same buckets from
-the trainer to N processes that only receive. Seconds per GB and the ratio raw / transport
+HTTP call included; next to it, in the same run, a raw gloo broadcast of the same packed buckets
+from the trainer to N processes that only receive (into a new buffer per bucket, as SGLang's
+receiver does). Seconds per GB and the ratio raw / transport
 (target >= 0.8) per N; one broadcast serves every replica, so both should stay about flat in N
 where the machine has a core per receiver.
 
@@ -85,15 +87,15 @@ def raw_safetensors(named: list[tuple[str, torch.Tensor]], out_dir: str) -> tupl
 
 
 def _raw_receiver(address: str, port: int, world: int, rank: int, sizes: list[int], rounds: int) -> None:
-    """Joins the group and receives `rounds` x the buckets (the raw reference's replica)."""
+    """Joins the group and receives `rounds` x the buckets (the raw reference's replica), each into
+    a new buffer as SGLang's receiver allocates one per bucket (`FlattenedTensorBucket.empty`)."""
     from megatron_s2lpo.sync.distributed import init_custom_group
 
     torch.set_num_threads(1)
     group = init_custom_group("gloo", address, port, world, rank, "raw_bench")
-    buffers = [torch.empty(size, dtype=torch.uint8) for size in sizes]
     for _ in range(rounds):
-        for buf in buffers:
-            torch.distributed.broadcast(buf, src=0, group=group)
+        for size in sizes:
+            torch.distributed.broadcast(torch.empty(size, dtype=torch.uint8), src=0, group=group)
     torch.distributed.destroy_process_group(group)
 
 
@@ -134,12 +136,16 @@ def distributed_bench(args: argparse.Namespace) -> None:
 
     total = int((0.05 if args.quick else args.gb) * 1e9)
     tensor_bytes, bucket_bytes = 8 << 20, args.bucket_mb << 20
-    gen = torch.Generator().manual_seed(0)
-    named = [(f"layer{i}.weight", torch.randn(tensor_bytes // 2, generator=gen).to(torch.bfloat16))
-             for i in range(max(1, total // tensor_bytes))]
-    per = max(1, bucket_bytes // tensor_bytes)
-    buckets = [named[i:i + per] for i in range(0, len(named), per)]
-    num_bytes = sum(t.numel() * t.element_size() for _, t in named)
+    num_tensors, per = max(1, total // tensor_bytes), max(1, bucket_bytes // tensor_bytes)
+    # Buckets as the megatron export hands them over (`flat_buckets`): views into one flat buffer
+    # per bucket, back to back; random bf16 bytes.
+    buckets = []
+    for first in range(0, num_tensors, per):
+        count = min(per, num_tensors - first)
+        flat = torch.randint(0, 255, (count * tensor_bytes,), dtype=torch.uint8)
+        buckets.append([(f"layer{first + j}.weight", flat[j * tensor_bytes:(j + 1) * tensor_bytes].view(torch.bfloat16))
+                        for j in range(count)])
+    num_bytes = num_tensors * tensor_bytes
     flats = [pack_bucket(b)[0] for b in buckets]
     print(f"{num_bytes / 1e9:.2f} GB bf16 in {len(buckets)} buckets of <= {args.bucket_mb} MiB, gloo on 127.0.0.1, "
           f"{os.cpu_count()} cores, best of {args.repeats}")

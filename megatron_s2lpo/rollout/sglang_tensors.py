@@ -15,7 +15,9 @@ Both fast weight updates move one flat byte buffer per bucket:
   (`WeightUpdater._update_weights_from_flattened_bucket`).
 
 `pack_bucket` lays a bucket out that way: tensors ordered by dtype size, largest first (every
-offset is then aligned), bytes concatenated. The metadata entries are `types.SimpleNamespace`
+offset is then aligned), bytes concatenated; a bucket that already lies back to back in one
+buffer (the exporter's reused flat buffer, whose 16-byte-aligned offsets leave no gaps when every
+tensor's size is a multiple of 16 bytes, as in real models) is sent as it is, without a copy. The metadata entries are `types.SimpleNamespace`
 objects with FlattenedTensorMetadata's fields: SafeUnpickler allows that class, the server reads
 the entries by attribute, and the trainer needs no SGLang import to build them.
 
@@ -53,20 +55,72 @@ def pack_order(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tor
     return sorted(items, key=lambda item: -item[1].element_size())  # stable
 
 
-def pack_bucket(named: Iterable[tuple[str, torch.Tensor]]
+def _metadata(items: list[tuple[str, torch.Tensor]]) -> list[types.SimpleNamespace]:
+    out, offset = [], 0
+    for name, tensor in items:
+        size = tensor.numel() * tensor.element_size()
+        out.append(types.SimpleNamespace(name=name, shape=torch.Size(tensor.shape), dtype=tensor.dtype,
+                                         start_idx=offset, end_idx=offset + size, numel=size))
+        offset += size
+    return out
+
+
+def packed_view(named: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+    """The bucket's bytes as one uint8 view when its tensors already lie back to back in one
+    storage, in order, each offset aligned to its dtype (the exporter's flat buffer when no
+    tensor needs padding): SGLang's layout without a copy. None otherwise."""
+    first = named[0][1]
+    storage, start = first.untyped_storage(), first.storage_offset() * first.element_size()
+    offset = start
+    for _, tensor in named:
+        if (not tensor.is_contiguous() or tensor.untyped_storage().data_ptr() != storage.data_ptr()
+                or tensor.storage_offset() * tensor.element_size() != offset
+                or (offset - start) % tensor.element_size()):
+            return None
+        offset += tensor.numel() * tensor.element_size()
+    flat = torch.empty(0, dtype=torch.uint8, device=first.device)
+    flat.set_(storage, start, (offset - start,))
+    return flat
+
+
+def pack_bucket(named: Iterable[tuple[str, torch.Tensor]], *, buffer: "PackBuffer | None" = None
                 ) -> tuple[torch.Tensor, list[types.SimpleNamespace]]:
-    """(flat uint8 tensor, FlattenedTensorMetadata-like entries) of a bucket, in `pack_order`."""
+    """(flat uint8 tensor, FlattenedTensorMetadata-like entries) of a bucket.
+
+    A bucket already laid out back to back (`packed_view`) is used as it is, in its own order;
+    otherwise it is copied in `pack_order`, into `buffer` when given (reused: the result is a
+    view of it, valid until the next pack into the same buffer) or a new tensor."""
+    named = list(named)
+    if not named:
+        raise ValueError("cannot pack an empty bucket")
+    view = packed_view(named)
+    if view is not None:
+        return view, _metadata(named)
     items = pack_order(named)
     if not items:
         raise ValueError("cannot pack an empty bucket")
-    metadata, parts, offset = [], [], 0
-    for name, tensor in items:
-        flat = tensor.detach().contiguous().flatten().view(torch.uint8)
-        metadata.append(types.SimpleNamespace(name=name, shape=torch.Size(tensor.shape), dtype=tensor.dtype,
-                                              start_idx=offset, end_idx=offset + flat.numel(), numel=flat.numel()))
-        parts.append(flat)
-        offset += flat.numel()
-    return torch.cat(parts), metadata
+    parts = [tensor.detach().contiguous().flatten().view(torch.uint8) for _, tensor in items]
+    metadata = _metadata(items)
+    if buffer is None:
+        return torch.cat(parts), metadata
+    out = buffer.take(metadata[-1].end_idx, parts[0].device)
+    torch.cat(parts, out=out)
+    return out, metadata
+
+
+class PackBuffer:
+    """One flat byte buffer reused by every bucket of every sync (grown to the largest bucket).
+
+    A fresh allocation per bucket costs its page faults on every sync (on a CPU, more than the
+    copy itself); the exporter keeps its own buffer for the same reason."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, num_bytes: int, device: torch.device) -> torch.Tensor:
+        if self._buffer is None or self._buffer.numel() < num_bytes or self._buffer.device != device:
+            self._buffer = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        return self._buffer[:num_bytes]
 
 
 def unpack_bucket(flat: torch.Tensor, metadata: list) -> list[tuple[str, torch.Tensor]]:

@@ -8,8 +8,10 @@ the construction slime and verl use for many replicas):
     world size                   1 + sum of every replica's tp_size
 
 `/init_weights_update_group` goes to every replica at once while the trainer joins the same TCP
-rendezvous as rank 0 (`init_custom_group`). Per bucket: the bucket is packed in SGLang's
-flattened layout (rollout/sglang_tensors.py), `/update_weights_from_distributed` {names, dtypes,
+rendezvous as rank 0 (`init_custom_group`). The transport takes the exporter's flat buckets (one
+reused buffer): a bucket already back to back is broadcast from that buffer as it is; otherwise
+it is copied into SGLang's flattened layout (rollout/sglang_tensors.py; two reused buffers, so
+the copy of bucket k + 1 overlaps the broadcast of bucket k). `/update_weights_from_distributed` {names, dtypes,
 shapes, group_name, flush_cache, weight_version, load_format: "flattened_bucket"} goes to every
 replica at once (each posts ONE receive into `FlattenedTensorBucket.empty(...)`), and the trainer
 posts one broadcast of the packed bytes (src 0), which serves every replica. The whole push is
@@ -43,7 +45,7 @@ import torch.distributed as dist
 from megatron_s2lpo.config.sync import SyncConfig
 
 from .base import PushStats, TransportContext
-from .exporter import Bucket, bucket_bytes, with_last
+from .exporter import Bucket, bucket_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class DistributedTransport:
     """SGLang servers on other GPUs: one group, one broadcast per bucket reaches every replica."""
 
     name = "distributed"
-    flat = False
+    flat = True  # each bucket is on the wire (or copied) before the next is exported
 
     def __init__(self, engine: Any, config: SyncConfig, context: TransportContext, *,
                  check_environment: bool = True) -> None:
@@ -102,6 +104,7 @@ class DistributedTransport:
         self.group_name = ""
         self.members: list[tuple[Any, int]] = []  # (replica, its num_starts) the group was built with
         self._broken = False
+        self._packs: Any = None  # two packed-bucket buffers, kept between syncs
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weight-sync")
 
     def _check_replicas(self) -> None:
@@ -158,6 +161,7 @@ class DistributedTransport:
         """Leave a broken group without waiting on its pending collectives."""
         group, self.group = self.group, None
         self._broken = False
+        self._packs = None  # a pending broadcast may still read the old buffers
         if group is not None and self.backend == "nccl":
             try:
                 from torch.distributed.distributed_c10d import _abort_process_group
@@ -170,34 +174,63 @@ class DistributedTransport:
     # ----- push -----
 
     def push(self, buckets: Iterable[Bucket], version: int) -> PushStats:
-        from megatron_s2lpo.rollout.sglang_tensors import FLATTENED_BUCKET, pack_bucket
-
         if self._broken or (self.group is not None and self._membership_changed()):
             if self.group is not None and not self._broken:
                 self.engine.destroy_weights_update_group(self.group_name)
             self._abandon()
         if self.group is None:
             self._connect()
-        replicas = [r for r, _ in self.members]
+        if self._packs is None:
+            from megatron_s2lpo.rollout.sglang_tensors import PackBuffer
+
+            self._packs = (PackBuffer(), PackBuffer())
         num_bytes = num_buckets = 0
+        pending = None
         with self.engine.weight_update_session(version):
-            for bucket, last in with_last(buckets):
-                flat, metadata = pack_bucket(bucket)
-                answers = self.engine.submit_update_weights_from_distributed(
-                    replicas, names=[m.name for m in metadata],
-                    dtypes=[str(m.dtype).removeprefix("torch.") for m in metadata],
-                    shapes=[list(m.shape) for m in metadata], group_name=self.group_name, flush_cache=last,
-                    weight_version=str(version), load_format=FLATTENED_BUCKET)
-                work = dist.broadcast(flat, src=0, group=self.group, async_op=True)
-                try:
-                    answers.result(timeout=self.config.group_timeout_s)  # a refusal arrives at once
-                    work.wait()
-                except BaseException:
-                    self._broken = True  # a broadcast some replica never receives may be pending
-                    raise
-                num_bytes += bucket_bytes(bucket)
-                num_buckets += 1
+            try:
+                for index, bucket in enumerate(buckets):
+                    flat, metadata = self._pack(bucket, index)
+                    copied = flat.untyped_storage().data_ptr() != bucket[0][1].untyped_storage().data_ptr()
+                    if pending is not None:  # a copy could overlap the previous broadcast; a view cannot
+                        self._finish(pending)
+                    pending = self._send(flat, metadata, version)
+                    num_bytes += bucket_bytes(bucket)
+                    num_buckets += 1
+                    if not copied:  # the exporter reuses its buffer for the next bucket
+                        self._finish(pending)
+                        pending = None
+                if pending is not None:
+                    self._finish(pending)
+            except BaseException:
+                self._broken = True  # a broadcast some replica never receives may be pending
+                raise
         return PushStats(num_bytes=num_bytes, num_buckets=num_buckets)
+
+    def _pack(self, bucket: Bucket, index: int) -> tuple[torch.Tensor, list]:
+        """Bucket `index` in SGLang's flattened layout, in one of two reused buffers (the other
+        may still be on the wire)."""
+        from megatron_s2lpo.rollout.sglang_tensors import pack_bucket
+
+        return pack_bucket(bucket, buffer=self._packs[index % 2])
+
+    def _send(self, flat: torch.Tensor, metadata: list, version: int) -> tuple[Any, Any]:
+        """Announce the bucket to every replica and post its one broadcast (both asynchronous).
+
+        Every bucket flushes the server's cache (flush_cache=true): buckets are consumed as they
+        come, so the last one is not known in advance, and flushing an already flushed, idle
+        cache costs nothing (generation is paused)."""
+        from megatron_s2lpo.rollout.sglang_tensors import FLATTENED_BUCKET
+
+        answers = self.engine.submit_update_weights_from_distributed(
+            [r for r, _ in self.members], names=[m.name for m in metadata],
+            dtypes=[str(m.dtype).removeprefix("torch.") for m in metadata], shapes=[list(m.shape) for m in metadata],
+            group_name=self.group_name, flush_cache=True, weight_version=str(version), load_format=FLATTENED_BUCKET)
+        return answers, dist.broadcast(flat, src=0, group=self.group, async_op=True)
+
+    def _finish(self, pending: tuple[Any, Any]) -> None:
+        answers, work = pending
+        answers.result(timeout=self.config.group_timeout_s)  # a refusal arrives at once
+        work.wait()
 
     def close(self) -> None:
         """/destroy_weights_update_group on every replica, then the trainer's side of the group."""

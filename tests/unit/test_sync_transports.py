@@ -206,6 +206,15 @@ def test_flattened_buckets_are_aligned_and_rebuild_bit_exact():
     rebuilt = dict(unpack_bucket(flat, metadata))
     for name, tensor in bucket:
         assert rebuilt[name].dtype == tensor.dtype and torch.equal(rebuilt[name], tensor), name
+    # a bucket already back to back in one buffer (the exporter's flat buffer) is sent as it is
+    buffer = torch.randint(0, 255, (64,), dtype=torch.uint8)
+    views = [("x", buffer[:16].view(torch.float32)), ("y", buffer[16:48].view(torch.bfloat16)),
+             ("z", buffer[48:64].view(torch.float64))]
+    flat, metadata = pack_bucket(views)
+    assert flat.data_ptr() == buffer.data_ptr() and flat.numel() == 64  # no copy
+    assert [m.name for m in metadata] == ["x", "y", "z"] and [m.start_idx for m in metadata] == [0, 16, 48]
+    gapped = [("x", buffer[:16].view(torch.float32)), ("z", buffer[32:48].view(torch.float64))]
+    assert pack_bucket(gapped)[0].data_ptr() != buffer.data_ptr()  # a gap: packed into a copy
 
 
 # ----- the distributed transport over gloo into protocol-server replicas (real HTTP, real gloo) -----
