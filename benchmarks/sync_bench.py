@@ -4,6 +4,7 @@
     python benchmarks/sync_bench.py --quick          # small smoke run (seconds)
     python benchmarks/sync_bench.py --distributed    # distributed over gloo into 1, 2, 4 replicas
     python benchmarks/sync_bench.py --distributed --quick
+    python benchmarks/sync_bench.py --tensor-ipc     # GPU only: CUDA IPC into a second process
 
 --distributed: the `distributed` transport (one update group over the trainer and every replica,
 one broadcast per bucket, sync/distributed.py) pushes `--gb` GB of bf16 tensors in buckets of
@@ -125,6 +126,91 @@ def raw_broadcast(flats: list[torch.Tensor], num_receivers: int, rounds: int) ->
     return times[1:]
 
 
+def _ipc_receiver(conn) -> None:
+    """A second process that rebuilds tensors the way an SGLang 0.5.23 TP rank does.
+
+    SGLang's side, carried here: `patch_torch.monkey_patch_torch_reductions` (rebuild_cuda_tensor
+    maps argument 6, the device, from the GPU's UUID back to this process's index), then
+    `MultiprocessingSerializer.deserialize` (base64 + unpickle) of its own rank's payload, then
+    `FlattenedTensorBucket.reconstruct_tensors` (views of the flat buffer) and a copy of every
+    tensor into the model's parameters (`load_weights`)."""
+    import base64
+    import pickle
+
+    from torch.multiprocessing import reductions
+
+    original = reductions.rebuild_cuda_tensor
+
+    def rebuild_by_uuid(*args):
+        device = args[6]
+        if isinstance(device, str):
+            device = next(i for i in range(torch.cuda.device_count())
+                          if str(torch.cuda.get_device_properties(i).uuid) == device)
+        return original(*args[:6], device, *args[7:])
+
+    reductions.rebuild_cuda_tensor = rebuild_by_uuid
+    params: dict = {}
+    while True:
+        payload = conn.recv()
+        if payload is None:
+            return
+        data = pickle.loads(base64.b64decode(payload))
+        flat, metadata = data["flattened_tensor"], data["metadata"]
+        tensors = [(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in metadata]
+        for name, tensor in tensors:
+            params.setdefault(name, torch.empty_like(tensor)).copy_(tensor)
+        torch.cuda.synchronize()
+        checksum = float(sum(p.float().sum() for p in params.values()))
+        del data, flat, tensors
+        conn.send(checksum)
+
+
+def tensor_ipc_bench(args: argparse.Namespace) -> None:
+    """CUDA IPC of flattened buckets into a second process vs a device-to-device copy (GPU only)."""
+    import multiprocessing as mp
+
+    from megatron_s2lpo.rollout.sglang_tensors import pack_bucket, serialize_per_rank
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--tensor-ipc needs a CUDA device")
+    total, tensor_bytes = int(args.gb * 1e9), 8 << 20
+    per = max(1, (args.bucket_mb << 20) // tensor_bytes)
+    named = [(f"layer{i}.weight", torch.randn(tensor_bytes // 2, device="cuda", dtype=torch.bfloat16))
+             for i in range(max(1, total // tensor_bytes))]
+    buckets = [named[i:i + per] for i in range(0, len(named), per)]
+    num_bytes = len(named) * tensor_bytes
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_ipc_receiver, args=(child,))
+    proc.start()
+    expected = float(sum(t.float().sum() for _, t in named))
+    times = []
+    for _ in range(args.repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for bucket in buckets:
+            flat, metadata = pack_bucket(bucket)
+            (payload,) = serialize_per_rank(flat, metadata, 1)
+            parent.send(payload)
+            checksum = parent.recv()  # the receiver copied everything: the buffer may go
+        times.append(time.perf_counter() - start)
+    parent.send(None)
+    proc.join(60)
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copies = []
+    for _ in range(args.repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        copies.append(time.perf_counter() - start)
+    ipc, copy = min(times[1:]), min(copies[1:])
+    print(f"{num_bytes / 1e9:.2f} GB bf16, {len(buckets)} buckets: CUDA IPC into a second process {num_bytes / ipc / 1e9:.1f} "
+          f"GB/s, device-to-device copy {num_bytes / copy / 1e9:.1f} GB/s, ratio {copy / ipc:.2f}; "
+          f"checksum {'ok' if abs(checksum - expected) <= 1e-3 * abs(expected) + 1 else 'MISMATCH'}")
+
+
 def distributed_bench(args: argparse.Namespace) -> None:
     """The distributed transport into N noop replicas vs a raw broadcast (see the module docstring)."""
     from benchmarks_servers import noop_replicas
@@ -174,10 +260,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (raw safetensors, disk sync)")
     parser.add_argument("--dir", default="", help="where to write (default: a temporary directory)")
     parser.add_argument("--distributed", action="store_true", help="distributed over gloo into 1, 2, 4 replicas")
-    parser.add_argument("--gb", type=float, default=1.0, help="--distributed: GB pushed per sync")
+    parser.add_argument("--tensor-ipc", action="store_true", help="GPU: CUDA IPC into a second process")
+    parser.add_argument("--gb", type=float, default=1.0, help="--distributed / --tensor-ipc: GB per sync")
     args = parser.parse_args()
     if args.distributed:
         distributed_bench(args)
+        return
+    if args.tensor_ipc:
+        tensor_ipc_bench(args)
         return
 
     from megatron_s2lpo.config.sync import SyncConfig

@@ -290,11 +290,11 @@ class SGLangClient:
     async def generate(self, requests: list[GenerateRequest]) -> list[Completion]:
         """One completion per request, in order, each sent on its own and retried on this server
         (a fresh rid per attempt). `SGLangEngine` spreads requests over replicas instead."""
-        return await _gather_all([self._retried(self.generate_once, r) for r in requests])
+        return await gather_all([self._retried(self.generate_once, r) for r in requests])
 
     async def score(self, requests: list[ScoreRequest]) -> list[TokenScores]:
         """Teacher scores per request, in order (like `generate`)."""
-        return await _gather_all([self._retried(self.score_once, r) for r in requests])
+        return await gather_all([self._retried(self.score_once, r) for r in requests])
 
     async def _retried(self, once: Callable[..., Awaitable[T]], req: Any) -> T:
         attempt = 0
@@ -479,7 +479,7 @@ class SGLangClient:
         return await self.call("POST", "/resume_memory_occupation", {"tags": tags})
 
 
-async def _gather_all(coros: list[Awaitable[T]]) -> list[T]:
+async def gather_all(coros: list[Awaitable[T]]) -> list[T]:
     """Run concurrently, results in order; when one fails for good, cancel the rest."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:

@@ -39,7 +39,7 @@ from ..types import FinishReason
 from . import sglang_tensors
 from .engine import Completion, GenerateRequest
 from .scoring import ScoreRequest, TokenScores
-from .sglang_client import AttemptFailed, EngineRequestError, RequestAborted, wire_rid
+from .sglang_client import AttemptFailed, EngineRequestError, RequestAborted, gather_all, wire_rid
 from .sglang_replica import Replica
 
 logger = logging.getLogger(__name__)
@@ -189,14 +189,7 @@ class SGLangEngine:
     # ----- dispatch -----
 
     async def _serve_all(self, requests: list, op: str) -> list:
-        tasks = [asyncio.ensure_future(self._serve(req, op)) for req in requests]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await gather_all([self._serve(req, op) for req in requests])
 
     def _current(self, replica: Replica) -> bool:
         return replica.live and replica.version == self._version

@@ -311,24 +311,10 @@ def test_distributed_transport_reaches_every_replica_with_one_broadcast_per_buck
     assert all(server_state(url)["groups"] == [] for url in replicas.urls)  # destroyed on every replica
 
 
-class HFLearner:
-    """`compute_logprobs` of a transformers model (teacher-forced, float64): the parity learner."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    @torch.no_grad()
-    def compute_logprobs(self, batch, temperature: float = 1.0) -> torch.Tensor:
-        out = torch.zeros(batch.tokens.shape)
-        for b in range(batch.num_seqs):
-            tokens = batch.tokens[b, :int(batch.seq_lens[b])]
-            logp = torch.log_softmax(self.model(input_ids=tokens[None]).logits[0].double() / temperature, dim=-1)
-            out[b, 1:len(tokens)] = logp[torch.arange(len(tokens) - 1), tokens[1:]].float()
-        return out
-
-
 @pytest.mark.timeout(120)
 def test_weight_sync_checks_every_replica_version_and_parity_rotates_and_names_the_replica(replicas):
+    from test_sync_weight_sync import HFLearner  # the parity learner: teacher-forced, float64
+
     from megatron_s2lpo.sync.errors import WeightParityError
     from megatron_s2lpo.sync.weight_sync import WeightSync
 
