@@ -107,26 +107,27 @@ class Replica:
 
         kind: AttemptFailed.kind. generation: `num_starts` when the attempt was sent (a
         restart since then already dealt with it)."""
-        if generation != self.num_starts:
+        if generation != self.num_starts or kind not in ("timeout", "connection"):
+            return  # 5xx / broken bodies: the server answers; the request is simply resubmitted
+        if self.process is not None and await self._exited():
+            await self.restart("exited", generation=generation)
             return
-        if kind == "timeout":
-            if await self.client.health(timeout_s=5.0):
+        if await self.client.health(timeout_s=5.0):
+            if kind == "timeout":
                 logger.warning("%s: request %s outlived hang_timeout_s=%g s while /health answers: a hang; "
                                "aborting it", self.describe(), rid, self.cfg.hang_timeout_s)
                 await self._abort_quietly(rid)
                 if self.process is not None:
                     await self.restart("hung", generation=generation)
-                return
-            kind = "connection"
-        if kind == "connection":
-            if self.process is not None:
-                if await self._exited():
-                    await self.restart("exited", generation=generation)
-            elif not await self.client.health(timeout_s=5.0):
-                self._mark_down()
+            return  # a connection error from a server that answers: transient
+        if self.process is not None:
+            await self.restart("stopped answering /health", generation=generation)
+        else:
+            self._mark_down()
 
     async def _exited(self) -> bool:
-        """A killed server drops its connections a moment before it can be reaped."""
+        """Whether the launched process is gone (a killed server drops its connections a moment
+        before it can be reaped: wait for that up to 2 s unless /health answers)."""
         for _ in range(20):
             if not self.process.alive():
                 return True
