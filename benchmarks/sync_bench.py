@@ -1,8 +1,21 @@
-"""Disk weight sync of a ~1B-parameter megatron learner into a LocalEngine, on CPU, next to
-raw safetensors I/O of the same bytes.
+"""Weight sync on CPU next to the raw cost of moving the same bytes, measured in the same run.
 
-    python benchmarks/sync_bench.py            # 1.12B-parameter Qwen3-like model, bf16 learner, TP=1
-    python benchmarks/sync_bench.py --quick    # small smoke run (seconds)
+    python benchmarks/sync_bench.py                  # disk: 1.12B-parameter Qwen3-like learner, bf16, TP=1
+    python benchmarks/sync_bench.py --quick          # small smoke run (seconds)
+    python benchmarks/sync_bench.py --distributed    # distributed over gloo into 1, 2, 4 replicas
+    python benchmarks/sync_bench.py --distributed --quick
+    python benchmarks/sync_bench.py --tensor-ipc     # GPU only: CUDA IPC into a second process
+
+--distributed: the `distributed` transport (one update group over the trainer and every replica,
+one broadcast per bucket, sync/distributed.py) pushes `--gb` GB of bf16 tensors in buckets of
+`--bucket-mb` (as the megatron export's flat buffer holds them: back to back, so they are sent
+without a copy) into N = 1, 2, 4 protocol-server replicas (`--noop`: they post SGLang's flattened
+receive and keep no model), generation paused, one weight-update session per replica, every
+HTTP call included; next to it, in the same run, a raw gloo broadcast of the same packed buckets
+from the trainer to N processes that only receive (into a new buffer per bucket, as SGLang's
+receiver does). Seconds per GB and the ratio raw / transport
+(target >= 0.8) per N; one broadcast serves every replica, so both should stay about flat in N
+where the machine has a core per receiver.
 
 The learner is megatron-core model chunks with random bf16 weights (2.24 GB; fp32 would need
 4.5 GB for the learner plus 4.5 GB for the engine, too much beside other jobs on a shared 24 GiB
@@ -74,13 +87,188 @@ def raw_safetensors(named: list[tuple[str, torch.Tensor]], out_dir: str) -> tupl
     return saved - start, done - saved
 
 
+def _raw_receiver(address: str, port: int, world: int, rank: int, sizes: list[int], rounds: int) -> None:
+    """Joins the group and receives `rounds` x the buckets (the raw reference's replica), each into
+    a new buffer as SGLang's receiver allocates one per bucket (`FlattenedTensorBucket.empty`)."""
+    from megatron_s2lpo.sync.distributed import init_custom_group
+
+    torch.set_num_threads(1)
+    group = init_custom_group("gloo", address, port, world, rank, "raw_bench")
+    for _ in range(rounds):
+        for size in sizes:
+            torch.distributed.broadcast(torch.empty(size, dtype=torch.uint8), src=0, group=group)
+    torch.distributed.destroy_process_group(group)
+
+
+def raw_broadcast(flats: list[torch.Tensor], num_receivers: int, rounds: int) -> list[float]:
+    """Seconds per round of one gloo broadcast per bucket to `num_receivers` processes."""
+    import multiprocessing as mp
+
+    from megatron_s2lpo.sync.distributed import init_custom_group
+    from megatron_s2lpo.sync.transports import free_port
+
+    ctx = mp.get_context("spawn")
+    port, world = free_port(), 1 + num_receivers
+    procs = [ctx.Process(target=_raw_receiver, args=("127.0.0.1", port, world, r, [f.numel() for f in flats],
+                                                     rounds + 1)) for r in range(1, world)]
+    for proc in procs:
+        proc.start()
+    group = init_custom_group("gloo", "127.0.0.1", port, world, 0, "raw_bench")
+    times = []
+    for _ in range(rounds + 1):  # the first round warms the connections up
+        start = time.perf_counter()
+        for flat in flats:
+            torch.distributed.broadcast(flat, src=0, group=group)
+        times.append(time.perf_counter() - start)
+    for proc in procs:
+        proc.join(60)
+    torch.distributed.destroy_process_group(group)
+    return times[1:]
+
+
+def _ipc_receiver(conn) -> None:
+    """A second process that rebuilds tensors the way an SGLang 0.5.23 TP rank does.
+
+    SGLang's side, carried here: `patch_torch.monkey_patch_torch_reductions` (rebuild_cuda_tensor
+    maps argument 6, the device, from the GPU's UUID back to this process's index), then
+    `MultiprocessingSerializer.deserialize` (base64 + unpickle) of its own rank's payload, then
+    `FlattenedTensorBucket.reconstruct_tensors` (views of the flat buffer) and a copy of every
+    tensor into the model's parameters (`load_weights`)."""
+    import base64
+    import pickle
+
+    from torch.multiprocessing import reductions
+
+    original = reductions.rebuild_cuda_tensor
+
+    def rebuild_by_uuid(*args):
+        device = args[6]
+        if isinstance(device, str):
+            device = next(i for i in range(torch.cuda.device_count())
+                          if str(torch.cuda.get_device_properties(i).uuid) == device)
+        return original(*args[:6], device, *args[7:])
+
+    reductions.rebuild_cuda_tensor = rebuild_by_uuid
+    params: dict = {}
+    while True:
+        payload = conn.recv()
+        if payload is None:
+            return
+        data = pickle.loads(base64.b64decode(payload))
+        flat, metadata = data["flattened_tensor"], data["metadata"]
+        tensors = [(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in metadata]
+        for name, tensor in tensors:
+            params.setdefault(name, torch.empty_like(tensor)).copy_(tensor)
+        torch.cuda.synchronize()
+        checksum = float(sum(p.float().sum() for p in params.values()))
+        del data, flat, tensors
+        conn.send(checksum)
+
+
+def tensor_ipc_bench(args: argparse.Namespace) -> None:
+    """CUDA IPC of flattened buckets into a second process vs a device-to-device copy (GPU only)."""
+    import multiprocessing as mp
+
+    from megatron_s2lpo.rollout.sglang_tensors import pack_bucket, serialize_per_rank
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--tensor-ipc needs a CUDA device")
+    total, tensor_bytes = int(args.gb * 1e9), 8 << 20
+    per = max(1, (args.bucket_mb << 20) // tensor_bytes)
+    named = [(f"layer{i}.weight", torch.randn(tensor_bytes // 2, device="cuda", dtype=torch.bfloat16))
+             for i in range(max(1, total // tensor_bytes))]
+    buckets = [named[i:i + per] for i in range(0, len(named), per)]
+    num_bytes = len(named) * tensor_bytes
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_ipc_receiver, args=(child,))
+    proc.start()
+    expected = float(sum(t.float().sum() for _, t in named))
+    times = []
+    for _ in range(args.repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for bucket in buckets:
+            flat, metadata = pack_bucket(bucket)
+            (payload,) = serialize_per_rank(flat, metadata, 1)
+            parent.send(payload)
+            checksum = parent.recv()  # the receiver copied everything: the buffer may go
+        times.append(time.perf_counter() - start)
+    parent.send(None)
+    proc.join(60)
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copies = []
+    for _ in range(args.repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        copies.append(time.perf_counter() - start)
+    ipc, copy = min(times[1:]), min(copies[1:])
+    print(f"{num_bytes / 1e9:.2f} GB bf16, {len(buckets)} buckets: CUDA IPC into a second process {num_bytes / ipc / 1e9:.1f} "
+          f"GB/s, device-to-device copy {num_bytes / copy / 1e9:.1f} GB/s, ratio {copy / ipc:.2f}; "
+          f"checksum {'ok' if abs(checksum - expected) <= 1e-3 * abs(expected) + 1 else 'MISMATCH'}")
+
+
+def distributed_bench(args: argparse.Namespace) -> None:
+    """The distributed transport into N noop replicas vs a raw broadcast (see the module docstring)."""
+    from benchmarks_servers import noop_replicas
+
+    from megatron_s2lpo.config.sync import SyncConfig
+    from megatron_s2lpo.rollout.sglang_tensors import pack_bucket
+    from megatron_s2lpo.sync.base import TransportContext
+    from megatron_s2lpo.sync.distributed import DistributedTransport
+
+    total = int((0.05 if args.quick else args.gb) * 1e9)
+    tensor_bytes, bucket_bytes = 8 << 20, args.bucket_mb << 20
+    num_tensors, per = max(1, total // tensor_bytes), max(1, bucket_bytes // tensor_bytes)
+    # Buckets as the megatron export hands them over (`flat_buckets`): views into one flat buffer
+    # per bucket, back to back; random bf16 bytes.
+    buckets = []
+    for first in range(0, num_tensors, per):
+        count = min(per, num_tensors - first)
+        flat = torch.randint(0, 255, (count * tensor_bytes,), dtype=torch.uint8)
+        buckets.append([(f"layer{first + j}.weight", flat[j * tensor_bytes:(j + 1) * tensor_bytes].view(torch.bfloat16))
+                        for j in range(count)])
+    num_bytes = num_tensors * tensor_bytes
+    flats = [pack_bucket(b)[0] for b in buckets]
+    print(f"{num_bytes / 1e9:.2f} GB bf16 in {len(buckets)} buckets of <= {args.bucket_mb} MiB, gloo on 127.0.0.1, "
+          f"{os.cpu_count()} cores, best of {args.repeats}")
+    print(f"{'replicas':>8} | {'raw s/GB':>8} | {'transport s/GB':>14} | raw/transport")
+    for n in (1, 2, 4):
+        raw = min(raw_broadcast(flats, n, args.repeats))
+        with noop_replicas(n) as engine:
+            transport = DistributedTransport(engine, SyncConfig(group_backend="gloo", master_address="127.0.0.1",
+                                                                group_timeout_s=300), TransportContext(arch=None))
+            pushes = []
+            for version in range(1, args.repeats + 2):  # the first push also builds the group
+                start = time.perf_counter()
+                with engine.paused():
+                    transport.push(iter(buckets), version)
+                pushes.append(time.perf_counter() - start)
+            transport.close()
+        best = min(pushes[1:])
+        gb = num_bytes / 1e9
+        print(f"{n:>8} | {raw / gb:>8.3f} | {best / gb:>14.3f} | {raw / best:>13.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, for a smoke run")
     parser.add_argument("--bucket-mb", type=int, default=512, help="bucket (and shard) size in MiB")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (raw safetensors, disk sync)")
     parser.add_argument("--dir", default="", help="where to write (default: a temporary directory)")
+    parser.add_argument("--distributed", action="store_true", help="distributed over gloo into 1, 2, 4 replicas")
+    parser.add_argument("--tensor-ipc", action="store_true", help="GPU: CUDA IPC into a second process")
+    parser.add_argument("--gb", type=float, default=1.0, help="--distributed / --tensor-ipc: GB per sync")
     args = parser.parse_args()
+    if args.distributed:
+        distributed_bench(args)
+        return
+    if args.tensor_ipc:
+        tensor_ipc_bench(args)
+        return
 
     from megatron_s2lpo.config.sync import SyncConfig
     from megatron_s2lpo.convert.mcore_io import build_conversion_chunks

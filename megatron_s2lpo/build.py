@@ -247,9 +247,9 @@ class TrainerParts:
                 part.close()
 
 
-def _engine(cfg: EngineConfig, path: str, tokenizer: Any, name: str, seed: int) -> Any:
+def _engine(cfg: EngineConfig, path: str, tokenizer: Any, name: str, seed: int, log_dir: str = "") -> Any:
     return build_engine(dataclasses.replace(cfg, model_path=path, api_key=cfg.resolved_api_key()),
-                        tokenizer=tokenizer, name=name, seed=seed)
+                        tokenizer=tokenizer, name=name, seed=seed, log_dir=log_dir or None)
 
 
 def mix_settings(cfg: RunConfig) -> tuple[int, str, float]:
@@ -302,9 +302,10 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         _check_server_ports(cfg, rollout, uses_explorer)
         scorer = MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs())
         stage = RolloutStage(None, scorer, groups)
-        learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed)
-        if explorer_path or (uses_explorer and rollout.explorer.url):
-            explorer_engine = _engine(rollout.explorer, explorer_path, tokenizer, "explorer", cfg.run.seed)
+        logs = os.path.join(cfg.run.output_dir, "logs")  # launched servers' logs belong to the run
+        learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed, logs)
+        if explorer_path or (uses_explorer and rollout.explorer.attached):
+            explorer_engine = _engine(rollout.explorer, explorer_path, tokenizer, "explorer", cfg.run.seed, logs)
         prefetcher = build_prefetcher(rollout, explorer=explorer_engine, seed=cfg.run.seed)
         collector = GroupCollector(
             learner=ScoringEngine(learner_engine, stage), sampling=rollout.learner.sampling,
@@ -337,12 +338,15 @@ def _check_server_ports(cfg: RunConfig, rollout: Any, uses_explorer: bool) -> No
     """SGLang servers this process launches (backend sglang, no url) must not share host:port."""
     engines = [("learner", rollout.learner, True), ("explorer", rollout.explorer, uses_explorer),
                ("teacher", rollout.teacher, cfg.algo.method == "opd")]
-    launched = [(name, e.host, e.port) for name, e, used in engines if used and e.backend == "sglang" and not e.url]
+    launched = [(f"rollout.{name}" + (f" replica {i}" if e.replicas > 1 else ""), e.host, port)
+                for name, e, used in engines if used and e.backend == "sglang" and not e.attached
+                for i, port in enumerate(e.replica_ports())]
     addresses = [(host, port) for _, host, port in launched]
     if len(set(addresses)) != len(addresses):
         raise ValueError("the SGLang servers this run launches need their own ports: "
-                         + ", ".join(f"rollout.{name} at {host}:{port}" for name, host, port in launched)
-                         + "; set rollout.<engine>.port (or models.<name>.port in a staged recipe)")
+                         + ", ".join(f"{name} at {host}:{port}" for name, host, port in launched)
+                         + "; set rollout.<engine>.port (replica i listens on port + i, or ports[i]; "
+                         "models.<name>.port in a staged recipe)")
 
 
 def _teacher(cfg: RunConfig, explorer_engine: Any, tokenizer: Any) -> tuple[Any, Any]:
@@ -359,8 +363,8 @@ def _teacher(cfg: RunConfig, explorer_engine: Any, tokenizer: Any) -> tuple[Any,
     if algo.method == "forward_kl":
         return None, TeacherScorer(explorer_engine, top_k=distill.top_k, batch_size=distill.score_batch_size)
     teacher = cfg.rollout.teacher
-    path = materialize_model(teacher, "teacher", cfg, tokenizer) if not teacher.url else ""
-    engine = _engine(teacher, path, tokenizer, "teacher", cfg.run.seed)
+    path = materialize_model(teacher, "teacher", cfg, tokenizer) if not teacher.attached else ""
+    engine = _engine(teacher, path, tokenizer, "teacher", cfg.run.seed, os.path.join(cfg.run.output_dir, "logs"))
     return engine, TeacherScorer(engine, batch_size=distill.score_batch_size)
 
 

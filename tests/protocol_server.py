@@ -7,9 +7,18 @@ Run from the repository root:
     python tests/protocol_server.py --noop --port 31000     # fixed tokens, no model (client benchmark;
                                                             # --model-path is then only reported)
 
-It takes sglang.launch_server's flags (`--tp-size`, `--dp-size`, `--mem-fraction-static`,
-`--enable-memory-saver`, `--api-key`, `--weight-version`, ...; the parallel/memory ones are
-accepted and ignored), so `SGLangEngine` launches it exactly like the real server.
+It takes sglang.launch_server's flags (`--tp-size`, `--dp-size`, `--base-gpu-id`,
+`--mem-fraction-static`, `--enable-memory-saver`, `--api-key`, `--weight-version`,
+`--random-seed`, `--enable-deterministic-inference`; the parallel/memory ones are accepted and
+ignored), so `SGLangEngine` launches it exactly like the real server. Run N of them on N ports
+for N replicas.
+
+Contract mode (`--sglang-source DIR`, tests/contract/): the server also loads SGLang 0.5.23's own
+code from the unpacked wheel, parses its command line with SGLang's `ServerArgs`, checks every
+request body with SGLang's request types and validators, runs the weight-update routes through
+SGLang's `SchedulerWeightUpdaterManager` and model-runner `WeightUpdater` (the model's
+`load_weights` writes into the tiny model), and builds /generate answers with SGLang's
+`api_types.GenerateResponse` (tests/contract/sglang_backend.py).
 
 Reproduced from SGLang (sglang/srt/entrypoints/http_server.py, managers/io_struct.py):
   - POST /generate with input_ids (one prompt or a batch), text (with a tokenizer),
@@ -32,9 +41,19 @@ Reproduced from SGLang (sglang/srt/entrypoints/http_server.py, managers/io_struc
     num_paused_requests}, 400 when success is false; POST /update_weight_version;
   - POST /pause_generation, /continue_generation (new batches wait while paused);
   - GET|POST /release_memory_occupation, /resume_memory_occupation (state only; answer null);
-  - POST /update_weights_from_tensor, /init_weights_update_group,
-    /update_weights_from_distributed, /destroy_weights_update_group answer as SGLang does when
-    the operation fails: 400 {success: false, message} (no CUDA IPC or NCCL here);
+  - rids: a rid that is still being served is refused (400 "Duplicate request ID detected");
+    POST /abort_request {rid, abort_all} ends requests with finish_reason {type: abort};
+  - POST /pause_generation {mode}: abort ends every running request (they answer with
+    finish_reason abort), then new ones wait; retract / in_place hold them; /continue_generation;
+  - sampling_seed is used only with --enable-deterministic-inference (SGLang ignores it
+    otherwise); requests without it draw from the server's stream seeded by --random-seed;
+  - weight updates (tests/protocol_weights.py): /begin_weight_update, /end_weight_update,
+    /update_weights_from_tensor and /update_weights_from_distributed only inside a session,
+    /init_weights_update_group (gloo or nccl, the server joins as rank_offset), flattened
+    buckets as one broadcast, /destroy_weights_update_group; 400 {success: false, message} as
+    SGLang answers (the tensor route has no CUDA IPC here and always refuses outside contract mode);
+  - /get_model_info is SGLang's deprecated alias of /model_info: it answers, logs a warning and
+    is counted in /_test/state;
   - Authorization: Bearer <api_key> on every route except /health*, 401 otherwise.
 Not reproduced: radix cache, continuous batching (requests that arrive together are batched
 into one generation call instead), streaming, multimodal inputs, top-logprobs and input
@@ -43,7 +62,9 @@ OpenAI routes, weight version spans inside one request, real memory release.
 
 Fault injection for tests: --fail-first N (the first N /generate requests answer 500),
 --delay-s S (sleep before each generation), POST /_test/faults {"fail_next", "status",
-"delay_s"} and GET /_test/state (counters and paused / released state).
+"delay_s", "hang_next" (that many requests never answer until aborted), "truncate_next" (answer
+200 with a cut-off JSON body), "refuse_updates" (refuse that many distributed buckets)} and GET /_test/state (counters, rids served, paused / released
+state, session, contract violations).
 """
 
 from __future__ import annotations
@@ -52,13 +73,20 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
-from dataclasses import dataclass
 
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from protocol_answers import (Prefill, _abort_output, _format, _format_prefill, _noop_output,  # noqa: E402
+                              _per_item, _to_prefill, _to_request)
+
+
+ABORTED = object()  # the result of a request ended by /abort_request or a pause in abort mode
 
 
 class ServerState:
@@ -73,9 +101,34 @@ class ServerState:
         self.fail_next = args.fail_first
         self.fail_status = 500
         self.delay_s = args.delay_s
+        self.hang_next = 0
+        self.truncate_next = 0
         self.num_generate = 0
         self.num_failed = 0
+        self.num_aborted = 0
+        self.num_deprecated = 0  # calls of deprecated aliases (/get_model_info, /get_server_info)
+        self.completed: list[str] = []  # rids answered with a finished (not aborted) completion
+        self.inflight: dict[str, asyncio.Future] = {}  # rid -> result future, while being served
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.weights = None  # ProtocolWeights, or the contract backend (SGLang's own code)
+        self.contract = None  # the contract backend in --sglang-source mode
+        self.violations: list[str] = []  # requests SGLang's own parsers refused (contract mode)
+        self.sglang_args: dict = {}  # the command line as SGLang's ServerArgs parsed it (contract mode)
+
+    def set_version(self, version: str | None) -> None:
+        if version is not None:
+            self.weight_version = version
+
+    def abort(self, rid: str | None = None) -> int:
+        """End `rid` (None: every request) with finish_reason abort; returns how many."""
+        targets = list(self.inflight.values()) if rid is None else [self.inflight[rid]] if rid in self.inflight else []
+        count = 0
+        for fut in targets:
+            if not fut.done():
+                fut.set_result(ABORTED)
+                count += 1
+        self.num_aborted += count
+        return count
 
 
 def build_engine(args: argparse.Namespace):
@@ -84,9 +137,9 @@ def build_engine(args: argparse.Namespace):
     from megatron_s2lpo.rollout.local import LocalEngine
 
     torch.set_num_threads(args.num_threads)
+    seed = args.seed if args.random_seed is None else args.random_seed
     if args.model_path:
-        return LocalEngine.from_pretrained(args.model_path, seed=args.seed,
-                                           max_batch_size=args.max_batch_size)
+        return LocalEngine.from_pretrained(args.model_path, seed=seed, max_batch_size=args.max_batch_size)
     from megatron_s2lpo.config.model import ModelArch
     from megatron_s2lpo.data.tokenizer import build_synthetic_tokenizer
 
@@ -94,7 +147,7 @@ def build_engine(args: argparse.Namespace):
     arch = ModelArch(family="qwen3", vocab_size=len(tok), hidden_size=32, ffn_hidden_size=64,
                      num_layers=2, num_attention_heads=4, num_query_groups=2, head_dim=8,
                      qk_layernorm=True)
-    return LocalEngine.from_arch(arch, tokenizer=tok, init_seed=args.seed, seed=args.seed,
+    return LocalEngine.from_arch(arch, tokenizer=tok, init_seed=args.seed, seed=seed,
                                  max_batch_size=args.max_batch_size)
 
 
@@ -104,131 +157,9 @@ def _error(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
-def _per_item(value, num: int, name: str) -> list:
-    """A batch field: a list holds one entry per prompt, anything else applies to all."""
-    if isinstance(value, list):
-        if len(value) != num:
-            raise ValueError(f"{name} has {len(value)} entries for a batch of {num} prompts")
-        return value
-    if name == "rid" and num > 1:  # SGLang expands a string rid into per-item ids
-        return [f"{value}_{i}" for i in range(num)]
-    return [value] * num
-
-
-def _to_request(rid: str, ids: list[int], params: dict, return_logprob: bool):
-    from megatron_s2lpo.rollout.engine import GenerateRequest
-
-    temperature = params.get("temperature", 1.0)
-    top_k = params.get("top_k", -1)
-    if temperature is not None and temperature < 1e-6:  # SGLang: greedy is top_k=1
-        temperature, top_k = 1.0, 1
-    stop = params.get("stop") or []
-    return GenerateRequest(
-        request_id=rid, prompt_ids=[int(t) for t in ids],
-        temperature=1.0 if temperature is None else float(temperature),
-        top_p=float(params.get("top_p") or 1.0), top_k=-1 if top_k is None else int(top_k),
-        max_new_tokens=int(params.get("max_new_tokens") or 128),
-        stop=[stop] if isinstance(stop, str) else list(stop),
-        stop_token_ids=list(params.get("stop_token_ids") or []),
-        seed=params.get("sampling_seed"), return_logprob=bool(return_logprob))
-
-
-def _format(state: ServerState, req, comp) -> dict:
-    tokens = comp.token_ids
-    if comp.finish_reason.value == "length":
-        finish = {"type": "length", "length": len(tokens)}
-    elif tokens and tokens[-1] in _eos(state) | set(req.stop_token_ids):
-        finish = {"type": "stop", "matched": tokens[-1]}
-    else:  # a stop string matched; the text is already trimmed before it
-        full = state.engine.tokenizer.decode(tokens, skip_special_tokens=True)
-        finish = {"type": "stop", "matched": next((s for s in req.stop if s in full), None)}
-    meta = {
-        "id": req.request_id, "finish_reason": finish, "prompt_tokens": len(req.prompt_ids),
-        "completion_tokens": len(tokens), "cached_tokens": 0, "weight_version": state.weight_version,
-    }
-    if req.return_logprob:
-        meta["output_token_logprobs"] = [[lp, t, None]
-                                         for lp, t in zip(comp.logprobs, tokens, strict=True)]
-        meta["output_token_logprobs_length"] = len(tokens)
-        meta["input_token_logprobs"] = []
-    return {"text": comp.text, "output_ids": tokens, "meta_info": meta}
-
-
-def _eos(state: ServerState) -> set[int]:
-    return set(state.engine.eos_token_ids) if state.engine is not None else set()
-
-
-def _noop_output(state: ServerState, rid: str, ids: list[int], params: dict, logprob: bool) -> dict:
-    """A fixed answer without a model (the client benchmark's server); imports nothing heavy."""
-    num = min(int(params.get("max_new_tokens") or 128), state.args.noop_tokens)
-    meta = {"id": rid, "finish_reason": {"type": "length", "length": num}, "prompt_tokens": len(ids),
-            "completion_tokens": num, "cached_tokens": 0, "weight_version": state.weight_version}
-    if logprob:
-        meta["output_token_logprobs"] = [[0.0, 5, None]] * num
-    return {"text": "", "output_ids": [5] * num, "meta_info": meta}
-
-
-@dataclass
-class Prefill:
-    """A max_new_tokens=0 request: SGLang's prefill-only path (input log-probs, no sampling).
-
-    `start` is the resolved logprob_start_len: len(prompt_ids) when no input log-probs are
-    wanted (return_logprob false, or logprob_start_len -1, SGLang's default).
-    """
-
-    request_id: str
-    prompt_ids: list[int]
-    return_logprob: bool
-    start: int
-    top_k: int
-
-    def work(self):
-        """What the engine computes: log-probs of tokens start+1 .. L-1 (entry 0 is None)."""
-        from megatron_s2lpo.rollout.scoring import ScoreRequest
-
-        if self.start >= len(self.prompt_ids) - 1:
-            return None
-        return ScoreRequest(request_id=self.request_id, prompt_ids=self.prompt_ids[:self.start + 1],
-                            response_ids=self.prompt_ids[self.start + 1:], top_k=self.top_k)
-
-
-def _to_prefill(rid: str, ids: list[int], params: dict, return_logprob: bool, start, top_k) -> Prefill:
-    ids = [int(t) for t in ids]
-    start = int(start) if return_logprob and start is not None else -1
-    if start == -1:
-        start = len(ids)
-    if start < 0 or start > len(ids):  # SGLang aborts the request (scheduler.py)
-        raise ValueError(f"req.logprob_start_len={start} is higher than the number of input tokens "
-                         f"len(req.origin_input_ids)={len(ids)}. Please use a smaller logprob_start_len.")
-    return Prefill(request_id=rid, prompt_ids=ids, return_logprob=bool(return_logprob), start=start,
-                   top_k=int(top_k or 0))
-
-
-def _format_prefill(state: ServerState, req: Prefill, scores) -> dict:
-    """SGLang's answer to a prefill-only request (see the module docstring)."""
-    meta = {"id": req.request_id, "finish_reason": {"type": "length", "length": 0},
-            "prompt_tokens": len(req.prompt_ids), "completion_tokens": 0, "cached_tokens": 0,
-            "weight_version": state.weight_version}
-    if req.return_logprob:
-        vocab = state.engine.model.config.vocab_size
-        tokens = req.prompt_ids[req.start:]  # entry j: token start + j; entry 0 has no log-prob
-        values = ([None] + (scores.logprobs if scores is not None else []))[:len(tokens)]
-        meta["input_token_logprobs"] = [[v, t if t < vocab - 1 else 0, None]  # SGLang's id clip
-                                        for v, t in zip(values, tokens, strict=True)]
-        meta["output_token_logprobs"] = []
-        meta["output_token_logprobs_length"] = 0
-        if req.top_k > 0:
-            rows = [[[lp, i, None] for lp, i in zip(lps, ids, strict=True)]
-                    for ids, lps in zip(scores.top_ids, scores.top_logprobs, strict=True)
-                    ] if scores is not None else []
-            meta["input_top_logprobs"] = ([None] + rows)[:len(tokens)]
-            meta["output_top_logprobs"] = []
-    return {"text": "", "output_ids": [], "meta_info": meta}
-
-
 async def batch_worker(state: ServerState) -> None:
     """Runs everything that arrived together as one generation call and one scoring call
-    (no continuous batching)."""
+    (no continuous batching); requests aborted meanwhile are skipped, hung ones never run."""
     from megatron_s2lpo.rollout.engine import GenerateRequest
     from megatron_s2lpo.rollout.scoring import ScoreRequest
 
@@ -237,11 +168,12 @@ async def batch_worker(state: ServerState) -> None:
         while not state.queue.empty() and len(items) < state.args.max_batch_size:
             items.append(state.queue.get_nowait())
         await state.running.wait()
-        for req, fut in items:
-            if req is None and not fut.done():
+        items = [(req, fut, hang) for req, fut, hang in items if not fut.done() and not hang]
+        for req, fut, _ in items:
+            if req is None:
                 fut.set_result(None)  # prefill without input log-probs: nothing to compute
         for kind, run in ((GenerateRequest, state.engine.generate), (ScoreRequest, state.engine.score)):
-            group = [(req, fut) for req, fut in items if isinstance(req, kind)]
+            group = [(req, fut) for req, fut, _ in items if isinstance(req, kind)]
             if not group:
                 continue
             try:
@@ -256,6 +188,37 @@ async def batch_worker(state: ServerState) -> None:
                     fut.set_result(result)
 
 
+def _parse_batch(state: ServerState, body: dict) -> tuple:
+    """(single, rids, reqs or None, per-item fields) of a /generate body; ValueError if malformed."""
+    ids = body.get("input_ids")
+    if ids is None and body.get("text") is not None:
+        if state.engine is None or state.engine.tokenizer is None:
+            raise ValueError("text input needs a tokenizer; send input_ids")
+        texts = body["text"]
+        ids = ([state.engine.tokenizer.encode(t) for t in texts] if isinstance(texts, list)
+               else state.engine.tokenizer.encode(texts))
+    if not ids:
+        raise ValueError("either text or input_ids should be provided")
+    single = not isinstance(ids[0], list)
+    batch = [ids] if single else ids
+    params = _per_item(body.get("sampling_params") or {}, len(batch), "sampling_params")
+    rids = _per_item(body.get("rid") or f"req-{state.num_generate}", len(batch), "rid")
+    logprob = _per_item(body.get("return_logprob", False), len(batch), "return_logprob")
+    starts = _per_item(body.get("logprob_start_len", -1), len(batch), "logprob_start_len")
+    tops = _per_item(body.get("top_logprobs_num", 0), len(batch), "top_logprobs_num")
+    reqs = None
+    if state.engine is not None:
+        seeded = state.args.enable_deterministic_inference
+        items = zip(rids, batch, params, logprob, starts, tops, strict=True)
+        reqs = [_to_prefill(*item) if item[2].get("max_new_tokens") == 0 else _to_request(*item[:4], seeded)
+                for item in items]
+        vocab = state.engine.model.config.vocab_size
+        for req in reqs:
+            if any(not 0 <= t < vocab for t in req.prompt_ids):
+                raise ValueError(f"request {req.request_id}: token id out of vocabulary ({vocab})")
+    return single, rids, reqs, batch, params, logprob
+
+
 async def generate(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
     state.num_generate += 1
@@ -266,49 +229,58 @@ async def generate(request: web.Request) -> web.Response:
     body = await request.json()
     if body.get("stream"):
         return _error("stream=true is not supported by the protocol test server")
-    ids = body.get("input_ids")
-    if ids is None and body.get("text") is not None:
-        if state.engine is None or state.engine.tokenizer is None:
-            return _error("text input needs a tokenizer; send input_ids")
-        texts = body["text"]
-        ids = ([state.engine.tokenizer.encode(t) for t in texts] if isinstance(texts, list)
-               else state.engine.tokenizer.encode(texts))
-    if not ids:
-        return _error("either text or input_ids should be provided")
-    single = not isinstance(ids[0], list)
-    batch = [ids] if single else ids
     try:
-        params = _per_item(body.get("sampling_params") or {}, len(batch), "sampling_params")
-        rids = _per_item(body.get("rid") or f"req-{state.num_generate}", len(batch), "rid")
-        logprob = _per_item(body.get("return_logprob", False), len(batch), "return_logprob")
-        starts = _per_item(body.get("logprob_start_len", -1), len(batch), "logprob_start_len")
-        tops = _per_item(body.get("top_logprobs_num", 0), len(batch), "top_logprobs_num")
-        if state.engine is not None:
-            items = zip(rids, batch, params, logprob, starts, tops, strict=True)
-            reqs = [_to_prefill(*item) if item[2].get("max_new_tokens") == 0 else _to_request(*item[:4])
-                    for item in items]
-            vocab = state.engine.model.config.vocab_size
-            for req in reqs:
-                if any(not 0 <= t < vocab for t in req.prompt_ids):
-                    raise ValueError(f"request {req.request_id}: token id out of vocabulary ({vocab})")
+        if state.contract is not None:
+            state.contract.check_generate(body, state)
+        single, rids, reqs, batch, params, logprob = _parse_batch(state, body)
     except (ValueError, TypeError) as err:
         return _error(str(err))
-    if state.delay_s:
-        await asyncio.sleep(state.delay_s)
-    if state.engine is None:
-        items = zip(rids, batch, params, logprob, strict=True)
-        outs = [_noop_output(state, *item) for item in items]
-        return web.json_response(outs[0] if single else outs)
-    futs = [asyncio.get_running_loop().create_future() for _ in reqs]
-    for req, fut in zip(reqs, futs, strict=True):
-        state.queue.put_nowait((req.work() if isinstance(req, Prefill) else req, fut))
+    duplicate = next((rid for rid in rids if rid in state.inflight), None)
+    if duplicate is not None:  # SGLang: TokenizerManager._init_req_state
+        return _error(f"Duplicate request ID detected: {duplicate}")
+    loop = asyncio.get_running_loop()
+    futs = [loop.create_future() for _ in rids]
+    hangs = [False] * len(rids)
+    for i, (rid, fut) in enumerate(zip(rids, futs)):
+        state.inflight[rid] = fut
+        if state.hang_next > 0:
+            state.hang_next -= 1
+            hangs[i] = True
     try:
-        results = await asyncio.gather(*futs)
+        await state.running.wait()  # held while paused
+        outs = await _serve(state, rids, reqs, batch, params, logprob, futs, hangs)
     except ValueError as err:
         return _error(str(err))
-    outs = [_format_prefill(state, r, res) if isinstance(r, Prefill) else _format(state, r, res)
-            for r, res in zip(reqs, results, strict=True)]
+    finally:
+        for rid in rids:
+            state.inflight.pop(rid, None)
+    outs = [out if state.contract is None else state.contract.encode_generate(out) for out in outs]
+    state.completed += [o["meta_info"]["id"] for o in outs if o["meta_info"]["finish_reason"]["type"] != "abort"]
+    if state.truncate_next > 0:
+        state.truncate_next -= 1
+        text = json.dumps(outs[0] if single else outs)
+        return web.Response(text=text[: len(text) // 2], content_type="application/json")
     return web.json_response(outs[0] if single else outs)
+
+
+async def _serve(state: ServerState, rids, reqs, batch, params, logprob, futs, hangs) -> list[dict]:
+    if state.delay_s:
+        sleeper = asyncio.ensure_future(asyncio.sleep(state.delay_s))
+        await asyncio.wait([sleeper, *futs], return_when=asyncio.FIRST_COMPLETED)
+        sleeper.cancel()
+    if state.engine is None:  # no model: fixed answers, unless aborted or hung
+        for fut, hang, item in zip(futs, hangs, zip(rids, batch, params, logprob)):
+            if not fut.done() and not hang:
+                fut.set_result(_noop_output(state, *item))
+        results = await asyncio.gather(*futs)
+        return [_abort_output(state, rid, lp) if res is ABORTED else res
+                for rid, lp, res in zip(rids, logprob, results)]
+    for req, fut, hang in zip(reqs, futs, hangs, strict=True):
+        state.queue.put_nowait((req.work() if isinstance(req, Prefill) else req, fut, hang))
+    results = await asyncio.gather(*futs)
+    return [_abort_output(state, rid, lp) if res is ABORTED else
+            _format_prefill(state, r, res) if isinstance(r, Prefill) else _format(state, r, res)
+            for rid, lp, r, res in zip(rids, logprob, reqs, results, strict=True)]
 
 
 # ----- control routes -----
@@ -327,6 +299,25 @@ async def health_generate(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def _body(request: web.Request, route: str) -> dict:
+    """The JSON body, checked with SGLang's own request type in contract mode (ValueError)."""
+    state: ServerState = request.app["state"]
+    body = await request.json() if request.can_read_body else {}
+    if state.contract is not None:
+        state.contract.check(route, body if body is not None else {}, state)
+    return body or {}
+
+
+def _deprecated(handler, alias: str, target: str):
+    async def wrapped(request: web.Request) -> web.Response:
+        state: ServerState = request.app["state"]
+        state.num_deprecated += 1
+        print(f"protocol server: Endpoint '{alias}' is deprecated and will be removed in a future version. "
+              f"Please use '{target}' instead.", flush=True)
+        return await handler(request)
+    return wrapped
+
+
 async def model_info(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
     cfg = state.engine.model.config if state.engine is not None else None
@@ -341,12 +332,16 @@ async def model_info(request: web.Request) -> web.Response:
 
 async def server_info(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
-    return web.json_response({"model_path": state.model_path, "port": state.args.port,
-                              "tp_size": state.args.tp_size, "dp_size": state.args.dp_size,
+    a = state.args
+    return web.json_response({"model_path": state.model_path, "port": a.port, "tp_size": a.tp_size,
+                              "dp_size": a.dp_size, "base_gpu_id": a.base_gpu_id, "random_seed": a.random_seed,
+                              "enable_deterministic_inference": a.enable_deterministic_inference,
                               "version": "protocol-test-server", "internal_states": [{}]})
 
 
 async def flush_cache(request: web.Request) -> web.Response:
+    if request.app["state"].inflight:  # SGLang flushes only an idle scheduler
+        return web.Response(text="Flush cache failed.\n", status=400)
     return web.Response(text="Cache flushed.\nPlease check backend logs for more details. "
                              "(When there are running or waiting requests, the operation will "
                              "not be performed.)\n")
@@ -354,7 +349,10 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 async def update_weights_from_disk(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
-    body = await request.json()
+    try:
+        body = await _body(request, "/update_weights_from_disk")
+    except ValueError as err:
+        return _error(str(err))
     path = body.get("model_path")
     try:
         if state.engine is not None:
@@ -367,48 +365,76 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
     if body.get("weight_version") is not None:
         state.weight_version = body["weight_version"]
         message += f" Weight version updated to {state.weight_version}."
+    if body.get("flush_cache", True) and state.inflight:
+        return web.json_response({"success": False, "num_paused_requests": 0, "message": (
+            "Weights were updated, but the cache was not flushed because requests are still running or "
+            "queued. Retract or finish them, then call /flush_cache.")}, status=400)
     return web.json_response({"success": True, "message": message, "num_paused_requests": 0})
 
 
 async def update_weight_version(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
-    body = await request.json()
+    body = await _body(request, "/update_weight_version")
     state.weight_version = body["new_version"]
     return web.json_response({"success": True, "new_version": state.weight_version,
                               "message": f"Weight version updated to {state.weight_version}"})
 
 
-def _unavailable(what: str):
+def _weights_route(route: str, method: str):
+    """A weight-update route: the backend's (success, message) as SGLang answers it."""
     async def handler(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"success": False, "message": (
-            f"{what} is unavailable on the protocol test server (no CUDA IPC / NCCL on CPU); "
-            "use /update_weights_from_disk")}, status=400)
+        state: ServerState = request.app["state"]
+        try:
+            body = await _body(request, route)
+        except ValueError as err:
+            return _error(str(err))
+        ok, message = await asyncio.to_thread(getattr(state.weights, method), body)
+        if ok and body.get("weight_version") is not None and method.startswith("update"):
+            message += f" Weight version updated to {body['weight_version']}."
+        return web.json_response({"success": ok, "message": message}, status=200 if ok else 400)
     return handler
 
 
 async def pause_generation(request: web.Request) -> web.Response:
-    request.app["state"].running.clear()
+    state: ServerState = request.app["state"]
+    body = await _body(request, "/pause_generation")
+    state.running.clear()
+    if body.get("mode", "abort") == "abort":  # SGLang: abort every running request, wait until none runs
+        while state.inflight:
+            state.abort()
+            await asyncio.sleep(0.01)
     return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
 
 async def continue_generation(request: web.Request) -> web.Response:
-    request.app["state"].running.set()
+    state: ServerState = request.app["state"]
+    await _body(request, "/continue_generation")
+    state.running.set()
     return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
 
-async def _tags(request: web.Request) -> set[str]:
-    body = await request.json() if request.can_read_body else {}
-    return set((body or {}).get("tags") or ["weights", "kv_cache"])
+async def abort_request(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    body = await _body(request, "/abort_request")
+    state.abort(None if body.get("abort_all") else body.get("rid") or "")
+    return web.Response(status=200)
+
+
+async def _tags(request: web.Request, route: str) -> set[str]:
+    body = await _body(request, route)
+    return set(body.get("tags") or ["weights", "kv_cache"])
 
 
 async def release_memory(request: web.Request) -> web.Response:
-    request.app["state"].released |= await _tags(request)
+    state: ServerState = request.app["state"]
+    if state.inflight:  # SGLang asserts is_fully_idle() and answers the AssertionError
+        return _error("release_memory_occupation should be called only when server is idle.")
+    state.released |= await _tags(request, "/release_memory_occupation")
     return web.json_response(None)
 
 
 async def resume_memory(request: web.Request) -> web.Response:
-    request.app["state"].released -= await _tags(request)
+    request.app["state"].released -= await _tags(request, "/resume_memory_occupation")
     return web.json_response(None)
 
 
@@ -418,16 +444,26 @@ async def test_faults(request: web.Request) -> web.Response:
     state.fail_next = int(body.get("fail_next", state.fail_next))
     state.fail_status = int(body.get("status", state.fail_status))
     state.delay_s = float(body.get("delay_s", state.delay_s))
+    state.hang_next = int(body.get("hang_next", state.hang_next))
+    state.truncate_next = int(body.get("truncate_next", state.truncate_next))
+    if body.get("clear_violations"):
+        state.violations.clear()
+    if "refuse_updates" in body and hasattr(state.weights, "refuse_next"):
+        state.weights.refuse_next = int(body["refuse_updates"])
     return web.json_response({"ok": True})
 
 
 async def test_state(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
+    weights = state.weights
     return web.json_response({
-        "num_generate": state.num_generate, "num_failed": state.num_failed,
+        "num_generate": state.num_generate, "num_failed": state.num_failed, "num_aborted": state.num_aborted,
+        "num_deprecated": state.num_deprecated, "completed": state.completed, "inflight": sorted(state.inflight),
         "paused": not state.running.is_set(), "released": sorted(state.released),
         "weight_version": state.weight_version, "memory_saver": state.args.enable_memory_saver,
-        "pid": os.getpid()})
+        "session_open": bool(getattr(weights, "session_open", False)),
+        "groups": sorted(getattr(weights, "groups", {})), "violations": state.violations,
+        "contract": state.contract is not None, "sglang_args": state.sglang_args, "pid": os.getpid()})
 
 
 @web.middleware
@@ -439,15 +475,24 @@ async def auth(request: web.Request, handler):
     return await handler(request)
 
 
+WEIGHT_ROUTES = {  # route -> ProtocolWeights / contract backend method
+    "/begin_weight_update": "begin", "/end_weight_update": "end",
+    "/update_weights_from_tensor": "update_from_tensor", "/init_weights_update_group": "init_group",
+    "/update_weights_from_distributed": "update_from_distributed",
+    "/destroy_weights_update_group": "destroy_group",
+}
+
+
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[auth], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[auth], client_max_size=256 * 1024 * 1024)
     app["state"] = state
     r = app.router
     r.add_post("/generate", generate)
     r.add_put("/generate", generate)
     for path, fn in (("/health", health), ("/health_generate", health_generate),
-                     ("/get_model_info", model_info), ("/model_info", model_info),
-                     ("/get_server_info", server_info), ("/server_info", server_info),
+                     ("/get_model_info", _deprecated(model_info, "/get_model_info", "/model_info")),
+                     ("/model_info", model_info), ("/server_info", server_info),
+                     ("/get_server_info", _deprecated(server_info, "/get_server_info", "/server_info")),
                      ("/_test/state", test_state)):
         r.add_get(path, fn)
     for path, fn in (("/flush_cache", flush_cache), ("/release_memory_occupation", release_memory),
@@ -458,11 +503,11 @@ def build_app(state: ServerState) -> web.Application:
                      ("/update_weight_version", update_weight_version),
                      ("/pause_generation", pause_generation),
                      ("/continue_generation", continue_generation),
+                     ("/abort_request", abort_request),
                      ("/_test/faults", test_faults)):
         r.add_post(path, fn)
-    for path in ("/update_weights_from_tensor", "/init_weights_update_group",
-                 "/update_weights_from_distributed", "/destroy_weights_update_group"):
-        r.add_post(path, _unavailable(path))
+    for path, method in WEIGHT_ROUTES.items():
+        r.add_post(path, _weights_route(path, method))
 
     async def start_worker(app: web.Application) -> None:
         if state.engine is not None:
@@ -472,7 +517,7 @@ def build_app(state: ServerState) -> web.Application:
     return app
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", default="")
     p.add_argument("--tiny", action="store_true", help="random tiny Qwen3 + synthetic tokenizer")
@@ -485,11 +530,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--delay-s", type=float, default=0.0)
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the tiny model's init seed (and the stream's)")
     p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--random-seed", type=int, default=None)
+    p.add_argument("--enable-deterministic-inference", action="store_true")
+    p.add_argument("--sglang-source", default="", help="contract mode: SGLang's unpacked wheel")
     # sglang.launch_server flags that have no meaning here (accepted so launch lines match)
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--dp-size", type=int, default=1)
+    p.add_argument("--base-gpu-id", type=int, default=0)
     p.add_argument("--mem-fraction-static", type=float, default=0.8)
     p.add_argument("--enable-memory-saver", action="store_true")
     args, unknown = p.parse_known_args(argv)
@@ -497,24 +546,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         print(f"protocol server: ignoring flags {unknown}", flush=True)
     if not args.noop and bool(args.model_path) == args.tiny:
         p.error("give exactly one of --model-path DIR or --tiny (or --noop, which loads no model)")
-    return args
+    return args, unknown
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, _ = parse_args(argv)
     start = time.time()
 
     async def make_app() -> web.Application:
+        from protocol_weights import ProtocolWeights
+
         state = ServerState(args)
         if not args.noop:
             state.engine = await asyncio.to_thread(build_engine, args)
+        state.weights = ProtocolWeights(state.engine, tp_size=args.tp_size, is_idle=lambda: not state.inflight,
+                                        set_version=state.set_version)
+        if args.sglang_source:  # SGLang's own code checks and serves the weight updates
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "contract"))
+            from sglang_backend import ContractBackend
+
+            state.contract = await asyncio.to_thread(ContractBackend, args.sglang_source, argv, state)
+            state.weights = state.contract
         print(f"protocol server: model {state.model_path} ready in {time.time() - start:.1f} s on "
               f"http://{args.host}:{args.port} ({json.dumps({'weight_version': args.weight_version})})",
               flush=True)
         return build_app(state)
 
+    # A test double has nothing to flush: leave at once on SIGTERM (a graceful aiohttp shutdown and
+    # torch's teardown take seconds, and every test that stops a server would wait for them).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None,
-                shutdown_timeout=2.0)
+                shutdown_timeout=2.0, handle_signals=False)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,22 @@ class SamplingConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EngineConfig:
-    """One rollout engine: an in-process `local` engine or an SGLang server (launched or attached)."""
+    """One rollout engine: an in-process `local` engine or a pool of SGLang servers.
+
+    SGLang servers are launched (`replicas` processes, one server each) or attached (`url`, or
+    `urls` for several). Every replica is a whole server: its own TP size, `dp_size=1`, port and
+    GPUs; the engine spreads requests over the healthy replicas and weight sync reaches all.
+    """
 
     backend: Literal["local", "sglang"] = "local"
     model_path: str = ""  # HF checkpoint dir (explorer weights; the learner's initial weights)
-    url: str = ""  # attach to a running SGLang server instead of launching one
+    url: str = ""  # attach to one running SGLang server instead of launching one
+    urls: list[str] = field(default_factory=list)  # attach to several (one replica each)
+    replicas: int = 1  # launched servers of this engine (one process each); with urls: their count
     host: str = "127.0.0.1"
-    port: int = 30000
+    port: int = 30000  # replica i listens on port + i (or ports[i])
+    ports: list[int] = field(default_factory=list)  # explicit per-replica ports of launched servers
+    base_gpu_id: int = 0  # replica i runs on GPUs base_gpu_id + i * tp_size ... (SGLang --base-gpu-id)
     tp_size: int = 1
     dp_size: int = 1
     mem_fraction: float = 0.8
@@ -51,15 +60,23 @@ class EngineConfig:
     # so the key itself is in no config file, command line or log; used when api_key is empty.
     api_key_env: str = ""
     enable_memory_saver: bool = False  # colocated with the learner: release memory between phases
+    # --enable-deterministic-inference: the same request (prompt, sampling params, sampling_seed)
+    # gives the same tokens whatever else the server batches with it (docs/rollout.md).
+    deterministic: bool = False
     extra_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
     # Program that takes sglang.launch_server's flags; empty: `<python> -m sglang.launch_server`.
     # CPU demos and tests point it at `python tests/protocol_server.py`.
     launch_command: list[str] = field(default_factory=list)
     startup_timeout_s: float = 900.0  # launch -> healthy deadline
-    max_restarts: int = 3  # relaunches of a launched server that died, per engine lifetime
-    max_concurrency: int = 256
-    request_timeout_s: float = 600.0
-    max_retries: int = 3
+    max_restarts: int = 3  # relaunches of each launched replica (died or hung), per engine lifetime
+    max_concurrency: int = 256  # requests in flight per replica
+    # A /generate attempt without an answer after this long, while the server still answers
+    # /health, is a hang: the request is aborted (/abort_request), a launched server is restarted,
+    # and the request is resubmitted with a fresh rid. Set it above the longest generation.
+    hang_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # HTTP timeout of every other call (weight updates, memory, info)
+    max_retries: int = 3  # per request: 5xx / broken answers, and hangs or replica losses
+    log_dir: str = ""  # launched servers' logs; empty: <run.output_dir>/logs (temporary files outside a run)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # A model built from code instead of loaded: with model_path empty, the trainer writes a HF
     # directory of this architecture (seeded by init_seed, optionally warm-started by
@@ -76,13 +93,52 @@ class EngineConfig:
         check(0 < self.mem_fraction <= 1, f"engine mem_fraction must be in (0, 1], got {self.mem_fraction}")
         check(self.max_concurrency >= 1, f"engine max_concurrency must be >= 1, got {self.max_concurrency}")
         check(self.request_timeout_s > 0, f"engine request_timeout_s must be > 0, got {self.request_timeout_s}")
+        check(self.hang_timeout_s > 0, f"engine hang_timeout_s must be > 0, got {self.hang_timeout_s}")
         check(self.max_retries >= 0, f"engine max_retries must be >= 0, got {self.max_retries}")
         check(self.startup_timeout_s > 0,
               f"engine startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         check(self.max_restarts >= 0, f"engine max_restarts must be >= 0, got {self.max_restarts}")
-        check(bool(self.url) or is_loopback(self.host) or bool(self.api_key or self.api_key_env),
+        check(self.attached or is_loopback(self.host) or bool(self.api_key or self.api_key_env),
               f"engine host {self.host!r} makes a launched SGLang server reachable from other machines; "
               "set api_key (or api_key_env) so it refuses unauthenticated calls, or keep host 127.0.0.1")
+        check(self.base_gpu_id >= 0, f"engine base_gpu_id must be >= 0, got {self.base_gpu_id}")
+        self._check_replicas()
+
+    def _check_replicas(self) -> None:
+        check(self.replicas >= 1, f"engine replicas must be >= 1, got {self.replicas}")
+        check(not (self.url and self.urls), "engine url and urls are both set: give one server in url or "
+              "every replica in urls")
+        check(not self.attached or self.replicas in (1, len(self.urls)),
+              f"engine replicas={self.replicas} launches servers, but url/urls attach to {len(self.urls) or 1} "
+              "running one(s): list every attached replica in urls (replicas may then be left at 1)")
+        check(not self.ports or len(self.ports) == self.replicas,
+              f"engine ports has {len(self.ports)} entries for replicas={self.replicas}: give one port per replica")
+        for i, port in enumerate(self.ports):
+            check(1 <= port <= 65535, f"engine ports[{i}] must be in 1..65535, got {port}")
+        for i, url in enumerate(self.urls):
+            check(url.startswith(("http://", "https://")),
+                  f"engine urls[{i}] must be an http(s) URL, got {url!r}")
+        for what, items in (("urls", [u.rstrip("/") for u in self.urls]), ("ports", self.replica_ports())):
+            seen: dict = {}
+            for i, item in enumerate(items):
+                check(item not in seen, f"engine replicas {seen.get(item)} and {i} share {what[:-1]} {item}: "
+                      f"every replica needs its own {what[:-1]}")
+                seen[item] = i
+
+    @property
+    def attached(self) -> bool:
+        """Whether this engine attaches to running servers instead of launching them."""
+        return bool(self.url or self.urls)
+
+    def replica_ports(self) -> list[int]:
+        """The port of each launched replica (port + i unless `ports` lists them)."""
+        return list(self.ports) if self.ports else [self.port + i for i in range(self.replicas)]
+
+    def replica_urls(self) -> list[str]:
+        """Every replica's URL: the attached ones, or the launched servers' host:port."""
+        if self.attached:
+            return [u.rstrip("/") for u in (self.urls or [self.url])]
+        return [f"http://{self.host}:{port}" for port in self.replica_ports()]
 
     def resolved_api_key(self) -> str:
         """api_key, or the value of the environment variable api_key_env ("" when neither is set)."""
@@ -119,7 +175,7 @@ class RolloutConfig:
     def has_model(self, name: str) -> bool:
         """Whether engine `name` (explorer / teacher) has a model source or a server to attach to."""
         engine = getattr(self, name)
-        return bool(engine.model_path or engine.url or engine.init_arch)
+        return bool(engine.model_path or engine.attached or engine.init_arch)
 
     def __post_init__(self) -> None:
         check(self.prefetch_steps >= 0, f"rollout.prefetch_steps must be >= 0, got {self.prefetch_steps}")

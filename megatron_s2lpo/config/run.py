@@ -66,11 +66,11 @@ class RunConfig:
             return
         # Cross-section rules; each section already validated its own fields.
         uses_explorer = self.algo.t_mix > 0
-        has_explorer = bool(self.rollout.explorer.model_path or self.rollout.explorer.url
+        has_explorer = bool(self.rollout.explorer.model_path or self.rollout.explorer.attached
                             or self.rollout.explorer_store or self.rollout.explorer.init_arch)
         check(not uses_explorer or has_explorer,
               f"algo.t_mix={self.algo.t_mix} asks for explorer rollouts but none of "
-              "rollout.explorer.model_path, rollout.explorer.url, rollout.explorer_store or rollout.explorer.init_arch is set; "
+              "rollout.explorer.model_path, rollout.explorer.url(s), rollout.explorer_store or rollout.explorer.init_arch is set; "
               "set one of them, or algo.t_mix=0 for plain GRPO")
         needs_teacher = self.algo.method in ("forward_kl", "opd")
         check(not needs_teacher or self.rollout.has_model("teacher"),

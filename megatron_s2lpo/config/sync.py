@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .base import check
 
 SYNC_TRANSPORTS = ("disk", "distributed", "tensor")
+GROUP_BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -22,6 +23,12 @@ class SyncConfig:
     # distributed transport: rendezvous of the trainer (rank 0) with the server's ranks
     master_address: str = ""  # an address of this host the server reaches; empty: the route to the server
     master_port: int = 0  # 0: a free port
+    # The weight-update group's backend: nccl on GPUs; gloo moves CPU tensors (CPU tests, the
+    # protocol test server, the sync benchmark).
+    group_backend: str = "nccl"
+    # The group's rendezvous and every broadcast give up after this long (a replica that never
+    # receives cannot keep the trainer waiting longer).
+    group_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         check(self.transport in SYNC_TRANSPORTS,
@@ -36,5 +43,8 @@ class SyncConfig:
         check(self.parity_max_new_tokens >= 1,
               f"sync.parity_max_new_tokens must be >= 1, got {self.parity_max_new_tokens}")
         check(self.parity_threshold > 0, f"sync.parity_threshold must be > 0, got {self.parity_threshold}")
+        check(self.group_backend in GROUP_BACKENDS,
+              f"sync.group_backend must be one of {GROUP_BACKENDS}, got {self.group_backend!r}")
+        check(self.group_timeout_s > 0, f"sync.group_timeout_s must be > 0, got {self.group_timeout_s}")
         check(0 <= self.master_port <= 65535,
               f"sync.master_port must be in 0..65535 (0 = a free port), got {self.master_port}")

@@ -7,9 +7,14 @@ Node groups (one Slurm heterogeneous-job component each, in this order):
 
   learner         torchrun over `num_nodes` nodes; global rank 0 on the group's first node.
                   A colocated learner server runs on that first node too (CUDA IPC sync).
-  learner_server  the learner's SGLang server on its own node (NCCL or disk weight sync).
-  explorer        the frozen explorer's SGLang server on its own node (S2L-PO: algo.t_mix > 0).
-  teacher         the frozen teacher's SGLang server on its own node (algo.method forward_kl / opd).
+  learner_server  the learner's SGLang server(s) on their own node (NCCL or disk weight sync).
+  explorer        the frozen explorer's SGLang server(s) on their own node (S2L-PO: algo.t_mix > 0).
+  teacher         the frozen teacher's SGLang server(s) on their own node (algo.method forward_kl / opd).
+
+`rollout.<engine>.replicas: N` puts N servers on the role's node, one task: replica i listens on
+the role's port + 100 * i (REPLICA_PORT_STRIDE: the roles' default ports stay apart) and runs on
+GPUs i*tp .. (SGLang --base-gpu-id), and the trainer attaches to all of them
+(`rollout.<engine>.urls`).
 
 A multi-stage recipe (`stages:`) gets the learner group only: its engines change from stage to
 stage (a stage's trained model is the next one's teacher), so engines with `backend: sglang`
@@ -34,6 +39,7 @@ from ..stop_signal import CONTINUE_EXIT_CODE, STOP_MARKER_ENV
 from .memory import check_launch_memory
 
 LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"
+REPLICA_PORT_STRIDE = 100  # replica i of a role listens on the role's port + i * stride
 # Node-local copy of the resolved config written by the trainer script (one per job and node).
 EMBEDDED_CONFIG_PATH = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.yaml"
 CONFIG_EOF = "S2LPO_CONFIG_EOF"
@@ -115,9 +121,11 @@ class NodeGroup:
 class ServerTask:
     name: str  # "learner_server" | "explorer_server" | "teacher_server"
     group: str  # node group it runs in (LEARNER when colocated)
-    num_gpus: int  # tp_size * dp_size
-    command: list[str]  # sglang.launch_server command line (build_launch_command)
-    url: str  # as the trainer reaches it (host may be a shell expression)
+    num_gpus: int  # replicas * tp_size * dp_size
+    command: list[str]  # sglang.launch_server command line of replica 0 (build_launch_command)
+    url: str  # replica 0 as the trainer reaches it (host may be a shell expression)
+    commands: list[list[str]] = field(default_factory=list)  # every replica's command line
+    urls: list[str] = field(default_factory=list)  # every replica's URL
 
 
 @dataclass(kw_only=True, slots=True)
@@ -137,7 +145,7 @@ class LaunchPlan:
 
 
 def _needs_server(engine: EngineConfig) -> bool:
-    return engine.backend == "sglang" and not engine.url
+    return engine.backend == "sglang" and not engine.attached
 
 
 def _server_cfg(engine: EngineConfig, port: int, *, memory_saver: bool, one_machine: bool) -> EngineConfig:
@@ -154,11 +162,30 @@ def _auth_overrides(name: str, one_machine: bool) -> list[str]:
 
 
 def _server_gpus(engine: EngineConfig, name: str, layout: ClusterLayout) -> int:
-    num_gpus = engine.tp_size * engine.dp_size
+    num_gpus = engine.replicas * engine.tp_size * engine.dp_size
     if layout.gpus_per_node and num_gpus > layout.gpus_per_node:
-        raise ValueError(f"rollout.{name}: tp_size*dp_size = {num_gpus} GPUs does not fit one node of "
-                         f"{layout.gpus_per_node} GPUs; the launcher runs one server per engine on one node")
+        raise ValueError(f"rollout.{name}: replicas*tp_size*dp_size = {num_gpus} GPUs does not fit one node of "
+                         f"{layout.gpus_per_node} GPUs; the launcher runs an engine's servers on one node")
     return num_gpus
+
+
+def _server_task(engine: EngineConfig, name: str, group: str, port: int, host: str, num_gpus: int,
+                 cfg: RunConfig, python: str, *, memory_saver: bool, one_machine: bool) -> ServerTask:
+    """The role's servers: replica i on port + i * stride and its own GPUs (--base-gpu-id i*tp*dp)."""
+    ports = [port + i * REPLICA_PORT_STRIDE for i in range(engine.replicas)]
+    server = _server_cfg(dataclasses.replace(engine, ports=ports), port, memory_saver=memory_saver,
+                         one_machine=one_machine)
+    commands = [build_launch_command(server, python=python, replica=i, seed=cfg.run.seed)
+                for i in range(engine.replicas)]
+    urls = [f"http://{host}:{p}" for p in ports]
+    return ServerTask(name=f"{name}_server", group=group, num_gpus=num_gpus, command=commands[0], url=urls[0],
+                      commands=commands, urls=urls)
+
+
+def _url_override(name: str, server: ServerTask) -> str:
+    if len(server.urls) == 1:
+        return f"rollout.{name}.url={server.url}"
+    return f"rollout.{name}.urls=[" + ",".join(server.urls) + "]"
 
 
 def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
@@ -180,18 +207,18 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
     if _needs_server(learner_engine):
         group = LEARNER if colocated else LEARNER_SERVER
         num_gpus = _server_gpus(learner_engine, "learner", layout)
-        command = build_launch_command(_server_cfg(learner_engine, layout.learner_port, memory_saver=colocated,
-                                                   one_machine=one_machine), python=layout.server_python)
-        url = f"http://{host(group)}:{layout.learner_port}"
-        servers.append(ServerTask(name="learner_server", group=group, num_gpus=num_gpus, command=command, url=url))
-        overrides += [f"rollout.learner.url={url}", *_auth_overrides("learner", one_machine)]
+        server = _server_task(learner_engine, "learner", group, layout.learner_port, host(group), num_gpus, cfg,
+                              layout.server_python, memory_saver=colocated, one_machine=one_machine)
+        servers.append(server)
+        overrides += [_url_override("learner", server), *_auth_overrides("learner", one_machine)]
         if colocated:
             overrides += ["sync.transport=tensor", "rollout.learner.enable_memory_saver=true"]
         elif cfg.sync.transport != "disk":  # disk stays disk (shared storage); else NCCL broadcast
             if learner_engine.dp_size > 1:
                 raise ValueError(f"rollout.learner.dp_size={learner_engine.dp_size}: SGLang refuses NCCL weight "
-                                 "updates for dp_size > 1; use tp_size only, colocate the server "
-                                 "(sync.transport=tensor), or sync through shared storage (sync.transport=disk)")
+                                 "updates for dp_size > 1; run several servers instead (rollout.learner.replicas: N "
+                                 "with dp_size 1: one update group reaches all), or sync through shared storage "
+                                 "(sync.transport=disk)")
             overrides += ["sync.transport=distributed", f"sync.master_address={host(LEARNER)}",
                           f"sync.master_port={layout.sync_port}"]
         if not colocated and not one_machine:
@@ -204,13 +231,13 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
         if not (used and _needs_server(engine) and engine.model_path):
             continue
         num_gpus = _server_gpus(engine, name, layout)
-        command = build_launch_command(_server_cfg(engine, port, memory_saver=False, one_machine=one_machine),
-                                       python=layout.server_python)
-        url = f"http://{host(name)}:{port}"
-        servers.append(ServerTask(name=f"{name}_server", group=name, num_gpus=num_gpus, command=command, url=url))
-        overrides += [f"rollout.{name}.url={url}", *_auth_overrides(name, one_machine)]
+        server = _server_task(engine, name, name, port, host(name), num_gpus, cfg, layout.server_python,
+                              memory_saver=False, one_machine=one_machine)
+        servers.append(server)
+        overrides += [_url_override(name, server), *_auth_overrides(name, one_machine)]
         if not one_machine:
             groups.append(NodeGroup(name=name, num_nodes=1, gpus_per_node=num_gpus))
+    _check_ports(servers, one_machine)
     learner_nodes = layout.num_nodes - sum(g.num_nodes for g in groups)
     if learner_nodes < 1:
         raise ValueError(f"num_nodes={layout.num_nodes} leaves no node for the learner: the servers take "
@@ -255,6 +282,21 @@ def check_trainer_environment(transport: str, layout: ClusterLayout) -> None:
         f"{','.join(dict.fromkeys([*layout.trainer_provides, *missing]))}")
 
 
+def _check_ports(servers: list[ServerTask], one_machine: bool) -> None:
+    """Servers that share a host (one machine, or colocated replicas) need their own ports."""
+    seen: dict[tuple[str, str], str] = {}
+    for server in servers:
+        for i, url in enumerate(server.urls):
+            where = url.rsplit(":", 1)
+            key = ("", where[1]) if one_machine else (where[0], where[1])
+            owner = f"{server.name} replica {i}"
+            if key in seen:
+                raise ValueError(f"{seen[key]} and {owner} would both listen on port {where[1]}: replica i of a "
+                                 f"role uses the role's port + {REPLICA_PORT_STRIDE} * i; give learner_port, "
+                                 "explorer_port and teacher_port distinct values")
+            seen[key] = owner
+
+
 def _learner_procs_per_node(cfg: RunConfig, layout: ClusterLayout, learner_nodes: int) -> int:
     """One process per GPU (one per node on CPU); the world size must hold whole TP*PP blocks."""
     procs = layout.gpus_per_node or 1
@@ -295,9 +337,9 @@ def trainer_script(config_path: str, user_overrides: list[str], generated: list[
     if layout.resume:  # a chained job after the last step: done before waiting for the servers
         lines.append(f"if {layout.python} -m megatron_s2lpo.launch.run_state {' '.join(config_args)}; then exit 0; fi")
     if servers:
-        hosts = ",".join(dict.fromkeys(_url_host(s.url) for s in servers))
+        hosts = ",".join(dict.fromkeys(_url_host(url) for s in servers for url in (s.urls or [s.url])))
         lines.append(f'export NO_PROXY="${{NO_PROXY:+$NO_PROXY,}}{hosts}" no_proxy="${{no_proxy:+$no_proxy,}}{hosts}"')
-        urls = " ".join(_expandable(s.url) for s in servers)
+        urls = " ".join(_expandable(url) for s in servers for url in (s.urls or [s.url]))
         lines.append(f"{layout.python} -m megatron_s2lpo.launch.wait_healthy "
                      f"--timeout-s {layout.health_timeout_s:g} {urls}")
     args = ["-m", "megatron_s2lpo.cli", "train", *config_args, *(_expandable(o) for o in generated)]
@@ -338,7 +380,15 @@ def _quote(arg: str) -> str:
 
 
 def server_script(server: ServerTask) -> str:
-    return "set -euo pipefail\nexec " + " ".join(_quote(a) for a in server.command) + "\n"
+    """One server: exec it. Several replicas: start each in the background and wait for all (a
+    replica that exits leaves the others serving; the trainer stops sending to it)."""
+    commands = server.commands or [server.command]
+    if len(commands) == 1:
+        return "set -euo pipefail\nexec " + " ".join(_quote(a) for a in commands[0]) + "\n"
+    lines = ["set -uo pipefail", "trap 'kill 0' TERM INT"]
+    lines += [" ".join(_quote(a) for a in command) + " &" for command in commands]
+    lines.append("wait")
+    return "\n".join(lines) + "\n"
 
 
 def num_gpus_summary(plan: LaunchPlan) -> dict[str, int]:

@@ -5,7 +5,9 @@ local          LocalEngine: in-process transformers model (CPU default, test ser
 scoring        teacher scoring: ScoreRequest, TokenScores, TeacherScorer (cached), align_scores
 sglang_client  async HTTP client for SGLang's native API (0.5.23)
 sglang_server  launch command, server process, health wait
-sglang_engine  SGLangEngine: launched or attached SGLang server as a RolloutEngine
+sglang_engine  SGLangEngine: a pool of launched or attached SGLang servers as a RolloutEngine
+sglang_replica one server of the pool: start, health, restart after a death or a hang
+sglang_tensors SGLang's flattened-bucket tensor formats (broadcast layout, CUDA-IPC payloads)
 store          explorer rollout store (jsonl shards) writer and reader
 explorer       fill_store (`s2lpo explore`) and the background ExplorerPrefetcher
 collector      GroupCollector: explorer + learner samples of every group, concurrently
@@ -24,10 +26,12 @@ from .sglang_server import ServerProcess, build_launch_command
 from .store import ExplorerSample, StoreReader, StoreWriter
 
 
-def build_engine(cfg, *, tokenizer=None, name: str = "engine", seed: int = 0) -> RolloutEngine:
-    """The engine an `EngineConfig` describes: `local` (in-process) or `sglang` (HTTP)."""
+def build_engine(cfg, *, tokenizer=None, name: str = "engine", seed: int = 0,
+                 log_dir: str | None = None) -> RolloutEngine:
+    """The engine an `EngineConfig` describes: `local` (in-process) or `sglang` (HTTP; launched
+    replica i gets --random-seed seed + i, logs in cfg.log_dir or else `log_dir`)."""
     if cfg.backend == "sglang":
-        return SGLangEngine(cfg, name=name)
+        return SGLangEngine(cfg, name=name, seed=seed, log_dir=cfg.log_dir or log_dir)
     if not cfg.model_path:
         raise ValueError(f"rollout.{name}.model_path is empty: the local engine loads a Hugging Face "
                          "model directory")

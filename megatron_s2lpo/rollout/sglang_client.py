@@ -53,9 +53,16 @@ We therefore send logprob_start_len = len(prompt) - 1: entry 0 is the last promp
 are neither computed nor sent (slime's teacher scoring sends 0 and keeps the tail; same
 numbers, L - R - 1 more entries). Same-prompt rollouts can share the cached prompt prefix.
 
-Errors: connection errors, timeouts and 5xx answers are retried with exponential backoff
-(after asking `recover` to restart a dead server); 4xx answers are not. The final error
-names the server URL, the request id and the server's last answer.
+Request ids: SGLang refuses a `rid` that is still alive on the server (400 "Duplicate request
+ID detected", `TokenizerManager._init_req_state`), and a request whose client gave up keeps
+running until the server notices the disconnect. So every submission of a request gets its own
+wire rid (`wire_rid`: the request id, then `<id>~r<k>` for the k-th resubmission), the answer
+must carry that rid, and the completion keeps the caller's request id.
+
+Errors: connection errors, timeouts, 5xx answers and truncated or non-JSON bodies are retried
+(`call`: with exponential backoff, after asking `recover` to restart a dead server; generation
+attempts are retried by the engine, which may resubmit them to another replica); 4xx answers
+are not. The final error names the server URL, the request id and the server's last answer.
 """
 
 from __future__ import annotations
@@ -80,18 +87,29 @@ class EngineRequestError(RuntimeError):
     """A request to an SGLang server failed for good (4xx, bad answer, or retries spent)."""
 
 
-class _Retryable(Exception):
-    """Internal: this attempt failed in a way worth retrying; `answer` describes it."""
+class RequestAborted(EngineRequestError):
+    """The server aborted a scoring request (a generation comes back as FinishReason.ABORT)."""
 
-    def __init__(self, answer: str) -> None:
+
+class AttemptFailed(Exception):
+    """One attempt failed in a way worth retrying. kind: connection | timeout | server_error |
+    bad_body; `answer` describes what came back."""
+
+    def __init__(self, kind: str, answer: str) -> None:
         super().__init__(answer)
+        self.kind = kind
         self.answer = answer
 
 
-def generate_payload(req: GenerateRequest) -> dict:
+def wire_rid(request_id: str, submission: int) -> str:
+    """The rid of the `submission`-th submission (0: the first) of a request."""
+    return request_id if submission == 0 else f"{request_id}~r{submission}"
+
+
+def generate_payload(req: GenerateRequest, rid: str | None = None) -> dict:
     """The /generate body for one request (SGLang GenerateReqInput field names)."""
     return {
-        "rid": req.request_id,
+        "rid": rid or req.request_id,
         "input_ids": list(req.prompt_ids),
         "sampling_params": req.sampling_params(),
         "return_logprob": req.return_logprob,
@@ -99,19 +117,26 @@ def generate_payload(req: GenerateRequest) -> dict:
     }
 
 
-def parse_generate_output(out: Any, req: GenerateRequest, *, url: str) -> Completion:
-    """SGLang's /generate answer for one request -> Completion (checks it is well formed)."""
-    where = f"{url}/generate request {req.request_id!r}"
-    if not isinstance(out, dict) or "meta_info" not in out or "output_ids" not in out:
+def parse_generate_output(out: Any, req: GenerateRequest, *, url: str, rid: str | None = None) -> Completion:
+    """SGLang's /generate answer for one request -> Completion (checks it is well formed).
+
+    An aborted request (finish_reason abort) may carry a partial answer: it is returned with
+    the tokens whose log-probs came back, marked FinishReason.ABORT."""
+    rid = rid or req.request_id
+    where = f"{url}/generate request {rid!r}"
+    if not isinstance(out, dict) or not isinstance(out.get("meta_info"), dict) or "output_ids" not in out:
         raise EngineRequestError(f"{where}: unexpected answer {_excerpt(out)}")
     meta = out["meta_info"]
-    if meta.get("id", req.request_id) != req.request_id:
+    if meta.get("id", rid) != rid:
         raise EngineRequestError(f"{where}: the answer is for request {meta['id']!r}")
     token_ids = [int(t) for t in out["output_ids"]]
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else reason
     if kind not in _FINISH:
         raise EngineRequestError(f"{where}: unknown finish_reason {reason!r}")
+    if kind == "abort":
+        triples = meta.get("output_token_logprobs") or []
+        token_ids = token_ids[:len(triples)] if req.return_logprob else token_ids
     if req.return_logprob:
         triples = meta.get("output_token_logprobs")
         if triples is None or len(triples) != len(token_ids):
@@ -136,10 +161,10 @@ def parse_generate_output(out: Any, req: GenerateRequest, *, url: str) -> Comple
     )
 
 
-def score_payload(req: ScoreRequest) -> dict:
+def score_payload(req: ScoreRequest, rid: str | None = None) -> dict:
     """The /generate body that scores one request's response tokens (prefill only)."""
     payload = {
-        "rid": req.request_id,
+        "rid": rid or req.request_id,
         "input_ids": list(req.prompt_ids) + list(req.response_ids),
         "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
         "return_logprob": True,
@@ -151,22 +176,23 @@ def score_payload(req: ScoreRequest) -> dict:
     return payload
 
 
-def parse_score_output(out: Any, req: ScoreRequest, *, url: str) -> TokenScores:
+def parse_score_output(out: Any, req: ScoreRequest, *, url: str, rid: str | None = None) -> TokenScores:
     """SGLang's answer to `score_payload(req)` -> TokenScores (checked entry by entry).
 
     Expects meta_info.input_token_logprobs for the tokens from the last prompt token on (see
     the module docstring): R + 1 entries, entry 0 (null log-prob) dropped. A token id of 0 is
     accepted for any token (SGLang reports ids >= vocab_size - 1 as 0).
     """
-    where = f"{url}/generate score request {req.request_id!r}"
+    rid = rid or req.request_id
+    where = f"{url}/generate score request {rid!r}"
     if not isinstance(out, dict) or not isinstance(out.get("meta_info"), dict):
         raise EngineRequestError(f"{where}: unexpected answer {_excerpt(out)}")
     meta = out["meta_info"]
-    if meta.get("id", req.request_id) != req.request_id:
+    if meta.get("id", rid) != rid:
         raise EngineRequestError(f"{where}: the answer is for request {meta['id']!r}")
     reason = meta.get("finish_reason") or {}
     if isinstance(reason, dict) and reason.get("type") == "abort":
-        raise EngineRequestError(f"{where}: aborted by the server: {reason.get('message')!r}")
+        raise RequestAborted(f"{where}: aborted by the server: {reason.get('message')!r}")
     tokens = [req.prompt_ids[-1]] + list(req.response_ids)  # what entries 0 .. R refer to
     entries = meta.get("input_token_logprobs")
     if not isinstance(entries, list) or len(entries) != len(tokens):
@@ -218,7 +244,11 @@ def _check_token(where: str, what: str, got: Any, expected: int) -> None:
 
 
 class SGLangClient:
-    """Talks to one SGLang server. Create and use it inside one event loop."""
+    """Talks to one SGLang server. Create and use it inside one event loop.
+
+    request_timeout_s bounds every control call; generation and scoring attempts
+    (`generate_once`, `score_once`) are bounded by hang_timeout_s instead.
+    """
 
     def __init__(
         self,
@@ -227,6 +257,7 @@ class SGLangClient:
         api_key: str = "",
         max_concurrency: int = 256,
         request_timeout_s: float = 600.0,
+        hang_timeout_s: float | None = None,
         max_retries: int = 3,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
@@ -237,15 +268,16 @@ class SGLangClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.recover = recover  # called before a retry: restarts the server if it died
+        self.request_timeout_s = request_timeout_s
+        self.hang_timeout_s = hang_timeout_s or request_timeout_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._max_concurrency = max_concurrency
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_concurrency)
+            connector = aiohttp.TCPConnector(limit=self._max_concurrency + 16)  # + control calls
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
         return self._session
 
@@ -256,33 +288,55 @@ class SGLangClient:
     # ----- generation -----
 
     async def generate(self, requests: list[GenerateRequest]) -> list[Completion]:
-        """One completion per request, in order; each request is sent on its own."""
-        return await _gather_all([self.generate_one(r) for r in requests])
-
-    async def generate_one(self, req: GenerateRequest) -> Completion:
-        out = await self.call("POST", "/generate", generate_payload(req), request_id=req.request_id)
-        return parse_generate_output(out, req, url=self.url)
-
-    # ----- teacher scoring -----
+        """One completion per request, in order, each sent on its own and retried on this server
+        (a fresh rid per attempt). `SGLangEngine` spreads requests over replicas instead."""
+        return await gather_all([self._retried(self.generate_once, r) for r in requests])
 
     async def score(self, requests: list[ScoreRequest]) -> list[TokenScores]:
-        """Teacher scores per request, in order; each request is sent on its own."""
-        return await _gather_all([self.score_one(r) for r in requests])
+        """Teacher scores per request, in order (like `generate`)."""
+        return await gather_all([self._retried(self.score_once, r) for r in requests])
 
-    async def score_one(self, req: ScoreRequest) -> TokenScores:
-        out = await self.call("POST", "/generate", score_payload(req), request_id=req.request_id)
-        return parse_score_output(out, req, url=self.url)
+    async def _retried(self, once: Callable[..., Awaitable[T]], req: Any) -> T:
+        attempt = 0
+        while True:
+            rid = wire_rid(req.request_id, attempt)
+            try:
+                return await once(req, rid)
+            except AttemptFailed as err:
+                attempt += 1
+                if attempt > self.max_retries:
+                    raise EngineRequestError(f"POST {self.url}/generate (request {req.request_id}, rid {rid}) failed "
+                                             f"after {attempt} attempt(s); last answer: {err.answer}") from None
+                if self.recover is not None:
+                    await self.recover()
+                await asyncio.sleep(self.backoff(attempt))
+
+    # one attempt each (the engine retries them, on any replica)
+
+    async def generate_once(self, req: GenerateRequest, rid: str | None = None) -> Completion:
+        rid = rid or req.request_id
+        out = await self._attempt("POST", "/generate", generate_payload(req, rid), rid,
+                                  timeout_s=self.hang_timeout_s, expect_json=True)
+        return parse_generate_output(out, req, url=self.url, rid=rid)
+
+    async def score_once(self, req: ScoreRequest, rid: str | None = None) -> TokenScores:
+        rid = rid or req.request_id
+        out = await self._attempt("POST", "/generate", score_payload(req, rid), rid,
+                                  timeout_s=self.hang_timeout_s, expect_json=True)
+        return parse_score_output(out, req, url=self.url, rid=rid)
 
     # ----- transport -----
 
     async def call(self, method: str, path: str, payload: dict | None = None, *,
-                   request_id: str = "", retry: bool = True) -> Any:
+                   request_id: str = "", retry: bool = True, timeout_s: float | None = None,
+                   expect_json: bool = False) -> Any:
         """Send with retries; returns the decoded JSON (or text) answer of a 2xx response."""
         attempt = 0
         while True:
             try:
-                return await self._attempt(method, path, payload, request_id)
-            except _Retryable as err:
+                return await self._attempt(method, path, payload, request_id,
+                                           timeout_s=timeout_s or self.request_timeout_s, expect_json=expect_json)
+            except AttemptFailed as err:
                 attempt += 1
                 if not retry or attempt > self.max_retries:
                     raise EngineRequestError(
@@ -290,31 +344,40 @@ class SGLangClient:
                         f"{attempt} attempt(s); last answer: {err.answer}") from None
                 if self.recover is not None:
                     await self.recover()
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                await asyncio.sleep(self.backoff(attempt))
 
-    async def _attempt(self, method: str, path: str, payload: dict | None, request_id: str) -> Any:
+    def backoff(self, attempt: int) -> float:
+        """Jittered exponential backoff before retry `attempt` (1-based)."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        return delay * (0.5 + random.random() / 2)
+
+    async def _attempt(self, method: str, path: str, payload: dict | None, request_id: str, *,
+                       timeout_s: float, expect_json: bool = False) -> Any:
         session = await self._get_session()
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self._semaphore:
-                async with session.request(method, self.url + path, json=payload,
-                                           timeout=self._timeout) as resp:
+                async with session.request(method, self.url + path, json=payload, timeout=timeout) as resp:
                     body = await resp.read()
                     status, ctype = resp.status, resp.content_type
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
-            raise _Retryable(f"connection error {type(err).__name__}: {err}") from None
+            raise AttemptFailed("connection", f"connection error {type(err).__name__}: {err}") from None
         except asyncio.TimeoutError:
-            raise _Retryable(f"no answer within {self._timeout.total} s") from None
+            raise AttemptFailed("timeout", f"no answer within {timeout_s:g} s") from None
         text = body.decode("utf-8", errors="replace")
         if status >= 500:
-            raise _Retryable(f"HTTP {status}: {_excerpt(text)}")
+            raise AttemptFailed("server_error", f"HTTP {status}: {_excerpt(text)}")
         if status >= 400:
             raise EngineRequestError(
                 f"{method} {self.url}{path} (request {request_id or '-'}) was rejected with "
                 f"HTTP {status}: {_excerpt(text)}")
-        if ctype == "application/json":
-            return json.loads(text) if text else None
-        return text
+        if ctype != "application/json" and not expect_json:
+            return text
+        try:
+            return json.loads(text) if text or not expect_json else json.loads("?")
+        except ValueError:  # a truncated body, an HTML error page from a proxy, ...
+            raise AttemptFailed("bad_body", f"HTTP {status} with a truncated or non-JSON body "
+                                            f"({len(body)} bytes, {ctype}): {_excerpt(text) or '(empty)'}") from None
 
     # ----- endpoint wrappers (SGLang 0.5.23 routes) -----
 
@@ -335,11 +398,21 @@ class SGLangClient:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    async def get_model_info(self) -> dict:
-        return await self.call("GET", "/get_model_info")
+    async def model_info(self) -> dict:
+        """GET /model_info (`/get_model_info` is its deprecated alias in 0.5.23)."""
+        return await self.call("GET", "/model_info", expect_json=True)
+
+    async def server_info(self) -> dict:
+        """GET /server_info: the launch configuration (tp_size, dp_size, ...)."""
+        return await self.call("GET", "/server_info", expect_json=True)
 
     async def flush_cache(self) -> str:
         return await self.call("POST", "/flush_cache")
+
+    async def abort_request(self, rid: str = "", *, abort_all: bool = False, timeout_s: float = 10.0) -> None:
+        """POST /abort_request {rid, abort_all} (AbortReq); the answer is an empty 200."""
+        await self.call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all}, request_id=rid,
+                        retry=False, timeout_s=timeout_s)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
                                        flush_cache: bool = True, abort_all_requests: bool = False,
@@ -348,6 +421,13 @@ class SGLangClient:
                 "abort_all_requests": abort_all_requests, "weight_version": weight_version,
                 "load_format": load_format}
         return await self.call("POST", "/update_weights_from_disk", body, retry=False)
+
+    async def begin_weight_update(self) -> dict:
+        """Open a weight-update session (tensor and distributed updates need one)."""
+        return await self.call("POST", "/begin_weight_update", {}, retry=False)
+
+    async def end_weight_update(self, *, timeout_s: float | None = None) -> dict:
+        return await self.call("POST", "/end_weight_update", {}, retry=False, timeout_s=timeout_s)
 
     async def init_weights_update_group(self, *, master_address: str, master_port: int,
                                         rank_offset: int, world_size: int,
@@ -358,13 +438,18 @@ class SGLangClient:
                 "group_name": group_name, "backend": backend}
         return await self.call("POST", "/init_weights_update_group", body, retry=False)
 
+    async def destroy_weights_update_group(self, group_name: str, *, timeout_s: float | None = None) -> dict:
+        return await self.call("POST", "/destroy_weights_update_group", {"group_name": group_name},
+                               retry=False, timeout_s=timeout_s)
+
     async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str],
                                               shapes: list[list[int]],
                                               group_name: str = "weight_update_group",
                                               flush_cache: bool = True,
-                                              weight_version: str | None = None) -> dict:
+                                              weight_version: str | None = None,
+                                              load_format: str | None = None) -> dict:
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
-                "flush_cache": flush_cache, "weight_version": weight_version}
+                "flush_cache": flush_cache, "weight_version": weight_version, "load_format": load_format}
         return await self.call("POST", "/update_weights_from_distributed", body, retry=False)
 
     async def update_weights_from_tensor(self, serialized_named_tensors: list[str], *,
@@ -394,7 +479,7 @@ class SGLangClient:
         return await self.call("POST", "/resume_memory_occupation", {"tags": tags})
 
 
-async def _gather_all(coros: list[Awaitable[T]]) -> list[T]:
+async def gather_all(coros: list[Awaitable[T]]) -> list[T]:
     """Run concurrently, results in order; when one fails for good, cancel the rest."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:

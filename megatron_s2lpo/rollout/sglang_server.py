@@ -1,9 +1,17 @@
 """Launch an SGLang server process (or any program taking its flags) and wait until healthy.
 
-`build_launch_command` turns an `EngineConfig` into `python -m sglang.launch_server ...`
-(or the configured `launch_command` prefix, e.g. the SGLang-protocol test server used on CPU).
-`ServerProcess` owns the process: start in its own session (SGLang forks scheduler and
-detokenizer children, which are stopped with it), log to a file, report exit, restart, stop.
+`build_launch_command` turns an `EngineConfig` into `python -m sglang.launch_server ...` for
+one replica (or the configured `launch_command` prefix, e.g. the SGLang-protocol test server
+used on CPU). `ServerProcess` owns the process: start in its own session (SGLang forks
+scheduler and detokenizer children, which are stopped with it), log to a file, report exit,
+restart, stop. A log file it created itself (no `log_path`) is temporary and removed by
+`stop(remove_log=True)`; runs pass a path under their output directory instead.
+
+Flags (SGLang 0.5.23 `server_args.py` / `arg_groups/fields/*.py`): `--port` of the replica,
+`--base-gpu-id` (its first GPU: replica i starts at base_gpu_id + i * tp_size, so replicas on
+one node never share a GPU), `--random-seed` (run seed + replica index: replicas do not draw
+the same random stream for requests without a sampling_seed), `--enable-deterministic-inference`
+(`EngineConfig.deterministic`; SGLang honours a request's `sampling_seed` only with it).
 """
 
 from __future__ import annotations
@@ -20,21 +28,31 @@ from ..config.rollout import EngineConfig
 from .sglang_python import sglang_python
 
 
-def build_launch_command(cfg: EngineConfig, *, python: str | None = None) -> list[str]:
-    """The server's command line (flags of sglang.launch_server, SGLang 0.5.23); `python`
-    defaults to the SGLang interpreter of this process (rollout/sglang_python.py)."""
+def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replica: int = 0,
+                         seed: int | None = None) -> list[str]:
+    """Replica `replica`'s command line (flags of sglang.launch_server, SGLang 0.5.23).
+
+    python defaults to the SGLang interpreter of this process (rollout/sglang_python.py); seed:
+    the run's seed; the replica gets --random-seed seed + replica (None: SGLang's own)."""
     if not cfg.model_path:
         raise ValueError("engine model_path is empty: set the HF checkpoint directory the server "
                          "loads, or engine url to attach to a running server")
+    if not 0 <= replica < cfg.replicas:
+        raise ValueError(f"replica {replica} does not exist: the engine has replicas={cfg.replicas}")
     prefix = list(cfg.launch_command) or [python or sglang_python(), "-m", "sglang.launch_server"]
     args = [
         "--model-path", cfg.model_path,
         "--host", cfg.host,
-        "--port", str(cfg.port),
+        "--port", str(cfg.replica_ports()[replica]),
         "--tp-size", str(cfg.tp_size),
         "--dp-size", str(cfg.dp_size),
+        "--base-gpu-id", str(cfg.base_gpu_id + replica * cfg.tp_size * cfg.dp_size),
         "--mem-fraction-static", str(cfg.mem_fraction),
     ]
+    if seed is not None:
+        args += ["--random-seed", str(seed + replica)]
+    if cfg.deterministic:
+        args.append("--enable-deterministic-inference")
     if cfg.api_key:
         args += ["--api-key", cfg.api_key]
     if cfg.enable_memory_saver:
@@ -48,9 +66,12 @@ class ServerProcess:
     def __init__(self, command: list[str], *, log_path: str | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.command = list(command)
+        self.temporary_log = log_path is None
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
             os.close(fd)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         self.log_path = log_path
         self.env = env
         self._proc: subprocess.Popen | None = None
@@ -88,8 +109,19 @@ class ServerProcess:
             return "(no log)"
         return "\n".join(lines[-num_lines:])
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM the whole process group, SIGKILL it after `timeout_s`."""
+    def stop(self, timeout_s: float = 15.0, *, remove_log: bool = False) -> None:
+        """SIGTERM the whole process group, SIGKILL it after `timeout_s`. remove_log: also delete
+        a temporary log file (one this object created)."""
+        try:
+            self._stop(timeout_s)
+        finally:
+            if remove_log and self.temporary_log:
+                try:
+                    os.remove(self.log_path)
+                except OSError:
+                    pass
+
+    def _stop(self, timeout_s: float) -> None:
         if self._proc is None:
             return
         if self._proc.poll() is None:

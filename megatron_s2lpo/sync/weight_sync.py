@@ -15,13 +15,18 @@ What runs where:
 
 Version protocol: `sync(version)` needs an integer greater than the last synced version and
 than the engine's current one. The transport sends it with the weights; afterwards the
-engine's `weight_version` (and for an SGLang server `/get_model_info`'s `weight_version`) must
-equal it, else `WeightVersionError` names the engine and both versions. Every
-`sync.parity_every`-th sync ends with the parity check (parity.py).
+engine's `weight_version` and, for an SGLang engine, EVERY replica's `/model_info`
+`weight_version` must equal it, else `WeightVersionError` names the replicas and versions.
+For an SGLang engine the push and this check run with generation paused on every replica
+(`SGLangEngine.paused`: requests aborted by the pause are resubmitted afterwards, so each
+completion comes from one version), and generation continues only once every replica holds
+the new version. Every `sync.parity_every`-th sync ends with the parity check (parity.py), on
+one replica per check, rotating; a failure names the replica.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,14 +66,16 @@ class SyncResult:
 
 
 def reported_versions(engine: Any) -> dict[str, int]:
-    """Every version the engine reports: its `weight_version`, and the server's own answer."""
+    """Every version the engine reports: its `weight_version`, and each server's own answer
+    (`/model_info` of every replica, by replica name)."""
     versions = {"weight_version": int(engine.weight_version)}
-    if engine_kind(engine) == "server":
+    if callable(getattr(engine, "replica_versions", None)):
+        versions.update({f"{name} /model_info": v for name, v in engine.replica_versions().items()})
+    elif engine_kind(engine) == "server":
         from megatron_s2lpo.rollout.engine import parse_weight_version
 
         info = engine.get_model_info()
-        versions["get_model_info"] = parse_weight_version(info.get("weight_version"),
-                                                          where=describe_engine(engine))
+        versions["model_info"] = parse_weight_version(info.get("weight_version"), where=describe_engine(engine))
     return versions
 
 
@@ -118,6 +125,7 @@ class WeightSync:
         self.exporter = exporter or MegatronExporter(model_chunks, groups, arch, config.bucket_bytes)
         self.version: int | None = None  # the last version synced by this object
         self.num_syncs = 0
+        self.num_parity_checks = 0  # picks the replica of the next check
         self._transport: Any = None
         context = TransportContext(arch=arch, hf_config_dir=hf_config_dir)
         self.transport_name = run_on_driver(lambda: self._open_transport(transport, context), groups)
@@ -159,8 +167,9 @@ class WeightSync:
                     raise ValueError(f"weight version {version} does not increase: "
                                      f"{describe_engine(self.engine)} already reports {before}")
                 self.engine.onload()  # a colocated server takes back the memory it freed for training
-                stats = self._transport.push(buckets, version)
-                verify_version(self.engine, version)
+                with _paused(self.engine):  # every replica verified before generation continues
+                    stats = self._transport.push(buckets, version)
+                    verify_version(self.engine, version)
             finally:
                 for _ in buckets:  # after a failure, finish the export the other ranks are in
                     pass
@@ -176,10 +185,16 @@ class WeightSync:
         return result
 
     def check_parity(self) -> ParityReport:
-        """The parity check now (all ranks); WeightParityError above `sync.parity_threshold`."""
+        """The parity check now (all ranks); WeightParityError above `sync.parity_threshold`.
+
+        An SGLang engine is checked on one replica per call, rotating over its replicas."""
         if self.learner is None:
             raise ValueError("the parity check needs the learner: build WeightSync.from_learner(...) or pass learner=")
-        return check_parity(self.engine, self.learner, self.groups, vocab_size=self.arch.vocab_size,
+        engine = self.engine
+        if self.is_driver and callable(getattr(engine, "replica_engine", None)):
+            engine = engine.replica_engine(self.num_parity_checks)
+        self.num_parity_checks += 1
+        return check_parity(engine, self.learner, self.groups, vocab_size=self.arch.vocab_size,
                             num_sequences=self.config.parity_num_sequences,
                             max_new_tokens=self.config.parity_max_new_tokens,
                             threshold=self.config.parity_threshold, temperature=self.temperature,
@@ -189,3 +204,9 @@ class WeightSync:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+
+
+def _paused(engine: Any) -> Any:
+    """The engine's `paused()` (SGLang: every replica), or nothing for an in-process engine."""
+    paused = getattr(engine, "paused", None)
+    return paused() if callable(paused) else contextlib.nullcontext()

@@ -23,8 +23,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RECIPE_8B = os.path.join(REPO, "examples", "qwen3_8b_explorer_1p7b.yaml")
 
 
-def _plan(overrides=(), *, one_machine=False, host=slurm_host, **layout):
-    cfg = load_config(RECIPE_8B, list(overrides))
+# The recipe serves each role with several replicas; most tests here check one server per role.
+ONE_SERVER = ["rollout.learner.replicas=1", "rollout.learner.tp_size=8", "rollout.explorer.replicas=1",
+              "rollout.explorer.dp_size=8"]
+
+
+def _plan(overrides=(), *, replicas=False, one_machine=False, host=slurm_host, **layout):
+    cfg = load_config(RECIPE_8B, ([] if replicas else ONE_SERVER) + list(overrides))
     return cfg, plan_launch(cfg, RECIPE_8B, ClusterLayout(**{"num_nodes": 4, **layout}), one_machine=one_machine,
                             host=host)
 
@@ -54,13 +59,13 @@ def test_separate_servers_take_one_node_each_and_get_nccl_rendezvous():
     learner, explorer = plan.servers
     expected = build_launch_command(dataclasses.replace(cfg.rollout.learner, host="0.0.0.0",
                                                         api_key="${S2LPO_API_KEY}"),
-                                    python="${S2LPO_SGLANG_PYTHON:-python}")
+                                    python="${S2LPO_SGLANG_PYTHON:-python}", seed=cfg.run.seed)
     assert learner.command == expected
     assert explorer.command[:3] == ["${S2LPO_SGLANG_PYTHON:-python}", "-m", "sglang.launch_server"]
     flags = dict(zip(explorer.command[3::2], explorer.command[4::2]))
     assert flags == {"--model-path": "/models/Qwen3-1.7B-Base", "--host": "0.0.0.0", "--port": "30001",
-                     "--tp-size": "1", "--dp-size": "8", "--mem-fraction-static": "0.85",
-                     "--api-key": "${S2LPO_API_KEY}"}
+                     "--tp-size": "1", "--dp-size": "8", "--base-gpu-id": "0", "--mem-fraction-static": "0.85",
+                     "--random-seed": str(cfg.run.seed), "--api-key": "${S2LPO_API_KEY}"}
     line = server_script(explorer).splitlines()[-1]
     assert line == ('exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(explorer.command[1:-1])
                     + ' "${S2LPO_API_KEY}"')
@@ -85,7 +90,7 @@ def test_cluster_servers_require_the_jobs_key_and_one_machine_servers_stay_on_lo
     # the trainer reads the key from its environment: no key on its command line or in its config
     os.environ["S2LPO_API_KEY"] = "job-key"
     try:
-        trainer_cfg = load_config(RECIPE_8B, list(plan.trainer_overrides))
+        trainer_cfg = load_config(RECIPE_8B, ONE_SERVER + list(plan.trainer_overrides))
         assert trainer_cfg.rollout.learner.api_key == "" and trainer_cfg.rollout.learner.resolved_api_key() == "job-key"
         assert trainer_cfg.rollout.explorer.resolved_api_key() == "job-key"
     finally:
@@ -160,6 +165,31 @@ def test_colocated_learner_server_shares_the_learner_nodes():
     assert not plan.colocated and "sync.transport=distributed" in plan.trainer_overrides
 
 
+def test_replicas_share_their_node_each_on_its_own_gpus_and_ports():
+    cfg, plan = _plan(replicas=True)
+    assert [(g.name, g.num_nodes, g.gpus_per_node) for g in plan.groups] == [
+        ("learner", 2, 8), ("learner_server", 1, 8), ("explorer", 1, 8)]
+    learner, explorer = plan.servers
+    assert len(learner.commands) == len(explorer.commands) == 8 and learner.command == learner.commands[0]
+    for i, command in enumerate(learner.commands):
+        flags = dict(zip(command[3::2], command[4::2]))
+        assert (flags["--port"], flags["--base-gpu-id"], flags["--tp-size"], flags["--dp-size"]) == (
+            str(30000 + 100 * i), str(i), "1", "1")
+        assert flags["--random-seed"] == str(cfg.run.seed + i)
+    urls = [f"http://${{S2LPO_LEARNER_SERVER_HOST}}:{30000 + 100 * i}" for i in range(8)]
+    assert learner.urls == urls
+    assert f"rollout.learner.urls=[{','.join(urls)}]" in plan.trainer_overrides
+    assert load_config(RECIPE_8B, [f"rollout.learner.urls=[{','.join(u.replace('${S2LPO_LEARNER_SERVER_HOST}', 'n3') for u in urls)}]"]).rollout.learner.replica_urls()[7] == "http://n3:30700"
+    script = server_script(learner).splitlines()
+    assert script[:2] == ["set -uo pipefail", "trap 'kill 0' TERM INT"] and script[-1] == "wait"
+    assert [line.endswith(" &") for line in script[2:-1]] == [True] * 8
+    subprocess.run(["bash", "-n"], input=server_script(learner), text=True, check=True)
+    gate = next(line for line in plan.trainer_script.splitlines() if "wait_healthy" in line)
+    assert all(f'"{url}"' in gate for url in learner.urls + explorer.urls)  # every replica is awaited
+    with pytest.raises(ValueError, match="rollout.learner.dp_size=2: SGLang refuses NCCL .*rollout.learner.replicas"):
+        _plan(["rollout.learner.replicas=1", "rollout.learner.dp_size=2"], replicas=True)
+
+
 def test_disk_transport_stays_disk_and_no_resume_flag():
     _, plan = _plan(["sync.transport=disk"], resume=False)
     assert not any(o.startswith("sync.") for o in plan.trainer_overrides)
@@ -180,7 +210,8 @@ def test_tiny_cpu_config_needs_no_server_and_runs_one_process():
 @pytest.mark.parametrize("overrides, layout, message", [
     ([], {"num_nodes": 2}, "leaves no node for the learner"),
     (["learner.tensor_parallel_size=3"], {}, "not a multiple of"),
-    (["rollout.explorer.tp_size=4", "rollout.explorer.dp_size=4"], {}, "rollout.explorer: tp_size*dp_size = 16"),
+    (["rollout.explorer.tp_size=4", "rollout.explorer.dp_size=4"], {}, "rollout.explorer: replicas*tp_size*dp_size = 16"),
+    (["rollout.explorer.replicas=3", "rollout.explorer.dp_size=3"], {}, "rollout.explorer: replicas*tp_size*dp_size = 9"),
     (["rollout.learner.tp_size=4", "rollout.learner.dp_size=2"], {}, "rollout.learner.dp_size=2"),
 ])
 def test_layout_errors_name_the_problem(overrides, layout, message):
@@ -294,22 +325,26 @@ def test_ports_must_differ():
 def test_colocation_the_trainer_environment_cannot_run_is_refused_at_plan_time(monkeypatch):
     from megatron_s2lpo.sync import transports
 
-    with pytest.raises(ValueError, match=r"sync.transport=tensor .* needs sglang in the trainer's own environment"
-                                         r".*--no-colocate.*sync.transport=disk.*--trainer-provides cuda,sglang"):
-        _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)
+    # The tensor transport serializes with the trainer's own code (rollout/sglang_tensors.py), so the
+    # image's trainer (CUDA, no SGLang) can run a colocated learner server.
+    assert _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)[1].colocated
+    with pytest.raises(ValueError, match=r"sync.transport=tensor .* needs cuda in the trainer's own environment"
+                                         r".*--no-colocate.*sync.transport=disk.*--trainer-provides cuda"):
+        _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3, trainer_provides=())
     with pytest.raises(ValueError, match="needs cuda"):  # the NCCL broadcast needs CUDA in the trainer
         _plan(trainer_provides=())
     _plan(["sync.transport=disk"], trainer_provides=())  # shared storage needs nothing
-    # The check reads what the transport class declares: a tensor transport that no longer needs
-    # SGLang in the trainer's process makes colocation plannable with the image.
-    monkeypatch.setattr(transports.TensorTransport, "trainer_needs", ("cuda",))
-    assert _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)[1].colocated
+    # The check reads what the transport class declares: a transport that needed SGLang in the
+    # trainer's process would make colocation unplannable with the image.
+    monkeypatch.setattr(transports.TensorTransport, "trainer_needs", ("cuda", "sglang"))
+    with pytest.raises(ValueError, match="needs sglang in the trainer's own environment"):
+        _plan(["sync.transport=tensor", "rollout.learner.mem_fraction=0.3"], num_nodes=3)
 
 
 def test_transports_declare_what_the_trainer_needs():
     from megatron_s2lpo.sync.transports import trainer_needs
 
-    assert trainer_needs("tensor") == ("cuda", "sglang")
+    assert trainer_needs("tensor") == ("cuda",)
     assert trainer_needs("distributed") == ("cuda",)
     assert trainer_needs("disk") == () and trainer_needs("tensor", "in_process") == ()
 

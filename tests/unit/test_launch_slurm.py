@@ -124,20 +124,29 @@ def test_recipe_renders_a_heterogeneous_job(tmp_path, recipe):
     cfg = load_config(os.path.join(REPO, "examples", f"{recipe}.yaml"))
     learner_model = cfg.rollout.learner.model_path
     explorer_model = cfg.rollout.explorer.model_path
-    assert learner_server.endswith(
-        f'exec "${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {learner_model}'
-        ' --host 0.0.0.0 --port 30000 --tp-size 8 --dp-size 1 --mem-fraction-static 0.85 --api-key "${S2LPO_API_KEY}"\n')
-    assert explorer_server.endswith(
-        f'exec "${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {explorer_model}'
-        ' --host 0.0.0.0 --port 30001 --tp-size 1 --dp-size 8 --mem-fraction-static 0.85 --api-key "${S2LPO_API_KEY}"\n')
+    # every replica in the role's one task: its own port (+100 per replica) and GPUs, then `wait`
+    tp = cfg.rollout.learner.tp_size
+    for i in range(cfg.rollout.learner.replicas):
+        assert (f'"${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {learner_model}'
+                f" --host 0.0.0.0 --port {30000 + 100 * i} --tp-size {tp} --dp-size 1 --base-gpu-id {i * tp}"
+                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} --api-key \"${{S2LPO_API_KEY}}\" &\n") in learner_server
+    for i in range(cfg.rollout.explorer.replicas):
+        assert (f'"${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {explorer_model}'
+                f" --host 0.0.0.0 --port {30001 + 100 * i} --tp-size 1 --dp-size 1 --base-gpu-id {i}"
+                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} --api-key \"${{S2LPO_API_KEY}}\" &\n") in explorer_server
+    assert learner_server.endswith("\nwait\n") and explorer_server.endswith("\nwait\n")
+    learner_urls = ",".join(f"http://${{S2LPO_LEARNER_SERVER_HOST}}:{30000 + 100 * i}"
+                            for i in range(cfg.rollout.learner.replicas))
+    explorer_urls = ",".join(f"http://${{S2LPO_EXPLORER_HOST}}:{30001 + 100 * i}"
+                             for i in range(cfg.rollout.explorer.replicas))
     # the job's key is made once in the sbatch script, before any srun, and appears nowhere in clear
     assert sbatch.index("export S2LPO_API_KEY=") < sbatch.index("srun --het-group")
     assert '"rollout.learner.api_key_env=S2LPO_API_KEY"' in trainer
     assert '"rollout.explorer.api_key_env=S2LPO_API_KEY"' in trainer
     assert not re.search(r"[0-9a-f]{32}", sbatch + "".join(rendered.scripts.values()))
-    for generated in ('"rollout.learner.url=http://${S2LPO_LEARNER_SERVER_HOST}:30000"',
-                      '"rollout.explorer.url=http://${S2LPO_EXPLORER_HOST}:30001"', '"sync.transport=distributed"',
-                      '"sync.master_address=${S2LPO_LEARNER_HOST}"', '"sync.master_port=29600"', '"run.resume=true"'):
+    for generated in (f'"rollout.learner.urls=[{learner_urls}]"', f'"rollout.explorer.urls=[{explorer_urls}]"',
+                      '"sync.transport=distributed"', '"sync.master_address=${S2LPO_LEARNER_HOST}"',
+                      '"sync.master_port=29600"', '"run.resume=true"'):
         assert generated in trainer
     for text in [sbatch, *rendered.scripts.values()]:  # everything NeMo-Run wrote is valid bash
         subprocess.run(["bash", "-n"], input=text, text=True, check=True)
@@ -355,8 +364,8 @@ def test_examples_launch_dryrun_prints_the_sbatch_script(tmp_path, capsys, monke
     (["--container-image", "", "--time", "9:00:00"], "needs --container-image"),
     (["--time", "04:00:00"], "lower run.save_every to 8"),
     (["--time", "12:00:00", "--nodes", "2"], "leaves no node for the learner"),
-    (["--time", "12:00:00", "--colocate", "--nodes", "3", "rollout.learner.mem_fraction=0.3"],
-     "needs sglang in the trainer's own environment"),
+    (["--time", "12:00:00", "--colocate", "--nodes", "3", "--trainer-provides", "",
+      "rollout.learner.mem_fraction=0.3"], "needs cuda in the trainer's own environment"),
     (["--time", "12:00:00", "--env", "NOEQUALS"], "must look like KEY=VALUE"),
 ])
 def test_examples_launch_usage_errors_name_the_fix(tmp_path, capsys, monkeypatch, argv, message):

@@ -1,4 +1,5 @@
-"""SGLangEngine against the SGLang-protocol test server over real HTTP on 127.0.0.1."""
+"""SGLangEngine against the SGLang-protocol test server over real HTTP on 127.0.0.1 (one replica;
+replica pools: test_rollout_pool.py)."""
 
 import asyncio
 import json
@@ -6,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -65,7 +67,7 @@ def engine_config(model_path: str, **kwargs) -> EngineConfig:
 @pytest.fixture(scope="module")
 def server(model_dirs, tmp_path_factory):
     log = str(tmp_path_factory.mktemp("logs") / "server.log")
-    engine = SGLangEngine(engine_config(model_dirs[0], api_key=KEY), backoff_s=0.05, log_path=log)
+    engine = SGLangEngine(engine_config(model_dirs[0], api_key=KEY, deterministic=True), backoff_s=0.05, log_path=log)
     yield engine
     engine.close()
 
@@ -114,6 +116,22 @@ def test_error_after_the_retry_budget_names_url_request_and_answer(server, tok):
     assert f"{server.url}/generate" in message and "doomed-7" in message
     assert "HTTP 503" in message and "injected failure" in message and "3 attempt(s)" in message
     assert admin(server.url, "/_test/state")["num_failed"] - before == 3  # 1 try + 2 retries
+
+
+def test_a_truncated_body_is_retried_then_fails_naming_url_and_request(server, tok):
+    admin(server.url, "/_test/faults", {"truncate_next": 1})
+    (ok,) = server.generate([GenerateRequest(request_id="cut-1", prompt_ids=tok.encode("1"), max_new_tokens=2)])
+    assert ok.request_id == "cut-1" and len(ok.token_ids) == 2  # the retry had a fresh rid and a whole body
+    assert admin(server.url, "/_test/state")["completed"][-2:] == ["cut-1", "cut-1~r1"]
+    admin(server.url, "/_test/faults", {"truncate_next": 100})
+    try:
+        with pytest.raises(EngineRequestError) as info:
+            server.generate([GenerateRequest(request_id="cut-2", prompt_ids=tok.encode("1"), max_new_tokens=2)])
+    finally:
+        admin(server.url, "/_test/faults", {"truncate_next": 0})
+    message = str(info.value)
+    assert f"{server.url}/generate" in message and "request cut-2" in message and "rid cut-2~r2" in message
+    assert "truncated or non-JSON body" in message and "3 attempt(s)" in message
 
 
 def test_client_errors_are_not_retried(server):
@@ -184,32 +202,45 @@ def test_control_endpoints(server, tok):
     assert admin(server.url, "/_test/state")["released"] == ["kv_cache"]
     server.resume_memory_occupation(["kv_cache"])
     assert admin(server.url, "/_test/state")["released"] == []
+    assert admin(server.url, "/_test/state")["num_deprecated"] == 0  # /model_info, never /get_model_info
 
     server.pause_generation()
-    received = admin(server.url, "/_test/state")["num_generate"]
+    assert admin(server.url, "/_test/state")["paused"]
     out = []
     worker = threading.Thread(target=lambda: out.extend(server.generate(
         [GenerateRequest(request_id="paused", prompt_ids=tok.encode("p"), max_new_tokens=3)])))
     worker.start()
-    deadline = time.monotonic() + 30
-    while admin(server.url, "/_test/state")["num_generate"] == received and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert admin(server.url, "/_test/state")["paused"] and not out  # held while paused
+    time.sleep(0.5)
+    assert not out  # held while paused
     server.continue_generation()
     worker.join(30)
-    assert [c.request_id for c in out] == ["paused"]
+    assert [c.request_id for c in out] == ["paused"] and not admin(server.url, "/_test/state")["paused"]
 
     with pytest.raises(NotImplementedError, match="CUDA IPC"):
         server.update_weights_from_tensors([("model.norm.weight", torch.ones(32))], version=1)
-    with pytest.raises(EngineRequestError, match="init_weights_update_group.*HTTP 400"):
-        server.init_weights_update_group(master_address="127.0.0.1", master_port=1, rank_offset=1,
-                                         world_size=2)
+    assert not admin(server.url, "/_test/state")["session_open"]  # refused before any session opened
+
+
+def test_a_hung_request_is_aborted_and_resubmitted_after_a_restart(tok, tmp_path):
+    cfg = engine_config("unused", extra_args=["--noop"], hang_timeout_s=1.5, max_restarts=1)
+    engine = SGLangEngine(cfg, backoff_s=0.05, log_path=str(tmp_path / "server.log"))
+    try:
+        old_pid = engine.process.pid
+        admin(engine.url, "/_test/faults", {"hang_next": 1}, key="")
+        start = time.monotonic()
+        (comp,) = engine.generate([GenerateRequest(request_id="h", prompt_ids=[1, 2], max_new_tokens=4)])
+        assert time.monotonic() - start < 30  # the deadline, a restart, an answer: not 4 x the timeout
+        assert comp.request_id == "h" and len(comp.token_ids) == 4
+        assert engine.num_restarts == 1 and engine.process.pid != old_pid
+        assert admin(engine.url, "/_test/state", key="")["completed"] == ["h~r1"]  # a fresh rid
+    finally:
+        engine.close()
 
 
 def test_sigkilled_server_is_restarted_and_every_request_answered_once(tok, tmp_path):
     # A model-free server (fast restarts); answers echo the request id, which the client checks.
     cfg = engine_config("unused", extra_args=["--noop", "--delay-s", "1.0"], max_retries=3,
-                        max_restarts=1)
+                        max_restarts=2)
     engine = SGLangEngine(cfg, backoff_s=0.05, log_path=str(tmp_path / "server.log"))
     try:
         reqs = [GenerateRequest(request_id=f"k{i}", prompt_ids=tok.encode(f"{i}+1="), max_new_tokens=8,
@@ -228,22 +259,22 @@ def test_sigkilled_server_is_restarted_and_every_request_answered_once(tok, tmp_
         assert [c.request_id for c in out] == [r.request_id for r in reqs]
         assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in out)
         assert engine.num_restarts == 1 and engine.process.pid != old_pid
-        # The new server saw each request exactly once: resubmitted, never duplicated.
-        assert admin(engine.url, "/_test/state")["num_generate"] == len(reqs)
+        # The new server saw each request exactly once, under a fresh rid: resubmitted, never duplicated.
+        assert sorted(admin(engine.url, "/_test/state")["completed"]) == sorted(f"k{i}~r1" for i in range(12))
 
-        # A restart loses weights pushed as tensors (simulated here: the CPU test server cannot
-        # receive them): the engine refuses to generate until the next weight sync.
-        engine._lost_tensor_update = True
-        engine.cfg.max_restarts = 2
+        # Weights that came as tensors die with the server: the restarted replica reports its
+        # initial version, so the engine refuses to generate until the next weight sync.
+        engine.replicas[0].last_disk_update = None
+        engine._version = engine.replicas[0].version = 4
         kill_and_reap(engine)
         for _ in range(2):
-            with pytest.raises(EngineRequestError, match="lost the weights pushed to it as tensors"):
+            with pytest.raises(EngineRequestError, match="serves other weights than version 4.*sync the weights"):
                 engine.generate(reqs[:1])
         engine.update_weights_from_disk("/weights/step-5", version=5)
         assert engine.generate(reqs[:1])[0].weight_version == 5
 
         kill_and_reap(engine)  # the restart budget (2) is spent now
-        with pytest.raises(EngineRequestError, match="died .* already restarted 2 time"):
+        with pytest.raises(EngineRequestError, match="exited .* already restarted 2 time"):
             engine.generate(reqs[:1])
     finally:
         engine.close()
@@ -258,13 +289,15 @@ def test_server_that_exits_at_startup_reports_its_log(tmp_path):
     cfg = EngineConfig(backend="sglang", model_path="m", port=free_port(), startup_timeout_s=60,
                        launch_command=[sys.executable, "-c",
                                        "import sys; print('cannot load model', flush=True); sys.exit(3)"])
-    with pytest.raises(RuntimeError, match="(?s)exited with code 3.*cannot load model"):
+    with pytest.raises(RuntimeError, match="(?s)replica sglang.0. at .*exited with code 3.*cannot load model"):
         SGLangEngine(cfg, log_path=str(tmp_path / "server.log"))
 
 
-def test_server_that_never_gets_healthy_times_out_with_its_log(tmp_path):
+def test_server_that_never_gets_healthy_times_out_with_its_log_and_temporary_logs_go(tmp_path):
     cfg = EngineConfig(backend="sglang", model_path="m", port=free_port(), startup_timeout_s=1.0,
                        launch_command=[sys.executable, "-c",
                                        "import time; print('still booting', flush=True); time.sleep(60)"])
+    before = set(Path(tempfile.gettempdir()).glob("sglang-server-*.log"))
     with pytest.raises(TimeoutError, match="(?s)not healthy within 1 s.*still booting"):
-        SGLangEngine(cfg, log_path=str(tmp_path / "server.log"))
+        SGLangEngine(cfg)
+    assert set(Path(tempfile.gettempdir()).glob("sglang-server-*.log")) == before  # removed on close
