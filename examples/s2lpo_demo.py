@@ -31,7 +31,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from megatron_s2lpo.config import load_config  # noqa: E402
-from megatron_s2lpo.metrics_log import METRICS_FILE, read_metrics  # noqa: E402
+from megatron_s2lpo.trainer.metrics import METRICS_FILE, read_metrics  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "examples", "tiny_cpu.yaml")
 RUNS = (("s2lpo", []), ("grpo", ["algo.t_mix=0"]))

@@ -44,14 +44,14 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from megatron_s2lpo.train import main as train_main
+    from megatron_s2lpo.trainer.run import main as train_main
 
     config, overrides = split_recipe(args.config, args.overrides)
     return train_main(([config] if config else []) + overrides + (["--resume"] if args.resume else []))
 
 
 def _cmd_explore(args: argparse.Namespace) -> int:
-    from megatron_s2lpo.evaluate import explore
+    from megatron_s2lpo.trainer.evaluate import explore
 
     config, overrides = split_recipe(args.config, args.overrides)
     summary = explore(load_config_or_defaults(config, overrides), num_samples=args.num_samples)
@@ -61,7 +61,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from megatron_s2lpo.evaluate import evaluate_models
+    from megatron_s2lpo.trainer.evaluate import evaluate_models
 
     config, overrides = split_recipe(args.config, args.overrides)
     result = evaluate_models(load_config_or_defaults(config, overrides), args.models, k=args.k,

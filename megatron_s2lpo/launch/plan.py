@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from ..config import EngineConfig, RunConfig
 from ..rollout.sglang_python import sglang_python_expr
 from ..rollout.sglang_server import build_launch_command
-from ..stop_signal import CONTINUE_EXIT_CODE, STOP_MARKER_ENV
+from ..trainer.stop_signal import CONTINUE_EXIT_CODE, STOP_MARKER_ENV
 from .memory import check_launch_memory
 
 LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"

@@ -17,7 +17,7 @@ import sys
 
 def finished_step(config: str, overrides: list[str]) -> int | None:
     """The step of the run's newest checkpoint if it is the run's last step, else None."""
-    from megatron_s2lpo.build import checkpoint_pointer
+    from megatron_s2lpo.trainer.run_dir import checkpoint_pointer
     from megatron_s2lpo.config import load_config
     from megatron_s2lpo.learner.checkpoint import STATE_FILE, latest_checkpoint
 

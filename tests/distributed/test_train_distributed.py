@@ -1,4 +1,4 @@
-"""`train.py` under 2 gloo ranks (TP=2): rank 0 drives the engines and rewards and broadcasts
+"""The trainer under 2 gloo ranks (TP=2): rank 0 drives the engines and rewards and broadcasts
 the scored groups; both ranks train; the synced engine matches the sharded learner."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_s2lpo.metrics_log import read_metrics
+from megatron_s2lpo.trainer.metrics import read_metrics
 from launch import REPO_ROOT, run_distributed  # tests/distributed is on sys.path (conftest.py)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -20,7 +20,7 @@ def test_train_tp2_runs_and_syncs(tmp_path: Path) -> None:
     args = ("examples/tiny_cpu.yaml", "run.num_steps=2", f"run.output_dir={out}", "learner.tensor_parallel_size=2",
             "data.prompts_per_step=4", "algo.group_size=4", "algo.t_mix=2", "sync.parity_every=1",
             "rollout.learner.init_sft_steps=5", "rollout.explorer.init_sft_steps=5", "run.eval_every=0")
-    outputs = run_distributed(REPO_ROOT / "megatron_s2lpo" / "train.py", nprocs=2, timeout=360, args=args)
+    outputs = run_distributed(REPO_ROOT / "tests" / "distributed" / "scripts" / "train_entry.py", nprocs=2, timeout=360, args=args)
     assert "step 2/2" in outputs[0] and "step 2/2" not in outputs[1]  # rank 0 reports
     records = read_metrics(str(out / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]

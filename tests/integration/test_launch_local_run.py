@@ -20,7 +20,7 @@ import pytest
 
 run = pytest.importorskip("nemo_run", reason="nemo-run is not installed (pip install -e .)")
 
-from megatron_s2lpo.build import build_tokenizer, materialize_model  # noqa: E402
+from megatron_s2lpo.trainer.build import build_tokenizer, materialize_model  # noqa: E402
 from megatron_s2lpo.config import load_config  # noqa: E402
 from megatron_s2lpo.launch.experiment import SUPERVISOR, build_local_experiment  # noqa: E402
 

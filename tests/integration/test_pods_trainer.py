@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_s2lpo.metrics_log import read_metrics
+from megatron_s2lpo.trainer.metrics import read_metrics
 from megatron_s2lpo.types import Source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def max_variance_brute_force(rewards: list[float], m: int) -> float:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_trainer_keeps_m_rollouts_of_maximum_variance(tmp_path: Path, monkeypatch) -> None:
-    import megatron_s2lpo.train as train_module
+    import megatron_s2lpo.trainer.loop as train_module
     from megatron_s2lpo.config import load_config
     from megatron_s2lpo.learner.parallel import destroy_parallel
 
@@ -48,7 +48,7 @@ def test_trainer_keeps_m_rollouts_of_maximum_variance(tmp_path: Path, monkeypatc
         "algo.t_mix=3", "algo.mini_batches_per_step=1", "rollout.learner.init_sft_steps=60",
         "rollout.explorer.init_sft_steps=60", "sync.parity_every=0"])
     try:
-        train_module.train(cfg)
+        train_module.run_training(cfg)
     finally:
         destroy_parallel()
     assert len(calls) == 3

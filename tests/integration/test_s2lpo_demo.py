@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_s2lpo.metrics_log import read_metrics
+from megatron_s2lpo.trainer.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "examples" / "s2lpo_demo.py"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from process_control import kill_after_checkpoint
 
-from megatron_s2lpo.metrics_log import read_metrics
+from megatron_s2lpo.trainer.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = [

@@ -19,8 +19,8 @@ import pytest
 from process_control import kill_after_checkpoint, signal_after_lines
 
 from megatron_s2lpo.algo.schedule import schedule_share, split_group
-from megatron_s2lpo.metrics_log import read_metrics
-from megatron_s2lpo.stop_signal import CONTINUE_EXIT_CODE
+from megatron_s2lpo.trainer.metrics import read_metrics
+from megatron_s2lpo.trainer.stop_signal import CONTINUE_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO_ROOT / "examples" / "tiny_cpu.yaml")

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from megatron_s2lpo.stop_signal import (CONTINUE_EXIT_CODE, STOP_MARKER_ENV, RunStopped, received_signal,
+from megatron_s2lpo.trainer.stop_signal import (CONTINUE_EXIT_CODE, STOP_MARKER_ENV, RunStopped, received_signal,
                                         stop_on_signal, stop_requested)
 
 

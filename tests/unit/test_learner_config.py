@@ -131,7 +131,7 @@ def test_engine_precision_and_the_default_importance_correction():
     from megatron_s2lpo.config import load_config
     from megatron_s2lpo.config.learner import engine_precision
     from megatron_s2lpo.config.rollout import EngineConfig
-    from megatron_s2lpo.train import importance_correction
+    from megatron_s2lpo.trainer.loop import importance_correction
     from megatron_s2lpo.types import SOURCE_CODES, Source
 
     assert engine_precision(EngineConfig()) == "fp32"  # the in-process engine

@@ -11,7 +11,7 @@ import pytest
 from test_learner_checkpoint_paths import _fake_checkpoint
 
 from megatron_s2lpo.config import load_config
-from megatron_s2lpo.run_dir import check_run_dir, run_traces
+from megatron_s2lpo.trainer.run_dir import check_run_dir, run_traces
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,7 @@ def test_resume_without_a_loadable_checkpoint_refuses_and_changes_nothing(tmp_pa
 
 
 def test_a_staged_run_refuses_a_used_stage_directory_before_writing_anything(tmp_path):
-    from megatron_s2lpo.stages import run_stages
+    from megatron_s2lpo.trainer.stages import run_stages
 
     cfg = load_config(str(REPO / "examples" / "tiny_bridge_cpu.yaml"), [f"run.output_dir={tmp_path}"])
     _metrics(tmp_path / "stages" / "02-warmup", [1, 2])  # stages.json is gone, the stage's results are not

@@ -119,7 +119,7 @@ def test_temperature_schedules():
 
 
 def test_launched_servers_of_one_run_need_their_own_ports():
-    from megatron_s2lpo.build import _check_server_ports
+    from megatron_s2lpo.trainer.build import _check_server_ports
 
     cfg = config_from_dict({}, ["algo.method=opd", "rollout.teacher.model_path=/t", "rollout.teacher.backend=sglang",
                                 "rollout.learner.backend=sglang"])

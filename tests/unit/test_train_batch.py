@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_s2lpo.algo.batch import build_train_batch, mini_batch_rows, pods_downsample, take_rows
-from megatron_s2lpo.metrics_log import MetricsWriter, read_metrics
+from megatron_s2lpo.trainer.metrics import MetricsWriter, read_metrics
 from megatron_s2lpo.config import LoggingConfig
-from megatron_s2lpo.step_metrics import rollout_counts, source_metrics
+from megatron_s2lpo.trainer.metrics import rollout_counts, source_metrics
 from megatron_s2lpo.types import FinishReason, Group, Prompt, Rollout, Source
 
 

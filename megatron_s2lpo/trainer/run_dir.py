@@ -19,10 +19,14 @@ import os
 import re
 from pathlib import Path
 
-from megatron_s2lpo.build import CHECKPOINT_SUBDIR
-from megatron_s2lpo.metrics_log import METRICS_FILE
-
+CHECKPOINT_SUBDIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"  # written by metrics.MetricsWriter
 _STEP_DIR = re.compile(r"^(\.tmp-)?step_\d{8}$")
+
+
+def checkpoint_pointer(output_dir: str) -> str:
+    """The `latest` checkpoint pointer of the run in `output_dir` (present once a step was saved)."""
+    return os.path.join(output_dir, CHECKPOINT_SUBDIR, "latest")
 
 
 def _metrics_steps(path: Path) -> tuple[int, list[int]]:

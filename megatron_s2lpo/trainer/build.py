@@ -1,4 +1,4 @@
-"""Build every component of a run from its `RunConfig`; `train.py` only joins them.
+"""Build every component of a run from its `RunConfig`; `loop.py` only joins them.
 
     parts = build_trainer(load_config("examples/tiny_cpu.yaml"))
 
@@ -25,18 +25,12 @@ import torch
 
 from megatron_s2lpo.config import EngineConfig, ModelArch, RunConfig
 from megatron_s2lpo.data import PromptSampler, load_prompts, make_arithmetic_prompts, tokenize_prompts
-from megatron_s2lpo.metrics_log import MetricsWriter
+from megatron_s2lpo.trainer.metrics import MetricsWriter
+from megatron_s2lpo.trainer.run_dir import CHECKPOINT_SUBDIR
 from megatron_s2lpo.rollout import GroupCollector, build_engine, build_prefetcher
 from megatron_s2lpo.rollout.engine import Completion, GenerateRequest, derive_seed
 from megatron_s2lpo.rollout.validation import AnswerRules
 from megatron_s2lpo.types import Prompt
-
-CHECKPOINT_SUBDIR = "checkpoints"
-
-
-def checkpoint_pointer(output_dir: str) -> str:
-    """The `latest` checkpoint pointer of the run in `output_dir` (present once a step was saved)."""
-    return os.path.join(output_dir, CHECKPOINT_SUBDIR, "latest")
 
 
 # ----------------------------------------------------------------------------- models

@@ -16,7 +16,7 @@ import dataclasses
 import os
 
 from megatron_s2lpo.algo.passk import avg_at_k_pass1, pass_at_k_curve
-from megatron_s2lpo.build import build_prompts, build_tokenizer, materialize_model, sample_scores
+from megatron_s2lpo.trainer.build import build_prompts, build_tokenizer, materialize_model, sample_scores
 from megatron_s2lpo.config import RunConfig
 
 

@@ -1,8 +1,8 @@
 """S2L-PO training loop (Algorithm 1), read top to bottom.
 
     s2lpo train examples/tiny_cpu.yaml run.num_steps=20          # or
-    python -m megatron_s2lpo.train examples/tiny_cpu.yaml --resume
-    torchrun --nproc-per-node 2 -m megatron_s2lpo.train CONFIG learner.tensor_parallel_size=2
+    python -m megatron_s2lpo.trainer examples/tiny_cpu.yaml --resume
+    torchrun --nproc-per-node 2 -m megatron_s2lpo.trainer CONFIG learner.tensor_parallel_size=2
 
 Per step i: sample prompts; split each group into G_w explorer + G_s learner samples
 (`split_group`); collect and score both sources; optional PODS down-sampling over both
@@ -20,13 +20,12 @@ the scored groups, so every rank builds the same TrainBatch.
               becomes per-token advantages of the PPO-clip loss (distill.opd_mode=advantage)
               or a direct loss (loss).
 The learner's own sampling temperature follows algo.temperature (constant or linear anneal).
-Multi-stage pipelines (`stages:`) run this loop once per stage (stages.py).
+Multi-stage pipelines (`stages:`) run this loop once per stage (stages.py); run.py is the entry.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from typing import Any
 
@@ -36,13 +35,13 @@ from megatron_s2lpo.algo.advantages import group_advantages
 from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.algo.schedule import sampling_temperature, schedule_share
-from megatron_s2lpo.build import TrainerParts, build_trainer, eval_sampling, mix_settings, sample_scores
-from megatron_s2lpo.config import RunConfig, load_config, split_recipe
-from megatron_s2lpo.metrics_log import json_safe
+from megatron_s2lpo.trainer.build import TrainerParts, build_trainer, eval_sampling, mix_settings, sample_scores
+from megatron_s2lpo.config import RunConfig
+from megatron_s2lpo.trainer.metrics import json_safe
 from megatron_s2lpo.rollout.engine import derive_seed
-from megatron_s2lpo.run_dir import check_run_dir
-from megatron_s2lpo.step_metrics import mean_dicts, rollout_counts, source_metrics
-from megatron_s2lpo.stop_signal import RunStopped, received_signal, stop_on_signal, stop_requested
+from megatron_s2lpo.trainer.run_dir import check_run_dir
+from megatron_s2lpo.trainer.metrics import mean_dicts, rollout_counts, source_metrics
+from megatron_s2lpo.trainer.stop_signal import RunStopped, received_signal, stop_requested
 from megatron_s2lpo.types import SOURCE_CODES, Source
 
 COUNTERS = ("rollout_tokens/explorer", "rollout_tokens/learner", "rollout_flops/explorer", "rollout_flops/learner")
@@ -68,15 +67,9 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]
     return step, state["cumulative"], state.get("metrics") or {}
 
 
-@stop_on_signal()  # SIGUSR1 / SIGTERM: finish the step, checkpoint it, raise RunStopped (stop_signal.py)
-def train(cfg: RunConfig, *, export_dir: str | None = None) -> None:
-    """Run `cfg` (a single run; see stages.py for `stages:`). export_dir: afterwards write the
-    trained policy there as a Hugging Face directory (atomically)."""
-    if cfg.stages:
-        from megatron_s2lpo.stages import run_stages
-
-        run_stages(cfg)
-        return
+def run_training(cfg: RunConfig, *, export_dir: str | None = None) -> None:
+    """Run the single run `cfg` (no `stages:`; run.py dispatches those to stages.py). export_dir:
+    afterwards write the trained policy there as a Hugging Face directory (atomically)."""
     resuming = check_run_dir(cfg.run.output_dir, resume=cfg.run.resume)  # refuses to start over on a used run
     parts = build_trainer(cfg)
     try:
@@ -318,23 +311,3 @@ def _progress(step: int, num_steps: int, m: dict[str, float]) -> None:
           f"clip={m.get('train/clip_frac', float('nan')):.3f} gnorm={m.get('train/grad_norm', float('nan')):.3f}"
           + (f" eval={m['eval/avg_at_k']:.3f}" if "eval/avg_at_k" in m else "")
           + f" {m['time/step']:.1f}s", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    resume_flag = "--resume" in args
-    args = [a for a in args if a != "--resume"]
-    config, overrides = split_recipe(args[0] if args else None, args[1:])
-    try:
-        train(load_config(config, overrides + (["run.resume=true"] if resume_flag else [])))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"s2lpo train: error: {err}", file=sys.stderr)
-        return 2
-    except RunStopped as stopped:
-        print(f"s2lpo train: {stopped}", file=sys.stderr)
-        return stopped.exit_code()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,7 +38,7 @@ def _read_state(path: str) -> dict:
 def initial_models(cfg: RunConfig) -> dict[str, str]:
     """{model name: HF directory} of the models the stages use: model_path, or the directory
     written from init_arch (by rank 0)."""
-    from megatron_s2lpo.build import build_tokenizer, materialize_model
+    from megatron_s2lpo.trainer.build import build_tokenizer, materialize_model
 
     used = {name for stage in cfg.stages for name in (stage.policy, stage.frozen) if name}
     models = {name: engine for name, engine in cfg.models.items() if name in used}
@@ -58,8 +58,8 @@ def initial_models(cfg: RunConfig) -> dict[str, str]:
 def run_stages(cfg: RunConfig) -> dict:
     """Run (or resume) every stage of `cfg`; returns the final state (see the module docstring)."""
     from megatron_s2lpo.learner.parallel import destroy_parallel
-    from megatron_s2lpo.run_dir import run_traces
-    from megatron_s2lpo.train import train
+    from megatron_s2lpo.trainer.run_dir import run_traces
+    from megatron_s2lpo.trainer.loop import run_training
 
     state_path = os.path.join(cfg.run.output_dir, STATE_FILE)
     if not cfg.run.resume:  # the same rule as a single run: never start over on a used directory
@@ -87,7 +87,7 @@ def run_stages(cfg: RunConfig) -> dict:
               + (f" with {stage.frozen}" if stage.frozen else "")
               + (" (resumed)" if cfg.run.resume and run_traces(out) else ""), flush=True)
         hf_dir = os.path.join(out, "hf")
-        train(scfg, export_dir=hf_dir)
+        run_training(scfg, export_dir=hf_dir)
         destroy_parallel(destroy_process_group=False)  # the next stage may train another model
         state["models"][stage.policy] = hf_dir
         state["done"].append({"name": stage.name, "method": stage.method, "policy": stage.policy,
@@ -111,7 +111,7 @@ def _check_same_stages(cfg: RunConfig, state: dict, state_path: str) -> None:
 
 def stage_evals(out: str) -> dict[str, Any]:
     """{"eval_start", "eval_end"}: the stage's first and last held-out avg@k (None if not evaluated)."""
-    from megatron_s2lpo.metrics_log import METRICS_FILE, read_metrics
+    from megatron_s2lpo.trainer.metrics import METRICS_FILE, read_metrics
 
     path = os.path.join(out, METRICS_FILE)
     evals = [(r["step"], r["eval/avg_at_k"]) for r in (read_metrics(path) if os.path.isfile(path) else [])
