@@ -114,7 +114,9 @@ class AlgoConfig:
     kl_estimator: str = "low_var_kl"
     entropy_coef: float = 0.0
     old_logprob: str = "recompute"  # recompute with the learner (paper) or the behaviour log-probs
-    is_threshold: float = 2.0  # truncation of importance weights (behaviour mode, precision correction)
+    # truncation of importance weights (behaviour mode, precision correction, run.max_staleness=1);
+    # null: no importance weights
+    is_threshold: float | None = 2.0
     # recompute mode: truncated IS weights min(exp(old - behaviour), is_threshold) on the learner's
     # own samples, for the numerics gap between the learner and its rollout engine (e.g. an FP8
     # learner, bf16 SGLang); null: on when learner.precision differs from the engine's
@@ -156,7 +158,8 @@ class AlgoConfig:
               f"algo.kl_estimator must be one of {KL_TYPES}, got {self.kl_estimator!r}")
         check(self.old_logprob in OLD_LOGPROB_MODES,
               f"algo.old_logprob must be one of {OLD_LOGPROB_MODES}, got {self.old_logprob!r}")
-        check(self.is_threshold > 0, f"algo.is_threshold must be > 0, got {self.is_threshold}")
+        check(self.is_threshold is None or self.is_threshold > 0,
+              f"algo.is_threshold must be > 0 or null (no importance weights), got {self.is_threshold}")
         check(self.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
         check(self.mini_batches_per_step >= 1,
               f"algo.mini_batches_per_step must be >= 1, got {self.mini_batches_per_step}")

@@ -33,6 +33,9 @@ class RunSection:
     eval_num_samples: int = 4  # k of the held-out avg@k Pass@1 every eval_every steps
     eval_temperature: float | None = None  # null: rollout.learner.sampling.temperature
     eval_at_start: bool = False  # also evaluate before the first step (logged as step 0)
+    # 1: the learner's engines generate step i+1 (with the weights of step i-1) while step i
+    # trains (trainer/pipeline.py); 0: each step generates, then trains
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         check(bool(self.name), "run.name must not be empty")
@@ -45,6 +48,10 @@ class RunSection:
         check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
         check(self.eval_temperature is None or self.eval_temperature > 0,
               f"run.eval_temperature must be > 0 or null, got {self.eval_temperature}")
+        check(self.max_staleness in (0, 1),
+              f"run.max_staleness={self.max_staleness} is not supported: 0 (generate, then train) or 1 (the "
+              "next step's rollouts are generated while the current step trains, one weight version behind); "
+              "the pipeline runs at most one step ahead")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,9 +83,25 @@ class RunConfig:
         check(not needs_teacher or self.rollout.has_model("teacher"),
               f"algo.method={self.algo.method} needs the teacher: set rollout.teacher.model_path, "
               "rollout.teacher.url or rollout.teacher.init_arch")
+        self._check_pipeline()
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")
+
+    def _check_pipeline(self) -> None:
+        """run.max_staleness=1 needs the importance correction and engines on their own GPUs."""
+        if not self.run.max_staleness:
+            return
+        check(self.algo.is_threshold is not None,
+              "run.max_staleness=1 trains on rollouts sampled one weight version behind the learner, so the "
+              "policy loss needs the truncated importance weight min(pi_old / pi_behaviour, algo.is_threshold) "
+              "(decoupled PPO): without it the update treats the older policy's samples as the proximal "
+              f"policy's and is biased (algo.old_logprob={self.algo.old_logprob}). Set algo.is_threshold "
+              "(2.0 is the default), or run.max_staleness=0")
+        check(self.sync.transport != "tensor",
+              "run.max_staleness=1 generates while the learner trains, so the learner's server needs GPUs of its "
+              "own; sync.transport=tensor colocates it with the learner. Use sync.transport=distributed (or "
+              "disk) with separate server GPUs, or run.max_staleness=0")
 
     def _check_stages(self) -> None:
         """Every stage must name known models and build a valid single-run config."""

@@ -148,11 +148,14 @@ def save_checkpoint(
     optimizer: Any | None = None,
     scheduler: Any | None = None,
     trainer_state: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Save a checkpoint of `step` under `root` atomically (module docstring); collective.
 
     trainer_state: JSON-serialisable state of the caller (sampler position, algorithm schedule
-    position, ...), returned by `load_checkpoint`. Returns the final directory.
+    position, ...), returned by `load_checkpoint`. extra_files: {file name: contents} that rank 0
+    writes into the checkpoint directory before it is marked complete (the caller reads them from
+    `LoadedState.path`). Returns the final directory.
     """
     from megatron.core import dist_checkpointing
 
@@ -181,12 +184,17 @@ def save_checkpoint(
     except BaseException as err:  # torch's CheckpointException derives from BaseException
         _abandon_save(tmp, step, err)
     _agree_or_abandon(tmp, step, lambda: write_rng_file(tmp / RNG_DIR / f"rank_{_rank():05d}.pt"))
-    _agree_or_abandon(tmp, step, (lambda: _commit(root, tmp, final, state_text)) if _rank() == 0 else None)
+    _agree_or_abandon(tmp, step, (lambda: _commit(root, tmp, final, state_text, extra_files or {}))
+                      if _rank() == 0 else None)
     return final
 
 
-def _commit(root: Path, tmp: Path, final: Path, state_text: str) -> None:
-    """Rank 0: trainer state and COMPLETE into `tmp`, fsync, rename to `final`, move `latest`."""
+def _commit(root: Path, tmp: Path, final: Path, state_text: str, extra_files: dict[str, bytes]) -> None:
+    """Rank 0: extra files, trainer state and COMPLETE into `tmp`, fsync, rename to `final`, move `latest`."""
+    for name, data in extra_files.items():
+        if os.path.basename(name) != name or name in (STATE_FILE, COMPLETE, DIST_DIR, RNG_DIR):
+            raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name of its own")
+        (tmp / name).write_bytes(data)
     (tmp / STATE_FILE).write_text(state_text)
     (tmp / COMPLETE).write_text("")
     _fsync_tree(tmp)

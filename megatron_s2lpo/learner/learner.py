@@ -327,13 +327,16 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, root: str | Path, *, step: int | None = None, trainer_state: dict | None = None) -> Path:
-        """Atomic dist checkpoint of policy + optimizer + LR schedule + RNG (+ trainer_state)."""
+    def save(self, root: str | Path, *, step: int | None = None, trainer_state: dict | None = None,
+             extra_files: dict[str, bytes] | None = None) -> Path:
+        """Atomic dist checkpoint of policy + optimizer + LR schedule + RNG (+ trainer_state, and
+        extra_files {name: bytes} written by rank 0 into the checkpoint directory)."""
         self._require_onloaded("save a checkpoint")
         self.sync_params()
         state = {"learner_step": self.step, **(trainer_state or {})}
         return ckpt.save_checkpoint(root, self.step if step is None else step, model_chunks=self.model,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
+                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
+                                    extra_files=extra_files)
 
     def load(self, path: str | Path, *, load_optimizer: bool = True) -> ckpt.LoadedState:
         """Load a checkpoint (directory or root -> latest complete), resharding as needed.

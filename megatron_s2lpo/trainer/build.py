@@ -5,7 +5,7 @@
 What is built where (multi-process learners under torchrun): every rank builds the learner
 and the weight sync; global rank 0 alone builds the rollout engines, the explorer prefetcher
 and the reward scorer, collects and scores each step's groups and broadcasts them
-(`RolloutStage.collect`), so every rank then computes the same advantages and TrainBatch.
+(`pipeline.RolloutPipeline`), so every rank then computes the same advantages and TrainBatch.
 
 Model sources (`rollout.<name>`): `model_path` (a HF directory), or `init_arch` (a model built
 from code and written once to `<run.output_dir>/models/<name>`, optionally warm-started by
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +25,10 @@ import torch
 from megatron_s2lpo.config import EngineConfig, ModelArch, RunConfig
 from megatron_s2lpo.data import PromptSampler, load_prompts, make_arithmetic_prompts, tokenize_prompts
 from megatron_s2lpo.trainer.metrics import MetricsWriter
+from megatron_s2lpo.trainer.pipeline import RolloutPipeline, RolloutStage, ScoringEngine
 from megatron_s2lpo.trainer.run_dir import CHECKPOINT_SUBDIR
 from megatron_s2lpo.rollout import GroupCollector, build_engine, build_prefetcher
-from megatron_s2lpo.rollout.engine import Completion, GenerateRequest, derive_seed
+from megatron_s2lpo.rollout.engine import GenerateRequest, derive_seed
 from megatron_s2lpo.rollout.validation import AnswerRules
 from megatron_s2lpo.types import Prompt
 
@@ -122,70 +122,6 @@ def build_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list[Prompt], list[Pr
 # ----------------------------------------------------------------------------- rollouts + rewards
 
 
-class ScoringEngine:
-    """Wraps an engine so each finished generate() call is queued for scoring at once.
-
-    The explorer's completions are then scored while the learner's are still generating.
-    Futures are keyed by (prompt ids, response ids): equal keys have equal rewards.
-    """
-
-    def __init__(self, inner: Any, stage: "RolloutStage") -> None:
-        self.inner = inner
-        self.stage = stage
-
-    def generate(self, requests: list[GenerateRequest]) -> list[Completion]:
-        comps = self.inner.generate(requests)
-        self.stage.submit([(c.prompt_ids, c.token_ids, c.text) for c in comps])
-        return comps
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-class RolloutStage:
-    """Rank 0: collect a step's groups from both sources and score them; broadcast to all ranks."""
-
-    def __init__(self, collector: GroupCollector | None, scorer: Any, groups: Any) -> None:
-        self.collector = collector
-        self.scorer = scorer
-        self.groups = groups
-        self._truths: dict[tuple, str] = {}
-        self._pending: dict[tuple, tuple[Any, int]] = {}
-
-    def submit(self, items: list[tuple[list[int], list[int], str]]) -> None:
-        items = [it for it in items if (tuple(it[0]), tuple(it[1])) not in self._pending]
-        if not items:
-            return
-        future = self.scorer.submit([text for _, _, text in items],
-                                    [self._truths[tuple(p)] for p, _, _ in items])
-        for index, (p, r, _) in enumerate(items):
-            self._pending[(tuple(p), tuple(r))] = (future, index)
-
-    def _collect_scored(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]],
-                        temperature: float | None) -> tuple:
-        self._truths = {tuple(p.token_ids): p.ground_truth for p in prompts}
-        self._pending = {}
-        start = time.perf_counter()
-        groups = self.collector.collect(prompts, step, upcoming, temperature)
-        self.collector.learner.offload()  # a colocated server frees its GPUs for training
-        rollout_s = time.perf_counter() - start
-        rollouts = [r for g in groups for r in g.rollouts]
-        self.submit([(r.prompt_ids, r.response_ids, r.text) for r in rollouts])  # e.g. store samples
-        for r in rollouts:
-            future, index = self._pending[(tuple(r.prompt_ids), tuple(r.response_ids))]
-            r.reward = float(future.result()[index])
-        return groups, rollout_s, time.perf_counter() - start - rollout_s
-
-    def collect(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]],
-                temperature: float | None = None) -> tuple:
-        """(groups with rewards, rollout seconds, extra seconds waiting for rewards), every rank.
-
-        temperature: the learner's sampling temperature this step (None: its sampling config's)."""
-        from megatron_s2lpo.sync.collective import run_on_driver
-
-        return run_on_driver(lambda: self._collect_scored(step, prompts, upcoming, temperature), self.groups)
-
-
 # ----------------------------------------------------------------------------- everything
 
 
@@ -198,7 +134,7 @@ class TrainerParts:
     sampler: PromptSampler
     learner: Any
     sync: Any
-    rollouts: RolloutStage
+    pipeline: RolloutPipeline  # each step's scored groups (pipeline.py)
     collector: GroupCollector | None
     learner_engine: Any
     explorer_engine: Any
@@ -235,7 +171,7 @@ class TrainerParts:
         return out_dir
 
     def close(self) -> None:
-        for part in (self.collector, self.prefetcher, self.sync, self.learner_engine, self.explorer_engine,
+        for part in (self.pipeline, self.collector, self.prefetcher, self.sync, self.learner_engine, self.explorer_engine,
                      self.teacher_engine, self.scorer, self.writer):
             if part is not None:
                 part.close()
@@ -256,6 +192,15 @@ def mix_settings(cfg: RunConfig) -> tuple[int, str, float]:
     if a.method == "forward_kl":
         return cfg.run.num_steps, "constant", 1.0
     return a.t_mix, a.schedule, a.constant_share
+
+
+def learner_temperature(cfg: RunConfig, step: int) -> float:
+    """The learner's sampling (and log-prob) temperature at `step` (algo.temperature)."""
+    from megatron_s2lpo.algo.schedule import sampling_temperature
+
+    t = cfg.algo.temperature
+    return sampling_temperature(step, cfg.rollout.learner.sampling.temperature, schedule=t.schedule,
+                                end=t.end, steps=t.steps)
 
 
 def eval_sampling(cfg: RunConfig) -> Any:
@@ -295,7 +240,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     if groups.rank == 0:
         _check_server_ports(cfg, rollout, uses_explorer)
         scorer = MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs())
-        stage = RolloutStage(None, scorer, groups)
+        stage = RolloutStage(None, scorer)
         logs = os.path.join(cfg.run.output_dir, "logs")  # launched servers' logs belong to the run
         learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed, logs)
         if explorer_path or (uses_explorer and rollout.explorer.attached):
@@ -307,21 +252,25 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
             explorer=None if explorer_engine is None else ScoringEngine(explorer_engine, stage),
             explorer_sampling=rollout.explorer.sampling, prefetcher=prefetcher, schedule=schedule,
             rounding=algo.rounding, constant_share=constant_share, seed=cfg.run.seed,
-            rules=AnswerRules(vocab_size=learner.arch.vocab_size))
+            rules=AnswerRules(vocab_size=learner.arch.vocab_size, max_staleness=cfg.run.max_staleness))
         stage.collector = collector
         teacher_engine, teacher_scorer = _teacher(cfg, explorer_engine, tokenizer)
         writer = MetricsWriter(cfg.run.output_dir, cfg.logging, run_name=cfg.run.name)
     else:
-        stage = RolloutStage(None, None, groups)
+        stage = None
     sync_cfg = cfg.sync if cfg.sync.disk_dir else dataclasses.replace(
         cfg.sync, disk_dir=os.path.join(cfg.run.output_dir, "sync"))
     sync = WeightSync.from_learner(learner, learner_engine, sync_cfg,
                                    temperature=rollout.learner.sampling.temperature,
                                    hf_config_dir=learner_path or None)
     explorer_params = ModelArch.from_hf_config(explorer_path).num_params() if explorer_path else 0
+    pipeline = RolloutPipeline(stage=stage, sampler=sampler, prompts=train, groups=groups, sync=sync,
+                               max_staleness=cfg.run.max_staleness, num_steps=cfg.run.num_steps,
+                               prefetch_steps=cfg.rollout.prefetch_steps,
+                               temperature=lambda step: learner_temperature(cfg, step))
     return TrainerParts(
         config=cfg, tokenizer=tokenizer, train_prompts=train, heldout_prompts=heldout, sampler=sampler,
-        learner=learner, sync=sync, rollouts=stage, collector=collector, learner_engine=learner_engine,
+        learner=learner, sync=sync, pipeline=pipeline, collector=collector, learner_engine=learner_engine,
         explorer_engine=explorer_engine, prefetcher=prefetcher, scorer=scorer, writer=writer,
         learner_params=learner.arch.num_params(), explorer_params=explorer_params,
         checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR), learner_dir=learner_path,

@@ -25,7 +25,6 @@ Multi-stage pipelines (`stages:`) run this loop once per stage (stages.py); run.
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -34,13 +33,14 @@ import torch
 from megatron_s2lpo.algo.advantages import group_advantages
 from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
 from megatron_s2lpo.algo.losses import PolicyLossConfig
-from megatron_s2lpo.algo.schedule import sampling_temperature, schedule_share
-from megatron_s2lpo.trainer.build import TrainerParts, build_trainer, eval_sampling, mix_settings, sample_scores
+from megatron_s2lpo.algo.schedule import schedule_share
 from megatron_s2lpo.config import RunConfig
-from megatron_s2lpo.trainer.metrics import json_safe
 from megatron_s2lpo.rollout.engine import derive_seed
+from megatron_s2lpo.trainer.build import (TrainerParts, build_trainer, eval_sampling, learner_temperature, mix_settings,
+                                          sample_scores)
+from megatron_s2lpo.trainer.metrics import (behaviour_mismatch, importance_metrics, json_safe, mean_dicts,
+                                            pods_counts, rollout_counts, source_metrics, staleness_metrics)
 from megatron_s2lpo.trainer.run_dir import check_run_dir
-from megatron_s2lpo.trainer.metrics import mean_dicts, rollout_counts, source_metrics
 from megatron_s2lpo.trainer.stop_signal import RunStopped, received_signal, stop_requested
 from megatron_s2lpo.types import SOURCE_CODES, Source
 
@@ -56,12 +56,15 @@ def loss_config(cfg: RunConfig) -> PolicyLossConfig:
 
 def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]]:
     """(last completed step, cumulative counters, that step's metrics) from the newest loadable
-    checkpoint (run_dir.check_run_dir has made sure there is one)."""
-    state = parts.learner.load(parts.checkpoint_root).trainer_state
+    checkpoint (run_dir.check_run_dir has made sure there is one), and the rollouts it holds for
+    the next step (pipeline.py)."""
+    loaded = parts.learner.load(parts.checkpoint_root)
+    state = loaded.trainer_state
     parts.sampler.load_state_dict(state["sampler"])
     if parts.prefetcher is not None:
         parts.prefetcher.load_state_dict(state.get("explorer_store", {}))
     step = int(state["step"])
+    parts.pipeline.resume(loaded.path, step)
     parts.sync.sync(version=step)  # the fresh engine gets the checkpoint's weights
     parts.sync.num_syncs = step  # parity checks every sync.parity_every steps, as without the restart
     return step, state["cumulative"], state.get("metrics") or {}
@@ -80,16 +83,10 @@ def run_training(cfg: RunConfig, *, export_dir: str | None = None) -> None:
         parts.close()
 
 
-def learner_temperature(cfg: RunConfig, step: int) -> float:
-    """The learner's sampling (and log-prob) temperature at `step` (algo.temperature)."""
-    t = cfg.algo.temperature
-    return sampling_temperature(step, cfg.rollout.learner.sampling.temperature, schedule=t.schedule,
-                                end=t.end, steps=t.steps)
-
-
 def importance_correction(cfg: RunConfig) -> tuple[float | None, tuple[int, ...] | None]:
     """(truncated-IS cap, source codes of the rows it weights): every row in behaviour mode; the
-    learner's own samples when its engine samples at another precision (algo.precision_correction)."""
+    learner's own samples when its engine samples at another precision (algo.precision_correction)
+    or one weight version behind (run.max_staleness=1, always)."""
     from megatron_s2lpo.config.learner import precision_differs
 
     algo = cfg.algo
@@ -98,15 +95,9 @@ def importance_correction(cfg: RunConfig) -> tuple[float | None, tuple[int, ...]
     on = algo.precision_correction
     if on is None:
         on = precision_differs(cfg.learner, cfg.rollout.learner)
-    return (algo.is_threshold, (SOURCE_CODES[Source.LEARNER],)) if on else (None, None)
-
-
-def behaviour_mismatch(batch: Any, sources: tuple[int, ...] | None) -> float:
-    """Mean |old - behaviour| log-prob over the loss tokens of the rows with these source codes
-    (None: every row): the gap between the learner's numerics and the sampling engine's."""
-    rows = torch.ones_like(batch.sources, dtype=torch.bool) if sources is None else \
-        torch.isin(batch.sources, torch.tensor(sources))
-    return masked_mean((batch.old_logprobs - batch.behaviour_logprobs).abs()[rows], batch.loss_mask[rows])
+    if cfg.run.max_staleness:  # decoupled PPO: the proximal policy is the recompute, one version ahead
+        on = True
+    return (algo.is_threshold, (SOURCE_CODES[Source.LEARNER],)) if on and algo.is_threshold else (None, None)
 
 
 def objective(cfg: RunConfig) -> str:
@@ -119,13 +110,10 @@ def objective(cfg: RunConfig) -> str:
     return "policy"
 
 
-def _loop(parts: TrainerParts, resuming: bool) -> None:
-    cfg, learner, algo = parts.config, parts.learner, parts.config.algo
-    distill, train_objective = algo.distill, objective(cfg)
-    t_mix, schedule, share = mix_settings(cfg)
-    is_threshold, is_sources = importance_correction(cfg)
-    mismatch_sources = is_sources if is_threshold is not None else (SOURCE_CODES[Source.LEARNER],)
-    params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
+def _start(parts: TrainerParts, resuming: bool) -> tuple[int, dict[str, float]]:
+    """(last completed step, cumulative counters): a resumed run's checkpoint, its metrics file cut
+    back to it, or step 0 (with the held-out evaluation before training if asked)."""
+    cfg = parts.config
     start_step, cumulative, saved_metrics = 0, dict.fromkeys(COUNTERS, 0.0), {}
     if resuming:
         start_step, cumulative, saved_metrics = resume(parts)
@@ -134,23 +122,30 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         if saved_metrics and last_logged != start_step:
             # killed between the checkpoint and the metrics line: log the step from the checkpoint
             parts.writer.write(start_step, saved_metrics)
-    evaluates = bool(cfg.run.eval_every and parts.heldout_prompts)
-    if evaluates and cfg.run.eval_at_start and start_step == 0:
+    if cfg.run.eval_every and parts.heldout_prompts and cfg.run.eval_at_start and start_step == 0:
         accuracy = _heldout_accuracy(parts, 0)
         if parts.writer is not None:
             parts.writer.write(0, {"eval/avg_at_k": accuracy})
             print(f"step 0/{cfg.run.num_steps} eval={accuracy:.3f}", flush=True)
+    return start_step, cumulative
+
+
+def _loop(parts: TrainerParts, resuming: bool) -> None:
+    cfg, learner, algo, pipeline = parts.config, parts.learner, parts.config.algo, parts.pipeline
+    distill, train_objective = algo.distill, objective(cfg)
+    t_mix, schedule, share = mix_settings(cfg)
+    is_threshold, is_sources = importance_correction(cfg)
+    mismatch_sources = is_sources if is_threshold is not None else (SOURCE_CODES[Source.LEARNER],)
+    params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
+    start_step, cumulative = _start(parts, resuming)
+    evaluates = bool(cfg.run.eval_every and parts.heldout_prompts)
     for step in range(start_step + 1, cfg.run.num_steps + 1):
         t0 = time.perf_counter()
         temperature = learner_temperature(cfg, step)
-        # 1. prompts, and the next steps' prompts for the explorer prefetcher (sampler copies)
-        prompts = [parts.train_prompts[i] for i in parts.sampler.next_batch()]
-        ahead = copy.deepcopy(parts.sampler) if parts.prefetcher is not None else None
-        upcoming = [[parts.train_prompts[i] for i in ahead.next_batch()]
-                    for _ in range(cfg.rollout.prefetch_steps)] if ahead is not None else []
-        # 2. G_w explorer + G_s learner samples per prompt, scored (rank 0, broadcast)
+        # 1-2. the step's prompts, G_w explorer + G_s learner samples of each, scored (pipeline.py:
+        # rank 0 collects, every rank receives; with run.max_staleness=1 collected during step i-1)
         g_explorer, g_learner = _split(parts, step)
-        groups, rollout_s, reward_s = parts.rollouts.collect(step, prompts, upcoming, temperature)
+        groups = pipeline.next_batch(step)
         counts = rollout_counts(groups, params)
         # 3. PODS: keep m of n per prompt, chosen over both sources
         if algo.pods.enabled:
@@ -171,7 +166,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         teacher_s, distill_metrics = 0.0, {}
         if algo.method == "opd" or (algo.method == "forward_kl" and distill.top_k > 0):
             teacher_s, distill_metrics = _teacher_supervision(parts, step, groups, batch)
-        # 6. PPO epochs x mini-batches
+        # 6. PPO epochs x mini-batches (truncated importance weights on off-policy rows)
         t2 = time.perf_counter()
         updates = [learner.train_step(take_rows(batch, rows), loss_config=loss_config(cfg),
                                       temperature=temperature, is_threshold=is_threshold, is_sources=is_sources,
@@ -180,19 +175,20 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
                    for rows in mini_batch_rows(batch.num_seqs, algo.mini_batches_per_step)]
         # 7. the learner's engine gets the new weights (version = step)
         t3 = time.perf_counter()
-        synced = parts.sync.sync(version=step)
-        t4 = time.perf_counter()
+        synced = pipeline.push_weights(step)
         # 8. metrics and checkpoint
         for key in COUNTERS:
             cumulative[key] += counts[key]
+        flow = pipeline.step_metrics()
         metrics = {
             "alpha": schedule_share(step, t_mix, schedule=schedule, constant_share=share),
             "G_w": g_explorer, "G_s": g_learner, "weight_version": float(parts.sync.version),
             "temperature": temperature, **distill_metrics,
             "entropy": masked_mean(entropy, batch.loss_mask),
-            **source_metrics(batch, rewards.flatten(), seq_adv), **counts,
+            **source_metrics(batch, rewards.flatten(), seq_adv), **counts, **staleness_metrics(groups, step),
             **{f"cumulative/{k}": v for k, v in cumulative.items()},
             **{f"train/{k}": v for k, v in mean_dicts(updates).items()},
+            **importance_metrics(batch, is_threshold, is_sources),
             "train/behaviour_mismatch": behaviour_mismatch(batch, mismatch_sources),
             **{k: v for k, v in synced.metrics().items() if k not in ("sync/seconds", "sync/gb_per_s")},
         }
@@ -200,10 +196,9 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         if evaluates and (step % cfg.run.eval_every == 0 or step == cfg.run.num_steps):
             metrics["eval/avg_at_k"] = _heldout_accuracy(parts, step)
         t6 = time.perf_counter()
-        metrics.update({"time/rollout": rollout_s, "time/reward": reward_s, "time/teacher": teacher_s,
-                        "time/old_logprob": t2 - t1 - teacher_s,
-                        "time/train": t3 - t2, "time/sync": t4 - t3, "time/eval": t6 - t5,
-                        "time/other": (t5 - t0) - rollout_s - reward_s - (t4 - t1)})
+        metrics.update({**flow, "time/teacher": teacher_s, "time/old_logprob": t2 - t1 - teacher_s,
+                        "time/train": t3 - t2, "time/eval": t6 - t5,  # time/sync: without waiting (pipeline)
+                        "time/other": (t5 - t0) - flow["time/wait_rollout"] - (t3 - t1) - flow["time/sync"]})
         stopping = stop_requested() and step < cfg.run.num_steps  # every rank agrees
         save = step == cfg.run.num_steps or (cfg.run.save_every and step % cfg.run.save_every == 0)
         if save or stopping:
@@ -224,15 +219,6 @@ def _split(parts: TrainerParts, step: int) -> tuple[int, int]:
     t_mix, schedule, share = mix_settings(parts.config)
     return split_group(step, a.num_generated_per_prompt, t_mix, schedule=schedule, rounding=a.rounding,
                        constant_share=share)
-
-
-def pods_counts(generated: list, kept: list) -> dict[str, float]:
-    """pods/generated_<source> and pods/kept_<source>: samples per source before and after PODS."""
-    out: dict[str, float] = {}
-    for source in Source:
-        out[f"pods/generated_{source.value}"] = float(sum(g.num_from(source) for g in generated))
-        out[f"pods/kept_{source.value}"] = float(sum(g.num_from(source) for g in kept))
-    return out
 
 
 def _teacher_supervision(parts: TrainerParts, step: int, groups: list, batch: Any) -> tuple[float, dict[str, float]]:
@@ -298,7 +284,8 @@ def _save(parts: TrainerParts, step: int, cumulative: dict[str, float], metrics:
     state = {"step": step, "sampler": parts.sampler.state_dict(), "cumulative": dict(cumulative),
              "explorer_store": parts.prefetcher.state_dict() if parts.prefetcher is not None else {},
              "metrics": {k: json_safe(v) for k, v in metrics.items()}}
-    parts.learner.save(parts.checkpoint_root, step=step, trainer_state=state)
+    parts.learner.save(parts.checkpoint_root, step=step, trainer_state=state,
+                       extra_files=parts.pipeline.checkpoint_files())  # the next step's rollouts, if ahead
     if parts.is_driver:
         prune_checkpoints(parts.checkpoint_root, parts.config.run.keep_checkpoints)
 

@@ -142,3 +142,46 @@ def source_metrics(batch: TrainBatch, rewards: torch.Tensor, seq_advantages: tor
 def mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for d in dicts for k in d})
     return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
+
+
+def behaviour_mismatch(batch: TrainBatch, sources: tuple[int, ...] | None) -> float:
+    """Mean |old - behaviour| log-prob over the loss tokens of the rows with these source codes
+    (None: every row): the gap between the learner's numerics and the sampling engine's."""
+    rows = torch.ones_like(batch.sources, dtype=torch.bool) if sources is None else \
+        torch.isin(batch.sources, torch.tensor(sources))
+    return masked_mean((batch.old_logprobs - batch.behaviour_logprobs).abs()[rows], batch.loss_mask[rows])
+
+
+def pods_counts(generated: list[Group], kept: list[Group]) -> dict[str, float]:
+    """pods/generated_<source> and pods/kept_<source>: samples per source before and after PODS."""
+    out: dict[str, float] = {}
+    for source in Source:
+        out[f"pods/generated_{source.value}"] = float(sum(g.num_from(source) for g in generated))
+        out[f"pods/kept_{source.value}"] = float(sum(g.num_from(source) for g in kept))
+    return out
+
+
+def staleness_metrics(groups: list[Group], step: int) -> dict[str, float]:
+    """staleness/mean and staleness/max: how many weight versions the learner's samples of `step`
+    lag the learner that trains on them (0 on-policy; 1 with run.max_staleness=1). The engine
+    holds version step-1 when sampling on-policy. The frozen explorer has no learner version."""
+    lags = [step - 1 - r.weight_version for g in groups for r in g.rollouts if r.source is Source.LEARNER]
+    if not lags:
+        return {"staleness/mean": float("nan"), "staleness/max": float("nan")}
+    return {"staleness/mean": sum(lags) / len(lags), "staleness/max": float(max(lags))}
+
+
+def importance_metrics(batch: TrainBatch, threshold: float | None, sources: tuple[int, ...] | None
+                       ) -> dict[str, float]:
+    """train/is_weight_mean and train/is_clipped_frac over the loss tokens of the weighted rows
+    (source codes `sources`, None: every row): the mean truncated weight min(pi_old / pi_behaviour,
+    threshold) and the share of tokens where the cap applied. Empty without a threshold."""
+    if threshold is None:
+        return {}
+    rows = torch.ones_like(batch.sources, dtype=torch.bool) if sources is None else \
+        torch.isin(batch.sources, torch.tensor(sources))
+    log_ratio = (batch.old_logprobs - batch.behaviour_logprobs)[rows]
+    mask = batch.loss_mask[rows]
+    weights = torch.exp(log_ratio.clamp(max=math.log(threshold)))
+    return {"train/is_weight_mean": masked_mean(weights, mask),
+            "train/is_clipped_frac": masked_mean((log_ratio > math.log(threshold)).float(), mask)}

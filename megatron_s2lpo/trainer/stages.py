@@ -3,7 +3,7 @@
     s2lpo train examples/tiny_bridge_cpu.yaml             # teacher GRPO -> forward KL -> OPD -> student GRPO
     s2lpo train examples/tiny_bridge_cpu.yaml --resume    # after a kill: continues where it stopped
 
-Each stage is an ordinary run of `train.py` (config/stages.py builds its config) in
+Each stage is an ordinary run of `loop.py` (config/stages.py builds its config) in
 `<run.output_dir>/stages/<NN>-<name>`, with its own checkpoints and metrics.jsonl. When a stage
 ends, its policy is exported as a Hugging Face directory `<stage dir>/hf`, and later stages load
 that model from there. Models built from code (`init_arch`) are written once to
