@@ -10,7 +10,9 @@ sources; group-relative advantages over the COMBINED group; the learner recomput
 log-probs for every sample (and reference log-probs with a KL penalty); PPO epochs x
 mini-batches of updates; weight sync into the learner's engine; metrics; checkpoint.
 Components are built in `build.py`; global rank 0 drives engines and rewards and broadcasts
-the scored groups, so every rank builds the same TrainBatch.
+the scored groups, so every rank builds the same TrainBatch. The groups and the weight push go
+through `pipeline.py`: collected in the step (run.max_staleness=0), or during the step before,
+one weight version behind and importance-weighted (1); the loop reads the same either way.
 
 `algo.method` picks what the step trains on (docs/training.md, "Methods"):
   grpo        the above (S2L-PO with algo.t_mix > 0, plain GRPO with 0);

@@ -227,16 +227,17 @@ class RolloutPipeline:
         from megatron_s2lpo.sync.collective import run_on_driver
 
         path = Path(checkpoint) / PENDING_FILE
+        loaded: list[tuple] = []  # rank 0's copy; the other ranks learn only which step it holds
 
-        def read() -> tuple | None:
+        def read() -> int | None:
             if not path.is_file():
                 return None
-            return decode_groups(path.read_bytes(), {p.prompt_id: p for p in self.prompts}, where=str(path))
+            loaded.append(decode_groups(path.read_bytes(), {p.prompt_id: p for p in self.prompts}, where=str(path)))
+            return loaded[0][0]
 
-        loaded = run_on_driver(read, self.groups)  # every rank learns whether step+1 is pending
-        if loaded is None or step >= self.num_steps:
+        saved_step = run_on_driver(read, self.groups)
+        if saved_step is None or step >= self.num_steps:
             return
-        saved_step, groups, rollout_s, reward_s = loaded
         if not self.ahead:
             raise ValueError(f"{path} holds step {saved_step}'s rollouts, generated one step ahead "
                              "(run.max_staleness=1) with the weights before this checkpoint's; resume with "
@@ -245,7 +246,7 @@ class RolloutPipeline:
             raise ValueError(f"{path} holds the rollouts of step {saved_step}, but its checkpoint is step {step}; "
                              "the checkpoint directory is inconsistent: remove it to resume from an earlier one")
         pending = _Collection(saved_step)  # collected before the restart: no timing of its own
-        pending.future.set_result((groups, rollout_s, reward_s) if self.is_driver else None)
+        pending.future.set_result(loaded[0][1:] if self.is_driver else None)
         self._next = pending
 
     def close(self) -> None:
