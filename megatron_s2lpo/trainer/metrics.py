@@ -147,9 +147,15 @@ def mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
 def behaviour_mismatch(batch: TrainBatch, sources: tuple[int, ...] | None) -> float:
     """Mean |old - behaviour| log-prob over the loss tokens of the rows with these source codes
     (None: every row): the gap between the learner's numerics and the sampling engine's."""
-    rows = torch.ones_like(batch.sources, dtype=torch.bool) if sources is None else \
-        torch.isin(batch.sources, torch.tensor(sources))
+    rows = _rows(batch, sources)
     return masked_mean((batch.old_logprobs - batch.behaviour_logprobs).abs()[rows], batch.loss_mask[rows])
+
+
+def _rows(batch: TrainBatch, sources: tuple[int, ...] | None) -> torch.Tensor:
+    """(B,) bool: the rows whose source code is in `sources` (None: every row)."""
+    if sources is None:
+        return torch.ones_like(batch.sources, dtype=torch.bool)
+    return torch.isin(batch.sources, torch.tensor(sources))
 
 
 def pods_counts(generated: list[Group], kept: list[Group]) -> dict[str, float]:
@@ -178,8 +184,7 @@ def importance_metrics(batch: TrainBatch, threshold: float | None, sources: tupl
     threshold) and the share of tokens where the cap applied. Empty without a threshold."""
     if threshold is None:
         return {}
-    rows = torch.ones_like(batch.sources, dtype=torch.bool) if sources is None else \
-        torch.isin(batch.sources, torch.tensor(sources))
+    rows = _rows(batch, sources)
     log_ratio = (batch.old_logprobs - batch.behaviour_logprobs)[rows]
     mask = batch.loss_mask[rows]
     weights = torch.exp(log_ratio.clamp(max=math.log(threshold)))
