@@ -1,10 +1,14 @@
 """The protocol test server's /generate answers, as SGLang 0.5.23 shapes them (see
 protocol_server.py for the routes and the rules followed): request parsing per batch item,
-sampled completions, prefill-only scoring answers, aborted requests, the --noop answers."""
+sampled completions, prefill-only scoring answers, aborted requests, the --noop answers, and
+when they are released (the simulated decode time of --latency-ms-per-token)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+
+DECODE_TICK_S = 0.01  # how often a simulated decode checks for a pause or for every request aborted
 
 
 def _per_item(value, num: int, name: str) -> list:
@@ -16,6 +20,37 @@ def _per_item(value, num: int, name: str) -> list:
     if name == "rid" and num > 1:  # SGLang expands a string rid into per-item ids
         return [f"{value}_{i}" for i in range(num)]
     return [value] * num
+
+
+def _parse_batch(state: "ServerState", body: dict) -> tuple:
+    """(single, rids, reqs or None, per-item fields) of a /generate body; ValueError if malformed."""
+    ids = body.get("input_ids")
+    if ids is None and body.get("text") is not None:
+        if state.engine is None or state.engine.tokenizer is None:
+            raise ValueError("text input needs a tokenizer; send input_ids")
+        texts = body["text"]
+        ids = ([state.engine.tokenizer.encode(t) for t in texts] if isinstance(texts, list)
+               else state.engine.tokenizer.encode(texts))
+    if not ids:
+        raise ValueError("either text or input_ids should be provided")
+    single = not isinstance(ids[0], list)
+    batch = [ids] if single else ids
+    params = _per_item(body.get("sampling_params") or {}, len(batch), "sampling_params")
+    rids = _per_item(body.get("rid") or f"req-{state.num_generate}", len(batch), "rid")
+    logprob = _per_item(body.get("return_logprob", False), len(batch), "return_logprob")
+    starts = _per_item(body.get("logprob_start_len", -1), len(batch), "logprob_start_len")
+    tops = _per_item(body.get("top_logprobs_num", 0), len(batch), "top_logprobs_num")
+    reqs = None
+    if state.engine is not None:
+        seeded = state.args.enable_deterministic_inference
+        items = zip(rids, batch, params, logprob, starts, tops, strict=True)
+        reqs = [_to_prefill(*item) if item[2].get("max_new_tokens") == 0 else _to_request(*item[:4], seeded)
+                for item in items]
+        vocab = state.engine.model.config.vocab_size
+        for req in reqs:
+            if any(not 0 <= t < vocab for t in req.prompt_ids):
+                raise ValueError(f"request {req.request_id}: token id out of vocabulary ({vocab})")
+    return single, rids, reqs, batch, params, logprob
 
 
 def _to_request(rid: str, ids: list[int], params: dict, return_logprob: bool, seeded: bool = True):
@@ -136,3 +171,26 @@ def _format_prefill(state: "ServerState", req: Prefill, scores) -> dict:
             meta["input_top_logprobs"] = ([None] + rows)[:len(tokens)]
             meta["output_top_logprobs"] = []
     return {"text": "", "output_ids": [], "meta_info": meta}
+
+
+# ----- release -----
+
+def _answer(futs: list[asyncio.Future], results: list) -> None:
+    for fut, result in zip(futs, results, strict=True):
+        if not fut.done():  # aborted meanwhile
+            fut.set_result(result)
+
+
+async def simulated_decode(state: "ServerState", futs: list[asyncio.Future], started: float, steps: int) -> None:
+    """Wait until `steps` decode steps of --latency-ms-per-token have passed since `started` (loop
+    time), not counting time paused; returns early once every future is done (all aborted)."""
+    loop = asyncio.get_running_loop()
+    left = steps * state.latency_s_per_token - (loop.time() - started)
+    while left > 0:
+        pending = [fut for fut in futs if not fut.done()]
+        if not pending:
+            return
+        running, tick = state.running.is_set(), loop.time()
+        await asyncio.wait(pending, timeout=min(left, DECODE_TICK_S))  # wakes early only if all end
+        if running:
+            left -= loop.time() - tick

@@ -62,9 +62,21 @@ OpenAI routes, weight version spans inside one request, real memory release.
 
 Fault injection for tests: --fail-first N (the first N /generate requests answer 500),
 --delay-s S (sleep before each generation), POST /_test/faults {"fail_next", "status",
-"delay_s", "hang_next" (that many requests never answer until aborted), "truncate_next" (answer
-200 with a cut-off JSON body), "refuse_updates" (refuse that many distributed buckets)} and GET /_test/state (counters, rids served, paused / released
-state, session, contract violations).
+"delay_s", "latency_ms_per_token", "hang_next" (that many requests never answer until aborted),
+"truncate_next" (answer 200 with a cut-off JSON body), "refuse_updates" (refuse that many
+distributed buckets)} and GET /_test/state (counters, rids served, batches held for their
+decode time, paused / released state, session, contract violations).
+
+Simulated decode time: --latency-ms-per-token MS (default 0: answer as soon as the tiny model is
+done) holds every generation batch until MS x its longest completion (in tokens) has passed
+since the batch started, as a batched decoder takes one step per token for the whole batch; so
+a CPU run shows a remote GPU server's timing. The wait runs on the event loop without blocking
+it (other routes answer meanwhile, an aborted request answers at once, a batch whose requests
+were all aborted stops "decoding"), and the next batch starts while the previous one decodes
+(the overlap continuous batching gives). The clock stops while generation is paused with
+mode in_place / retract, as SGLang's scheduler runs no batch while paused
+(managers/scheduler.py, event_loop_normal and pause_generation). Prefill-only requests take no
+decode steps. In --noop mode each /generate call is a batch of its fixed answers.
 """
 
 from __future__ import annotations
@@ -82,8 +94,8 @@ from aiohttp import web
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from protocol_answers import (Prefill, _abort_output, _format, _format_prefill, _noop_output,  # noqa: E402
-                              _per_item, _to_prefill, _to_request)
+from protocol_answers import (Prefill, _abort_output, _answer, _format, _format_prefill,  # noqa: E402
+                              _noop_output, _parse_batch, simulated_decode)
 
 
 ABORTED = object()  # the result of a request ended by /abort_request or a pause in abort mode
@@ -101,6 +113,8 @@ class ServerState:
         self.fail_next = args.fail_first
         self.fail_status = 500
         self.delay_s = args.delay_s
+        self.latency_s_per_token = args.latency_ms_per_token / 1000.0
+        self.decoding: set[asyncio.Task] = set()  # batches held for their simulated decode time
         self.hang_next = 0
         self.truncate_next = 0
         self.num_generate = 0
@@ -176,6 +190,7 @@ async def batch_worker(state: ServerState) -> None:
             group = [(req, fut) for req, fut, _ in items if isinstance(req, kind)]
             if not group:
                 continue
+            started = asyncio.get_running_loop().time()
             try:
                 results = await asyncio.to_thread(run, [req for req, _ in group])
             except Exception as err:  # noqa: BLE001 - reported to every waiting request
@@ -183,40 +198,24 @@ async def batch_worker(state: ServerState) -> None:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
-            for (_, fut), result in zip(group, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+            steps = max(len(r.token_ids) for r in results) if kind is GenerateRequest else 0
+            release(state, [fut for _, fut in group], results, started, steps)  # the next batch goes on
 
 
-def _parse_batch(state: ServerState, body: dict) -> tuple:
-    """(single, rids, reqs or None, per-item fields) of a /generate body; ValueError if malformed."""
-    ids = body.get("input_ids")
-    if ids is None and body.get("text") is not None:
-        if state.engine is None or state.engine.tokenizer is None:
-            raise ValueError("text input needs a tokenizer; send input_ids")
-        texts = body["text"]
-        ids = ([state.engine.tokenizer.encode(t) for t in texts] if isinstance(texts, list)
-               else state.engine.tokenizer.encode(texts))
-    if not ids:
-        raise ValueError("either text or input_ids should be provided")
-    single = not isinstance(ids[0], list)
-    batch = [ids] if single else ids
-    params = _per_item(body.get("sampling_params") or {}, len(batch), "sampling_params")
-    rids = _per_item(body.get("rid") or f"req-{state.num_generate}", len(batch), "rid")
-    logprob = _per_item(body.get("return_logprob", False), len(batch), "return_logprob")
-    starts = _per_item(body.get("logprob_start_len", -1), len(batch), "logprob_start_len")
-    tops = _per_item(body.get("top_logprobs_num", 0), len(batch), "top_logprobs_num")
-    reqs = None
-    if state.engine is not None:
-        seeded = state.args.enable_deterministic_inference
-        items = zip(rids, batch, params, logprob, starts, tops, strict=True)
-        reqs = [_to_prefill(*item) if item[2].get("max_new_tokens") == 0 else _to_request(*item[:4], seeded)
-                for item in items]
-        vocab = state.engine.model.config.vocab_size
-        for req in reqs:
-            if any(not 0 <= t < vocab for t in req.prompt_ids):
-                raise ValueError(f"request {req.request_id}: token id out of vocabulary ({vocab})")
-    return single, rids, reqs, batch, params, logprob
+def release(state: ServerState, futs: list[asyncio.Future], results: list, started: float, steps: int) -> None:
+    """Answer `futs` with `results` once `steps` simulated decode steps since `started` have passed
+    (at once without --latency-ms-per-token); a held batch is counted in /_test/state's decoding."""
+    if not (steps and state.latency_s_per_token):
+        _answer(futs, results)
+        return
+
+    async def held() -> None:
+        await simulated_decode(state, futs, started, steps)
+        _answer(futs, results)
+
+    task = asyncio.get_running_loop().create_task(held())
+    state.decoding.add(task)  # a reference until it ends (the loop keeps only weak ones)
+    task.add_done_callback(state.decoding.discard)
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -269,9 +268,10 @@ async def _serve(state: ServerState, rids, reqs, batch, params, logprob, futs, h
         await asyncio.wait([sleeper, *futs], return_when=asyncio.FIRST_COMPLETED)
         sleeper.cancel()
     if state.engine is None:  # no model: fixed answers, unless aborted or hung
-        for fut, hang, item in zip(futs, hangs, zip(rids, batch, params, logprob)):
-            if not fut.done() and not hang:
-                fut.set_result(_noop_output(state, *item))
+        live = [(fut, _noop_output(state, *item))
+                for fut, hang, item in zip(futs, hangs, zip(rids, batch, params, logprob)) if not fut.done() and not hang]
+        steps = max((out["meta_info"]["completion_tokens"] for _, out in live), default=0)
+        release(state, [fut for fut, _ in live], [out for _, out in live], asyncio.get_running_loop().time(), steps)
         results = await asyncio.gather(*futs)
         return [_abort_output(state, rid, lp) if res is ABORTED else res
                 for rid, lp, res in zip(rids, logprob, results)]
@@ -444,6 +444,7 @@ async def test_faults(request: web.Request) -> web.Response:
     state.fail_next = int(body.get("fail_next", state.fail_next))
     state.fail_status = int(body.get("status", state.fail_status))
     state.delay_s = float(body.get("delay_s", state.delay_s))
+    state.latency_s_per_token = float(body.get("latency_ms_per_token", 1000 * state.latency_s_per_token)) / 1000
     state.hang_next = int(body.get("hang_next", state.hang_next))
     state.truncate_next = int(body.get("truncate_next", state.truncate_next))
     if body.get("clear_violations"):
@@ -459,6 +460,7 @@ async def test_state(request: web.Request) -> web.Response:
     return web.json_response({
         "num_generate": state.num_generate, "num_failed": state.num_failed, "num_aborted": state.num_aborted,
         "num_deprecated": state.num_deprecated, "completed": state.completed, "inflight": sorted(state.inflight),
+        "decoding": len(state.decoding),
         "paused": not state.running.is_set(), "released": sorted(state.released),
         "weight_version": state.weight_version, "memory_saver": state.args.enable_memory_saver,
         "session_open": bool(getattr(weights, "session_open", False)),
@@ -529,6 +531,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--weight-version", default="default")
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--delay-s", type=float, default=0.0)
+    p.add_argument("--latency-ms-per-token", type=float, default=0.0,
+                   help="simulated decode time: a generation batch answers no sooner than this x its "
+                        "longest completion after it started")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="the tiny model's init seed (and the stream's)")
     p.add_argument("--num-threads", type=int, default=1)
@@ -544,6 +549,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"protocol server: ignoring flags {unknown}", flush=True)
+    if args.latency_ms_per_token < 0:
+        p.error(f"--latency-ms-per-token must be >= 0, got {args.latency_ms_per_token}")
     if not args.noop and bool(args.model_path) == args.tiny:
         p.error("give exactly one of --model-path DIR or --tiny (or --noop, which loads no model)")
     return args, unknown

@@ -301,3 +301,111 @@ def test_server_that_never_gets_healthy_times_out_with_its_log_and_temporary_log
     with pytest.raises(TimeoutError, match="(?s)not healthy within 1 s.*still booting"):
         SGLangEngine(cfg)
     assert set(Path(tempfile.gettempdir()).glob("sglang-server-*.log")) == before  # removed on close
+
+
+# ----- simulated decode time (--latency-ms-per-token) -----
+
+def post_batch(url: str, rid: str, *, key: str = KEY) -> tuple[float, list[dict]]:
+    """One /generate call of 4 greedy 16-token prompts (one server batch): (seconds, answers)."""
+    body = {"input_ids": [[5 + i, 6, 7] for i in range(4)], "rid": rid, "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 16}}
+    start = time.monotonic()
+    outs = admin(url, "/generate", body, key=key)
+    return time.monotonic() - start, outs
+
+
+def in_background(fn) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(zip(("seconds", "outs"), fn())))
+    worker.start()
+    return worker, out
+
+
+def wait_decoding(url: str, num: int = 1) -> None:
+    """Until the server holds `num` batches for their simulated decode time."""
+    deadline = time.monotonic() + 30
+    while admin(url, "/_test/state")["decoding"] != num:
+        assert time.monotonic() < deadline, "the batch never reached its simulated decode"
+        time.sleep(0.01)
+
+
+def healthy(url: str) -> bool:
+    with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+        return resp.status == 200
+
+
+def test_latency_per_token_holds_a_batch_and_the_server_keeps_answering(server):
+    url = server.url
+    try:
+        base_s, _ = post_batch(url, "lat-base")
+        admin(url, "/_test/faults", {"latency_ms_per_token": 60})
+        slow_s, outs = post_batch(url, "lat-slow")
+        steps = max(o["meta_info"]["completion_tokens"] for o in outs)
+        assert steps == 16 and slow_s >= 0.06 * steps  # no sooner than 60 ms x 16 tokens
+        assert base_s < 0.5 * 0.06 * steps  # the tiny model alone answers far sooner
+
+        # Paused in place mid-decode: the clock stops (SGLang runs no batch while paused).
+        worker, out = in_background(lambda: post_batch(url, "lat-pause"))
+        wait_decoding(url)
+        admin(url, "/pause_generation", {"mode": "in_place"})
+        paused = time.monotonic()
+        time.sleep(0.4)
+        assert healthy(url) and len(admin(url, "/_test/state")["inflight"]) == 4
+        admin(url, "/continue_generation", {})
+        paused = time.monotonic() - paused
+        worker.join(30)
+        assert out["seconds"] >= 0.06 * 16 + paused - 0.05  # one 10 ms tick may be lost at each edge
+
+        # A 16 s decode: the routes answer during it, an abort ends it at once.
+        admin(url, "/_test/faults", {"latency_ms_per_token": 1000})
+        start = time.monotonic()
+        worker, out = in_background(lambda: post_batch(url, "lat-abort"))
+        wait_decoding(url)
+        assert healthy(url) and server.get_model_info()["is_generation"]
+        admin(url, "/abort_request", {"abort_all": True})
+        worker.join(30)
+        assert [o["meta_info"]["finish_reason"]["type"] for o in out["outs"]] == ["abort"] * 4
+        assert time.monotonic() - start < 8  # well before the 16 s the decode would have taken
+        wait_decoding(url, 0)  # every request aborted: the batch stops decoding
+    finally:
+        admin(url, "/continue_generation", {})
+        admin(url, "/_test/faults", {"latency_ms_per_token": 0})
+
+
+def test_latency_flag_in_noop_mode_in_process():
+    """The command-line flag, and the model-free path, on the server app run in this process."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import protocol_server
+    from aiohttp import web
+
+    args, _ = protocol_server.parse_args(["--noop", "--latency-ms-per-token", "25"])  # 16 fixed tokens
+    with pytest.raises(SystemExit):
+        protocol_server.parse_args(["--noop", "--latency-ms-per-token", "-1"])
+    box: dict = {}
+
+    async def serve(ready: threading.Event, stop: asyncio.Event) -> None:
+        runner = web.AppRunner(protocol_server.build_app(protocol_server.ServerState(args)))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        box["url"] = "http://127.0.0.1:%d" % runner.addresses[0][1]
+        box["stop"], box["loop"] = stop, asyncio.get_running_loop()
+        ready.set()
+        await stop.wait()
+        await runner.cleanup()
+
+    ready = threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(serve(ready, asyncio.Event())))
+    thread.start()
+    try:
+        assert ready.wait(30)
+        url = box["url"]
+        worker, out = in_background(lambda: post_batch(url, "noop", key=""))
+        wait_decoding(url)
+        assert healthy(url)
+        worker.join(30)
+        assert out["outs"][0]["meta_info"]["completion_tokens"] == 16 and out["seconds"] >= 0.025 * 16
+    finally:
+        if "loop" in box:
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(30)
