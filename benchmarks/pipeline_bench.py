@@ -35,7 +35,7 @@ medians over the steps after the first `--skip-steps` (pooled over the repeats):
            `time/train` + `time/sync`;
   ratios   staleness-1 step / max(G, T) (target <= 1.15: the pipeline hides the shorter side)
            and staleness-1 step / staleness-0 step (target <= 0.65), next to G + T;
-  and the staleness-1 run's `overlap`, `time/wait_rollout` and `time/wait_train` where logged.
+  and the staleness-1 run's `time/overlap`, `time/wait_rollout` and `time/wait_train` where logged.
 A trainer without `run.max_staleness` runs the staleness-0 half (its only mode) and reports the
 staleness-1 half as not available, naming the config error.
 """
@@ -64,7 +64,7 @@ RECIPE = os.path.join("examples", "tiny_cpu.yaml")
 SERVER = os.path.join("tests", "protocol_server.py")
 G_KEYS = ("time/rollout", "time/reward")
 T_KEYS = ("time/old_logprob", "time/teacher", "time/train", "time/sync")
-PIPELINE_KEYS = ("overlap", "time/wait_rollout", "time/wait_train")
+PIPELINE_KEYS = ("time/overlap", "time/wait_rollout", "time/wait_train")
 
 
 class ModeUnavailable(Exception):
@@ -182,16 +182,17 @@ def report(latency_ms: float, calibration: dict | None, modes: dict) -> dict:
     source = "given" if calibration is None else (
         f"calibrated: T {calibration['T']:.3f} s, reward {calibration['reward']:.3f} s without latency")
     print(f"\nlatency {latency_ms:.1f} ms/token ({source})")
-    print(f"{'mode':<12} {'step s':>7} {'G s':>7} {'T s':>7} {'G+T s':>7} {'overlap':>8} {'wait_rollout s':>14}")
+    print(f"{'mode':<12} {'step s':>7} {'G s':>7} {'T s':>7} {'G+T s':>7} {'overlap':>8} {'wait_rollout s':>14} "
+          f"{'wait_train s':>12}")
     print(f"{'staleness 0':<12} {sync['step']:>7.3f} {sync['G']:>7.3f} {sync['T']:>7.3f} "
           f"{sync['G'] + sync['T']:>7.3f}")
     result = {"latency_ms_per_token": latency_ms, "calibration": calibration, "staleness0": sync, "staleness1": pipe}
     if "error" in pipe:
         print(f"{'staleness 1':<12} not run: {pipe['error']}")
         return result
-    overlap, wait = pipe.get("overlap"), pipe.get("time/wait_rollout")
-    print(f"{'staleness 1':<12} {pipe['step']:>7.3f} {'':>7} {'':>7} {'':>7} "
-          f"{'n/a' if overlap is None else f'{overlap:.3f}':>8} {'n/a' if wait is None else f'{wait:.3f}':>14}")
+    logged = [pipe.get(key) for key in PIPELINE_KEYS]
+    print(f"{'staleness 1':<12} {pipe['step']:>7.3f} {'':>7} {'':>7} {'':>7} " + " ".join(
+        f"{'n/a' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(logged, (8, 14, 12), strict=True)))
     bound = max(sync["G"], sync["T"])
     result["ratio_vs_max"] = pipe["step"] / bound
     result["ratio_vs_sync"] = pipe["step"] / sync["step"]
