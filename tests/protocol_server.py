@@ -70,13 +70,15 @@ decode time, paused / released state, session, contract violations).
 Simulated decode time: --latency-ms-per-token MS (default 0: answer as soon as the tiny model is
 done) holds every generation batch until MS x its longest completion (in tokens) has passed
 since the batch started, as a batched decoder takes one step per token for the whole batch; so
-a CPU run shows a remote GPU server's timing. The wait runs on the event loop without blocking
-it (other routes answer meanwhile, an aborted request answers at once, a batch whose requests
-were all aborted stops "decoding"), and the next batch starts while the previous one decodes
-(the overlap continuous batching gives). The clock stops while generation is paused with
-mode in_place / retract, as SGLang's scheduler runs no batch while paused
-(managers/scheduler.py, event_loop_normal and pause_generation). Prefill-only requests take no
-decode steps. In --noop mode each /generate call is a batch of its fixed answers.
+a CPU run shows a remote GPU server's timing. A batch starts when its last request arrived, and
+the next batch starts while the previous one decodes (as with continuous batching: the tiny
+model's own compute, done one batch after the other, then hides inside the simulated decode
+instead of adding to it). The wait runs on the event loop without blocking it (other routes
+answer meanwhile, an aborted request answers at once, a batch whose requests were all aborted
+stops "decoding"). The clock stops while generation is paused with mode in_place / retract, as
+SGLang's scheduler runs no batch while paused (managers/scheduler.py, event_loop_normal and
+pause_generation). Prefill-only requests take no decode steps. In --noop mode each /generate
+call is a batch of its fixed answers.
 """
 
 from __future__ import annotations
@@ -177,12 +179,18 @@ async def batch_worker(state: ServerState) -> None:
     from megatron_s2lpo.rollout.engine import GenerateRequest
     from megatron_s2lpo.rollout.scoring import ScoreRequest
 
+    loop = asyncio.get_running_loop()
     while True:
         items = [await state.queue.get()]
         while not state.queue.empty() and len(items) < state.args.max_batch_size:
             items.append(state.queue.get_nowait())
-        await state.running.wait()
-        items = [(req, fut, hang) for req, fut, hang in items if not fut.done() and not hang]
+        # The simulated decode starts when the batch's last request arrived (a server with continuous
+        # batching starts a request on arrival, not after the compute of the batch before it) ...
+        started = max(arrived for *_, arrived in items)
+        if not state.running.is_set():
+            await state.running.wait()
+            started = loop.time()  # ... or when generation resumed: nothing decodes while paused
+        items = [(req, fut, hang) for req, fut, hang, _ in items if not fut.done() and not hang]
         for req, fut, _ in items:
             if req is None:
                 fut.set_result(None)  # prefill without input log-probs: nothing to compute
@@ -190,7 +198,6 @@ async def batch_worker(state: ServerState) -> None:
             group = [(req, fut) for req, fut, _ in items if isinstance(req, kind)]
             if not group:
                 continue
-            started = asyncio.get_running_loop().time()
             try:
                 results = await asyncio.to_thread(run, [req for req, _ in group])
             except Exception as err:  # noqa: BLE001 - reported to every waiting request
@@ -275,8 +282,9 @@ async def _serve(state: ServerState, rids, reqs, batch, params, logprob, futs, h
         results = await asyncio.gather(*futs)
         return [_abort_output(state, rid, lp) if res is ABORTED else res
                 for rid, lp, res in zip(rids, logprob, results)]
+    arrived = asyncio.get_running_loop().time()
     for req, fut, hang in zip(reqs, futs, hangs, strict=True):
-        state.queue.put_nowait((req.work() if isinstance(req, Prefill) else req, fut, hang))
+        state.queue.put_nowait((req.work() if isinstance(req, Prefill) else req, fut, hang, arrived))
     results = await asyncio.gather(*futs)
     return [_abort_output(state, rid, lp) if res is ABORTED else
             _format_prefill(state, r, res) if isinstance(r, Prefill) else _format(state, r, res)
