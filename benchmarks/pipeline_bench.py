@@ -115,8 +115,11 @@ def train(name: str, overrides: list[str], root: str, args: argparse.Namespace) 
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and the server it launched
-            proc.wait()
+            pass
+        finally:  # timed out or interrupted: the trainer and the server it launched go too
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     if proc.returncode != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]
