@@ -171,8 +171,9 @@ class TrainerParts:
         return out_dir
 
     def close(self) -> None:
-        for part in (self.pipeline, self.collector, self.prefetcher, self.sync, self.learner_engine, self.explorer_engine,
-                     self.teacher_engine, self.scorer, self.writer):
+        # the pipeline first: a collection in flight ends before the engines it uses close
+        for part in (self.pipeline, self.collector, self.prefetcher, self.sync, self.learner_engine,
+                     self.explorer_engine, self.teacher_engine, self.scorer, self.writer):
             if part is not None:
                 part.close()
 

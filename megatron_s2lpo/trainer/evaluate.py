@@ -96,6 +96,7 @@ def explore(cfg: RunConfig, *, num_samples: int = 0) -> dict:
                           seed=cfg.run.seed)
     try:
         return fill_store(engine, train, num_samples or cfg.algo.group_size, explorer.sampling,
-                          cfg.rollout.explorer_store, explorer_model=path or explorer.url, seed=cfg.run.seed)
+                          cfg.rollout.explorer_store, explorer_model=path or explorer.url or ",".join(explorer.urls),
+                          seed=cfg.run.seed)
     finally:
         engine.close()
