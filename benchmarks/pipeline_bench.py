@@ -61,10 +61,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks_servers import free_ports  # noqa: E402
 from megatron_s2lpo.config import load_config  # noqa: E402
+from megatron_s2lpo.utils.ports import free_port  # noqa: E402
 
 RECIPE = os.path.join("examples", "tiny_cpu.yaml")
 SERVER = os.path.join("tests", "protocol_server.py")
@@ -81,7 +80,7 @@ def run_overrides(*, latency_ms: float, steps: int, model_path: str, init_sft_st
     """The recipe's overrides shared by every run of the bench (see the module docstring)."""
     server = [sys.executable, SERVER, "--latency-ms-per-token", f"{latency_ms:g}"]
     overrides = [f"run.num_steps={steps}", "run.save_every=0", "run.eval_every=0", "algo.t_mix=0",
-                 "rollout.learner.backend=sglang", f"rollout.learner.port={free_ports(1)[0]}",
+                 "rollout.learner.backend=sglang", f"rollout.learner.port={free_port()}",
                  f"rollout.learner.launch_command={json.dumps(server)}", "rollout.learner.startup_timeout_s=300"]
     if model_path:
         return overrides + [f"rollout.learner.model_path={model_path}"]

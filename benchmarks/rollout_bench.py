@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -40,15 +39,10 @@ from megatron_s2lpo.rollout.engine import GenerateRequest  # noqa: E402
 from megatron_s2lpo.rollout.sglang_client import SGLangClient, generate_payload  # noqa: E402
 from megatron_s2lpo.rollout.sglang_engine import SGLangEngine  # noqa: E402
 from megatron_s2lpo.rollout.sglang_server import ServerProcess, wait_healthy  # noqa: E402
+from megatron_s2lpo.utils.ports import free_port
 
 SERVER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
                       "protocol_server.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_requests(num: int) -> list[GenerateRequest]:

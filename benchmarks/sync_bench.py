@@ -105,7 +105,7 @@ def raw_broadcast(flats: list[torch.Tensor], num_receivers: int, rounds: int) ->
     import multiprocessing as mp
 
     from megatron_s2lpo.sync.distributed import init_custom_group
-    from megatron_s2lpo.sync.transports import free_port
+    from megatron_s2lpo.utils.ports import free_port
 
     ctx = mp.get_context("spawn")
     port, world = free_port(), 1 + num_receivers

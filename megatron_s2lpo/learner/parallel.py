@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .cpu_shims import apply_cpu_shims
+from ..utils.ports import free_port
 
 _OWNS_PROCESS_GROUP = False  # whether init_parallel created the default process group
 
@@ -57,12 +57,6 @@ class ParallelGroups:
         return self.pp_rank == self.pp_size - 1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _init_process_group(backend: str, timeout_minutes: int) -> None:
     """torch.distributed from the torchrun env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) or a 1-rank world."""
     global _OWNS_PROCESS_GROUP
@@ -72,7 +66,7 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1, timeout=timeout)
     _OWNS_PROCESS_GROUP = True
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_s2lpo.config.sync import SyncConfig
+from megatron_s2lpo.utils.ports import free_port
 
 from .base import PushStats, TransportContext
 from .exporter import Bucket, bucket_bytes
@@ -131,7 +132,7 @@ class DistributedTransport:
         if not replicas:
             raise RuntimeError(f"no replica of {self.engine.name} is up to join the weight-update group")
         offsets, world_size = group_layout([self.engine.cfg.tp_size] * len(replicas))
-        port = self.config.master_port or _free_port()
+        port = self.config.master_port or free_port("")  # the trainer hosts the group
         self.group_name = f"s2lpo_weight_sync_{os.getpid()}_{time.time_ns()}"
         calls = [self.engine.submit_init_weights_update_group(
             r, master_address=self.master_address, master_port=port, rank_offset=offset, world_size=world_size,
@@ -244,9 +245,3 @@ class DistributedTransport:
         self.engine.destroy_weights_update_group(self.group_name, [r for r, _ in self.members])
         dist.destroy_process_group(self.group)
         self.group = None
-
-
-def _free_port() -> int:
-    from .transports import free_port
-
-    return free_port()

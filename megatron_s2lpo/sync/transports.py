@@ -124,12 +124,6 @@ class TensorTransport:
         pass
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def address_towards(url: str) -> str:
     """This host's address on the route to `url`'s host (no packet is sent)."""
     parsed = urlparse(url)

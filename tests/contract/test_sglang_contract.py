@@ -12,7 +12,6 @@ See tests/contract/sglang_backend.py for exactly which SGLang code runs and what
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -32,17 +31,12 @@ from megatron_s2lpo.sync.base import TransportContext
 from megatron_s2lpo.sync.exporter import StateDictExporter
 from megatron_s2lpo.sync.transports import DistributedTransport, TensorTransport
 from megatron_s2lpo.sync.weight_sync import verify_version
+from megatron_s2lpo.utils.ports import free_port
 
 SERVER = [sys.executable, str(Path(__file__).resolve().parents[1] / "protocol_server.py")]
 KEY = "contract-key"
 SEED = 1234
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict]:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from megatron_s2lpo.utils.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECK_PREFIX = "CHECK "
@@ -32,12 +32,6 @@ CHECK_PREFIX = "CHECK "
 
 class DistributedRunError(AssertionError):
     """A multi-process run failed or timed out; the message holds every rank's output."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _format_outputs(outputs: list[str], codes: list[int | None], tail: int = 12000) -> str:

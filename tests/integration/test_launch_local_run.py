@@ -12,7 +12,6 @@ ends. Not covered here: Slurm and Docker executors
 
 import json
 import os
-import socket
 import sys
 
 import psutil
@@ -23,16 +22,11 @@ run = pytest.importorskip("nemo_run", reason="nemo-run is not installed (pip ins
 from megatron_s2lpo.trainer.build import build_tokenizer, materialize_model  # noqa: E402
 from megatron_s2lpo.config import load_config  # noqa: E402
 from megatron_s2lpo.launch.experiment import SUPERVISOR, build_local_experiment  # noqa: E402
+from megatron_s2lpo.utils.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny_cpu.yaml")
 PROTOCOL_SERVER = os.path.join(REPO, "tests", "protocol_server.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -62,7 +56,7 @@ def test_tiny_recipe_with_a_protocol_server_returns_and_leaves_nothing_running(t
     overrides += ["rollout.explorer.backend=sglang", f"rollout.explorer.model_path={explorer_dir}",
                   f"rollout.explorer.launch_command=[{sys.executable}, {PROTOCOL_SERVER}, --noop]"]
     exp, plan = build_local_experiment(TINY, tuple(overrides), base_dir=str(tmp_path / "nemo_home"),
-                                       explorer_port=_free_port())
+                                       explorer_port=free_port())
     assert [s.name for s in plan.servers] == ["explorer_server"]
     with exp:
         exp.run()  # returns when the trainer has ended

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ import time
 import pytest
 
 from megatron_s2lpo.launch.supervisor import ServerDiedError, SupervisedServer, Supervisor, SupervisorSpec
+from megatron_s2lpo.utils.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTOCOL_SERVER = os.path.join(REPO, "tests", "protocol_server.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _server(name: str, port: int, prefix: str = "") -> SupervisedServer:
@@ -49,7 +43,7 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.timeout(60)
 def test_the_run_ends_when_the_trainer_ends_and_the_servers_are_stopped(tmp_path):
-    servers = [_server("learner_server", _free_port()), _server("explorer_server", _free_port())]
+    servers = [_server("learner_server", free_port()), _server("explorer_server", free_port())]
     spec = SupervisorSpec(servers=servers, trainer_script=_gate(servers) + "exit 7\n", log_dir=str(tmp_path),
                           poll_s=0.05)
     supervisor = Supervisor(spec, log=lambda _: None)
@@ -62,8 +56,8 @@ def test_the_run_ends_when_the_trainer_ends_and_the_servers_are_stopped(tmp_path
 @pytest.mark.timeout(60)
 def test_a_server_that_dies_stops_the_trainer_with_an_error_naming_it(tmp_path):
     pid_file = tmp_path / "explorer.pid"
-    healthy = _server("learner_server", _free_port())
-    dying = _server("explorer_server", _free_port(), prefix=f"echo $$ > {pid_file}\n")
+    healthy = _server("learner_server", free_port())
+    dying = _server("explorer_server", free_port(), prefix=f"echo $$ > {pid_file}\n")
     marker = tmp_path / "trainer-still-ran"
     trainer = _gate([healthy, dying]) + f"kill -9 $(cat {pid_file})\nsleep 30\ntouch {marker}\n"
     spec = SupervisorSpec(servers=[healthy, dying], trainer_script=trainer, log_dir=str(tmp_path), poll_s=0.05,

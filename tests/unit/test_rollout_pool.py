@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,19 +26,10 @@ from megatron_s2lpo.config.sync import SyncConfig
 from megatron_s2lpo.rollout.engine import GenerateRequest
 from megatron_s2lpo.rollout.sglang_engine import SGLangEngine
 from megatron_s2lpo.rollout.sglang_server import ServerProcess, build_launch_command
+from megatron_s2lpo.utils.ports import free_ports
 
 SERVER = [sys.executable, str(Path(__file__).resolve().parents[1] / "protocol_server.py")]
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 def state(url: str) -> dict:

@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -23,16 +22,11 @@ from megatron_s2lpo.rollout.engine import GenerateRequest
 from megatron_s2lpo.rollout.local import LocalEngine
 from megatron_s2lpo.rollout.sglang_client import EngineRequestError
 from megatron_s2lpo.rollout.sglang_engine import SGLangEngine
+from megatron_s2lpo.utils.ports import free_port
 
 SERVER = [sys.executable, str(Path(__file__).resolve().parents[1] / "protocol_server.py")]
 KEY = "test-key"
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def admin(url: str, path: str, body: dict | None = None, key: str = KEY):

@@ -36,6 +36,7 @@ from megatron_s2lpo.sync.base import TransportContext
 from megatron_s2lpo.sync.disk import DiskTransport, sync_dir_name
 from megatron_s2lpo.sync.exporter import StateDictExporter
 from megatron_s2lpo.sync.transports import DistributedTransport, TensorTransport, build_transport, route
+from megatron_s2lpo.utils.ports import free_port
 
 ARCH = ModelArch(family="llama", vocab_size=64, hidden_size=16, ffn_hidden_size=24, num_layers=1,
                  num_attention_heads=2, num_query_groups=1, head_dim=8, tie_word_embeddings=True)
@@ -220,14 +221,6 @@ def test_flattened_buckets_are_aligned_and_rebuild_bit_exact():
 # ----- the distributed transport over gloo into protocol-server replicas (real HTTP, real gloo) -----
 
 SERVER = [sys.executable, str(Path(__file__).resolve().parents[1] / "protocol_server.py")]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_state(url: str) -> dict:

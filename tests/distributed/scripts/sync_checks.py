@@ -255,7 +255,7 @@ def start_server(root: str) -> dict:
     def launch() -> None:
         try:
             from megatron_s2lpo.rollout.sglang_engine import SGLangEngine
-            from megatron_s2lpo.sync.transports import free_port
+            from megatron_s2lpo.utils.ports import free_port
 
             model_dir = os.path.join(root, "server_model")
             LocalEngine.from_arch(tiny_arch("qwen3", tie=True), init_seed=77).save_pretrained(model_dir)
