@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from megatron_s2lpo.algo.batch import masked_mean
+from megatron_s2lpo.algo.losses import truncated_importance_weights
 from megatron_s2lpo.config import LoggingConfig
+from megatron_s2lpo.rollout.validation import expected_learner_version
 from megatron_s2lpo.trainer.run_dir import METRICS_FILE
 from megatron_s2lpo.types import SOURCE_CODES, Group, Source, TrainBatch
 from megatron_s2lpo.utils.files import write_atomic
@@ -169,9 +171,10 @@ def pods_counts(generated: list[Group], kept: list[Group]) -> dict[str, float]:
 
 def staleness_metrics(groups: list[Group], step: int) -> dict[str, float]:
     """staleness/mean and staleness/max: how many weight versions the learner's samples of `step`
-    lag the learner that trains on them (0 on-policy; 1 with run.max_staleness=1). The engine
-    holds version step-1 when sampling on-policy. The frozen explorer has no learner version."""
-    lags = [step - 1 - r.weight_version for g in groups for r in g.rollouts if r.source is Source.LEARNER]
+    lag the learner that trains on them (0 on-policy; 1 with run.max_staleness=1), against the
+    version an on-policy engine holds (rollout/validation.py). The frozen explorer has none."""
+    on_policy = expected_learner_version(step)
+    lags = [on_policy - r.weight_version for g in groups for r in g.rollouts if r.source is Source.LEARNER]
     if not lags:
         return {"staleness/mean": float("nan"), "staleness/max": float("nan")}
     return {"staleness/mean": sum(lags) / len(lags), "staleness/max": float(max(lags))}
@@ -185,8 +188,7 @@ def importance_metrics(batch: TrainBatch, threshold: float | None, sources: tupl
     if threshold is None:
         return {}
     rows = _rows(batch, sources)
-    log_ratio = (batch.old_logprobs - batch.behaviour_logprobs)[rows]
-    mask = batch.loss_mask[rows]
-    weights = torch.exp(log_ratio.clamp(max=math.log(threshold)))
-    return {"train/is_weight_mean": masked_mean(weights, mask),
-            "train/is_clipped_frac": masked_mean((log_ratio > math.log(threshold)).float(), mask)}
+    old, behaviour, mask = batch.old_logprobs[rows], batch.behaviour_logprobs[rows], batch.loss_mask[rows]
+    clipped = (old - behaviour) > math.log(threshold)
+    return {"train/is_weight_mean": masked_mean(truncated_importance_weights(old, behaviour, threshold), mask),
+            "train/is_clipped_frac": masked_mean(clipped.float(), mask)}

@@ -193,8 +193,12 @@ class RolloutPipeline:
 
         if self._next is not None:
             pending = self._next
+
+            def complete() -> None:  # rank 0 keeps the groups; the others learn only that they are done
+                pending.future.result()
+
             start = time.perf_counter()
-            run_on_driver(lambda: (pending.future.result(), None)[1], self.groups)
+            run_on_driver(complete, self.groups)
             waited = time.perf_counter() - start
             pending.blocked += waited
             self._metrics["time/wait_rollout"] += waited
