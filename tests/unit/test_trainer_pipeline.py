@@ -52,16 +52,21 @@ class CountingSync:
         return "synced"
 
 
-class SlowEngine(LocalEngine):
-    """The local engine with a delay per generate call, standing in for a remote server's time."""
+class RecordingEngine(LocalEngine):
+    """The local engine, recording when each generate call began and with which weights."""
 
-    delay_s = 0.0
     calls: list
+    called: threading.Condition
 
     def generate(self, requests):
-        self.calls.append((time.perf_counter(), self.weight_version, threading.current_thread().name))
-        time.sleep(self.delay_s)
+        with self.called:
+            self.calls.append((time.perf_counter(), self.weight_version))
+            self.called.notify_all()
         return super().generate(requests)
+
+    def wait_for_calls(self, num: int, timeout_s: float = 60.0) -> bool:
+        with self.called:
+            return self.called.wait_for(lambda: len(self.calls) >= num, timeout=timeout_s)
 
 
 class Groups:
@@ -69,15 +74,15 @@ class Groups:
     world_size = 1
 
 
-def make_pipeline(max_staleness: int, *, delay_s: float = 0.0, num_steps: int = NUM_STEPS):
+def make_pipeline(max_staleness: int, *, num_steps: int = NUM_STEPS):
     tokenizer = build_synthetic_tokenizer()
     cfg = load_config(None, ["data.synthetic.num_train=12"])
     prompts = tokenize_prompts(make_arithmetic_prompts(cfg.data.synthetic, split="train", num_prompts=12), tokenizer)
     arch = ModelArch(family="qwen3", vocab_size=101, hidden_size=32, ffn_hidden_size=64, num_layers=1,
                      num_attention_heads=2, num_query_groups=1, head_dim=16, max_position_embeddings=128)
     base = LocalEngine.from_arch(arch, init_seed=3, tokenizer=tokenizer)
-    engine = SlowEngine(base.model, tokenizer=tokenizer, seed=0)
-    engine.delay_s, engine.calls = delay_s, []
+    engine = RecordingEngine(base.model, tokenizer=tokenizer, seed=0)
+    engine.calls, engine.called = [], threading.Condition()
     stage = RolloutStage(None, LengthScorer())
     stage.collector = GroupCollector(learner=ScoringEngine(engine, stage),
                                      sampling=SamplingConfig(temperature=1.0, max_new_tokens=6), group_size=2,
@@ -89,11 +94,12 @@ def make_pipeline(max_staleness: int, *, delay_s: float = 0.0, num_steps: int = 
     return pipeline, engine, sync, prompts
 
 
-def run_steps(pipeline: RolloutPipeline, first: int = 1, last: int = NUM_STEPS, train_s: float = 0.0) -> list:
+def run_steps(pipeline: RolloutPipeline, first: int = 1, last: int = NUM_STEPS, train=None) -> list:
     out = []
     for step in range(first, last + 1):
         groups = pipeline.next_batch(step)
-        time.sleep(train_s)  # the learner's log-probs and updates
+        if train is not None:  # the learner's log-probs and updates
+            train(step)
         pipeline.push_weights(step)
         out.append((step, groups, pipeline.step_metrics()))
     return out
@@ -127,22 +133,35 @@ def test_rollouts_are_generated_one_version_behind_only_when_ahead(max_staleness
 
 
 def test_generation_runs_while_the_learner_trains() -> None:
-    """Generation 0.3 s and training 0.3 s per step: ahead, the steps take about max, not the sum."""
-    timings = {}
-    for max_staleness in (0, 1):
-        pipeline, _, _, _ = make_pipeline(max_staleness, delay_s=0.3)
-        start = time.perf_counter()
-        try:
-            steps = run_steps(pipeline, train_s=0.3)
-        finally:
-            pipeline.close()
-        timings[max_staleness] = (time.perf_counter() - start, steps)
-    sync_s, ahead_s = timings[0][0], timings[1][0]
-    assert ahead_s < 0.85 * sync_s, (ahead_s, sync_s)  # 4 x 0.6 s against 0.3 + 4 x 0.3 s (+ overheads)
-    for step, _, metrics in timings[1][1][1:]:
-        assert metrics["time/overlap"] > 0.5, (step, metrics)  # generated behind the sleep
-    for step, _, metrics in timings[0][1]:
-        assert metrics["time/overlap"] < 0.2 and metrics["time/wait_rollout"] >= 0.3, (step, metrics)
+    """Ahead, step i+1's generation begins while step i trains: a learner that will not finish
+    training before it has begun completes every step. On-policy nothing generates during
+    training, and the learner waits for each whole collection."""
+    pipeline, engine, _, _ = make_pipeline(1)
+
+    def train_ahead(step: int) -> None:
+        if step < NUM_STEPS:  # calls of steps 1 .. step+1
+            assert engine.wait_for_calls(step + 1), f"step {step + 1} did not start generating while {step} trained"
+            time.sleep(0.05)  # training goes on after that generation began
+
+    try:
+        ahead = run_steps(pipeline, train=train_ahead)
+    finally:
+        pipeline.close()
+    for step, _, metrics in ahead[1:]:
+        assert metrics["time/overlap"] > 0, (step, metrics)  # part of its collection ran behind training
+
+    pipeline, engine, _, _ = make_pipeline(0)
+
+    def train_on_policy(step: int) -> None:
+        assert len(engine.calls) == step, step  # step+1 is not generating
+
+    try:
+        on_policy = run_steps(pipeline, train=train_on_policy)
+    finally:
+        pipeline.close()
+    for step, _, metrics in on_policy:
+        assert metrics["time/overlap"] == 0.0, (step, metrics)
+        assert metrics["time/wait_rollout"] >= metrics["time/rollout"] + metrics["time/reward"], (step, metrics)
 
 
 def test_a_failed_collection_ahead_reaches_the_push_of_the_step() -> None:
