@@ -117,6 +117,7 @@ class ServerState:
         self.delay_s = args.delay_s
         self.latency_s_per_token = args.latency_ms_per_token / 1000.0
         self.decoding: set[asyncio.Task] = set()  # batches held for their simulated decode time
+        self.num_held = 0  # batches held so far
         self.hang_next = 0
         self.truncate_next = 0
         self.num_generate = 0
@@ -211,7 +212,7 @@ async def batch_worker(state: ServerState) -> None:
 
 def release(state: ServerState, futs: list[asyncio.Future], results: list, started: float, steps: int) -> None:
     """Answer `futs` with `results` once `steps` simulated decode steps since `started` have passed
-    (at once without --latency-ms-per-token); a held batch is counted in /_test/state's decoding."""
+    (at once without --latency-ms-per-token); a held batch is counted in /_test/state's decoding and num_held."""
     if not (steps and state.latency_s_per_token):
         _answer(futs, results)
         return
@@ -221,6 +222,7 @@ def release(state: ServerState, futs: list[asyncio.Future], results: list, start
         _answer(futs, results)
 
     task = asyncio.get_running_loop().create_task(held())
+    state.num_held += 1
     state.decoding.add(task)  # a reference until it ends (the loop keeps only weak ones)
     task.add_done_callback(state.decoding.discard)
 
@@ -468,7 +470,7 @@ async def test_state(request: web.Request) -> web.Response:
     return web.json_response({
         "num_generate": state.num_generate, "num_failed": state.num_failed, "num_aborted": state.num_aborted,
         "num_deprecated": state.num_deprecated, "completed": state.completed, "inflight": sorted(state.inflight),
-        "decoding": len(state.decoding),
+        "decoding": len(state.decoding), "num_held": state.num_held,
         "paused": not state.running.is_set(), "released": sorted(state.released),
         "weight_version": state.weight_version, "memory_saver": state.args.enable_memory_saver,
         "session_open": bool(getattr(weights, "session_open", False)),
