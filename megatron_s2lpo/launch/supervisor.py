@@ -33,6 +33,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..utils.process_group import log_tail, signal_group
+
 
 @dataclass(kw_only=True, slots=True)
 class SupervisedServer:
@@ -77,8 +79,9 @@ class ServerDiedError(RuntimeError):
 class _ProcessGroup:
     """A bash script in its own session; signals and the stop go to its whole process group.
 
-    The same life cycle as rollout.sglang_server.ServerProcess, kept here because importing the
-    rollout package imports torch, which this process does not need (it starts first, and fast).
+    Signals and log tails are utils/process_group.py's, as for rollout.sglang_server.ServerProcess
+    (whose package imports torch, which this process does not need: it starts first, and fast).
+    Unlike ServerProcess's stop, this one always SIGKILLs what the leader left behind.
     """
 
     def __init__(self, script: str, env: dict[str, str], log_path: str | None = None) -> None:
@@ -100,10 +103,7 @@ class _ProcessGroup:
         return self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_group(self.proc, sig)
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM the group, SIGKILL what is left of it after `timeout_s` (or at once if the leader is gone)."""
@@ -117,12 +117,7 @@ class _ProcessGroup:
         self.proc.wait()
 
     def log_tail(self, num_lines: int = 30) -> str:
-        try:
-            with open(self.log_path or "", "rb") as f:
-                f.seek(max(0, os.path.getsize(self.log_path) - 64 * 1024))
-                return "\n".join(f.read().decode("utf-8", errors="replace").splitlines()[-num_lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, num_lines)
 
 
 class Supervisor:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
 from ..config.rollout import EngineConfig
+from ..utils.process_group import log_tail, stop_group
 from .sglang_python import sglang_python
 
 
@@ -101,44 +101,20 @@ class ServerProcess:
         return None if self._proc is None else self._proc.poll()
 
     def log_tail(self, num_lines: int = 30) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.log_path) - 64 * 1024))
-                lines = f.read().decode("utf-8", errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-num_lines:])
+        return log_tail(self.log_path, num_lines)
 
     def stop(self, timeout_s: float = 15.0, *, remove_log: bool = False) -> None:
         """SIGTERM the whole process group, SIGKILL it after `timeout_s`. remove_log: also delete
         a temporary log file (one this object created)."""
         try:
-            self._stop(timeout_s)
+            if self._proc is not None:
+                stop_group(self._proc, timeout_s)
         finally:
             if remove_log and self.temporary_log:
                 try:
                     os.remove(self.log_path)
                 except OSError:
                     pass
-
-    def _stop(self, timeout_s: float) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self._proc.wait(timeout_s)
-        else:  # the leader is gone; its children may not be
-            self._signal_group(signal.SIGKILL)
-
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self._proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def describe(self) -> str:
         return f"`{' '.join(self.command)}` (log {self.log_path})"
