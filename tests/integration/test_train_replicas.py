@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,25 +21,12 @@ from pathlib import Path
 import pytest
 
 from megatron_s2lpo.trainer.metrics import read_metrics
+from megatron_s2lpo.utils.ports import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO_ROOT / "examples" / "tiny_cpu.yaml")
 NUM_STEPS = 3
 PROMPTS, GROUP = 4, 4
-
-
-def free_base_port() -> int:
-    """A port p with p + 1 free too (the replicas listen on p and p + 1)."""
-    while True:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                    return port
-                except OSError:
-                    continue
 
 
 def replica_state(port: int) -> dict | None:
@@ -54,11 +40,14 @@ def replica_state(port: int) -> dict | None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("replicas")
-    port = free_base_port()
+    # Two ports from bind(0), not p and p + 1: Linux hands bind(0) odd ports and connect() even ones,
+    # so p + 1 is where the trainer's own HTTP clients land while replica 0 loads.
+    ports = free_ports(2)
     command = [sys.executable, "-m", "megatron_s2lpo.cli", "train", CONFIG, f"run.output_dir={out}",
                f"run.num_steps={NUM_STEPS}", "run.save_every=0", "run.eval_every=0", f"data.prompts_per_step={PROMPTS}",
                f"algo.group_size={GROUP}", "algo.t_mix=0", "rollout.learner.init_sft_steps=20",
-               "rollout.learner.backend=sglang", "rollout.learner.replicas=2", f"rollout.learner.port={port}",
+               "rollout.learner.backend=sglang", "rollout.learner.replicas=2",
+               f"rollout.learner.ports=[{ports[0]}, {ports[1]}]",
                f"rollout.learner.launch_command=[{sys.executable}, tests/protocol_server.py, --delay-s, '0.5']",
                "rollout.learner.startup_timeout_s=180", "rollout.learner.deterministic=true",
                "sync.transport=distributed", "sync.group_backend=gloo", "sync.master_address=127.0.0.1",
@@ -71,7 +60,7 @@ def run(tmp_path_factory) -> dict:
         while killed is None and proc.poll() is None and time.monotonic() < deadline:
             metrics = out / "metrics.jsonl"
             done = len(read_metrics(str(metrics))) if metrics.is_file() else 0
-            st = replica_state(port + 1)
+            st = replica_state(ports[1])
             if done == 1 and st is not None and st["inflight"]:  # replica 1 serving step 2's rollouts
                 os.kill(st["pid"], signal.SIGKILL)
                 killed = {"pid": st["pid"], "inflight": st["inflight"]}
@@ -82,7 +71,7 @@ def run(tmp_path_factory) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, output[-6000:]
-    return {"out": out, "port": port, "killed": killed, "output": output}
+    return {"out": out, "ports": ports, "killed": killed, "output": output}
 
 
 @pytest.mark.slow
