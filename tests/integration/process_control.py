@@ -1,4 +1,5 @@
-"""Start a training command and kill or signal it at a chosen point (shared by the resume tests)."""
+"""Run a training command, or kill or signal it at a chosen point, and compare what two runs logged
+(shared by the training and resume tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+
+def run_ok(command: list[str], cwd: Path, *, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `command` to its end; fails with the tails of its output unless it exits 0."""
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def without_timing(record: dict) -> dict:
+    """A metrics record without its wall-clock entries (`time/...`), which no two runs share."""
+    return {k: v for k, v in record.items() if not k.startswith("time/")}
 
 
 def group_members(pgid: int) -> list[str]:

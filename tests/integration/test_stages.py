@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from process_control import kill_after_checkpoint
+from process_control import kill_after_checkpoint, run_ok, without_timing
 
 from megatron_s2lpo.trainer.metrics import read_metrics
 
@@ -56,19 +56,12 @@ def train_command(recipe: Path, *extra: str) -> list[str]:
 
 
 def run(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(recipe, *extra), cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    return run_ok(train_command(recipe, *extra), REPO_ROOT, timeout_s=600)
 
 
 def stage_metrics(out: Path, index: int) -> list[dict]:
     stage = STAGES[index]
     return read_metrics(str(out / "stages" / f"{index + 1:02d}-{stage['name']}" / "metrics.jsonl"))
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith("time/")}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from process_control import kill_after_checkpoint, signal_after_lines
+from process_control import kill_after_checkpoint, run_ok, signal_after_lines, without_timing
 
 from megatron_s2lpo.algo.schedule import schedule_share, split_group
 from megatron_s2lpo.trainer.metrics import read_metrics
@@ -29,7 +29,6 @@ NUM_STEPS = 5
 OVERRIDES = ["run.num_steps=%d" % NUM_STEPS, "run.save_every=2", "run.eval_every=2", "run.eval_num_samples=2",
              "data.prompts_per_step=4", "data.synthetic.num_eval=4", "algo.group_size=4", "algo.t_mix=4",
              "sync.parity_every=2", "rollout.learner.init_sft_steps=20", "rollout.explorer.init_sft_steps=40"]
-TIMING = ("time/",)
 PER_SOURCE = ("reward", "accuracy", "response_len", "share", "advantage", "logp_mismatch", "rollout_tokens",
               "rollout_flops", "cumulative/rollout_tokens", "cumulative/rollout_flops")
 GLOBAL = ("alpha", "G_w", "G_s", "entropy", "train/clip_frac", "train/grad_norm", "train/ppo_kl",
@@ -43,10 +42,7 @@ def command(output_dir: Path, *extra: str) -> list[str]:
 
 
 def run_train(output_dir: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(output_dir, *extra), cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    return run_ok(command(output_dir, *extra), REPO_ROOT, timeout_s=timeout)
 
 
 def copy_models(src: Path, dst: Path) -> None:
@@ -58,10 +54,6 @@ def full_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
     run_train(out)
     return out
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith(TIMING)}
 
 
 @pytest.mark.slow

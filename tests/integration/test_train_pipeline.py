@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from process_control import kill_after_checkpoint, signal_after_lines
+from process_control import kill_after_checkpoint, run_ok, signal_after_lines, without_timing
 
 from megatron_s2lpo.trainer.metrics import read_metrics
 from megatron_s2lpo.trainer.pipeline import PENDING_FILE
@@ -31,8 +30,7 @@ def command(output_dir: Path, *extra: str) -> list[str]:
 
 
 def run_train(output_dir: Path, *extra: str) -> None:
-    proc = subprocess.run(command(output_dir, *extra), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_ok(command(output_dir, *extra), REPO_ROOT, timeout_s=240)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +38,6 @@ def ahead_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ahead")
     run_train(out)
     return out
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith("time/")}
 
 
 @pytest.mark.slow
