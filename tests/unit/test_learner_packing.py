@@ -1,27 +1,23 @@
 """Packed (THD) micro-batches, the packed attention kernels and chunked log-probs (pure torch)."""
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from megatron_s2lpo.learner.attention import attention_kernel, block_causal_mask, packed_attention
-from megatron_s2lpo.learner.batching import bin_pack, make_micro_batches, round_up, uniform_micro_batches
+from megatron_s2lpo.learner.batching import bin_pack, make_micro_batches, random_batch, round_up, uniform_micro_batches
 from megatron_s2lpo.learner.logprobs import chunked_logprobs, token_logprobs, token_topk_logprobs
-from megatron_s2lpo.types import TrainBatch
 
 
 def _batch(seq_lens, vocab=50):
-    gen = torch.Generator().manual_seed(0)
-    num, width = len(seq_lens), max(seq_lens)
-    tokens = torch.randint(1, vocab, (num, width), generator=gen)
-    mask = torch.zeros(num, width)
-    for b, n in enumerate(seq_lens):
-        tokens[b, n:] = 0
-        mask[b, 2:n] = 1
-    rand = lambda: torch.randn(num, width, generator=gen) * mask  # noqa: E731
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=rand(), old_logprobs=rand(),
-                      behaviour_logprobs=rand(), sources=torch.arange(num) % 2, seq_lens=torch.tensor(seq_lens))
+    """`random_batch` (prompts of 2 tokens) with random log-probs and advantages, sources alternating."""
+    batch = random_batch(seq_lens, vocab, prompt_tokens=2)
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda: torch.randn(batch.tokens.shape, generator=gen) * batch.loss_mask  # noqa: E731
+    return dataclasses.replace(batch, advantages=rand(), old_logprobs=rand(), behaviour_logprobs=rand(),
+                               sources=torch.arange(len(seq_lens)) % 2)
 
 
 @pytest.mark.parametrize("seed", range(10))
