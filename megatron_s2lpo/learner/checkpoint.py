@@ -249,6 +249,17 @@ def _step_of(path: Path) -> int:
     return int(STEP_RE.match(path.name).group(1))
 
 
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """The complete `step_*` directories under `root`, newest first."""
+    return sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)), key=_step_of,
+                  reverse=True)
+
+
+def _named_by_latest(root: Path) -> Path | None:
+    pointer = root / LATEST
+    return root / pointer.read_text().strip() if pointer.is_file() else None
+
+
 def loadable_checkpoints(root: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(the checkpoint a load of `root` uses, [(newer checkpoint skipped, why)]).
 
@@ -260,10 +271,8 @@ def loadable_checkpoints(root: str | os.PathLike) -> tuple[Path | None, list[tup
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist; check learner.load / "
                                 "run.output_dir, or start without resuming")
-    complete = sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)), key=_step_of,
-                      reverse=True)
-    pointer = root / LATEST
-    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    complete = _complete_checkpoints(root)
+    named = _named_by_latest(root)
     if named is not None and named in complete:
         complete.remove(named)
         complete.insert(0, named)
@@ -386,11 +395,8 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
     root = Path(root)
     if _rank() != 0 or not root.is_dir():
         return []
-    pointer = root / LATEST
-    protected = {loadable_checkpoints(root)[0], root / pointer.read_text().strip() if pointer.is_file() else None}
-    steps = sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)),
-                   key=lambda p: p.name, reverse=True)
-    removed = [p for p in steps[keep:] if p not in protected]
+    protected = {loadable_checkpoints(root)[0], _named_by_latest(root)}
+    removed = [p for p in _complete_checkpoints(root)[keep:] if p not in protected]
     for path in removed:
         shutil.rmtree(path)
     return removed
