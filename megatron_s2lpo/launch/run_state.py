@@ -17,15 +17,15 @@ import sys
 
 def finished_step(config: str, overrides: list[str]) -> int | None:
     """The step of the run's newest checkpoint if it is the run's last step, else None."""
-    from megatron_s2lpo.trainer.run_dir import checkpoint_pointer
     from megatron_s2lpo.config import load_config
     from megatron_s2lpo.learner.checkpoint import STATE_FILE, latest_checkpoint
+    from megatron_s2lpo.trainer.run_dir import CHECKPOINT_SUBDIR
 
     cfg = load_config(config, overrides)
     if cfg.stages:  # each stage keeps its own checkpoints; the stage runner resumes them
         return None
     try:
-        path = latest_checkpoint(os.path.dirname(checkpoint_pointer(cfg.run.output_dir)))
+        path = latest_checkpoint(os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR))
         with open(path / STATE_FILE) as f:
             step = int(json.load(f)["step"])
     except (FileNotFoundError, ValueError, KeyError, OSError):

@@ -24,11 +24,6 @@ METRICS_FILE = "metrics.jsonl"  # written by metrics.MetricsWriter
 _STEP_DIR = re.compile(r"^(\.tmp-)?step_\d{8}$")
 
 
-def checkpoint_pointer(output_dir: str) -> str:
-    """The `latest` checkpoint pointer of the run in `output_dir` (present once a step was saved)."""
-    return os.path.join(output_dir, CHECKPOINT_SUBDIR, "latest")
-
-
 def _metrics_steps(path: Path) -> tuple[int, list[int]]:
     """(number of non-blank lines, the steps they record) of a metrics file."""
     import json
