@@ -119,9 +119,6 @@ def build_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list[Prompt], list[Pr
     return keep, tokenize_prompts(heldout, tokenizer)
 
 
-# ----------------------------------------------------------------------------- rollouts + rewards
-
-
 # ----------------------------------------------------------------------------- everything
 
 
