@@ -137,8 +137,6 @@ class Learner:
         offloader.add(optimizer_tensors(self.optimizer))
         offloader.add(grad_buffers, keep_values=False)  # zeroed before every step anyway
         offloader.offload()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         self._offloader = offloader
 
     def onload(self) -> None:

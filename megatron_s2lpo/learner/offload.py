@@ -73,7 +73,8 @@ class StorageOffloader:
         return sum(e.nbytes for e in self._entries.values())
 
     def offload(self) -> None:
-        """Copy kept values to host memory and release every tracked storage (idempotent)."""
+        """Copy kept values to host memory and release every tracked storage, and the caching
+        allocator's cached blocks with them (idempotent)."""
         if self.offloaded:
             return
         pin = torch.cuda.is_available()
@@ -85,6 +86,8 @@ class StorageOffloader:
             torch.cuda.synchronize()  # the copies must land before the storages are released
         for entry in self._entries.values():
             entry.storage.resize_(0)
+        if pin:
+            torch.cuda.empty_cache()  # hand the released blocks back to the driver, for the server
         self.offloaded = True
 
     def onload(self) -> None:

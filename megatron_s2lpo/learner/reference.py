@@ -55,8 +55,6 @@ class ReferenceModel:
             yield self.chunks
         finally:
             self._offloader.offload()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def copy_from(self, policy_chunks: list[Any]) -> None:
