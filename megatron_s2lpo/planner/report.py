@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_s2lpo.config import EngineConfig, RunConfig
+from megatron_s2lpo.config.learner import engine_precision
 from megatron_s2lpo.config.model import ModelArch
 
 from .archs import resolve_arch
@@ -154,7 +155,7 @@ def _colocated_learner_bytes(learner: LearnerMemory, backend: Backend) -> float:
 def _server(name: str, engine: EngineConfig, arch: ModelArch, gpu_memory: float, max_seq_len: int,
             resident: float) -> ServerMemory:
     """SGLang's static pool (`mem_fraction` of the GPU) = weights + KV cache."""
-    quantized = any("fp8" in str(a) for a in engine.extra_args)
+    quantized = "fp8" in engine_precision(engine)  # --quantization fp8 (w8a8_fp8, ...): 1-byte weights
     weights = arch.num_params() * (1 if quantized else 2) / engine.tp_size
     kv_heads = max(1.0, arch.num_query_groups / engine.tp_size)  # heads are replicated past the group count
     kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * 2  # K and V, bf16, per GPU

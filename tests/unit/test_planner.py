@@ -110,6 +110,18 @@ def test_problems_name_the_field_and_the_numbers():
         check_fits(_recipe("qwen3_8b_explorer_1p7b"), 80, num_learner_gpus=6)
 
 
+def test_server_weights_follow_the_servers_quantization_not_any_fp8_argument():
+    def weights(*extra_args):
+        cfg = _recipe("qwen3_8b_explorer_1p7b", f"rollout.learner.extra_args={list(extra_args)}")
+        server = next(s for s in check_fits(cfg, 80, num_learner_gpus=16).runs[0].servers
+                      if s.name == "learner_server")
+        return server.weights_per_gpu
+
+    bf16 = weights()
+    assert weights("--quantization", "fp8") == pytest.approx(bf16 / 2)
+    assert weights("--kv-cache-dtype", "fp8_e4m3") == bf16  # an fp8 KV cache leaves the weights bf16
+
+
 def test_architectures_by_name_or_config(tmp_path):
     assert known_arch("/models/Qwen3-14B-Base") == KNOWN_ARCHS["qwen3-14b"]
     assert known_arch("Qwen3-1.7B") == KNOWN_ARCHS["qwen3-1.7b"] and known_arch("/models/Llama-3-8B") is None
