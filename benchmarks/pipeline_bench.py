@@ -63,6 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_s2lpo.config import load_config  # noqa: E402
+from megatron_s2lpo.trainer.metrics import read_metrics  # noqa: E402
 from megatron_s2lpo.utils.ports import free_port  # noqa: E402
 
 RECIPE = os.path.join("examples", "tiny_cpu.yaml")
@@ -124,8 +125,7 @@ def train(name: str, overrides: list[str], root: str, args: argparse.Namespace) 
             tail = log.read()[-3000:]
         why = f"timed out after {timeout_s:.0f} s" if proc.returncode == -signal.SIGKILL else f"exit {proc.returncode}"
         raise RuntimeError(f"run {name} failed ({why}); the end of {log_path}:\n{tail}")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     print(f"  {name}: {len(records)} steps in {time.perf_counter() - start:.0f} s (log {log_path})", flush=True)
     return records
 
