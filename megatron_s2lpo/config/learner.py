@@ -204,13 +204,14 @@ _SGLANG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float3
 
 
 def engine_precision(engine: EngineConfig) -> str:
-    """The precision a rollout engine samples at: fp32 for the in-process local engine; for an
-    SGLang server its `--quantization` (e.g. fp8), else its `--dtype`, else bf16 (`auto` takes
-    the checkpoint's dtype, bf16 for the models this project trains)."""
-    if engine.backend == "local":
-        return "fp32"
+    """The precision a rollout engine samples at: fp32 for the in-process local engine (fp8 with
+    `--quantization fp8` in its extra_args: it then loads block-FP8 weights, rollout/local.py);
+    for an SGLang server its `--quantization` (e.g. fp8), else its `--dtype`, else bf16 (`auto`
+    takes the checkpoint's dtype, bf16 for the models this project trains)."""
     args = [part for arg in engine.extra_args for part in str(arg).split("=", 1)]
     value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag in ("--quantization", "--dtype")}
+    if engine.backend == "local":
+        return "fp8" if value.get("--quantization") == "fp8" else "fp32"
     if "--quantization" in value:
         return value["--quantization"]
     return _SGLANG_DTYPES.get(value.get("--dtype", "auto"), "bf16")

@@ -7,6 +7,11 @@ the sampled token, before top-k / top-p renormalisation) and receives weights th
 same HF-named paths as an SGLang server: `update_weights_from_tensors` (buckets of
 (name, tensor)) and `update_weights_from_disk` (a safetensors HF directory).
 
+Block-FP8 checkpoints (config.json `quantization_config`, convert/fp8.py): like an SGLang server
+started with `--quantization fp8`, the engine then takes every projection as a float8 weight with
+its `weight_scale_inv` and computes with the dequantized weights (weight-only FP8 in fp32: the
+rounding of the weights is reproduced, FP8 activations and kernels are not).
+
 Sampling is a plain KV-cached loop over `model(input_ids, past_key_values=...)` with left
 padding, an attention mask and explicit position ids, so the log-probs equal a fresh
 teacher-forced forward pass of the same model (fp32, within 1e-5). `score` is that
@@ -25,6 +30,7 @@ import glob
 import os
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -64,6 +70,7 @@ class LocalEngine:
         max_batch_size: int = 64,
         weight_version: int = 0,
         model_id: str = "",
+        fp8: Any = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -77,6 +84,7 @@ class LocalEngine:
         self.pad_token_id = int(pad) if pad is not None else 0
         self.max_batch_size = max_batch_size
         self.model_id = model_id
+        self.fp8 = fp8  # convert.fp8.Fp8Format of the weights it loads, None: unquantized
         self._version = weight_version
         self._rng = torch.Generator().manual_seed(seed)
         self._lock = threading.RLock()  # one generation or weight update at a time
@@ -89,16 +97,29 @@ class LocalEngine:
 
     @classmethod
     def from_pretrained(cls, path: str, *, tokenizer=None, **kwargs) -> "LocalEngine":
-        """Load a HF model directory (local files only); its tokenizer too if it has one."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Load a HF model directory (local files only); its tokenizer too if it has one. A block-FP8
+        checkpoint makes an FP8 engine (module docstring)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from megatron_s2lpo.convert.fp8 import Fp8Format
 
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"no Hugging Face model at {path}: expected {path}/config.json")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        fp8 = Fp8Format.from_model_dir(path)
         if tokenizer is None and os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         kwargs.setdefault("model_id", os.path.abspath(path))
-        return cls(model, tokenizer=tokenizer, **kwargs)
+        if fp8 is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+            return cls(model, tokenizer=tokenizer, **kwargs)
+        # transformers would hand FP8 weights to its GPU quantizer: build the model unquantized,
+        # then load the checkpoint the way this engine loads every FP8 update
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        engine = cls(model, tokenizer=tokenizer, fp8=fp8, **kwargs)
+        engine.update_weights_from_disk(path, None)
+        return engine
 
     @classmethod
     def from_arch(cls, arch: ModelArch, *, init_seed: int = 0, tokenizer=None, **kwargs) -> "LocalEngine":
@@ -194,6 +215,11 @@ class LocalEngine:
 
     def _load(self, named: list[tuple[str, torch.Tensor]], version: int | None, *,
               require_all: bool, where: str) -> None:
+        if self.fp8 is not None:
+            try:
+                named = list(self.fp8.dequantize_named(named))
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
         for name, tensor in named:
             target = self._params.get(name)
             if target is None:
@@ -202,8 +228,10 @@ class LocalEngine:
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ValueError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
                                  f"model expects {tuple(target.shape)}")
-            if not tensor.is_floating_point():
-                raise ValueError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected floats")
+            if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn:
+                raise ValueError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected floats"
+                                 + (" (an unquantized engine: start it from a block-FP8 checkpoint to load "
+                                    "float8 weights)" if tensor.dtype == torch.float8_e4m3fn else ""))
         if require_all:
             missing = sorted(self._required - {name for name, _ in named}
                              - _tied_aliases(self.model, {name for name, _ in named}))

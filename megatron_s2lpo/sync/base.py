@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from megatron_s2lpo.config.model import ModelArch
 
@@ -13,6 +14,9 @@ class TransportContext:
 
     arch: ModelArch
     hf_config_dir: str | None = None  # disk: copy config.json / tokenizer files from here
+    # The block-FP8 format the buckets are in (convert/fp8.py; an engine with --quantization fp8),
+    # None for unquantized weights. The disk transport writes its quantization_config.
+    quantization: Any = None
 
 
 @dataclass(kw_only=True, slots=True)

@@ -26,6 +26,8 @@ import shutil
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.sync import SyncConfig
 from megatron_s2lpo.convert.hf_io import HFShardWriter, copy_aux_files
@@ -79,11 +81,12 @@ def remove_partial_dirs(root: str) -> list[str]:
 
 
 def write_hf_dir(out_dir: str, buckets: Iterable[Bucket], *, arch: ModelArch, shard_bytes: int,
-                 hf_config_dir: str | None = None) -> tuple[int, int]:
+                 hf_config_dir: str | None = None, quantization: Any = None) -> tuple[int, int]:
     """Stream buckets into safetensors shards + index + config.json; returns (bytes, buckets).
 
     config.json (and tokenizer files) come from `hf_config_dir` when it has them, else from
-    `arch` with `torch_dtype` set to the dtype of the weights written.
+    `arch` with `torch_dtype` set to the dtype of the weights written. `quantization` (a
+    convert.fp8.Fp8Format, the buckets' format) sets its `quantization_config`.
     """
     writer = HFShardWriter(out_dir, max_shard_bytes=shard_bytes)
     num_bytes = num_buckets = 0
@@ -92,7 +95,9 @@ def write_hf_dir(out_dir: str, buckets: Iterable[Bucket], *, arch: ModelArch, sh
         writer.add_all(bucket)
         num_bytes += bucket_bytes(bucket)
         num_buckets += 1
-        dtype = dtype or bucket[0][1].dtype
+        # the training dtype: not a float8 weight's or its float32 scales'
+        dtype = dtype or next((t.dtype for n, t in bucket
+                               if t.dtype != torch.float8_e4m3fn and not n.endswith("_scale_inv")), None)
     if num_buckets == 0:
         raise ValueError("the export produced no tensors; is the model empty?")
     writer.close()
@@ -102,16 +107,21 @@ def write_hf_dir(out_dir: str, buckets: Iterable[Bucket], *, arch: ModelArch, sh
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+    if quantization is not None:
+        from megatron_s2lpo.convert.fp8 import write_quantization_config
+
+        write_quantization_config(out_dir, quantization)
     return num_bytes, num_buckets
 
 
 def publish_hf_dir(final: str, tmp: str, buckets: Iterable[Bucket], *, arch: ModelArch, shard_bytes: int,
-                   hf_config_dir: str | None = None) -> tuple[int, int]:
+                   hf_config_dir: str | None = None, quantization: Any = None) -> tuple[int, int]:
     """`write_hf_dir` into `tmp`, then rename it to `final` (replacing an older `final`), so
     `final` is never half written; `tmp` is removed if anything fails. Returns (bytes, buckets)."""
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        result = write_hf_dir(tmp, buckets, arch=arch, shard_bytes=shard_bytes, hf_config_dir=hf_config_dir)
+        result = write_hf_dir(tmp, buckets, arch=arch, shard_bytes=shard_bytes, hf_config_dir=hf_config_dir,
+                              quantization=quantization)
         if os.path.exists(final):  # an earlier directory of the same name
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -142,6 +152,7 @@ class DiskTransport:
         self.keep = config.disk_keep
         self.shard_bytes = config.bucket_bytes
         self.hf_config_dir = hf_config_dir
+        self.quantization = context.quantization
         os.makedirs(self.root, exist_ok=True)
         for path in remove_partial_dirs(self.root):
             logger.warning("removed %s, left by an interrupted weight sync", path)
@@ -150,7 +161,7 @@ class DiskTransport:
         final = os.path.join(self.root, sync_dir_name(version))
         tmp = os.path.join(self.root, f"{TMP_PREFIX}{sync_dir_name(version)}-{os.getpid()}")
         num_bytes, num_buckets = publish_hf_dir(final, tmp, buckets, arch=self.arch, shard_bytes=self.shard_bytes,
-                                                hf_config_dir=self.hf_config_dir)
+                                                hf_config_dir=self.hf_config_dir, quantization=self.quantization)
         self.engine.update_weights_from_disk(final, version)
         prune_sync_dirs(self.root, self.keep, version)
         return PushStats(num_bytes=num_bytes, num_buckets=num_buckets, path=final)

@@ -38,7 +38,7 @@ from megatron_s2lpo.config.sync import SyncConfig
 from .base import TransportContext
 from .collective import run_on_driver
 from .errors import WeightVersionError
-from .exporter import Bucket, Exporter, MegatronExporter
+from .exporter import Bucket, Exporter, MegatronExporter, QuantizingExporter
 from .parity import LogProbLearner, ParityReport, check_parity
 from .transports import TRANSPORTS, build_transport, describe_engine, engine_kind, route
 
@@ -100,13 +100,15 @@ class WeightSync:
     directory whose config.json / tokenizer files the disk transport copies (else config.json
     is written from `arch`). transport: a `TRANSPORTS` key that overrides the routing of
     `config.transport` (e.g. "disk" to write files for an in-process engine). exporter: the
-    bucket source, by default the megatron export of `model_chunks`.
+    bucket source, by default the megatron export of `model_chunks`. quantization: a
+    `convert.fp8.Fp8Format` when the engine serves block-FP8 weights (`--quantization fp8`):
+    every transport then pushes float8 weights with their scales (docs/sync.md, "FP8 engines").
     """
 
     def __init__(self, model_chunks: Sequence[Any] | None, groups: Any, arch: ModelArch, engine: Any,
                  config: SyncConfig, *, learner: LogProbLearner | None = None, temperature: float = 1.0,
                  hf_config_dir: str | None = None, transport: str | None = None,
-                 exporter: Exporter | None = None) -> None:
+                 exporter: Exporter | None = None, quantization: Any = None) -> None:
         if config.parity_every > 0 and learner is None:
             raise ValueError(f"sync.parity_every={config.parity_every} needs the learner to recompute log-probs: "
                              "build WeightSync.from_learner(...) or pass learner=, or set sync.parity_every=0")
@@ -123,11 +125,14 @@ class WeightSync:
         self.is_driver = groups.rank == 0
         self.exports = groups.dp_rank == 0  # the driver's replica; the others hold the same weights
         self.exporter = exporter or MegatronExporter(model_chunks, groups, arch, config.bucket_bytes)
+        self.quantization = quantization
+        if quantization is not None and self.is_driver:  # the other ranks only run the export's collectives
+            self.exporter = QuantizingExporter(self.exporter, quantization)
         self.version: int | None = None  # the last version synced by this object
         self.num_syncs = 0
         self.num_parity_checks = 0  # picks the replica of the next check
         self._transport: Any = None
-        context = TransportContext(arch=arch, hf_config_dir=hf_config_dir)
+        context = TransportContext(arch=arch, hf_config_dir=hf_config_dir, quantization=quantization)
         self.transport_name = run_on_driver(lambda: self._open_transport(transport, context), groups)
 
     @classmethod

@@ -15,6 +15,7 @@ from code and written once to `<run.output_dir>/models/<name>`, optionally warm-
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -85,6 +86,39 @@ def materialize_model(engine_cfg: EngineConfig, name: str, cfg: RunConfig, token
     engine.save_pretrained(tmp)
     os.replace(tmp, path)  # atomic: a killed first run leaves no half-written model behind
     return path
+
+
+def fp8_engine_dir(cfg: RunConfig, learner_path: str) -> tuple[str, Any]:
+    """(directory the learner's engine starts from, its convert.fp8.Fp8Format or None).
+
+    An engine with `--quantization fp8` (rollout.learner.extra_args) serves block-FP8 weights:
+    a launched server or the in-process engine starts from a block-FP8 copy of the learner's
+    initial weights, written once to `<run.output_dir>/models/learner-fp8` (rank 0); an attached
+    server must have been started from such a copy (`s2lpo convert hf-to-fp8`, docs/sync.md)."""
+    from megatron_s2lpo.config.learner import engine_precision
+    from megatron_s2lpo.convert.fp8 import Fp8Format, write_fp8_dir
+
+    engine = cfg.rollout.learner
+    if engine_precision(engine) != "fp8":
+        return learner_path, None
+    if Fp8Format.from_model_dir(learner_path) is not None:
+        raise ValueError(f"rollout.learner.model_path {learner_path} holds FP8 weights (config.json "
+                         "quantization_config); the learner trains from the unquantized checkpoint: point "
+                         "model_path at it, the FP8 copy for the engine is written from it")
+    fmt = Fp8Format()
+    if engine.attached:
+        return learner_path, fmt
+    path = os.path.join(cfg.run.output_dir, "models", "learner-fp8")
+    source = os.path.join(path, "s2lpo_source.json")
+    if os.path.isfile(source):
+        with open(source) as f:
+            if json.load(f).get("model_path") == os.path.abspath(learner_path):
+                return path, fmt
+    shutil.rmtree(path, ignore_errors=True)  # a copy of other weights, or unfinished: rebuilt
+    write_fp8_dir(learner_path, path, fmt, shard_bytes=cfg.sync.bucket_bytes)
+    with open(source, "w") as f:
+        json.dump({"model_path": os.path.abspath(learner_path)}, f)
+    return path, fmt
 
 
 def build_tokenizer(cfg: RunConfig) -> Any:
@@ -234,13 +268,14 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     if not cfg.learner.load:
         learner.load_hf(learner_path)
     learner_engine = explorer_engine = prefetcher = collector = scorer = writer = None
-    teacher_engine = teacher_scorer = None
+    teacher_engine = teacher_scorer = fp8 = None
     if groups.rank == 0:
+        engine_path, fp8 = fp8_engine_dir(cfg, learner_path)
         _check_server_ports(cfg, rollout, uses_explorer)
         scorer = MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs())
         stage = RolloutStage(None, scorer)
         logs = os.path.join(cfg.run.output_dir, "logs")  # launched servers' logs belong to the run
-        learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed, logs)
+        learner_engine = _engine(rollout.learner, engine_path, tokenizer, "learner", cfg.run.seed, logs)
         if explorer_path or (uses_explorer and rollout.explorer.attached):
             explorer_engine = _engine(rollout.explorer, explorer_path, tokenizer, "explorer", cfg.run.seed, logs)
         prefetcher = build_prefetcher(rollout, explorer=explorer_engine, seed=cfg.run.seed)
@@ -260,7 +295,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         cfg.sync, disk_dir=os.path.join(cfg.run.output_dir, "sync"))
     sync = WeightSync.from_learner(learner, learner_engine, sync_cfg,
                                    temperature=rollout.learner.sampling.temperature,
-                                   hf_config_dir=learner_path or None)
+                                   hf_config_dir=learner_path or None, quantization=fp8)
     explorer_params = ModelArch.from_hf_config(explorer_path).num_params() if explorer_path else 0
     pipeline = RolloutPipeline(stage=stage, sampler=sampler, prompts=train, groups=groups, sync=sync,
                                max_staleness=cfg.run.max_staleness, num_steps=cfg.run.num_steps,
