@@ -131,6 +131,7 @@ class ServerState:
         self.contract = None  # the contract backend in --sglang-source mode
         self.violations: list[str] = []  # requests SGLang's own parsers refused (contract mode)
         self.sglang_args: dict = {}  # the command line as SGLang's ServerArgs parsed it (contract mode)
+        self.sglang_params: dict = {}  # contract mode with --quantization fp8: SGLang's model parameters
 
     def set_version(self, version: str | None) -> None:
         if version is not None:
@@ -364,8 +365,13 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
     except ValueError as err:
         return _error(str(err))
     path = body.get("model_path")
+    sglang_loader = getattr(state.contract, "disk_loader", None)  # contract mode, --quantization fp8
     try:
-        if state.engine is not None:
+        if sglang_loader is not None:
+            ok, message = await asyncio.to_thread(sglang_loader, path)
+            if not ok:
+                raise ValueError(message)
+        elif state.engine is not None:
             await asyncio.to_thread(state.engine.update_weights_from_disk, path, None)
     except (ValueError, FileNotFoundError, OSError) as err:
         return web.json_response({"success": False, "message": f"Failed to update weights: {err}",
@@ -475,7 +481,8 @@ async def test_state(request: web.Request) -> web.Response:
         "weight_version": state.weight_version, "memory_saver": state.args.enable_memory_saver,
         "session_open": bool(getattr(weights, "session_open", False)),
         "groups": sorted(getattr(weights, "groups", {})), "violations": state.violations,
-        "contract": state.contract is not None, "sglang_args": state.sglang_args, "pid": os.getpid()})
+        "contract": state.contract is not None, "sglang_args": state.sglang_args,
+        "sglang_params": state.sglang_params, "pid": os.getpid()})
 
 
 @web.middleware

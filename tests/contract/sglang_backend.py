@@ -25,6 +25,10 @@ process would be:
 The process context SGLang's code reads (`runtime_context.publish`) comes from a CPU ServerArgs
 (`--device cpu`: SGLang's resolution needs an accelerator otherwise) and a one-rank gloo default
 group stands for the TP group.
+
+A server started with `--quantization fp8` holds SGLang's own FP8 model instead (sglang_fp8.py):
+SGLang's loader builds and loads it, and every weight update (disk included) runs through
+SGLang's `WeightUpdater` into that model; the in-process engine then serves its dequantized weights.
 """
 
 from __future__ import annotations
@@ -88,8 +92,16 @@ class ContractBackend:
         self.server_args = ServerArgs.from_cli_args(parser.parse_args(known))  # exits on an unknown flag
         state.sglang_args = {k: getattr(self.server_args, k, None) for k in (
             "model_path", "host", "port", "tp_size", "dp_size", "base_gpu_id", "mem_fraction_static", "random_seed",
-            "enable_deterministic_inference", "api_key", "enable_memory_saver")}
-        self._publish(parser, argv)
+            "enable_deterministic_inference", "api_key", "enable_memory_saver", "quantization", "dtype")}
+        self.fp8 = None  # sglang_fp8.Fp8Serving of a --quantization fp8 server
+        if self.server_args.quantization == "fp8":
+            from sglang_fp8 import Fp8Serving
+
+            self.fp8 = Fp8Serving(parser, known)
+            state.sglang_params = self.fp8.parameters()
+            self._serve_fp8_weights()
+        else:
+            self._publish(parser, argv)
         self.manager = self._manager()
 
     def _publish(self, parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -117,9 +129,11 @@ class ContractBackend:
         from sglang.srt.utils.common import MultiprocessingSerializer
         from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
 
-        model, state = _Model(self.state), self.state
-        updater = WeightUpdater(tp_rank=0, device="cpu", gpu_id=0, model_config=None, custom_weight_loaders={},
-                                get_model=lambda: model, update_model_fields=lambda *a, **k: None,
+        model, state = (_Model(self.state) if self.fp8 is None else self.fp8.model), self.state
+        updater = WeightUpdater(tp_rank=0, device="cpu", gpu_id=0,
+                                model_config=None if self.fp8 is None else self.fp8.model_config,
+                                custom_weight_loaders={}, get_model=lambda: model,
+                                update_model_fields=lambda *a, **k: None,
                                 recapture_cuda_graph=lambda: None, get_model_runner=lambda: None)
 
         class Runner:
@@ -234,7 +248,30 @@ class ContractBackend:
         return self._run("/begin_weight_update", "begin_weight_update", body)
 
     def end(self, body: dict) -> tuple[bool, str]:
-        return self._run("/end_weight_update", "end_weight_update", body)
+        ok, message = self._run("/end_weight_update", "end_weight_update", body)
+        if ok and self.fp8 is not None:  # the session's loads are complete: serve them
+            self._serve_fp8_weights()
+        return ok, message
+
+    # ----- --quantization fp8 (sglang_fp8.py) -----
+
+    def _serve_fp8_weights(self) -> None:
+        engine = self.state.engine
+        if engine is not None:
+            engine.update_weights_from_tensors(self.fp8.hf_weights(), version=engine.weight_version, flush=False)
+        self.state.sglang_params = self.fp8.parameters()
+
+    @property
+    def disk_loader(self) -> Any:
+        """(path) -> (success, message) through SGLang's WeightUpdater, for a --quantization fp8
+        server (None otherwise: the protocol server loads the directory itself)."""
+        return None if self.fp8 is None else self._load_from_disk
+
+    def _load_from_disk(self, path: str) -> tuple[bool, str]:
+        ok, message = self.updater.update_weights_from_disk(path, load_format="auto")
+        if ok:
+            self._serve_fp8_weights()
+        return ok, message
 
     def update_from_tensor(self, body: dict) -> tuple[bool, str]:
         return self._run("/update_weights_from_tensor", "update_weights_from_tensor", body)
