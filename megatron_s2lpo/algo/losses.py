@@ -210,6 +210,125 @@ def truncated_importance_weights(old_logprobs: Tensor, behaviour_logprobs: Tenso
     return torch.exp(log_ratio.clamp(max=math.log(threshold)))
 
 
+# ----------------------------------------------------------------------------- train-inference mismatch
+#
+# The engine that sampled a token (SGLang in bf16 or FP8, a stale learner server) and the learner
+# that recomputes old log-probs disagree; r_t = pi_old(x_t) / pi_behaviour(x_t) measures it per
+# token. Each correction turns r into per-token weights that multiply the policy-gradient loss
+# (detached; the loss normaliser is unchanged, so a masked token or sequence counts as a zero, as
+# in NeMo-RL). `MISMATCH_CORRECTIONS` maps `algo.mismatch.correction` to its function.
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MismatchCorrection:
+    """Which correction and its band: `high` is the cap (TIS) or the band's upper end (masks,
+    algo.is_threshold); `low` its lower end, None: 1 / high for the masks, no floor for TIS."""
+
+    kind: str = "token_tis"
+    high: float = 2.0
+    low: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MISMATCH_CORRECTIONS:
+            raise ValueError(f"algo.mismatch.correction: unknown correction {self.kind!r}; choose one of "
+                             f"{sorted(MISMATCH_CORRECTIONS)}")
+        if not 0.0 < self.high < math.inf:
+            raise ValueError(f"the importance-weight cap / band upper end must be > 0, got {self.high}")
+        if self.low is not None and not 0.0 <= self.low < self.high:
+            raise ValueError(f"algo.mismatch.low must be in [0, {self.high}) (below the upper end), got {self.low}")
+
+    def band(self) -> tuple[float, float]:
+        """(low, high) of the mask variants."""
+        return (1.0 / self.high if self.low is None else self.low), self.high
+
+
+def _token_tis(log_ratio: Tensor, mask: Tensor, c: MismatchCorrection) -> Tensor:
+    # NeMo-RL truncated_importance_sampling_type="tis": clamp(r, min or 0, max)
+    return torch.exp(log_ratio).clamp(min=c.low or 0.0, max=c.high)
+
+
+def _icepop(log_ratio: Tensor, mask: Tensor, c: MismatchCorrection) -> Tensor:
+    # NeMo-RL "icepop": r inside [low, high], 0 outside
+    low, high = c.band()
+    ratio = torch.exp(log_ratio)
+    return torch.where((ratio >= low) & (ratio <= high), ratio, torch.zeros_like(ratio))
+
+
+def _seq_log_ratio(log_ratio: Tensor, mask: Tensor, *, mean: bool) -> Tensor:
+    """(B, T) -> (B, 1) sum (or mean) of log r over each sequence's loss tokens."""
+    total = torch.where(mask > 0, log_ratio, torch.zeros_like(log_ratio)).sum(dim=-1, keepdim=True)
+    return total / mask.sum(dim=-1, keepdim=True).clamp(min=1.0) if mean else total
+
+
+def _seq_mask_tis(log_ratio: Tensor, mask: Tensor, c: MismatchCorrection) -> Tensor:
+    # NeMo-RL "seq-mask-tis": a sequence whose geometric-mean ratio exp(mean_t log r_t) leaves
+    # [low, high] gets weight 0; the others keep their raw token ratios
+    low, high = c.band()
+    geo = torch.exp(_seq_log_ratio(log_ratio, mask, mean=True))  # (B, 1)
+    keep = (geo >= low) & (geo <= high)
+    return torch.where(keep, torch.exp(log_ratio), torch.zeros_like(log_ratio))
+
+
+def _seq_tis(log_ratio: Tensor, mask: Tensor, c: MismatchCorrection) -> Tensor:
+    # slime mis.py level="sequence", mode="truncate": min(prod_t r_t, high) on every token of the
+    # sequence, the log of the product clamped to +-20 first
+    seq = _seq_log_ratio(log_ratio, mask, mean=False).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    return torch.exp(seq).clamp(min=c.low or 0.0, max=c.high).expand_as(log_ratio)
+
+
+MISMATCH_CORRECTIONS: dict[str, Callable[[Tensor, Tensor, MismatchCorrection], Tensor]] = {
+    "token_tis": _token_tis,
+    "icepop": _icepop,
+    "seq_mask_tis": _seq_mask_tis,
+    "seq_tis": _seq_tis,
+}
+
+
+def mismatch_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, loss_mask: Tensor,
+                     correction: MismatchCorrection) -> Tensor:
+    """Per-token weights of `correction` from r = exp(old - behaviour); (B, T) each, detached.
+
+    Sequence-level variants read each row as one sequence (its loss-mask tokens). Positions
+    outside the loss mask get weight 1 (they never enter the loss)."""
+    if not old_logprobs.shape == behaviour_logprobs.shape == loss_mask.shape:
+        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)}, behaviour_logprobs "
+                         f"{tuple(behaviour_logprobs.shape)} and loss_mask {tuple(loss_mask.shape)} must have one shape")
+    log_ratio = (old_logprobs - behaviour_logprobs).detach().clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    mask = loss_mask.to(log_ratio.dtype)
+    weights = MISMATCH_CORRECTIONS[correction.kind](log_ratio, mask, correction)
+    return torch.where(mask > 0, weights, torch.ones_like(weights))
+
+
+def mismatch_stats(old_logprobs: Tensor, behaviour_logprobs: Tensor, loss_mask: Tensor,
+                   correction: MismatchCorrection | None = None) -> dict[str, float]:
+    """What the mismatch looks like over the loss tokens of (B, T) rows, and what `correction`
+    does to it: ratio statistics of r = pi_old / pi_behaviour per token and per sequence (the
+    geometric mean), the k3 estimate of KL(behaviour || old), and with a correction the mean
+    weight, the share of tokens it zeroes (masked_frac), of whole sequences (masked_seq_frac)
+    and of tokens whose weight it changed otherwise (truncated_frac). Empty rows are skipped."""
+    mask = loss_mask > 0
+    if not bool(mask.any()):
+        return {}
+    log_ratio = (old_logprobs - behaviour_logprobs).double().clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    ratio = log_ratio.exp()
+    rows = mask.any(dim=-1)
+    geo = _seq_log_ratio(log_ratio, mask.double(), mean=True)[rows, 0].exp()
+    out = {"ratio_mean": float(ratio[mask].mean()), "ratio_min": float(ratio[mask].min()),
+           "ratio_max": float(ratio[mask].max()), "abs_log_ratio": float(log_ratio[mask].abs().mean()),
+           "k3_kl": float((ratio - log_ratio - 1)[mask].mean()), "seq_ratio_mean": float(geo.mean()),
+           "seq_ratio_min": float(geo.min()), "seq_ratio_max": float(geo.max())}
+    if correction is not None:
+        weights = mismatch_weights(old_logprobs.double(), behaviour_logprobs.double(), loss_mask, correction)
+        # the weight before any cap: the token ratio, or for seq_tis the sequence's product
+        raw = (_seq_log_ratio(log_ratio, mask.double(), mean=False).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+               .exp().expand_as(ratio) if correction.kind == "seq_tis" else ratio)
+        zero = (weights == 0) & mask
+        out.update(weight_mean=float(weights[mask].mean()), masked_frac=float(zero[mask].double().mean()),
+                   masked_seq_frac=float((zero.sum(-1) == mask.sum(-1))[rows].double().mean()),
+                   truncated_frac=float((~zero & ~torch.isclose(weights, raw))[mask].double().mean()))
+    return out
+
+
 def _check_token_tensors(logprobs: Tensor, named: dict[str, Tensor | None], normalizer: float) -> None:
     if logprobs.dim() != 2 or not logprobs.is_floating_point():
         raise ValueError(

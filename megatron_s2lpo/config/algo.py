@@ -23,6 +23,7 @@ OLD_LOGPROB_MODES = ("behaviour", "recompute")
 METHODS = ("grpo", "forward_kl", "opd")
 OPD_MODES = ("advantage", "loss")
 TEMPERATURE_SCHEDULES = ("constant", "linear")
+MISMATCH_CORRECTIONS = ("icepop", "seq_mask_tis", "seq_tis", "token_tis")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,6 +98,30 @@ class TemperatureScheduleConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class MismatchConfig:
+    """How the rows that get importance weights (algo.old_logprob=behaviour, algo.precision_correction,
+    run.max_staleness=1) correct the engine/learner mismatch r = pi_old / pi_behaviour
+    (docs/training.md, "Train-inference mismatch"); algo.is_threshold is the cap or the band's
+    upper end.
+
+    token_tis     min(r, is_threshold) per token (the default; floor `low` when set)
+    icepop        r per token inside [low, is_threshold], 0 outside
+    seq_mask_tis  a sequence whose geometric-mean r leaves [low, is_threshold] gets weight 0, the
+                  others their token ratios r
+    seq_tis       min(prod_t r_t, is_threshold) on every token of the sequence (floor `low` when set)
+    low: the band's lower end; null: 1 / is_threshold for icepop / seq_mask_tis, no floor for the TIS kinds.
+    """
+
+    correction: str = "token_tis"
+    low: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self.correction in MISMATCH_CORRECTIONS,
+              f"algo.mismatch.correction must be one of {MISMATCH_CORRECTIONS}, got {self.correction!r}")
+        check(self.low is None or self.low >= 0, f"algo.mismatch.low must be >= 0 or null, got {self.low}")
+
+
+@dataclass(kw_only=True, slots=True)
 class AlgoConfig:
     method: str = "grpo"
     group_size: int = 16  # G: rollouts per prompt (PODS: the m that are trained on)
@@ -126,6 +151,7 @@ class AlgoConfig:
     pods: PodsConfig = field(default_factory=PodsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     temperature: TemperatureScheduleConfig = field(default_factory=TemperatureScheduleConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, f"algo.method must be one of {METHODS}, got {self.method!r}")
@@ -163,10 +189,19 @@ class AlgoConfig:
         check(self.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
         check(self.mini_batches_per_step >= 1,
               f"algo.mini_batches_per_step must be >= 1, got {self.mini_batches_per_step}")
+        self._check_mismatch()
         if self.pods.enabled:
             check(self.pods.m == self.group_size,
                   f"algo.pods.m ({self.pods.m}) must equal algo.group_size ({self.group_size}): "
                   "the group that advantages are computed over is the m kept rollouts")
+
+    def _check_mismatch(self) -> None:
+        m = self.mismatch
+        check(m.correction == "token_tis" or self.is_threshold is not None,
+              f"algo.mismatch.correction={m.correction} needs algo.is_threshold (the upper end of its band / "
+              "its cap); set it, e.g. 2.0")
+        check(m.low is None or self.is_threshold is None or m.low < self.is_threshold,
+              f"algo.mismatch.low ({m.low}) must be below algo.is_threshold ({self.is_threshold})")
 
     @property
     def num_generated_per_prompt(self) -> int:

@@ -248,6 +248,7 @@ class Learner:
         is_sources: tuple[int, ...] | None = None,
         objective: str = "policy",
         distill_coef: float = 1.0,
+        is_correction: Any = None,
     ) -> dict[str, float]:
         """One optimizer step on `batch` (one mini-batch); returns full-batch metrics on every rank.
 
@@ -256,14 +257,15 @@ class Learner:
         batch is split into micro-batches or DP ranks (see step.py). is_threshold: multiply
         the policy-gradient terms by truncated importance weights min(exp(old - behaviour),
         is_threshold) (None: off), on the rows whose source code is in is_sources (None: every
-        row; types.SOURCE_CODES). objective: `policy` (the above), `forward_kl` (cross-entropy
+        row; types.SOURCE_CODES); is_correction (an algo.losses.MismatchCorrection) replaces that
+        token TIS on the learner's own rows (algo.mismatch). objective: `policy` (the above), `forward_kl` (cross-entropy
         on the batch's tokens, against batch.teacher_topk_* when present) or `reverse_kl` (direct
         on-policy distillation loss against batch.teacher_logprobs, weighted by distill_coef); see
         algo/distill.py. Metric `loss` is the loss before the update.
         """
         metrics = self.compute_gradients(batch, loss_config=loss_config, temperature=temperature,
                                          is_threshold=is_threshold, is_sources=is_sources, objective=objective,
-                                         distill_coef=distill_coef)
+                                         distill_coef=distill_coef, is_correction=is_correction)
         metrics.update(self.optimizer_step())
         return metrics
 
@@ -278,6 +280,7 @@ class Learner:
         micro_batch_tokens: int | None = None,
         objective: str = "policy",
         distill_coef: float = 1.0,
+        is_correction: Any = None,
     ) -> dict[str, float]:
         """Zero the gradients, run forward and backward over `batch`; no optimizer step.
 
@@ -297,7 +300,7 @@ class Learner:
                         num_microbatches=len(micro), dp_size=g.dp_size, vocab_size=self.arch.vocab_size,
                         tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold,
                         is_sources=is_sources, objective=objective, distill_coef=distill_coef,
-                        chunk_tokens=self.config.logprob_chunk_tokens)
+                        chunk_tokens=self.config.logprob_chunk_tokens, is_correction=is_correction)
         for chunk in self.model:
             chunk.train()
         zero_grads(self.model, self.optimizer)

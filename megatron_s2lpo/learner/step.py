@@ -37,7 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_s2lpo.algo.losses import PolicyLossConfig, policy_loss, truncated_importance_weights
+from megatron_s2lpo.algo.losses import MismatchCorrection, PolicyLossConfig, mismatch_weights, policy_loss
+from megatron_s2lpo.types import SOURCE_CODES, Source
 
 OBJECTIVES = ("policy", "forward_kl", "reverse_kl")  # PPO-clip, distillation warmup, direct OPD loss
 
@@ -62,6 +63,8 @@ class LossSpec:
     temperature: float = 1.0
     is_threshold: float | None = None  # truncated IS weights old/behaviour; None = off
     is_sources: tuple[int, ...] | None = None  # source codes whose rows get IS weights; None = all
+    # the learner's own rows' correction (algo.mismatch; its `high` is is_threshold); None: token TIS
+    is_correction: MismatchCorrection | None = None
     objective: str = "policy"  # one of OBJECTIVES
     distill_coef: float = 1.0  # reverse_kl: the loss weight
     chunk_tokens: int = 0  # output-layer rows per log-prob chunk (0: one chunk)
@@ -158,10 +161,7 @@ def policy_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: 
     old = micro.old_logprobs.to(device)
     is_weights = None
     if spec.is_threshold is not None:
-        is_weights = truncated_importance_weights(old, micro.behaviour_logprobs.to(device), spec.is_threshold)
-        if spec.is_sources is not None:  # other rows keep weight 1
-            weighted = torch.isin(micro.sources, torch.tensor(spec.is_sources)).to(device).unsqueeze(1)
-            is_weights = torch.where(weighted, is_weights, torch.ones_like(is_weights))
+        is_weights = importance_weights(micro, old, spec)
     loss, metrics = policy_loss(
         logprobs, old, micro.advantages.to(device), micro.loss_mask.to(device),
         config=cfg, normalizer=spec.normalizer,
@@ -169,6 +169,24 @@ def policy_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: 
         entropy=entropy, is_weights=is_weights)
     metrics = {"loss": loss.detach().clone(), **metrics}
     return loss * float(spec.num_microbatches * spec.dp_size), metrics
+
+
+def importance_weights(micro: MicroBatch, old: Tensor, spec: LossSpec) -> Tensor:
+    """(b, L) weights of the micro-batch's policy-gradient terms: the learner's own rows get
+    `spec.is_correction` (algo.mismatch), other weighted rows (the explorer's, in behaviour mode)
+    token TIS, rows outside `spec.is_sources` weight 1."""
+    device = old.device
+    behaviour, mask = micro.behaviour_logprobs.to(device), micro.loss_mask.to(device)
+    tis = MismatchCorrection(high=spec.is_threshold)
+    weights = mismatch_weights(old, behaviour, mask, tis)
+    correction = spec.is_correction
+    if correction is not None and correction != tis:
+        learner_rows = (micro.sources == SOURCE_CODES[Source.LEARNER]).to(device).unsqueeze(1)
+        weights = torch.where(learner_rows, mismatch_weights(old, behaviour, mask, correction), weights)
+    if spec.is_sources is not None:  # other rows keep weight 1
+        weighted = torch.isin(micro.sources, torch.tensor(spec.is_sources)).to(device).unsqueeze(1)
+        weights = torch.where(weighted, weights, torch.ones_like(weights))
+    return weights
 
 
 def _distill_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: Tensor

@@ -34,14 +34,15 @@ import torch
 
 from megatron_s2lpo.algo.advantages import group_advantages
 from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
-from megatron_s2lpo.algo.losses import PolicyLossConfig
+from megatron_s2lpo.algo.losses import MismatchCorrection, PolicyLossConfig
 from megatron_s2lpo.algo.schedule import schedule_share
 from megatron_s2lpo.config import RunConfig
 from megatron_s2lpo.rollout.engine import derive_seed
 from megatron_s2lpo.trainer.build import (TrainerParts, build_trainer, eval_sampling, learner_temperature, mix_settings,
                                           sample_scores)
 from megatron_s2lpo.trainer.metrics import (behaviour_mismatch, importance_metrics, json_safe, mean_dicts,
-                                            pods_counts, rollout_counts, source_metrics, staleness_metrics)
+                                            mismatch_metrics, pods_counts, rollout_counts, source_metrics,
+                                            staleness_metrics)
 from megatron_s2lpo.trainer.run_dir import check_run_dir
 from megatron_s2lpo.trainer.stop_signal import RunStopped, received_signal, stop_requested
 from megatron_s2lpo.types import SOURCE_CODES, Source
@@ -102,6 +103,14 @@ def importance_correction(cfg: RunConfig) -> tuple[float | None, tuple[int, ...]
     return (algo.is_threshold, (SOURCE_CODES[Source.LEARNER],)) if on and algo.is_threshold else (None, None)
 
 
+def mismatch_correction(cfg: RunConfig, is_threshold: float | None) -> MismatchCorrection | None:
+    """algo.mismatch for the learner's weighted rows (None without importance weights)."""
+    if is_threshold is None:
+        return None
+    m = cfg.algo.mismatch
+    return MismatchCorrection(kind=m.correction, high=is_threshold, low=m.low)
+
+
 def objective(cfg: RunConfig) -> str:
     """The learner's training objective for algo.method (learner/step.py OBJECTIVES)."""
     method = cfg.algo.method
@@ -137,6 +146,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
     distill, train_objective = algo.distill, objective(cfg)
     t_mix, schedule, share = mix_settings(cfg)
     is_threshold, is_sources = importance_correction(cfg)
+    correction = mismatch_correction(cfg, is_threshold)
     mismatch_sources = is_sources if is_threshold is not None else (SOURCE_CODES[Source.LEARNER],)
     params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
     start_step, cumulative = _start(parts, resuming)
@@ -172,7 +182,8 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         t2 = time.perf_counter()
         updates = [learner.train_step(take_rows(batch, rows), loss_config=loss_config(cfg),
                                       temperature=temperature, is_threshold=is_threshold, is_sources=is_sources,
-                                      objective=train_objective, distill_coef=distill.opd_coef)
+                                      objective=train_objective, distill_coef=distill.opd_coef,
+                                      is_correction=correction)
                    for _ in range(algo.ppo_epochs)
                    for rows in mini_batch_rows(batch.num_seqs, algo.mini_batches_per_step)]
         # 7. the learner's engine gets the new weights (version = step)
@@ -190,7 +201,8 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
             **source_metrics(batch, rewards.flatten(), seq_adv), **counts, **staleness_metrics(groups, step),
             **{f"cumulative/{k}": v for k, v in cumulative.items()},
             **{f"train/{k}": v for k, v in mean_dicts(updates).items()},
-            **importance_metrics(batch, is_threshold, is_sources),
+            **importance_metrics(batch, is_threshold, is_sources, correction),
+            **mismatch_metrics(batch, is_threshold, is_sources, correction),
             "train/behaviour_mismatch": behaviour_mismatch(batch, mismatch_sources),
             **{k: v for k, v in synced.metrics().items() if k not in ("sync/seconds", "sync/gb_per_s")},
         }

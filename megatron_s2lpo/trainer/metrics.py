@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from megatron_s2lpo.algo.batch import masked_mean
-from megatron_s2lpo.algo.losses import truncated_importance_weights
+from megatron_s2lpo.algo.losses import MismatchCorrection, mismatch_stats
 from megatron_s2lpo.config import LoggingConfig
 from megatron_s2lpo.rollout.validation import expected_learner_version
 from megatron_s2lpo.trainer.run_dir import METRICS_FILE
@@ -180,15 +180,51 @@ def staleness_metrics(groups: list[Group], step: int) -> dict[str, float]:
     return {"staleness/mean": sum(lags) / len(lags), "staleness/max": float(max(lags))}
 
 
-def importance_metrics(batch: TrainBatch, threshold: float | None, sources: tuple[int, ...] | None
-                       ) -> dict[str, float]:
+def _source_stats(batch: TrainBatch, threshold: float | None, sources: tuple[int, ...] | None,
+                  correction: MismatchCorrection | None) -> dict[Source, tuple[float, dict[str, float], bool]]:
+    """Per source present: (its loss tokens, algo.losses.mismatch_stats of its rows, whether its
+    rows get weights). The learner's weighted rows get `correction` (algo.mismatch), the other
+    weighted rows (the explorer's, in behaviour mode) token TIS at `threshold`."""
+    out = {}
+    for source in Source:
+        code = SOURCE_CODES[source]
+        rows = batch.sources == code
+        if not bool(rows.any()):
+            continue
+        weighted = threshold is not None and (sources is None or code in sources)
+        applied = None
+        if weighted:
+            applied = correction if correction is not None and source is Source.LEARNER else \
+                MismatchCorrection(high=threshold)
+        mask = batch.loss_mask[rows]
+        stats = mismatch_stats(batch.old_logprobs[rows], batch.behaviour_logprobs[rows], mask, applied)
+        if stats:
+            out[source] = (float(mask.sum()), stats, weighted)
+    return out
+
+
+def importance_metrics(batch: TrainBatch, threshold: float | None, sources: tuple[int, ...] | None,
+                       correction: MismatchCorrection | None = None) -> dict[str, float]:
     """train/is_weight_mean and train/is_clipped_frac over the loss tokens of the weighted rows
-    (source codes `sources`, None: every row): the mean truncated weight min(pi_old / pi_behaviour,
-    threshold) and the share of tokens where the cap applied. Empty without a threshold."""
-    if threshold is None:
+    (source codes `sources`, None: every row): the mean importance weight (the learner's rows
+    under `correction`, algo.mismatch; other rows min(pi_old / pi_behaviour, threshold)) and the
+    share of tokens the correction capped or masked. Empty without a threshold."""
+    parts = [(n, st) for n, st, weighted in _source_stats(batch, threshold, sources, correction).values() if weighted]
+    total = sum(n for n, _ in parts)
+    if threshold is None or not total:
         return {}
-    rows = _rows(batch, sources)
-    old, behaviour, mask = batch.old_logprobs[rows], batch.behaviour_logprobs[rows], batch.loss_mask[rows]
-    clipped = (old - behaviour) > math.log(threshold)
-    return {"train/is_weight_mean": masked_mean(truncated_importance_weights(old, behaviour, threshold), mask),
-            "train/is_clipped_frac": masked_mean(clipped.float(), mask)}
+    return {"train/is_weight_mean": sum(n * st["weight_mean"] for n, st in parts) / total,
+            "train/is_clipped_frac": sum(n * (st["masked_frac"] + st["truncated_frac"]) for n, st in parts) / total}
+
+
+def mismatch_metrics(batch: TrainBatch, threshold: float | None, sources: tuple[int, ...] | None,
+                     correction: MismatchCorrection | None = None) -> dict[str, float]:
+    """mismatch/<source>/<stat> for each source present: ratio statistics of pi_old /
+    pi_behaviour per token and per sequence and the k3 KL (algo.losses.mismatch_stats), and for
+    weighted rows what their correction does: weight_mean, masked_frac, masked_seq_frac,
+    truncated_frac. The explorer's ratios measure how far its model is from the learner's."""
+    return {f"mismatch/{source.value}/{k}": v
+            for source, (_, stats, _) in _source_stats(batch, threshold, sources, correction).items()
+            for k, v in stats.items()}
+
+
