@@ -84,6 +84,11 @@ class RunConfig:
               f"algo.method={self.algo.method} needs the teacher: set rollout.teacher.model_path, "
               "rollout.teacher.url or rollout.teacher.init_arch")
         self._check_pipeline()
+        sampling = self.rollout.learner.sampling
+        check(self.algo.method != "opd" or (sampling.top_p == 1 and sampling.top_k < 1),
+              f"algo.method=opd with rollout.learner.sampling top_p={sampling.top_p} top_k={sampling.top_k}: the "
+              "teacher scores full-vocabulary log-probs (rollout/scoring.py), so the reverse KL against a truncated "
+              "sampler compares different distributions; set top_p=1 and top_k=-1 for on-policy distillation")
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")

@@ -205,14 +205,19 @@ class Learner:
         reference: bool = False,
         with_entropy: bool = False,
         all_tokens: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        truncation: tuple[int, float] | None = None,
+        with_kept_mass: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
         """Log-probs of `batch.tokens` under the policy (or the reference); (B, T) on every rank.
 
         Aligned with tokens (types.py): entry [b, t] = log p(tokens[b, t] | tokens[b, :t]) at
         `temperature`, computed where batch.loss_mask is 1 (the response tokens the loss uses)
         and 0 elsewhere; with `all_tokens`, at every position 1 <= t < seq_len (prompts too).
         With `with_entropy`, also the (B, T) entropy of the same distributions. The output layer
-        runs on learner.logprob_chunk_tokens of those positions at a time (step.py).
+        runs on learner.logprob_chunk_tokens of those positions at a time (step.py). truncation:
+        the engine's (top_k, top_p): log-probs (and entropy) of the truncated distribution,
+        renormalised over the kept set (logprobs.kept_support); `with_kept_mass` then also returns
+        the (B, T) log of the kept mass, last.
         """
         if reference and self.reference is None:
             raise ValueError("reference log-probs requested but the learner has no reference model "
@@ -220,7 +225,7 @@ class Learner:
         self._require_onloaded("compute log-probs")
         spec = LogProbSpec(vocab_size=self.arch.vocab_size, tp_group=self.groups.tp_group,
                            temperature=temperature, with_entropy=with_entropy,
-                           chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens)
+                           chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens, truncation=truncation)
         micro = self._local_micro_batches(batch, self.config.logprob_tokens)
         if reference:
             with self.reference.on_device() as chunks:
@@ -230,11 +235,18 @@ class Learner:
                 chunk.eval()
             stored = run_schedule(partial(logprob_forward_step, spec=spec), self.model, micro, forward_only=True)
         num_seqs, seq_len = batch.tokens.shape
-        logprobs = self._gather_rows(scatter_rows([(s["indices"], s["logprobs"]) for s in stored], num_seqs, seq_len))
-        if not with_entropy:
-            return logprobs
-        return logprobs, self._gather_rows(scatter_rows([(s["indices"], s["entropy"]) for s in stored],
-                                                        num_seqs, seq_len))
+
+        def gathered(key: str) -> Tensor:
+            return self._gather_rows(scatter_rows([(s["indices"], s[key]) for s in stored], num_seqs, seq_len))
+
+        out = [gathered("logprobs")]
+        if with_entropy:
+            out.append(gathered("entropy"))
+        if with_kept_mass:
+            if truncation is None:
+                raise ValueError("with_kept_mass needs truncation=(top_k, top_p)")
+            out.append(gathered("kept_logmass"))
+        return out[0] if len(out) == 1 else tuple(out)
 
     # ------------------------------------------------------------------ training
 
@@ -249,6 +261,7 @@ class Learner:
         objective: str = "policy",
         distill_coef: float = 1.0,
         is_correction: Any = None,
+        truncation: tuple[int, float] | None = None,
     ) -> dict[str, float]:
         """One optimizer step on `batch` (one mini-batch); returns full-batch metrics on every rank.
 
@@ -258,14 +271,16 @@ class Learner:
         the policy-gradient terms by truncated importance weights min(exp(old - behaviour),
         is_threshold) (None: off), on the rows whose source code is in is_sources (None: every
         row; types.SOURCE_CODES); is_correction (an algo.losses.MismatchCorrection) replaces that
-        token TIS on the learner's own rows (algo.mismatch). objective: `policy` (the above), `forward_kl` (cross-entropy
+        token TIS on the learner's own rows (algo.mismatch); truncation: the engine's (top_k,
+        top_p), the policy's log-probs renormalised over the kept set (compute_logprobs). objective: `policy` (the above), `forward_kl` (cross-entropy
         on the batch's tokens, against batch.teacher_topk_* when present) or `reverse_kl` (direct
         on-policy distillation loss against batch.teacher_logprobs, weighted by distill_coef); see
         algo/distill.py. Metric `loss` is the loss before the update.
         """
         metrics = self.compute_gradients(batch, loss_config=loss_config, temperature=temperature,
                                          is_threshold=is_threshold, is_sources=is_sources, objective=objective,
-                                         distill_coef=distill_coef, is_correction=is_correction)
+                                         distill_coef=distill_coef, is_correction=is_correction,
+                                         truncation=truncation)
         metrics.update(self.optimizer_step())
         return metrics
 
@@ -281,6 +296,7 @@ class Learner:
         objective: str = "policy",
         distill_coef: float = 1.0,
         is_correction: Any = None,
+        truncation: tuple[int, float] | None = None,
     ) -> dict[str, float]:
         """Zero the gradients, run forward and backward over `batch`; no optimizer step.
 
@@ -300,7 +316,8 @@ class Learner:
                         num_microbatches=len(micro), dp_size=g.dp_size, vocab_size=self.arch.vocab_size,
                         tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold,
                         is_sources=is_sources, objective=objective, distill_coef=distill_coef,
-                        chunk_tokens=self.config.logprob_chunk_tokens, is_correction=is_correction)
+                        chunk_tokens=self.config.logprob_chunk_tokens, is_correction=is_correction,
+                        truncation=truncation)
         for chunk in self.model:
             chunk.train()
         zero_grads(self.model, self.optimizer)

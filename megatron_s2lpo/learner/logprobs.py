@@ -258,6 +258,44 @@ def token_topk_logprobs(
     return torch.cat([logprob.new_zeros(logprob.shape[0], 1, logprob.shape[2]), logprob[:, :-1]], dim=1)
 
 
+# ----------------------------------------------------------------------------- truncated sampling
+
+# A logit low enough that exp() underflows to 0 at any temperature >= 1e-8 yet finite, so that
+# 0 * logit stays 0 in the entropy (-inf would give nan).
+_DROPPED = -1e30
+
+
+@torch.no_grad()
+def kept_support(logits: Tensor, targets: Tensor, *, vocab_size: int, tp_group: dist.ProcessGroup | None,
+                 temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """(this rank's columns the engine's top-k then top-p keep, log of the kept mass).
+
+    logits: (n, V_local) vocab-parallel; targets: (n,) global ids. The kept set is SGLang's torch
+    sampler's (rollout.local.support_mask: sorted descending, rank < top_k, mass before the token
+    <= top_p, computed on softmax(logits / temperature) over the real vocabulary), with the target
+    always in it: a sampled token outside the learner's own kept set (the engine's numerics
+    differ) is renormalised with the set instead of getting -inf. The sort needs whole rows, so
+    under TP the chunk's logits are all-gathered (n x V floats: keep learner.logprob_chunk_tokens
+    small). Returns ((n, V_local) bool, (n,) float32 log sum of kept probabilities)."""
+    from megatron_s2lpo.rollout.local import support_mask
+
+    vocab_start, num_real = _vocab_slice(logits.shape[-1], vocab_size, tp_group)
+    z = logits.float().div(temperature)
+    if tp_group is not None and dist.get_world_size(group=tp_group) > 1:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size(group=tp_group))]
+        dist.all_gather(parts, z.contiguous(), group=tp_group)
+        z = torch.cat(parts, dim=-1)
+    probs = torch.softmax(z[:, :vocab_size], dim=-1)  # (n, V)
+    n = probs.shape[0]
+    k = torch.full((n,), vocab_size if top_k < 1 else min(top_k, vocab_size), device=probs.device)
+    keep = support_mask(probs, k, torch.full((n,), float(top_p), device=probs.device))
+    keep.scatter_(-1, targets.long().unsqueeze(-1), True)
+    log_mass = torch.where(keep, probs, torch.zeros_like(probs)).sum(dim=-1).log()
+    local = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    local[:, :num_real] = keep[:, vocab_start:vocab_start + num_real]
+    return local, log_mass
+
+
 # ----------------------------------------------------------------------------- chunked, selected positions
 
 
@@ -274,6 +312,8 @@ def chunked_logprobs(
     topk_ids: Tensor | None = None,
     chunk_tokens: int = 0,
     recompute: bool = False,
+    truncation: tuple[int, float] | None = None,
+    kept_mass: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Log-probs of `targets` from the logits of the hidden states at `index`, a chunk at a time.
 
@@ -285,6 +325,11 @@ def chunked_logprobs(
     recompute its logits there (torch.utils.checkpoint), so the training pass never holds more
     than one chunk's logits either. Returns ((N,) log-probs, (N,) entropies or None, (N, K) or
     None), float32, differentiable w.r.t. hidden (and the output layer's weight).
+
+    truncation: (top_k, top_p) of the engine's sampler (top_k < 1 or top_p = 1: off): the
+    log-probs and entropy are then those of the sampler's truncated distribution, renormalised over
+    the kept set (`kept_support`; the gradient flows through the kept logits). kept_mass: a list
+    that receives each chunk's (n,) log kept mass (no gradient), in order.
     """
     if index.dim() != 1 or targets.shape != index.shape:
         raise ValueError(f"index {tuple(index.shape)} and targets {tuple(targets.shape)} must be equal 1-D shapes")
@@ -293,6 +338,12 @@ def chunked_logprobs(
 
     def one_chunk(h: Tensor, tgt: Tensor, ids: Tensor | None):
         logits = logits_fn(h)  # (n, V_local)
+        if truncation is not None:
+            keep, log_mass = kept_support(logits, tgt, vocab_size=vocab_size, tp_group=tp_group,
+                                          temperature=temperature, top_k=truncation[0], top_p=truncation[1])
+            if kept_mass is not None:
+                kept_mass.append(log_mass)
+            logits = logits.masked_fill(~keep, _DROPPED)
         logprob, entropy = vocab_parallel_logprobs(logits, tgt, vocab_size=vocab_size, tp_group=tp_group,
                                                    temperature=temperature, with_entropy=with_entropy)
         at = None if ids is None else vocab_parallel_logprobs_at(logits, ids, vocab_size=vocab_size,

@@ -65,6 +65,7 @@ class LossSpec:
     is_sources: tuple[int, ...] | None = None  # source codes whose rows get IS weights; None = all
     # the learner's own rows' correction (algo.mismatch; its `high` is is_threshold); None: token TIS
     is_correction: MismatchCorrection | None = None
+    truncation: tuple[int, float] | None = None  # the engine's (top_k, top_p); see logprobs.kept_support
     objective: str = "policy"  # one of OBJECTIVES
     distill_coef: float = 1.0  # reverse_kl: the loss weight
     chunk_tokens: int = 0  # output-layer rows per log-prob chunk (0: one chunk)
@@ -84,6 +85,7 @@ class LogProbSpec:
     with_entropy: bool = False
     chunk_tokens: int = 0  # output-layer rows per log-prob chunk (0: one chunk)
     all_tokens: bool = False  # every position of every sequence, not only the loss-mask tokens
+    truncation: tuple[int, float] | None = None  # the engine's (top_k, top_p); see logprobs.kept_support
 
 
 def _device_of(model: Any) -> torch.device:
@@ -126,17 +128,22 @@ def selected_positions(micro: MicroBatch, all_tokens: bool = False) -> tuple[Ten
 
 def token_values(micro: MicroBatch, hidden: Tensor, head: OutputHead, *, vocab_size: int, tp_group: Any,
                  temperature: float, chunk_tokens: int, with_entropy: bool = False, topk: bool = False,
-                 all_tokens: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                 all_tokens: bool = False, truncation: tuple[int, float] | None = None,
+                 kept_mass: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Aligned (b, L) log-probs (and entropy, (b, L, K) top-k log-probs) of a micro-batch from
-    its final hidden states; 0 at positions that were not selected (`selected_positions`)."""
+    its final hidden states; 0 at positions that were not selected (`selected_positions`). With
+    `truncation`, under the engine's top-k / top-p (logprobs.kept_support); `kept_mass` (a dict)
+    then receives the aligned (b, L) log kept mass under "kept_logmass"."""
     device = hidden.device
     rows, cols = selected_positions(micro, all_tokens)
     index = micro.prediction_index(rows, cols).to(device)
     topk_ids = micro.teacher_topk_ids[rows, cols].to(device) if topk else None
+    masses: list[Tensor] = []
     logprob, entropy, at = chunked_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), index, micro.tokens[rows, cols].to(device), head,
         vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, with_entropy=with_entropy,
-        topk_ids=topk_ids, chunk_tokens=chunk_tokens, recompute=0 < chunk_tokens < index.numel())
+        topk_ids=topk_ids, chunk_tokens=chunk_tokens, recompute=0 < chunk_tokens < index.numel(),
+        truncation=truncation, kept_mass=masses)
     rows, cols = rows.to(device), cols.to(device)
 
     def scatter(values: Tensor | None, *trailing: int) -> Tensor | None:
@@ -145,6 +152,8 @@ def token_values(micro: MicroBatch, hidden: Tensor, head: OutputHead, *, vocab_s
         out = torch.zeros((micro.num_seqs, micro.seq_len, *trailing), dtype=values.dtype, device=device)
         return out.index_put((rows, cols), values)
 
+    if kept_mass is not None and truncation is not None:
+        kept_mass["kept_logmass"] = scatter(torch.cat(masses) if masses else logprob.detach() * 0)
     return scatter(logprob), scatter(entropy), scatter(at, *(() if at is None else at.shape[1:]))
 
 
@@ -157,7 +166,7 @@ def policy_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: 
     device = hidden.device
     logprobs, entropy, _ = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
                                         temperature=spec.temperature, chunk_tokens=spec.chunk_tokens,
-                                        with_entropy=cfg.entropy_coef > 0)
+                                        with_entropy=cfg.entropy_coef > 0, truncation=spec.truncation)
     old = micro.old_logprobs.to(device)
     is_weights = None
     if spec.is_threshold is not None:
@@ -222,10 +231,13 @@ def train_forward_step(data_iterator: Iterator[MicroBatch], model: Any, *, spec:
 def logprob_loss_fn(micro: MicroBatch, spec: LogProbSpec, head: OutputHead, hidden: Tensor
                     ) -> tuple[Tensor, dict[str, Tensor]]:
     """No-grad pass: a zero 'loss' and the micro-batch's aligned log-probs (and entropy)."""
+    extra: dict[str, Tensor] = {}
     logprobs, entropy, _ = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
                                         temperature=spec.temperature, chunk_tokens=spec.chunk_tokens,
-                                        with_entropy=spec.with_entropy, all_tokens=spec.all_tokens)
-    out = {"indices": micro.indices, "logprobs": logprobs.float().cpu()}
+                                        with_entropy=spec.with_entropy, all_tokens=spec.all_tokens,
+                                        truncation=spec.truncation, kept_mass=extra)
+    out = {"indices": micro.indices, "logprobs": logprobs.float().cpu(),
+           **{k: v.float().cpu() for k, v in extra.items()}}
     if entropy is not None:
         out["entropy"] = entropy.float().cpu()
     return hidden.new_zeros(()), out

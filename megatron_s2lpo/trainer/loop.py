@@ -111,6 +111,15 @@ def mismatch_correction(cfg: RunConfig, is_threshold: float | None) -> MismatchC
     return MismatchCorrection(kind=m.correction, high=is_threshold, low=m.low)
 
 
+def learner_truncation(cfg: RunConfig) -> tuple[int, float] | None:
+    """The learner's engine's (top_k, top_p) when it truncates (grpo), else None: the learner's
+    log-probs are then those of the truncated sampler (docs/training.md, "Truncated sampling")."""
+    s = cfg.rollout.learner.sampling
+    if cfg.algo.method != "grpo" or (s.top_k < 1 and s.top_p >= 1):
+        return None
+    return s.top_k, s.top_p
+
+
 def objective(cfg: RunConfig) -> str:
     """The learner's training objective for algo.method (learner/step.py OBJECTIVES)."""
     method = cfg.algo.method
@@ -147,6 +156,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
     t_mix, schedule, share = mix_settings(cfg)
     is_threshold, is_sources = importance_correction(cfg)
     correction = mismatch_correction(cfg, is_threshold)
+    truncation = learner_truncation(cfg)
     mismatch_sources = is_sources if is_threshold is not None else (SOURCE_CODES[Source.LEARNER],)
     params = {Source.LEARNER: parts.learner_params, Source.EXPLORER: parts.explorer_params}
     start_step, cumulative = _start(parts, resuming)
@@ -171,9 +181,9 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         batch = build_train_batch(groups, seq_adv, pad_token_id=0)
         # 5. old log-probs recomputed by the learner for ALL samples (+ reference for the KL)
         t1 = time.perf_counter()
-        batch.old_logprobs, entropy = learner.compute_logprobs(batch, temperature, with_entropy=True)
+        entropy = _old_logprobs(learner, batch, temperature, truncation)
         if algo.kl_coef > 0:
-            batch.ref_logprobs = learner.compute_logprobs(batch, temperature, reference=True)
+            batch.ref_logprobs = learner.compute_logprobs(batch, temperature, reference=True, truncation=truncation)
         # 5b. distillation: the teacher's scores of every token (opd; forward_kl with top-k)
         teacher_s, distill_metrics = 0.0, {}
         if algo.method == "opd" or (algo.method == "forward_kl" and distill.top_k > 0):
@@ -183,7 +193,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         updates = [learner.train_step(take_rows(batch, rows), loss_config=loss_config(cfg),
                                       temperature=temperature, is_threshold=is_threshold, is_sources=is_sources,
                                       objective=train_objective, distill_coef=distill.opd_coef,
-                                      is_correction=correction)
+                                      is_correction=correction, truncation=truncation)
                    for _ in range(algo.ppo_epochs)
                    for rows in mini_batch_rows(batch.num_seqs, algo.mini_batches_per_step)]
         # 7. the learner's engine gets the new weights (version = step)
@@ -224,6 +234,21 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
             _progress(step, cfg.run.num_steps, metrics)
         if stopping:
             raise RunStopped(step, received_signal())
+
+
+def _old_logprobs(learner: Any, batch: Any, temperature: float, truncation: tuple[int, float] | None) -> Any:
+    """batch.old_logprobs from the learner; returns the per-token entropy. Under a truncating
+    sampler the learner's log-probs are renormalised over the kept set, and so are the learner
+    engine's behaviour log-probs (SGLang returns full-vocabulary ones): minus the learner's log
+    kept mass, so pi_old / pi_behaviour still compares the same distribution."""
+    if truncation is None:
+        batch.old_logprobs, entropy = learner.compute_logprobs(batch, temperature, with_entropy=True)
+        return entropy
+    batch.old_logprobs, entropy, kept = learner.compute_logprobs(batch, temperature, with_entropy=True,
+                                                                 truncation=truncation, with_kept_mass=True)
+    rows = (batch.sources == SOURCE_CODES[Source.LEARNER]).unsqueeze(1) & (batch.loss_mask > 0)
+    batch.behaviour_logprobs = torch.where(rows, batch.behaviour_logprobs - kept, batch.behaviour_logprobs)
+    return entropy
 
 
 def _split(parts: TrainerParts, step: int) -> tuple[int, int]:

@@ -1,4 +1,5 @@
 """TP=2 vs TP=1: log-probs at the teacher's top-k ids from vocab-parallel logits, and their gradients;
+log-probs under the engine's top-k / top-p truncation;
 the learner's forward_kl / reverse_kl steps at TP=2 vs TP=1 x DP=2 from the same weights.
 
 One 2-process launch (scripts/topk_checks.py) runs every check; each test asserts one of them.
@@ -13,6 +14,7 @@ CHECKS = [
     "topk_tp2_equals_tp1",
     "topk_tp2_rank_with_only_padding",
     "topk_tp2_forward_kl_gradient_equals_tp1",
+    "truncated_logprobs_tp2_equal_tp1",
     "learner_forward_kl_tp2_equals_tp1_dp2",
     "learner_reverse_kl_tp2_equals_tp1_dp2",
 ]

@@ -102,6 +102,35 @@ def check_forward_kl_gradient(groups) -> dict:
 OBJECTIVES = ("forward_kl", "reverse_kl")
 
 
+def check_truncated_logprobs(groups) -> dict:
+    """Log-probs under the engine's top-k / top-p (chunked_logprobs(truncation=...)): TP=2 equals
+    TP=1 in values, kept mass and gradient (the kept set needs the whole row: all-gathered)."""
+    from megatron_s2lpo.learner.logprobs import chunked_logprobs
+
+    torch.manual_seed(11)
+    vocab, n = 300, 20
+    logits = torch.randn(n, PADDED, dtype=torch.float64) * 3
+    logits[:, vocab:] = 40.0
+    targets = torch.randint(0, vocab, (n,))
+    upstream = torch.randn(n, dtype=torch.float64)
+    out = {}
+    for name, truncation in (("top_p", (-1, 0.8)), ("top_k_top_p", (20, 0.9))):
+        results = []
+        for piece, group in ((rank_slice(logits, groups).clone(), groups.tp_group), (logits.clone(), None)):
+            piece.requires_grad_(True)
+            masses: list = []
+            lp, ent, _ = chunked_logprobs(piece, torch.arange(n), targets, lambda h: h, vocab_size=vocab,
+                                          tp_group=group, temperature=0.9, with_entropy=True, chunk_tokens=7,
+                                          truncation=truncation, kept_mass=masses)
+            ((lp * upstream).sum() + ent.sum()).backward()
+            results.append((lp, ent, torch.cat(masses), piece.grad))
+        (lp2, ent2, m2, g2), (lp1, ent1, m1, g1) = results
+        out[name] = max(max_abs_diff(lp2, lp1), max_abs_diff(ent2, ent1), max_abs_diff(m2, m1),
+                        max_abs_diff(g2, rank_slice(g1, groups)))
+        out[name + "_kept_mass_mean"] = float(m1.exp().mean())
+    return {"ok": max(out["top_p"], out["top_k_top_p"]) < 1e-6 and out["top_p_kept_mass_mean"] < 0.99, **out}
+
+
 def distill_batch():
     """fixed_batch plus teacher scores: log-probs of the tokens and a top-4 per position."""
     batch = fixed_batch(seed=3)
@@ -120,6 +149,7 @@ def main() -> None:
     run_check("topk_tp2_equals_tp1", lambda: check_logprobs_at(groups, vocab=300))
     run_check("topk_tp2_rank_with_only_padding", lambda: check_logprobs_at(groups, vocab=200))
     run_check("topk_tp2_forward_kl_gradient_equals_tp1", lambda: check_forward_kl_gradient(groups))
+    run_check("truncated_logprobs_tp2_equal_tp1", lambda: check_truncated_logprobs(groups))
     root = shared_tmpdir("topk_checks_")
     learner = Learner(tiny_arch(), learner_config(2), groups=groups)
     learner.save(root)
