@@ -171,6 +171,12 @@ class RolloutConfig:
     explorer_store: str = ""  # directory of pre-generated explorer rollouts (`s2lpo explore`)
     prefetch_steps: int = 2  # explorer samples requested this many steps ahead
     reuse_explorer_samples: bool = False
+    # Frozen engines (explorer, teacher) are fingerprinted at the start (log-probs of fixed token
+    # sequences, rollout/frozen.py) and checked after every restart or memory release, on resume,
+    # and every frozen_check_every steps (0: only then); a mean |difference| above frozen_check_tol
+    # fails the run.
+    frozen_check_every: int = 0
+    frozen_check_tol: float = 1e-2
 
     def has_model(self, name: str) -> bool:
         """Whether engine `name` (explorer / teacher) has a model source or a server to attach to."""
@@ -179,3 +185,5 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         check(self.prefetch_steps >= 0, f"rollout.prefetch_steps must be >= 0, got {self.prefetch_steps}")
+        check(self.frozen_check_every >= 0, f"rollout.frozen_check_every must be >= 0, got {self.frozen_check_every}")
+        check(self.frozen_check_tol > 0, f"rollout.frozen_check_tol must be > 0, got {self.frozen_check_tol}")

@@ -104,6 +104,7 @@ class SGLangEngine:
         self._changed: asyncio.Condition | None = None
         self._broken: str | None = None  # why generation is refused (a failed weight update)
         self._offloaded = False
+        self.num_memory_releases = 0  # offload / release_memory_occupation calls (rollout/frozen.py)
         try:
             self._loop.run(self._start())
         except BaseException:
@@ -458,6 +459,7 @@ class SGLangEngine:
         if self.cfg.enable_memory_saver and not self._offloaded:
             self._loop.run(self._each(self._release))
             self._offloaded = True
+            self.num_memory_releases += 1
 
     async def _release(self, r: Replica) -> None:
         loop = asyncio.get_running_loop()
@@ -492,6 +494,7 @@ class SGLangEngine:
         return self._loop.run(self.replicas[0].client.model_info())
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> Any:
+        self.num_memory_releases += 1  # read by rollout.frozen.FrozenGuard
         return self._loop.run(self._each(lambda r: r.client.release_memory_occupation(tags)))
 
     def resume_memory_occupation(self, tags: list[str] | None = None) -> Any:

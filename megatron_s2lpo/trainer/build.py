@@ -288,6 +288,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
             rules=AnswerRules(vocab_size=learner.arch.vocab_size, max_staleness=cfg.run.max_staleness))
         stage.collector = collector
         teacher_engine, teacher_scorer = _teacher(cfg, explorer_engine, tokenizer)
+        stage.guards = _frozen_guards(cfg, explorer_engine, teacher_engine, learner.arch.vocab_size)
+        stage.frozen_check_every = cfg.rollout.frozen_check_every
         writer = MetricsWriter(cfg.run.output_dir, cfg.logging, run_name=cfg.run.name)
     else:
         stage = None
@@ -342,6 +344,17 @@ def _teacher(cfg: RunConfig, explorer_engine: Any, tokenizer: Any) -> tuple[Any,
     path = materialize_model(teacher, "teacher", cfg, tokenizer) if not teacher.attached else ""
     engine = _engine(teacher, path, tokenizer, "teacher", cfg.run.seed, os.path.join(cfg.run.output_dir, "logs"))
     return engine, TeacherScorer(engine, batch_size=distill.score_batch_size)
+
+
+def _frozen_guards(cfg: RunConfig, explorer: Any, teacher: Any, vocab_size: int) -> list:
+    """A rollout.frozen.FrozenGuard per live frozen engine (the explorer's slot holds the teacher
+    under forward_kl), fingerprinted now, or on --resume compared with the first start's."""
+    from megatron_s2lpo.rollout.frozen import FINGERPRINT_FILE, FrozenGuard
+
+    path = os.path.join(cfg.run.output_dir, FINGERPRINT_FILE)
+    named = [("explorer" if cfg.algo.method == "grpo" else "teacher", explorer), ("teacher", teacher)]
+    return [FrozenGuard(engine, name, vocab_size=vocab_size, tolerance=cfg.rollout.frozen_check_tol, path=path,
+                        compare_saved=cfg.run.resume) for name, engine in named if engine is not None]
 
 
 def model_arch(engine_cfg: EngineConfig, name: str) -> ModelArch:

@@ -88,6 +88,8 @@ class RolloutStage:
     def __init__(self, collector: GroupCollector | None, scorer: Any) -> None:
         self.collector = collector
         self.scorer = scorer
+        self.guards: list = []  # rollout.frozen.FrozenGuard of every frozen engine
+        self.frozen_check_every = 0
         self._truths: dict[tuple, str] = {}
         self._pending: dict[tuple, tuple[Any, int]] = {}
 
@@ -103,6 +105,8 @@ class RolloutStage:
     def collect(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]],
                 temperature: float | None) -> tuple[list[Group], float, float]:
         """(groups with rewards, rollout seconds, extra seconds waiting for rewards)."""
+        for guard in self.guards:  # frozen engines still hold their weights (after restarts, releases)
+            guard.check_if_disturbed(step, self.frozen_check_every)
         self._truths = {tuple(p.token_ids): p.ground_truth for p in prompts}
         self._pending = {}
         start = time.perf_counter()

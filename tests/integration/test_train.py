@@ -224,3 +224,28 @@ def test_a_used_run_directory_is_never_started_over(full_run: Path, tmp_path: Pa
     assert proc.returncode == 2 and "no checkpoint that can be loaded" in proc.stderr, proc.stderr[-3000:]
     assert f"metrics.jsonl with {NUM_STEPS} record(s), steps 1-{NUM_STEPS}" in proc.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing truncated or rewritten
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_resume_refuses_an_explorer_whose_weights_changed(full_run: Path, tmp_path: Path) -> None:
+    """The explorer's model directory now holds other weights (a frozen server relaunched from a
+    replaced checkpoint): the fingerprint of the first start (rollout/frozen.py) stops the resume."""
+    import torch
+
+    from megatron_s2lpo.rollout.local import LocalEngine
+
+    out = tmp_path / "changed"
+    shutil.copytree(full_run, out)
+    assert (out / "frozen_fingerprints.json").is_file()
+    explorer = out / "models" / "explorer"
+    engine = LocalEngine.from_pretrained(str(explorer))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in engine.model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    shutil.rmtree(explorer)
+    engine.save_pretrained(str(explorer))
+    proc = subprocess.run(command(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=200)
+    assert proc.returncode != 0
+    assert "FrozenWeightsError" in proc.stderr and "frozen explorer engine" in proc.stderr, proc.stderr[-2000:]
