@@ -152,13 +152,31 @@ def _colocated_learner_bytes(learner: LearnerMemory, backend: Backend) -> float:
     return sum(learner.item(n) for n in ("weights", "grads", "optimizer")) + backend.overhead_bytes
 
 
+def server_weight_bytes(engine: EngineConfig, arch: ModelArch) -> float:
+    """One server's weights: bf16, or with an fp8 `--quantization` the linear projections at one
+    byte plus a float32 scale per 128 x 128 block (convert/fp8.py) and the embeddings, lm_head and
+    norms still at two."""
+    if "fp8" not in engine_precision(engine):
+        return 2.0 * arch.num_params()
+    q_dim, kv_dim = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+    projections = arch.num_layers * (arch.hidden_size * (2 * q_dim + 2 * kv_dim) + 3 * arch.hidden_size * arch.ffn_hidden_size)
+    return projections * (1 + 4 / 128**2) + 2.0 * (arch.num_params() - projections)
+
+
+def kv_cache_bytes(engine: EngineConfig) -> int:
+    """Bytes per K or V element: 1 with `--kv-cache-dtype fp8_e4m3 / fp8_e5m2`, else 2 (`auto`: the
+    model's bf16)."""
+    args = [part for arg in engine.extra_args for part in str(arg).split("=", 1)]
+    dtype = next((args[i + 1] for i, flag in enumerate(args[:-1]) if flag == "--kv-cache-dtype"), "auto")
+    return 1 if dtype.startswith("fp8") else 2
+
+
 def _server(name: str, engine: EngineConfig, arch: ModelArch, gpu_memory: float, max_seq_len: int,
             resident: float) -> ServerMemory:
     """SGLang's static pool (`mem_fraction` of the GPU) = weights + KV cache."""
-    quantized = "fp8" in engine_precision(engine)  # --quantization fp8 (w8a8_fp8, ...): 1-byte weights
-    weights = arch.num_params() * (1 if quantized else 2) / engine.tp_size
+    weights = server_weight_bytes(engine, arch) / engine.tp_size
     kv_heads = max(1.0, arch.num_query_groups / engine.tp_size)  # heads are replicated past the group count
-    kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * 2  # K and V, bf16, per GPU
+    kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * kv_cache_bytes(engine)  # K and V, per GPU
     pool = engine.mem_fraction * gpu_memory
     kv_room = pool - weights
     tokens = int(max(kv_room, 0) / kv_per_token) * engine.dp_size

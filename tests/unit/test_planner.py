@@ -118,8 +118,22 @@ def test_server_weights_follow_the_servers_quantization_not_any_fp8_argument():
         return server.weights_per_gpu
 
     bf16 = weights()
-    assert weights("--quantization", "fp8") == pytest.approx(bf16 / 2)
+    arch = KNOWN_ARCHS["qwen3-8b"]
+    embeddings = 2 * arch.vocab_size * arch.hidden_size  # untied: embed_tokens and lm_head stay bf16
+    fp8 = weights("--quantization", "fp8")
+    assert fp8 == pytest.approx(bf16 / 2 + embeddings, rel=1e-3)  # projections at 1 byte (+ block scales)
+    assert 0.5 * bf16 < fp8 < 0.7 * bf16
     assert weights("--kv-cache-dtype", "fp8_e4m3") == bf16  # an fp8 KV cache leaves the weights bf16
+
+
+def test_an_fp8_kv_cache_holds_twice_the_tokens():
+    def kv_tokens(*extra_args):
+        cfg = _recipe("qwen3_8b_explorer_1p7b", f"rollout.learner.extra_args={list(extra_args)}")
+        return next(s for s in check_fits(cfg, 80, num_learner_gpus=16).runs[0].servers
+                    if s.name == "learner_server").kv_tokens
+
+    assert kv_tokens("--kv-cache-dtype", "fp8_e4m3") == pytest.approx(2 * kv_tokens(), abs=1)  # (int division)
+    assert kv_tokens("--kv-cache-dtype=fp8_e5m2", "--quantization", "fp8") > 2 * kv_tokens()  # and room from weights
 
 
 def test_architectures_by_name_or_config(tmp_path):
