@@ -7,6 +7,7 @@
     s2lpo explore CONFIG --num-samples 16                 # fill rollout.explorer_store offline
     s2lpo eval CONFIG --models DIR1 DIR2 --k 16           # avg@k Pass@1 and pass@k curves (CSV, PNG)
     s2lpo convert hf-to-mcore --hf DIR --out CKPT --tp 4  # checkpoint conversion (see docs/convert.md)
+    s2lpo convert hf-to-fp8 --hf DIR --out FP8_DIR        # block-FP8 copy for an SGLang --quantization fp8 server
     s2lpo plan examples/qwen3_8b_explorer_1p7b.yaml --gpu-memory-gb 80 --learner-gpus 16   # does it fit?
 
 Every command that takes a recipe accepts dotted overrides after it (`section.field=value`).

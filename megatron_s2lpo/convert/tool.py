@@ -13,6 +13,10 @@
     # the same with one process per TP x PP rank (each builds and handles only its shard)
     torchrun --nproc-per-node 4 tools/convert_checkpoint.py hf-to-mcore --hf ... --out ... --tp 4
 
+    # Hugging Face -> block-FP8 Hugging Face directory for an SGLang server started with
+    # --quantization fp8 (convert/fp8.py; the trainer writes one itself for servers it launches)
+    python tools/convert_checkpoint.py hf-to-fp8 --hf /models/Qwen3-8B-Base --out /models/Qwen3-8B-Base-fp8
+
 Run as a plain script, the tool is a single process: it builds the whole model once (in the
 checkpoint dtype) and dist_checkpointing stores global tensors, so the output reshards to any
 TP/PP on load; --tp/--pp are then checked against the architecture and recorded in
@@ -73,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the written tensors (auto: the checkpoint's)")
     to_hf.add_argument("--tp", type=int, default=1, help="tensor parallel size under torchrun")
     to_hf.add_argument("--pp", type=int, default=1, help="pipeline parallel size under torchrun")
+    to_fp8 = sub.add_parser(
+        "hf-to-fp8", help="Hugging Face safetensors -> block-FP8 Hugging Face directory (SGLang --quantization fp8)",
+        description="Write a copy of a HF model directory with every linear projection as float8_e4m3fn "
+        "weights + float32 weight_scale_inv per block and config.json quantization_config, the checkpoint "
+        "an SGLang server started with --quantization fp8 loads (docs/sync.md, FP8 engines). Example: "
+        "python tools/convert_checkpoint.py hf-to-fp8 --hf /models/Qwen3-8B-Base --out /models/Qwen3-8B-Base-fp8")
+    to_fp8.add_argument("--hf", required=True, help="unquantized HF model directory")
+    to_fp8.add_argument("--out", required=True, help="output directory (must not exist)")
+    to_fp8.add_argument("--block", type=int, nargs=2, default=[128, 128], metavar=("N", "K"),
+                        help="weight_block_size (default 128 128)")
+    to_fp8.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",
+                        help="modules kept unquantized (modules_to_not_convert), e.g. model.layers.0.mlp")
+    to_fp8.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     for p in (to_mcore, to_hf):
         p.add_argument("--force", action="store_true", help="write into a non-empty output directory, "
                        "removing files of a previous conversion there")
@@ -102,6 +119,15 @@ def _dtype(name: str):
 
     return None if name == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16,
                                         "fp32": torch.float32}[name]
+
+
+def run_fp8(args: argparse.Namespace) -> None:
+    from megatron_s2lpo.convert.fp8 import Fp8Format, write_fp8_dir
+    from megatron_s2lpo.convert.hf_io import parse_size
+
+    fmt = Fp8Format(block=tuple(args.block), ignored=tuple(args.ignore))
+    write_fp8_dir(args.hf, args.out, fmt, shard_bytes=parse_size(args.max_shard_size))
+    print(f"wrote {args.out} ({fmt.quantization_config()})")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -156,8 +182,8 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
-    except (ValueError, FileNotFoundError) as err:
+        run_fp8(args) if args.direction == "hf-to-fp8" else run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
         return 2
     return 0

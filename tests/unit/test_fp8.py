@@ -177,3 +177,23 @@ def test_an_unquantized_engine_refuses_float8_weights():
     fp8 = LocalEngine(LocalEngine.from_arch(ARCH, init_seed=0).model, fp8=Fp8Format())
     with pytest.raises(ValueError, match="weight_scale_inv is missing"):
         fp8.update_weights_from_tensors(pushed[:1], version=1)
+
+
+def test_s2lpo_convert_hf_to_fp8(tmp_path, capsys):
+    from megatron_s2lpo.cli import main
+
+    src = str(tmp_path / "bf16")
+    LocalEngine.from_arch(ARCH, init_seed=5).save_pretrained(src)
+    out = str(tmp_path / "fp8")
+    assert main(["convert", "hf-to-fp8", "--hf", src, "--out", out, "--ignore", "model.layers.1.mlp"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    fmt = Fp8Format.from_model_dir(out)
+    assert fmt == Fp8Format(ignored=("model.layers.1.mlp",))
+    from megatron_s2lpo.convert.hf_io import HFReader
+
+    reader = HFReader(out)
+    assert reader.get("model.layers.0.mlp.up_proj.weight").dtype == FP8_DTYPE
+    assert reader.get("model.layers.1.mlp.up_proj.weight").dtype == torch.float32  # ignored module
+    assert "model.layers.1.mlp.up_proj.weight_scale_inv" not in reader
+    assert main(["convert", "hf-to-fp8", "--hf", src, "--out", out]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
