@@ -223,6 +223,11 @@ def write_fp8_dir(src: str, dst: str, fmt: Fp8Format | None = None, *, shard_byt
     return fmt
 
 
+def fp8_copy_path(model_path: str) -> str:
+    """Where the launcher expects the block-FP8 copy of `model_path` (`s2lpo convert hf-to-fp8`)."""
+    return model_path.rstrip(os.sep) + "-fp8"
+
+
 def write_quantization_config(model_dir: str, fmt: Fp8Format) -> None:
     """Set `quantization_config` in `model_dir`/config.json (the file must exist)."""
     path = os.path.join(model_dir, "config.json")

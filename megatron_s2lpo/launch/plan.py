@@ -173,6 +173,8 @@ def _server_task(engine: EngineConfig, name: str, group: str, port: int, host: s
                  cfg: RunConfig, python: str, *, memory_saver: bool, one_machine: bool) -> ServerTask:
     """The role's servers: replica i on port + i * stride and its own GPUs (--base-gpu-id i*tp*dp)."""
     ports = [port + i * REPLICA_PORT_STRIDE for i in range(engine.replicas)]
+    if name == "learner":
+        engine = _fp8_server_model(engine)
     server = _server_cfg(dataclasses.replace(engine, ports=ports), port, memory_saver=memory_saver,
                          one_machine=one_machine)
     commands = [build_launch_command(server, python=python, replica=i, seed=cfg.run.seed)
@@ -180,6 +182,25 @@ def _server_task(engine: EngineConfig, name: str, group: str, port: int, host: s
     urls = [f"http://{host}:{p}" for p in ports]
     return ServerTask(name=f"{name}_server", group=group, num_gpus=num_gpus, command=commands[0], url=urls[0],
                       commands=commands, urls=urls)
+
+
+def _fp8_server_model(engine: EngineConfig) -> EngineConfig:
+    """A learner server with `--quantization fp8` starts from the block-FP8 copy `<model_path>-fp8`
+    (the learner itself trains from model_path; docs/sync.md, "FP8 engines"). Where model_path is
+    readable here, the copy must exist too."""
+    import os
+
+    from ..config.learner import engine_precision
+    from ..convert.fp8 import fp8_copy_path
+
+    if engine_precision(engine) != "fp8":
+        return engine
+    fp8 = fp8_copy_path(engine.model_path)
+    if os.path.isdir(engine.model_path) and not os.path.isfile(os.path.join(fp8, "config.json")):
+        raise ValueError(f"rollout.learner runs SGLang with --quantization fp8, so its servers start from a block-FP8 "
+                         f"copy of {engine.model_path} at {fp8}, which does not exist: write it once with "
+                         f"`s2lpo convert hf-to-fp8 --hf {engine.model_path} --out {fp8}`")
+    return dataclasses.replace(engine, model_path=fp8)
 
 
 def _url_override(name: str, server: ServerTask) -> str:

@@ -422,3 +422,19 @@ def test_wait_healthy_never_goes_through_an_inherited_proxy(health_server, monke
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     assert probe_health(url) == (True, "HTTP 200")
+
+
+def test_fp8_learner_servers_start_from_the_block_fp8_copy(tmp_path):
+    args = "rollout.learner.extra_args=[--quantization, fp8]"
+    cfg, plan = _plan([args])
+    learner, explorer = plan.servers
+    flags = learner.command[learner.command.index("--model-path") + 1]
+    assert flags == "/models/Qwen3-8B-Base-fp8" and learner.command[-2:] == ["--quantization", "fp8"]
+    assert "/models/Qwen3-1.7B-Base" in explorer.command  # frozen servers keep their checkpoint
+    model = tmp_path / "Qwen3-8B-Base"  # a model path visible here: its FP8 copy must exist
+    model.mkdir()
+    with pytest.raises(ValueError, match=f"s2lpo convert hf-to-fp8 --hf {model} --out {model}-fp8"):
+        _plan([args, f"rollout.learner.model_path={model}"])
+    (tmp_path / "Qwen3-8B-Base-fp8").mkdir()
+    (tmp_path / "Qwen3-8B-Base-fp8" / "config.json").write_text("{}")
+    assert f"{model}-fp8" in _plan([args, f"rollout.learner.model_path={model}"])[1].servers[0].command
