@@ -104,6 +104,7 @@ class SGLangEngine:
         self._changed: asyncio.Condition | None = None
         self._broken: str | None = None  # why generation is refused (a failed weight update)
         self._offloaded = False
+        self.num_resubmitted = 0  # requests aborted by a weight-update pause and sent again
         try:
             self._loop.run(self._start())
         except BaseException:
@@ -264,12 +265,14 @@ class SGLangEngine:
                 continue
             except RequestAborted:
                 if self._epoch != epoch or not self._running.is_set():
+                    self.num_resubmitted += 1
                     continue  # aborted by our weight-update pause
                 raise
             finally:
                 replica.outstanding -= 1
             if op == "generate" and result.finish_reason is FinishReason.ABORT and (
                     self._epoch != epoch or not self._running.is_set()):
+                self.num_resubmitted += 1
                 continue
             return result
 

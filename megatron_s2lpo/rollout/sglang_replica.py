@@ -40,7 +40,8 @@ class Replica:
         self.url = url
         self.process: ServerProcess | None = None
         if not cfg.attached:
-            self.process = ServerProcess(build_launch_command(cfg, replica=index, seed=seed), log_path=log_path,
+            self.process = ServerProcess(build_launch_command(cfg, replica=index, seed=seed, name=engine_name),
+                                         log_path=log_path,
                                          env=launch_env(cfg))
         self.client = SGLangClient(url, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
                                    request_timeout_s=cfg.request_timeout_s, hang_timeout_s=cfg.hang_timeout_s,

@@ -50,14 +50,15 @@ CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
 
 
 def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replica: int = 0,
-                         seed: int | None = None) -> list[str]:
+                         seed: int | None = None, name: str = "engine") -> list[str]:
     """Replica `replica`'s command line (flags of sglang.launch_server, SGLang 0.5.23).
 
     python defaults to the SGLang interpreter of this process (rollout/sglang_python.py); seed:
-    the run's seed; the replica gets --random-seed seed + replica (None: SGLang's own)."""
+    the run's seed; the replica gets --random-seed seed + replica (None: SGLang's own); name: the
+    engine's (rollout.<name>) for errors."""
     if not cfg.model_path:
-        raise ValueError("engine model_path is empty: set the HF checkpoint directory the server "
-                         "loads, or engine url to attach to a running server")
+        raise ValueError(f"rollout.{name}.model_path is empty: set the HF checkpoint directory its server "
+                         f"loads (or init_arch in a recipe), or rollout.{name}.url to attach to a running server")
     if not 0 <= replica < cfg.replicas:
         raise ValueError(f"replica {replica} does not exist: the engine has replicas={cfg.replicas}")
     prefix = list(cfg.launch_command) or [python or sglang_python(), "-m", "sglang.launch_server"]

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 def admin(url: str, path: str, body: dict | None = None, key: str = KEY):
     """A raw HTTP call (no retries) to the test server's own routes."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, headers={"Authorization": f"Bearer {key}"})
+    req = urllib.request.Request(url + path, data=data, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"null")
 
