@@ -305,6 +305,12 @@ def test_dynamic_sampling_rounds_resume_from_the_sampler_state(max_staleness: in
     for (step, groups, metrics), (_, want_groups, want_metrics) in zip(got, expected, strict=True):
         assert groups == want_groups, step
         assert without_timing(metrics) == without_timing(want_metrics), step
+    if max_staleness:  # a damaged metrics file of the step ahead is refused, naming it
+        (tmp_path / PENDING_STATS_FILE).write_text('{"step": 3, "metrics": [1]}')
+        damaged, _, _, _ = make_pipeline(max_staleness, dynamic=DYNAMIC)
+        with pytest.raises(ValueError, match=f"{PENDING_STATS_FILE} is damaged"):
+            damaged.resume(tmp_path, 2)
+        damaged.close()
 
 
 def test_over_sampled_explorer_samples_come_from_the_store_then_the_explorer(tmp_path: Path) -> None:
