@@ -77,9 +77,11 @@ def mean(values: list[float]) -> float:
 
 
 def filtering_table(out: str, seeds: list[int], steps: int) -> None:
-    print("\nFiltering with dynamic sampling (per step, mean over seeds; shares of the groups generated)")
-    print(f"{'run':6} {'steps':>9} {'filtered':>9} {'solved':>7} {'failed':>7} {'rounds':>7} {'capped':>7} "
-          f"{'via expl':>8}")
+    print("\nFiltering with dynamic sampling: groups filtered per step, then as shares of the groups generated "
+          "(all, every sample solved, none solved); rounds per step, steps that hit the round cap, groups kept "
+          "only thanks to the explorer per step (means over seeds)")
+    print(f"{'run':6} {'steps':>9} {'per step':>8} {'filtered':>9} {'solved':>7} {'failed':>7} {'rounds':>7} "
+          f"{'capped':>7} {'via expl':>8}")
     for method in ("s2lpo", "grpo"):
         runs = [read_metrics(os.path.join(run_dir(out, method, "on", s), "metrics.jsonl")) for s in seeds]
         for first, last in WINDOWS:
@@ -89,7 +91,8 @@ def filtering_table(out: str, seeds: list[int], steps: int) -> None:
             generated = sum(r["dynamic/groups_generated"] for r in rows)
             share = {key: sum(r[f"dynamic/{key}"] for r in rows) / generated
                      for key in ("groups_filtered", "filtered_solved", "filtered_unsolved")}
-            print(f"{method:6} {first:>4}-{min(last, steps):<4} {share['groups_filtered']:>9.3f} "
+            per_step = mean([r["dynamic/groups_filtered"] for r in rows])
+            print(f"{method:6} {first:>4}-{min(last, steps):<4} {per_step:>8.1f} {share['groups_filtered']:>9.3f} "
                   f"{share['filtered_solved']:>7.3f} {share['filtered_unsolved']:>7.3f} "
                   f"{mean([r['dynamic/rounds'] for r in rows]):>7.2f} {sum(r['dynamic/cap_hit'] for r in rows):>7.0f} "
                   f"{mean([r['dynamic/informative_via_explorer'] for r in rows]):>8.2f}")

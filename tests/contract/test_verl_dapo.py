@@ -28,6 +28,7 @@ def verl_rewards(cases: list[dict]) -> list[dict]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_overlong_penalty_equals_verls_dapo_reward_manager() -> None:
     rng = random.Random(0)
