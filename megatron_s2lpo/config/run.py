@@ -90,6 +90,7 @@ class RunConfig:
               "teacher scores full-vocabulary log-probs (rollout/scoring.py), so the reverse KL against a truncated "
               "sampler compares different distributions; set top_p=1 and top_k=-1 for on-policy distillation")
         self._check_overlong()
+        self._check_fp8_parity()
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")
@@ -105,6 +106,18 @@ class RunConfig:
               f"reward.overlong.buffer_tokens={overlong.buffer_tokens} is longer than the response limit it ends "
               f"at ({self.overlong_max_tokens()} tokens: reward.overlong.max_response_tokens, or "
               "rollout.learner.sampling.max_new_tokens when 0); shorten the buffer")
+
+    def _check_fp8_parity(self) -> None:
+        """An FP8 learner engine samples with rounded weights: the parity check needs a threshold
+        above that rounding (docs/sync.md, "FP8 engines")."""
+        from .learner import engine_precision
+
+        sync = self.sync
+        check(engine_precision(self.rollout.learner) != "fp8" or sync.parity_every == 0 or sync.parity_threshold > 1e-3,
+              f"rollout.learner serves FP8 weights (--quantization fp8), whose log-probs differ from the learner's by "
+              f"the rounding of the weights (mean 2e-3 to 4e-3 per token on the tiny recipe), so "
+              f"sync.parity_threshold={sync.parity_threshold} would fail every parity check: set it from a sync of "
+              "identical weights on your model (e.g. 0.05), or sync.parity_every=0")
 
     def _check_pipeline(self) -> None:
         """run.max_staleness=1 needs the importance correction and engines on their own GPUs."""

@@ -197,3 +197,14 @@ def test_s2lpo_convert_hf_to_fp8(tmp_path, capsys):
     assert "model.layers.1.mlp.up_proj.weight_scale_inv" not in reader
     assert main(["convert", "hf-to-fp8", "--hf", src, "--out", out]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err
+
+
+def test_an_fp8_learner_engine_needs_a_parity_threshold_above_fp8_rounding():
+    from megatron_s2lpo.config import load_config
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "tiny_cpu.yaml")
+    fp8 = "rollout.learner.extra_args=[--quantization, fp8]"
+    with pytest.raises(ValueError, match="sync.parity_threshold=0.001 would fail every parity check"):
+        load_config(recipe, [fp8])
+    assert load_config(recipe, [fp8, "sync.parity_threshold=0.05"])
+    assert load_config(recipe, [fp8, "sync.parity_every=0"])
