@@ -249,3 +249,37 @@ def test_a_resume_refuses_an_explorer_whose_weights_changed(full_run: Path, tmp_
     proc = subprocess.run(command(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=200)
     assert proc.returncode != 0
     assert "FrozenWeightsError" in proc.stderr and "frozen explorer engine" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_fp8_learner_engine_shows_its_mismatch_and_icepop_masks_it(full_run: Path, tmp_path: Path) -> None:
+    """The injected engine/learner mismatch is real FP8 rounding: the learner's in-process engine
+    runs with `--quantization fp8` (block-FP8 weights, written once to models/learner-fp8 and
+    pushed quantized by every sync) while the learner trains in fp32. The mismatch statistics of
+    the learner's rows move from the exact engine's ratio of 1 (full_run) to FP8's gap, and the
+    icepop band [0.99, 1.01] masks the tokens outside it, as train/is_clipped_frac counts them."""
+    from megatron_s2lpo.convert.fp8 import Fp8Format
+
+    out = tmp_path / "fp8"
+    out.mkdir()
+    copy_models(full_run, out)
+    run_train(out, "run.num_steps=2", "run.eval_every=0", "algo.t_mix=0", "rollout.learner.extra_args=[--quantization, fp8]",
+              "algo.precision_correction=true", "algo.is_threshold=1.01", "algo.mismatch.correction=icepop",
+              "algo.mismatch.low=0.99", "sync.parity_threshold=0.05", "sync.parity_every=1")
+    assert Fp8Format.from_model_dir(str(out / "models" / "learner-fp8")) == Fp8Format()
+    # the steps of full_run whose batch has learner rows (early steps may be all explorer)
+    exact = [r for r in read_metrics(str(full_run / "metrics.jsonl")) if "mismatch/learner/abs_log_ratio" in r]
+    fp8 = read_metrics(str(out / "metrics.jsonl"))
+    assert len(exact) >= 2
+    assert [r["step"] for r in fp8] == [1, 2] and [r["weight_version"] for r in fp8] == [1, 2]
+    for r in exact:  # the fp32 engine samples with the learner's weights: no correction, ratio 1
+        assert r["mismatch/learner/abs_log_ratio"] < 1e-5 and abs(r["mismatch/learner/ratio_max"] - 1) < 1e-4
+        assert "mismatch/learner/masked_frac" not in r and "train/is_weight_mean" not in r
+    for r in fp8:
+        assert 1e-3 < r["mismatch/learner/abs_log_ratio"] < 0.05 and r["mismatch/learner/k3_kl"] > 1e-6
+        assert r["mismatch/learner/ratio_min"] < 0.99 and r["mismatch/learner/ratio_max"] > 1.01  # FP8's spread
+        masked = r["mismatch/learner/masked_frac"]
+        assert 0.01 < masked < 0.9 and r["mismatch/learner/truncated_frac"] == 0  # icepop zeroes, never caps
+        assert r["train/is_clipped_frac"] == pytest.approx(masked) and r["train/is_weight_mean"] < 1
+        assert r["parity/mean_abs_logp_diff"] < 0.05  # the parity check compares with the FP8 engine
