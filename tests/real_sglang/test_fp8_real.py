@@ -7,7 +7,8 @@ and `weight_scale_inv` block scales), accepts weight updates into them, and read
 `Fp8LinearMethod.apply` -> `triton_w8a8_block_fp8_linear` -> `per_token_group_quant_fp8`, a
 Triton kernel, and Triton finds no driver ("RuntimeError: 0 active drivers ([]). There should
 only be one."), which ends the scheduler. So the server is started with `--skip-server-warmup`
-(its warm-up request is such a forward), every transport pushes quantized weights into it, and
+(its warm-up request is such a forward) and with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false
+(otherwise its /health generates a token), every transport pushes quantized weights into it, and
 the weights it holds are read back and compared, exactly, with what was pushed; the last test
 asks it to generate and finds that error in its log. The model is a tiny Llama (SGLang 0.5.23
 implements `get_weights_by_name` for Llama, not yet for Qwen: "TODO: Add support for Qwen models")
@@ -17,6 +18,7 @@ whose fused q/k/v and gate/up shards are whole 128-row blocks, as SGLang's block
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 
 import pytest
@@ -36,6 +38,7 @@ from conftest import real_engine_config
 
 pytestmark = pytest.mark.slow
 FMT = Fp8Format()
+HEALTH_GENERATION_ENV = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"  # sglang/srt/environ.py, default true
 # hidden / heads = head_dim: SGLang's Llama get_weights_by_name slices q/k/v with that head size
 ARCH = dict(family="llama", hidden_size=256, ffn_hidden_size=256, num_layers=2, num_attention_heads=2,
             num_query_groups=1, head_dim=128, max_position_embeddings=256)
@@ -60,7 +63,17 @@ def fp8_server(sglang_env, fp8_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("fp8-server-logs")
     cfg = real_engine_config(fp8_model[0], max_restarts=0, max_retries=0,
                              extra_args=["--quantization", "fp8", "--dtype", "bfloat16", "--skip-server-warmup"])
-    engine = SGLangEngine(cfg, name="learner", log_dir=str(logs), seed=0)
+    # SGLang 0.5.23 answers GET /health (what the engine polls until the server is up) by generating
+    # one token once the server is up, the same forward: its environment switch turns that off.
+    saved = os.environ.get(HEALTH_GENERATION_ENV)
+    os.environ[HEALTH_GENERATION_ENV] = "false"
+    try:
+        engine = SGLangEngine(cfg, name="learner", log_dir=str(logs), seed=0)
+    finally:
+        if saved is None:
+            os.environ.pop(HEALTH_GENERATION_ENV, None)
+        else:
+            os.environ[HEALTH_GENERATION_ENV] = saved
     yield engine, logs
     engine.close()
 
