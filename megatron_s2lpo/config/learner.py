@@ -21,12 +21,47 @@ FP8_FORMATS = ("hybrid", "e4m3")  # megatron TransformerConfig.fp8
 # Float8BlockScaling (Hopper), mxfp8 = MXFP8BlockScaling and nvfp4 = NVFP4BlockScaling (Blackwell).
 FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8", "nvfp4")
 BLACKWELL_RECIPES = ("mxfp8", "nvfp4")
-# Token-dimension alignment TE's quantized GEMMs need (transformer_engine get_align_size_for_quantization).
-QUANT_ALIGNMENT = {"tensorwise": 16, "blockwise": 16, "mxfp8": 32, "nvfp4": 128}
+# Rows (tokens) each quantized GEMM input must be a multiple of, on the rank that runs the GEMM:
+# megatron-core's own padding unit (fp8_utils.get_fp8_align_size: 16, mxfp8 32; fp4_utils: nvfp4
+# 128), which covers Transformer Engine's assert (8 rows, learner/fp8_rules.py), and for blockwise
+# the 128-row tiles TE needs to all-gather FP8 under sequence parallel (else it refuses or, in the
+# backward, gathers in BF16). Peers pad the same way (NeMo-RL 16 x TP, 128 x TP for blockwise).
+FP8_ROW_ALIGNMENT = {"tensorwise": 16, "blockwise": 128, "mxfp8": 32, "nvfp4": 128}
 RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of megatron's selective recompute
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenAlignment:
+    """What the learner pads to (`token_alignment`).
+
+    sequence  every sequence of a pack is padded to a multiple of this (its padding follows it)
+    pack      every micro-batch's token count per row (a pack's total; a padded row's length) is
+              a multiple of this: the last sequence's padding grows to reach it
+    """
+
+    sequence: int
+    pack: int
+
+
+def token_alignment(*, seq_length_multiple: int = 1, tensor_parallel_size: int = 1, sequence_parallel: bool = False,
+                    context_parallel_size: int = 1, precision: str = "fp32", fp8_recipe: str = "tensorwise"
+                    ) -> TokenAlignment:
+    """The padding a recipe needs, in one place.
+
+    A sequence: `seq_length_multiple`, and 2 x CP with context parallelism (megatron splits every
+    THD sequence into 2 x CP load-balanced chunks). A pack's tokens are split over CP ranks, and
+    over TP ranks with sequence parallel, before the column-parallel GEMMs; under FP8 each rank's
+    share must be a multiple of the recipe's row alignment (FP8_ROW_ALIGNMENT), so the pack total
+    is a multiple of CP x (TP with SP) x that alignment (and of the sequence multiple).
+    """
+    cp = context_parallel_size
+    sequence = math.lcm(seq_length_multiple, 2 * cp if cp > 1 else 1)
+    shards = cp * (tensor_parallel_size if sequence_parallel else 1)
+    rows = FP8_ROW_ALIGNMENT[fp8_recipe] if precision == "fp8" else 1
+    return TokenAlignment(sequence=sequence, pack=math.lcm(sequence, shards * rows))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -159,6 +194,12 @@ class LearnerConfig:
               f"learner.logprob_chunk_tokens must be >= 0 (0 = one chunk), got {self.logprob_chunk_tokens}")
         check(self.seq_length_multiple >= 1,
               f"learner.seq_length_multiple must be >= 1, got {self.seq_length_multiple}")
+        pack = self.token_alignment.pack  # the precision and recipe are valid here (_check_precision)
+        for name, tokens in (("micro_batch_tokens", self.micro_batch_tokens),
+                             ("logprob_micro_batch_tokens", self.logprob_tokens)):
+            check(tokens >= pack,
+                  f"learner.{name}={tokens} is smaller than one pack's alignment ({pack} tokens: every "
+                  "micro-batch is padded to a multiple of it under this TP / SP / CP / fp8 recipe); raise it")
 
     def _check_memory_options(self) -> None:
         check(self.recompute_granularity in RECOMPUTE_GRANULARITIES,
@@ -187,17 +228,12 @@ class LearnerConfig:
         return self.logprob_micro_batch_tokens or self.micro_batch_tokens
 
     @property
-    def sequence_multiple(self) -> int:
-        """What every sequence's length is padded to: seq_length_multiple, TE's quantized-GEMM
-        alignment under fp8, 2 x CP (load-balanced causal halves) and TP with sequence parallel."""
-        multiple = self.seq_length_multiple
-        if self.precision == "fp8":
-            multiple = math.lcm(multiple, QUANT_ALIGNMENT[self.fp8_recipe])
-        if self.context_parallel_size > 1:
-            multiple = math.lcm(multiple, 2 * self.context_parallel_size)
-        if self.sequence_parallel:
-            multiple = math.lcm(multiple, self.tensor_parallel_size)
-        return multiple
+    def token_alignment(self) -> TokenAlignment:
+        """What sequences and packs are padded to under this recipe (`token_alignment`)."""
+        return token_alignment(seq_length_multiple=self.seq_length_multiple,
+                               tensor_parallel_size=self.tensor_parallel_size, sequence_parallel=self.sequence_parallel,
+                               context_parallel_size=self.context_parallel_size, precision=self.precision,
+                               fp8_recipe=self.fp8_recipe)
 
 
 _SGLANG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}

@@ -27,7 +27,8 @@ from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.types import TrainBatch
 
 from . import checkpoint as ckpt
-from .batching import MicroBatch, make_micro_batches, scatter_rows, split_rows_for_data_parallel, uniform_micro_batches
+from .batching import MicroBatch, rank_micro_batches, scatter_rows
+from .fp8_rules import check_input_shapes, gemm_shapes
 from .model import build_model_chunks, unwrap_model
 from .offload import StorageOffloader, ddp_buffers, module_tensors, optimizer_tensors
 from .optimizer import build_optimizer, build_scheduler, wrap_for_training, zero_grads
@@ -80,6 +81,10 @@ class Learner:
         self.optimizer = build_optimizer(self.model, config.optim, precision=config.precision)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.step = 0  # optimizer steps taken
+        self.alignment = config.token_alignment  # what sequences and packs are padded to
+        self._fp8_shapes = None if config.precision != "fp8" else gemm_shapes(
+            hidden_size=arch.hidden_size, q_dim=arch.num_attention_heads * arch.head_dim,
+            ffn_hidden_size=arch.ffn_hidden_size, tp=self.groups.tp_size)
         self._params_pending = False  # overlap_param_gather: updated shards not yet all-gathered
         self._offloader: StorageOffloader | None = None
         self.reference = None
@@ -175,13 +180,16 @@ class Learner:
     # ------------------------------------------------------------------ batches
 
     def _local_micro_batches(self, batch: TrainBatch, max_tokens: int) -> list[MicroBatch]:
-        """This DP rank's share of `batch` as token-budget micro-batches."""
-        seq_lens = [int(n) for n in batch.seq_lens]
-        rows = split_rows_for_data_parallel(seq_lens, self.groups.dp_size)[self.groups.dp_rank]
-        micro = make_micro_batches(batch, rows, max_tokens=max_tokens, multiple=self.config.sequence_multiple,
-                                   packed=self.config.pack_sequences)
-        if self.groups.vpp_size is not None:  # interleaved schedule: one shape, a multiple of PP
-            micro = uniform_micro_batches(micro, multiple_of=self.groups.pp_size)
+        """This DP rank's share of `batch` as token-budget micro-batches (batching.rank_micro_batches)."""
+        g = self.groups
+        micro = rank_micro_batches(batch, dp_rank=g.dp_rank, dp_size=g.dp_size, max_tokens=max_tokens,
+                                   alignment=self.alignment, packed=self.config.pack_sequences,
+                                   uniform_multiple_of=g.pp_size if g.vpp_size is not None else None)
+        if self._fp8_shapes is not None:  # TE's own rule, checked here rather than raised inside a layer
+            c = self.config
+            check_input_shapes([m.input_shape for m in micro], self._fp8_shapes, c.fp8_recipe,
+                               tp=c.tensor_parallel_size, sequence_parallel=c.sequence_parallel,
+                               cp=c.context_parallel_size)
         return micro
 
     def _gather_rows(self, values: Tensor) -> Tensor:

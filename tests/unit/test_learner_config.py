@@ -89,15 +89,6 @@ def test_memory_and_precision_options_are_validated(kwargs, message):
         from_dict(LearnerConfig, kwargs, "learner")
 
 
-def test_sequence_multiple_follows_fp8_cp_and_sp():
-    assert LearnerConfig().sequence_multiple == 8
-    assert LearnerConfig(precision="fp8", fp8_recipe="tensorwise").sequence_multiple == 16
-    assert LearnerConfig(precision="fp8", fp8_recipe="mxfp8").sequence_multiple == 32
-    assert LearnerConfig(precision="fp8", fp8_recipe="nvfp4", seq_length_multiple=1).sequence_multiple == 128
-    assert LearnerConfig(context_parallel_size=4, seq_length_multiple=1).sequence_multiple == 8
-    assert LearnerConfig(tensor_parallel_size=3, sequence_parallel=True, seq_length_multiple=4).sequence_multiple == 12
-
-
 def test_fp8_recipes_follow_transformer_engines_hardware_rules():
     from megatron_s2lpo.learner.model import fp8_support_error
 
