@@ -119,8 +119,11 @@ class LearnerConfig:
     sequence_parallel: bool = False  # shard norms/activations over TP ranks (TE spec, TP > 1)
     context_parallel_size: int = 1  # split long sequences over ranks (TE spec + packed sequences)
     precision: str = "fp32"  # fp32 everywhere on CPU; bf16 / fp8 need CUDA (+ Transformer Engine)
-    fp8_format: str = "hybrid"  # e4m3 forward, e5m2 backward (nvfp4 uses e4m3 scales regardless)
-    fp8_recipe: str = "tensorwise"
+    # blockwise (1 x 128 activation tiles, 128 x 128 weight blocks): a token quantizes the same in
+    # any pack, so old log-probs and training agree on-policy (docs/learner.md, "FP8 fit for RL")
+    fp8_recipe: str = "blockwise"
+    fp8_format: str = "e4m3"  # e4m3 everywhere (peers' blockwise choice) | hybrid: e5m2 gradients
+    fp8_fp32_scales: bool = True  # blockwise: fp32 scales, not powers of 2 (NVTE_FP8_BLOCK_SCALING_FP32_SCALES)
     use_te: bool | None = None  # Transformer Engine layer spec; None = when CUDA and TE are present
     pack_sequences: bool = True  # THD packing of whole sequences (False: right-padded rows)
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (sequences are never split)

@@ -29,7 +29,7 @@ from megatron_s2lpo.types import TrainBatch
 from . import checkpoint as ckpt
 from .batching import MicroBatch, rank_micro_batches, scatter_rows
 from .fp8_rules import check_input_shapes, gemm_shapes
-from .model import build_model_chunks, unwrap_model
+from .model import apply_fp8_scale_environment, build_model_chunks, unwrap_model
 from .offload import StorageOffloader, ddp_buffers, module_tensors, optimizer_tensors
 from .optimizer import build_optimizer, build_scheduler, wrap_for_training, zero_grads
 from .parallel import ParallelGroups, init_parallel
@@ -52,6 +52,8 @@ class Learner:
     ) -> None:
         self.arch = arch
         self.config = config
+        if config.precision == "fp8" and config.fp8_recipe == "blockwise":
+            apply_fp8_scale_environment(config.fp8_fp32_scales)  # before megatron imports TE
         self.groups = groups or init_parallel(
             config.tensor_parallel_size, config.pipeline_parallel_size,
             config.effective_vpp_size, seed=config.seed)

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,6 +124,29 @@ def _check_fp8_device(recipe: str) -> None:
         raise ValueError(error)
 
 
+FP32_SCALES_ENV = "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"
+
+
+def apply_fp8_scale_environment(fp32_scales: bool) -> None:
+    """Make Transformer Engine's blockwise recipe use fp32 (or power-of-2) scales.
+
+    TE reads NVTE_FP8_BLOCK_SCALING_FP32_SCALES once, when it defines `Float8BlockScaling`
+    (transformer_engine/common/recipe/__init__.py:332 in 2.9.0, a class attribute), so it must be
+    set before anything imports TE; if TE was imported already with the other value, refuse.
+    """
+    want = "1" if fp32_scales else "0"
+    recipe = sys.modules.get("transformer_engine.common.recipe")
+    if recipe is None:
+        os.environ[FP32_SCALES_ENV] = want
+        return
+    if bool(recipe.Float8BlockScaling.use_f32_scales) != fp32_scales:
+        raise ValueError(
+            f"learner.fp8_fp32_scales={str(fp32_scales).lower()} but Transformer Engine was imported before the "
+            f"learner with {FP32_SCALES_ENV}={os.environ.get(FP32_SCALES_ENV, 'unset')} (it reads the variable once, "
+            f"at import): export {FP32_SCALES_ENV}={want} in the trainer's environment, or set "
+            f"learner.fp8_fp32_scales={str(not fp32_scales).lower()}")
+
+
 def rope_scaling_factor(arch: ModelArch) -> float | None:
     """The llama3 RoPE scaling factor megatron applies, or None; ValueError if megatron cannot express it."""
     if arch.rope_scaling is None:
@@ -142,8 +167,8 @@ def transformer_config(
     *,
     precision: str = "fp32",
     use_te: bool = False,
-    fp8_format: str = "hybrid",
-    fp8_recipe: str = "tensorwise",
+    fp8_format: str = "e4m3",
+    fp8_recipe: str = "blockwise",
     recompute_granularity: str | None = None,
     recompute_method: str = "uniform",
     recompute_num_layers: int = 1,
