@@ -31,6 +31,11 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of megatron's selective recompute
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+# megatron-core's DistributedOptimizer checkpoint formats the learner offers (optimizer/distrib_optimizer.py):
+# dp_reshardable: every DP rank writes its own shard, no gather, loads into any DP size at the same TP / PP;
+# fully_reshardable: gathers each TP shard's fp32 params and Adam moments on the DP ranks, loads into any layout.
+# (fully_sharded_model_space, which would do both, raises "flattened_range is not supported" in 0.16.1.)
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,6 +115,21 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """How the learner writes checkpoints (learner/checkpoint.py, docs/learner.md)."""
+
+    optimizer_sharding: str = "dp_reshardable"  # distributed optimizer state: one of OPTIMIZER_SHARDINGS
+    # write in a forked process while training continues; committed (renamed, `latest` moved) once
+    # every rank's write is done, so a load never sees a partial save
+    async_save: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.optimizer_sharding in OPTIMIZER_SHARDINGS,
+              f"learner.checkpoint.optimizer_sharding must be one of {OPTIMIZER_SHARDINGS}, "
+              f"got {self.optimizer_sharding!r}")
+
+
+@dataclass(kw_only=True, slots=True)
 class LearnerConfig:
     """Megatron learner: model parallelism, precision, micro-batching, memory, optimizer."""
 
@@ -142,6 +162,7 @@ class LearnerConfig:
     load: str = ""  # megatron dist checkpoint to initialise from ("" = random / HF weights)
     ref_load: str = ""  # reference model checkpoint ("" = a copy of the initial policy)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         self._check_layout()

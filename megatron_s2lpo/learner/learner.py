@@ -27,6 +27,7 @@ from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.types import TrainBatch
 
 from . import checkpoint as ckpt
+from .checkpoint_async import AsyncSaves
 from .batching import MicroBatch, rank_micro_batches, scatter_rows
 from .fp8_rules import check_input_shapes, gemm_shapes
 from .model import apply_fp8_scale_environment, build_model_chunks, unwrap_model
@@ -89,6 +90,7 @@ class Learner:
             ffn_hidden_size=arch.ffn_hidden_size, tp=self.groups.tp_size)
         self._params_pending = False  # overlap_param_gather: updated shards not yet all-gathered
         self._offloader: StorageOffloader | None = None
+        self._async_saves = AsyncSaves() if config.checkpoint.async_save else None
         self.reference = None
         if with_reference:
             self.reference = ReferenceModel(arch, self.groups, offload=config.ref_offload, **build)
@@ -271,6 +273,7 @@ class Learner:
         on-policy distillation loss against batch.teacher_logprobs, weighted by distill_coef); see
         algo/distill.py. Metric `loss` is the loss before the update.
         """
+        self.finish_saves(blocking=False)  # commits a finished asynchronous save (every rank trains)
         metrics = self.compute_gradients(batch, loss_config=loss_config, temperature=temperature,
                                          is_threshold=is_threshold, is_sources=is_sources, objective=objective,
                                          distill_coef=distill_coef)
@@ -336,21 +339,36 @@ class Learner:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, root: str | Path, *, step: int | None = None, trainer_state: dict | None = None,
-             extra_files: dict[str, bytes] | None = None) -> Path:
+             extra_files: dict[str, bytes] | None = None, wait: bool = False) -> Path:
         """Atomic dist checkpoint of policy + optimizer + LR schedule + RNG (+ trainer_state, and
-        extra_files {name: bytes} written by rank 0 into the checkpoint directory)."""
+        extra_files {name: bytes} written by rank 0 into the checkpoint directory).
+
+        With learner.checkpoint.async_save the shards are written in the background and the
+        checkpoint is committed by a later `finish_saves` (each train_step polls; `wait=True`, the
+        next save and a load wait for it); the returned path exists once it is committed."""
         self._require_onloaded("save a checkpoint")
+        self.finish_saves(blocking=True)  # one save in flight at a time
         self.sync_params()
         state = {"learner_step": self.step, **(trainer_state or {})}
-        return ckpt.save_checkpoint(root, self.step if step is None else step, model_chunks=self.model,
+        path = ckpt.save_checkpoint(root, self.step if step is None else step, model_chunks=self.model,
                                     optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
-                                    extra_files=extra_files)
+                                    extra_files=extra_files, optimizer_sharding=self.config.checkpoint.optimizer_sharding,
+                                    async_saves=self._async_saves)
+        if wait:
+            self.finish_saves(blocking=True)
+        return path
+
+    def finish_saves(self, *, blocking: bool = True) -> Path | None:
+        """Commit a pending asynchronous save once every rank has written it (blocking: wait).
+        Returns the committed checkpoint or None. Collective; a no-op with synchronous saves."""
+        return self._async_saves.finish(blocking=blocking) if self._async_saves is not None else None
 
     def load(self, path: str | Path, *, load_optimizer: bool = True) -> ckpt.LoadedState:
         """Load a checkpoint (directory or root -> latest complete), resharding as needed.
 
         load_optimizer=False loads the weights only (fresh optimizer state and LR schedule)."""
         self._require_onloaded("load a checkpoint")
+        self.finish_saves(blocking=True)  # a save still being written commits first
         self.sync_params()  # a pending gather must not overwrite the loaded weights later
         loaded = ckpt.load_checkpoint(path, model_chunks=self.model,
                                       optimizer=self.optimizer if load_optimizer else None,
