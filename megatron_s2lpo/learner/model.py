@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
 
 from megatron_s2lpo.config.learner import BLACKWELL_RECIPES
 from megatron_s2lpo.config.model import ModelArch
@@ -77,6 +79,11 @@ def _resolve_use_te(use_te: bool | None, precision: str) -> bool:
                          "transformer_engine); use precision fp32 or bf16 without it")
     if precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"learner.precision={precision!r} needs CUDA; use learner.precision=fp32 on CPU")
+    if use_te:
+        from megatron_s2lpo.utils.versions import installed_problems
+
+        for problem in installed_problems():  # the image's build refuses these; elsewhere: say so
+            logger.warning("Transformer Engine / megatron-core versions: %s", problem)
     return use_te
 
 
