@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import check
 from .rollout import EngineConfig
@@ -31,6 +32,28 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of megatron's selective recompute
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+# TransformerConfig fields the learner sets itself: learner.transformer_overrides may not name them
+# (the learner option to use instead, or where the value comes from).
+LEARNER_MANAGED_FIELDS = {
+    **{name: "the model's config.json (rollout.learner.model_path / init_arch)" for name in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+        "normalization", "layernorm_epsilon", "gated_linear_unit", "activation_func", "add_bias_linear",
+        "add_qkv_bias", "qk_layernorm", "rotary_interleaved")},
+    "tensor_model_parallel_size": "learner.tensor_parallel_size",
+    "pipeline_model_parallel_size": "learner.pipeline_parallel_size",
+    "virtual_pipeline_model_parallel_size": "learner.virtual_pipeline_parallel_size",
+    "sequence_parallel": "learner.sequence_parallel", "context_parallel_size": "learner.context_parallel_size",
+    **{name: "learner.precision / fp8_format / fp8_recipe" for name in (
+        "fp8", "fp8_recipe", "fp4", "fp4_recipe", "bf16", "fp16", "params_dtype", "pipeline_dtype")},
+    **{name: f"learner.{name}" for name in (
+        "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+        "gradient_accumulation_fusion")},
+    **{name: "the learner (it must match how the learner feeds the model; hidden_dropout / attention_dropout "
+       "are 0 for RL log-probs)" for name in ("use_cpu_initialization", "variable_seq_lengths", "batch_p2p_comm",
+                                              "batch_p2p_sync", "hidden_dropout", "attention_dropout",
+                                              "finalize_model_grads_func", "grad_scale_func", "no_sync_func",
+                                              "grad_sync_func", "param_sync_func")},
+}
 # megatron-core's DistributedOptimizer checkpoint formats the learner offers (optimizer/distrib_optimizer.py):
 # dp_reshardable: every DP rank writes its own shard, no gather, loads into any DP size at the same TP / PP;
 # fully_reshardable: gathers each TP shard's fp32 params and Adam moments on the DP ranks, loads into any layout.
@@ -157,6 +180,15 @@ class LearnerConfig:
     overlap_grad_reduce: bool = False  # DP gradient reduce overlapped with the backward (bucketed)
     overlap_param_gather: bool = False  # distributed optimizer: param all-gather overlapped with forward
     gradient_accumulation_fusion: bool = False  # fused wgrad GEMM into main_grad (CUDA + Apex/TE)
+    # gradients accumulated over a mini-batch's micro-batches and reduced over DP in fp32 (false:
+    # in the parameter dtype, half the buffer and traffic, bf16 sums over many packs)
+    grad_reduce_in_fp32: bool = True
+    # GPU: PyTorch's expandable segments (every pack has another shape); null: on unless
+    # sync.transport=tensor, whose CUDA IPC cannot share them (resolved by RunConfig)
+    expandable_segments: bool | None = None
+    # any other megatron-core TransformerConfig field, e.g. {fp8_param: true, num_layers_at_start_in_bf16: 1};
+    # checked against megatron's own fields when the learner is built (docs/learner.md)
+    transformer_overrides: dict[str, Any] = field(default_factory=dict)
     ref_offload: bool = True  # keep the reference model in host memory between its passes (GPU)
     seed: int = 1234
     load: str = ""  # megatron dist checkpoint to initialise from ("" = random / HF weights)
@@ -240,6 +272,12 @@ class LearnerConfig:
         check(not self.overlap_param_gather or (self.optim.use_distributed_optimizer and self.overlap_grad_reduce),
               "learner.overlap_param_gather needs learner.optim.use_distributed_optimizer=true and "
               "learner.overlap_grad_reduce=true (megatron overlaps the distributed optimizer's all-gather)")
+        for name, value in self.transformer_overrides.items():
+            check(name not in LEARNER_MANAGED_FIELDS,
+                  f"learner.transformer_overrides.{name}: the learner sets {name} itself; use "
+                  f"{LEARNER_MANAGED_FIELDS.get(name)} instead")
+            check(value is None or isinstance(value, (bool, int, float, str, list)),
+                  f"learner.transformer_overrides.{name} must be a number, string, boolean or list, got {value!r}")
 
     @property
     def effective_vpp_size(self) -> int | None:

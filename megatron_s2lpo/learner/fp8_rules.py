@@ -24,7 +24,7 @@ Row-parallel layers (linear_proj, linear_fc2) see the full sequence T (their out
 reduce-scattered), column-parallel ones (linear_qkv, linear_fc1, fused with their norm) T / TP
 with sequence parallel; context parallelism divides both by CP. The output layer runs in bf16.
 
-Pure Python (no torch): the planner, the config and the unit tests use it as well as the learner.
+Pure Python (no torch): the learner checks its micro-batches with it; the unit tests compare it with TE.
 """
 
 from __future__ import annotations

@@ -70,8 +70,13 @@ class Learner:
                 "into this learner's data path yet (it needs TE's THD split of every sequence over the CP ranks); "
                 "keep it 1 and raise learner.micro_batch_tokens to the longest prompt + response, with "
                 "learner.recompute_granularity=full if activations do not fit")
+        if config.expandable_segments and torch.cuda.is_available():
+            # packs differ in shape every micro-batch; segments that grow in place keep the caching
+            # allocator from fragmenting (set before the model's first allocation)
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         build = dict(precision=config.precision, use_te=config.use_te, fp8_format=config.fp8_format,
-                     fp8_recipe=config.fp8_recipe, sequence_parallel=config.sequence_parallel)
+                     fp8_recipe=config.fp8_recipe, sequence_parallel=config.sequence_parallel,
+                     transformer_overrides=config.transformer_overrides)
         model_kwargs = dict(build, recompute_granularity=config.recompute_granularity,
                             recompute_method=config.recompute_method,
                             recompute_num_layers=config.recompute_num_layers,
@@ -80,7 +85,8 @@ class Learner:
         self.model = wrap_for_training(build_model_chunks(arch, self.groups, **model_kwargs),
                                        use_distributed_optimizer=config.optim.use_distributed_optimizer,
                                        overlap_grad_reduce=config.overlap_grad_reduce,
-                                       overlap_param_gather=config.overlap_param_gather)
+                                       overlap_param_gather=config.overlap_param_gather,
+                                       grad_reduce_in_fp32=config.grad_reduce_in_fp32)
         self.optimizer = build_optimizer(self.model, config.optim, precision=config.precision)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.step = 0  # optimizer steps taken

@@ -182,6 +182,7 @@ def transformer_config(
     recompute_modules: list[str] | None = None,
     sequence_parallel: bool = False,
     gradient_accumulation_fusion: bool = False,
+    transformer_overrides: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Any:
     """The megatron `TransformerConfig` of `arch` under the layout of `groups` (see module doc).
@@ -189,7 +190,8 @@ def transformer_config(
     use_te: whether the layers will use the Transformer Engine spec (enables TE's fused RoPE).
     fp8_recipe: tensorwise / blockwise / mxfp8 (megatron fp8_recipe) or nvfp4 (megatron fp4).
     recompute_modules: selective recompute's modules (None / []: megatron's default core_attn).
-    overrides: any other TransformerConfig field.
+    transformer_overrides: learner.transformer_overrides, checked by `check_transformer_overrides`.
+    overrides: any other TransformerConfig field (internal callers and tests).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -252,7 +254,33 @@ def transformer_config(
     if precision == "fp8":
         kwargs.update(_low_precision_kwargs(fp8_format, fp8_recipe))
     kwargs.update(overrides)
+    if transformer_overrides:
+        kwargs.update(check_transformer_overrides(transformer_overrides))
     return TransformerConfig(**kwargs)
+
+
+def check_transformer_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """learner.transformer_overrides against megatron-core's own TransformerConfig fields (this
+    installed release's): an unknown name raises ValueError with the closest field names; one the
+    learner sets itself names the learner option (config.learner.LEARNER_MANAGED_FIELDS)."""
+    import dataclasses
+    import difflib
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_s2lpo.config.learner import LEARNER_MANAGED_FIELDS
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    for name in overrides:
+        if name in LEARNER_MANAGED_FIELDS:
+            raise ValueError(f"learner.transformer_overrides.{name}: the learner sets {name} itself; use "
+                             f"{LEARNER_MANAGED_FIELDS[name]} instead")
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"learner.transformer_overrides.{name} is not a field of megatron-core's "
+                             f"TransformerConfig (megatron.core.transformer.transformer_config){hint}")
+    return dict(overrides)
 
 
 def _check_divisible(arch: ModelArch, groups: ParallelGroups) -> None:
