@@ -33,14 +33,16 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds  # noqa: E402  (the matmul peak)
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig  # noqa: E402
 from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig  # noqa: E402
@@ -69,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--use-te", default="auto", choices=["auto", "true", "false"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mode", default="all", choices=["all", "packing", "logprobs"])
     p.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring it")
     return p.parse_args()
@@ -130,27 +132,40 @@ def _barrier() -> None:
 
 def bench_packing(learner, batch: TrainBatch, arch: ModelArch, peak: float, repeats: int) -> dict:
     """Padded vs packed micro-batches of the same batch on the same learner (a train step each:
-    forward, backward and the optimizer step; the tiny lr keeps the weights where they were)."""
+    forward, backward and the optimizer step; the tiny lr keeps the weights where they were).
+
+    The layouts alternate (padded, packed, padded, ...) after one warm-up step each, so load
+    from other work on a shared machine falls on both alike; medians of `repeats` steps each."""
     loss, device, world = PolicyLossConfig(), learner.groups.device, learner.groups.world_size
     lens = [int(n) for n in batch.seq_lens]
     flops, tokens = train_flops(arch, lens), sum(lens)
+    layouts = {"padded": False, "packed": True}
+
+    def step(packed: bool) -> float:
+        learner.config.pack_sequences = packed
+        _barrier()
+        start = time.perf_counter()
+        learner.train_step(batch, loss_config=loss)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for packed in layouts.values():
+        step(packed)  # warm-up: allocator growth, first-call imports
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(repeats):
+        for name, packed in layouts.items():
+            times[name].append(step(packed))
     out = {}
-    for packed in (False, True):
+    for name, packed in layouts.items():
         learner.config.pack_sequences = packed
         micro = learner._local_micro_batches(batch, learner.config.micro_batch_tokens)
         model_tokens = sum(m.input_shape[0] * m.input_shape[1] for m in micro)
-
-        def step():
-            learner.train_step(batch, loss_config=loss)
-            _sync(device)
-
-        _barrier()
-        seconds = median_seconds(step, repeats=repeats, warmup=1)
-        name = "packed" if packed else "padded"
+        seconds = statistics.median(times[name])
         out[name] = {"step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                      "mfu": round(flops / seconds / world / peak, 4), "micro_batches": len(micro),
                      "padding_share": round(1 - tokens / (model_tokens * learner.groups.dp_size), 3),
-                     "peak_mb": round(peak_bytes(step, device) / 1e6, 1)}
+                     "step_s_all": [round(t, 3) for t in times[name]],
+                     "peak_mb": round(peak_bytes(lambda: step(packed), device) / 1e6, 1)}
     out["packed_over_padded_tokens_per_s"] = round(out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"], 2)
     out["packed_over_padded_peak_memory"] = round(out["packed"]["peak_mb"] / out["padded"]["peak_mb"], 2)
     return out
