@@ -7,6 +7,8 @@
         --head-dim 128 --vocab 151936 --num-seqs 64 --max-len 2048 --median-response 512 \\
         --micro-batch-tokens 8192 --logprob-chunk-tokens 1024 --use-te false
     torchrun --nproc-per-node 2 benchmarks/learner_bench.py --tp 2     # tensor / pipeline parallel
+    # 4 GPUs: FP8 blockwise with sequence parallel (packs aligned to 128 x TP tokens)
+    torchrun --nproc-per-node 4 benchmarks/learner_bench.py --tp 4 --sequence-parallel --precision fp8 --use-te true
 
 packing   the same learner and weights train on one batch whose lengths look like RL rollouts
           (a prompt of 32-160 tokens and a log-normal response: most short, a long tail up to
@@ -70,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--fp8-recipe", default="blockwise", choices=["blockwise", "tensorwise"])
+    p.add_argument("--sequence-parallel", action="store_true", help="TE spec, TP > 1")
     p.add_argument("--use-te", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mode", default="all", choices=["all", "packing", "logprobs"])
@@ -209,7 +213,8 @@ def main() -> None:
                      head_dim=args.head_dim, qk_layernorm=args.family == "qwen3",
                      add_qkv_bias=args.family == "qwen2", max_position_embeddings=max(args.max_len, 4096))
     config = LearnerConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, precision=precision,
-                           use_te=use_te, micro_batch_tokens=args.micro_batch_tokens, seq_length_multiple=1,
+                           fp8_recipe=args.fp8_recipe, sequence_parallel=args.sequence_parallel, use_te=use_te,
+                           micro_batch_tokens=args.micro_batch_tokens, seq_length_multiple=1,
                            logprob_chunk_tokens=args.logprob_chunk_tokens, recompute_granularity=args.recompute,
                            optim=OptimConfig(lr=1e-7))
     groups = init_parallel(args.tp, args.pp)
