@@ -15,6 +15,8 @@ packing   the same learner and weights train on one batch whose lengths look lik
           --max-len): right-padded micro-batches (`learner.pack_sequences=false`) against THD
           packs (true). Prints tokens/s of real tokens, MFU, padding share, micro-batches and
           peak memory of a step for each, and their ratios.
+attention the learner's first-layer core attention alone, forward + backward over the step's
+          micro-batches in each layout (where the packed CPU path loops over sequences)
 logprobs  peak memory of the old-log-prob pass over the same batch: every position's logits at
           once (`all_tokens`, one chunk: what the learner computed before) against the response
           tokens in chunks of --logprob-chunk-tokens; and the training pass with one chunk
@@ -76,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sequence-parallel", action="store_true", help="TE spec, TP > 1")
     p.add_argument("--use-te", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--mode", default="all", choices=["all", "packing", "logprobs"])
+    p.add_argument("--mode", default="all", choices=["all", "packing", "attention", "logprobs"])
     p.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring it")
     return p.parse_args()
 
@@ -175,6 +177,52 @@ def bench_packing(learner, batch: TrainBatch, arch: ModelArch, peak: float, repe
     return out
 
 
+def bench_attention(learner, batch: TrainBatch, repeats: int) -> dict:
+    """The packed path's attention against the padded path's: the learner's own first-layer core
+    attention (megatron's DotProductAttention on padded rows; with THD packs the local spec's
+    packed core, attention.py), forward + backward over every micro-batch of a step in each
+    layout, random q / k / v of the micro-batches' shapes, the layouts alternating."""
+    from collections import Counter
+
+    from megatron_s2lpo.learner.attention import attention_kernel
+    from megatron_s2lpo.learner.model import unwrap_model
+    from megatron_s2lpo.learner.step import packed_seq_params
+
+    core = unwrap_model(learner.model[0]).decoder.layers[0].self_attention.core_attention
+    heads, groups = core.num_attention_heads_per_partition, core.num_query_groups_per_partition
+    head_dim, device = core.hidden_size_per_attention_head, learner.groups.device
+    dtype = next(learner.model[0].parameters()).dtype
+    layouts = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        learner.config.pack_sequences = packed
+        layouts[name] = learner._local_micro_batches(batch, learner.config.micro_batch_tokens)
+
+    def run(micro_batches) -> float:
+        start = time.perf_counter()
+        for m in micro_batches:
+            rows, length = m.input_shape
+            shape = (length, rows) if m.packed is None else (length,)
+            q, k, v = (torch.randn(*shape, n, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for n in (heads, groups, groups))
+            kwargs = {} if m.packed is None else {"packed_seq_params": packed_seq_params(m.packed, device)}
+            core(q, k, v, None, **kwargs).float().sum().backward()
+        _sync(device)
+        return time.perf_counter() - start
+
+    for micro in layouts.values():
+        run(micro)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(repeats):
+        for name, micro in layouts.items():
+            times[name].append(run(micro))
+    kernels = Counter(attention_kernel(torch.empty(0, device=device, dtype=dtype),
+                                       (m.packed.cu_seqlens[1:] - m.packed.cu_seqlens[:-1]).tolist())
+                      for m in layouts["packed"])
+    out = {name: round(statistics.median(t), 4) for name, t in times.items()}
+    return {"one_layer_fwd_bwd_s": out, "packed_over_padded_time": round(out["packed"] / out["padded"], 2),
+            "packed_kernels": dict(kernels)}
+
+
 def bench_logprobs(learner, batch: TrainBatch, chunk: int) -> dict:
     """Peak memory of the log-prob pass and of a training pass: all logits at once vs chunks."""
     loss, device, config = PolicyLossConfig(), learner.groups.device, learner.config
@@ -233,6 +281,8 @@ def main() -> None:
               "peak": "given" if args.peak_tflops else f"measured {dtype} matmul"}
     if args.mode in ("all", "packing"):
         result["packing"] = bench_packing(learner, batch, arch, peak, args.repeats)
+    if args.mode in ("all", "attention"):
+        result["attention"] = bench_attention(learner, batch, args.repeats)
     if args.mode in ("all", "logprobs"):
         result["logprobs"] = bench_logprobs(learner, batch, args.logprob_chunk_tokens)
     if groups.rank == 0:
