@@ -54,7 +54,8 @@ if [ -n "$wheels" ]; then
         echo "--wheels $wheels: no .whl file there" >&2
         exit 2
     fi
-    site=$(mktemp -d "${TMPDIR:-/tmp}/s2lpo-gpu-site.XXXXXX")
+    site=$(mktemp -d "${TMPDIR:-/tmp}/s2lpo-gpu-site.XXXXXX") || exit 2
+    trap 'rm -rf "$site"' EXIT
     "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl || exit 2
     export PYTHONPATH="$PYTHONPATH:$site"
 fi

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,16 @@ def test_the_one_command_refuses_without_cuda_and_never_writes_over_results(tmp_
     assert (out / "environment.txt").read_text() == recorded
     bad = run("--steps", "3")
     assert bad.returncode == 2 and "usage: bash tests/gpu/h100_check.sh" in bad.stderr
+    # --wheels: installed offline into a temporary directory (removed at exit) before the GPU check
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    empty = run("--out", str(tmp_path / "r2"), "--wheels", str(wheels))
+    assert empty.returncode == 2 and "no .whl file there" in empty.stderr
+    with zipfile.ZipFile(wheels / "s2lpo_probe-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("s2lpo_probe/__init__.py", "")
+        whl.writestr("s2lpo_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: s2lpo-probe\nVersion: 1.0\n")
+        whl.writestr("s2lpo_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                     "Tag: py3-none-any\n")
+        whl.writestr("s2lpo_probe-1.0.dist-info/RECORD", "")
+    installed = run("--out", str(tmp_path / "r2"), "--wheels", str(wheels))
+    assert installed.returncode == 2 and "no CUDA device" in installed.stdout, installed.stderr
