@@ -107,3 +107,14 @@ def test_the_truncated_learner_matches_what_the_engine_samples():
     kept = float(log_mass.exp().mean())
     assert 0.5 < kept < 0.95  # without the adjustment the ratio old_trunc / behaviour is 1 / Z, not 1
     assert float((trunc - behaviour).exp().mean()) > 1.05
+
+
+@pytest.mark.parametrize("sampling", [["rollout.learner.sampling.top_p=0.8"], ["rollout.learner.sampling.top_k=20"]])
+def test_on_policy_distillation_refuses_a_truncating_sampler(sampling):
+    """The teacher scores full-vocabulary log-probs, so opd's reverse KL needs an untruncated sampler."""
+    from megatron_s2lpo.config import config_from_dict
+
+    base = ["algo.method=opd", "rollout.teacher.model_path=/t"]
+    config_from_dict({}, base)  # untruncated: accepted
+    with pytest.raises(ValueError, match=r"algo\.method=opd with rollout\.learner\.sampling top_p=.* set top_p=1"):
+        config_from_dict({}, base + sampling)
