@@ -400,8 +400,11 @@ def load_run(run_dir: str) -> dict:
 
 def plan(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]], int]:
     """(common overrides, {method: overrides}, num_steps), every method's config validated."""
-    base = common_overrides(args)
-    arms = {m: arm_overrides(m, args, base) for m in args.method_list}
+    try:
+        base = common_overrides(args)
+        arms = {m: arm_overrides(m, args, base) for m in args.method_list}
+    except ValueError as e:  # a bad --set: the config loader names the field
+        raise BenchError(str(e)) from e
     num_steps = 0
     for method, extra in arms.items():
         try:
@@ -442,12 +445,24 @@ def run_seed(seed: int, args: argparse.Namespace, base: list[str], arms: dict[st
     os.makedirs(seed_dir, exist_ok=True)
     seed_cfg = load_config(args.config, base + seed_overrides(seed, args, {}))
     start = time.perf_counter()
-    models = prepare_models(warm_start_dir(args.out, seed_cfg), seed_cfg)
-    curves = init_passk(seed_cfg, models, args.k, args.passk_split_values, os.path.join(seed_dir, PASSK_FILE))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the warm starts and pass@k curves, as the runs
+    try:
+        models = prepare_models(warm_start_dir(args.out, seed_cfg), seed_cfg)
+        curves = init_passk(seed_cfg, models, args.k, args.passk_split_values, os.path.join(seed_dir, PASSK_FILE))
+    finally:
+        torch.set_num_threads(threads)
     print(f"[seed {seed}] warm starts and pass@1..{args.k}: {time.perf_counter() - start:.0f} s", flush=True)
     runs = {}
     for method, (run_dir, overrides, settings, cfg) in seed_runs(seed, args, base, arms).items():
-        prepare_models(warm_start_dir(args.out, cfg), cfg)  # built above unless the method changes the warm start
+        if warm_start_key(cfg) != warm_start_key(seed_cfg):  # a method with a warm start of its own
+            torch.set_num_threads(args.threads)
+            try:
+                prepare_models(warm_start_dir(args.out, cfg), cfg)
+            finally:
+                torch.set_num_threads(threads)
         start = time.perf_counter()
         what = train_run(run_dir, os.path.join(seed_dir, f"{method}.log"), args.config, overrides, settings,
                          num_steps, args.threads)
@@ -481,18 +496,15 @@ def collect_finished(args: argparse.Namespace, base: list[str], arms: dict, num_
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)  # the warm starts and pass@k curves, as the runs
     try:
         base, arms, num_steps = plan(args)
-        os.makedirs(args.out, exist_ok=True)
         if args.report_only:
             runs, curves = collect_finished(args, base, arms, num_steps)
         else:
             print(f"methods {list(arms)} x seeds {args.seed_values}, {num_steps} steps, recipe {args.config} "
                   f"-> {args.out}", flush=True)
             runs, curves = {m: {} for m in arms}, {}
+            os.makedirs(args.out, exist_ok=True)
             for seed in args.seed_values:
                 seed_runs, curves[seed] = run_seed(seed, args, base, arms, num_steps)
                 for method, run in seed_runs.items():
