@@ -63,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from methods_report import print_report, summarize, write_outputs  # noqa: E402
 
-from megatron_s2lpo.config import load_config  # noqa: E402
+from megatron_s2lpo.config import config_from_dict, load_config  # noqa: E402
 from megatron_s2lpo.trainer.metrics import METRICS_FILE, read_metrics  # noqa: E402
 
 RECIPES = {"paper": "examples/tiny_cpu_paper.yaml", "strong_explorer": "examples/tiny_cpu.yaml"}
@@ -236,9 +236,22 @@ def settings_dict(cfg, out: str) -> dict:
     return json.loads(json.dumps(flat, default=str))
 
 
+def default_settings() -> dict:
+    """Every config field at its default, flattened as settings_dict does."""
+    return settings_dict(config_from_dict({}), "")
+
+
 def differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for each setting that differs. A key that `old` lacks and `new` holds at
+    its default is no difference: the field was added to the config after that run started, and
+    a new field's default keeps the behaviour the code had before it (so merging code that adds
+    options does not orphan a half-finished comparison)."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
+    defaults = default_settings() if set(new) - set(old) else {}
+    absent = "(absent)"
+    return [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in keys
+            if old.get(k, absent) != new.get(k, absent)
+            and not (k not in old and k in new and k in defaults and new[k] == defaults[k])]
 
 
 # ----------------------------------------------------------------------------- warm starts

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_s2lpo.config import load_config
+from megatron_s2lpo.config import config_from_dict, load_config
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -62,3 +62,19 @@ def test_a_misspelled_override_is_refused_by_name(bench, tmp_path, capsys):
     assert bench.main(["--set", "algo.tmix=3", "--out", str(tmp_path / "out")]) == 2
     assert "unknown config field 'algo.tmix'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_field_added_after_a_run_started_is_no_difference_at_its_default(bench, tmp_path):
+    args = bench.parse_args(["--out", str(tmp_path), "--methods", "grpo,temperature"])
+    base, arms, _ = bench.plan(args)
+    runs = bench.seed_runs(1, args, base, arms)
+    new = runs["temperature"][2]
+    defaults = bench.settings_dict(config_from_dict({}), str(tmp_path))  # every field at its default
+    at_default = next(k for k in sorted(new) if k.startswith("algo.pods.") and new[k] == defaults[k])
+    assert new["algo.temperature.steps"] != defaults["algo.temperature.steps"]
+    # a run recorded by code without those fields
+    old = {k: v for k, v in new.items() if k not in (at_default, "algo.temperature.steps")}
+    assert bench.differences(old, new) == ["algo.temperature.steps: '(absent)' -> 100"]
+    # a changed value and a field the code no longer has are still differences
+    old = {**new, "algo.clip_high": 0.3, "algo.gone": 1}
+    assert bench.differences(old, new) == ["algo.clip_high: 0.3 -> 0.28", "algo.gone: 1 -> '(absent)'"]
