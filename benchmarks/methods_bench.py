@@ -38,7 +38,8 @@ t-interval over seeds (methods_stats.py); paired per-seed differences (--pairs) 
 and of the area under the accuracy curve (its mean height, step 0 included); the largest drop below
 the warm start; rollout FLOPs and tokens (2 x params x tokens of every generated sample,
 explorer + learner, from the runs' cumulative counters) to the first evaluation at or above
---target (default: halfway from the warm start to the best method's mean final accuracy);
+the seed's own step-0 accuracy + --target-gain (default: half the best method's mean gain at
+the last evaluation; a gain, because the warm starts differ by seed more than the methods do);
 and the explorer's and learner's pass@k curves at initialisation with the k from
 which the explorer stays ahead (the crossover).
 """
@@ -99,9 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="warm starts per seed (init_seed = S, S + 1) or the recipe's for every seed")
     p.add_argument("--k", type=int, default=64, help="pass@k at initialisation for k = 1..K (default 64)")
     p.add_argument("--passk-splits", default="heldout,train", help="problem sets of the pass@k curves")
-    p.add_argument("--target", type=float, default=None,
-                   help="accuracy of the cost-to-target table (default: halfway from the warm start's mean "
-                        "accuracy to the best method's mean final accuracy)")
+    p.add_argument("--target-gain", type=float, default=None,
+                   help="the cost-to-target table's target: a gain in held-out accuracy over each seed's own warm "
+                        "start (default: half the best method's mean gain at the last evaluation)")
     p.add_argument("--report-steps", default="20,100,200", help="steps of the summary table (and the last)")
     p.add_argument("--pairs", default="",
                    help="paired differences to show, 'A:B,...' for A - B (default: every method minus the first, "
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = summarize(runs, curves, methods=list(arms), report_steps=args.report_step_values,
-                            target=args.target, pairs=args.pair_list)
+                            target_gain=args.target_gain, pairs=args.pair_list)
     except ValueError as e:
         print(f"methods_bench: {e} under {args.out}", file=sys.stderr)
         return 2

@@ -131,7 +131,7 @@ def test_summary_of_hand_made_runs():
             "s2lpo": {1: run([0.2, 0.3, 0.5], [0, 6, 12]), 2: run([0.2, 0.1, 0.3], [0, 6, 12]),
                       3: run([0.1, 0.2, 0.4], [0, 6, 12]), 4: run([0.0, 0.0, 0.0], [0, 6, 12])}}
     curves = {s: {"heldout": {"learner": [0.5, 0.6, 0.7], "explorer": [0.2, 0.65, 0.9]}} for s in (1, 2, 3)}
-    summary = report.summarize(runs, curves, methods=["grpo", "s2lpo"], report_steps=[10, 99], target=None)
+    summary = report.summarize(runs, curves, methods=["grpo", "s2lpo"], report_steps=[10, 99], target_gain=None)
     assert summary["seeds"] == [1, 2, 3] and summary["incomplete"] == {"grpo": [], "s2lpo": [4]}
     assert summary["report_steps"] == [10, 20]  # 99 is not an evaluation; the last one is always shown
     assert summary["curve"]["s2lpo"][20]["mean"] == pytest.approx(0.4)
@@ -142,13 +142,17 @@ def test_summary_of_hand_made_runs():
     assert summary["per_seed"]["s2lpo"][1]["auc"] == pytest.approx(auc_s2lpo_1)
     assert summary["per_seed"]["grpo"][1]["drop"] == pytest.approx(-0.1)  # lowest after step 0 minus step 0
     assert summary["drop_seeds_below"] == {"grpo": 1, "s2lpo": 1}
-    # target: halfway from the mean warm start (1/6) to the best mean final accuracy (s2lpo's 0.4);
-    # grpo reaches it at step 20 on seeds 1, 2 only
-    assert summary["target"] == pytest.approx((1 / 6 + 0.4) / 2)
-    cost = summary["cost"]["grpo"]
-    assert (cost["reached"], cost["of"]) == (2, 3) and cost["flops"]["mean"] == pytest.approx(20)
-    assert summary["cost"]["s2lpo"]["per_seed"] == {1: {"step": 10, "flops": 6, "tokens": 0.6},
-                                                    2: {"step": 20, "flops": 12, "tokens": 1.2},
+    # target: each seed's own step 0 + half the best mean gain at the last step (s2lpo's
+    # (0.3 + 0.1 + 0.3) / 3 against grpo's (0.1 + 0.2 + 0.1) / 3); step 0 itself never counts
+    assert summary["target_gain"] == pytest.approx(0.7 / 3 / 2)
+    cost = summary["cost"]["grpo"]  # reaches 0.2 + 0.117 on seed 2 only
+    assert (cost["reached"], cost["of"]) == (1, 3) and cost["flops"]["mean"] == pytest.approx(20)
+    assert summary["cost"]["s2lpo"]["per_seed"] == {1: {"step": 20, "flops": 12, "tokens": 1.2},
                                                     3: {"step": 20, "flops": 12, "tokens": 1.2}}
+    # a given gain; 0 is met by a seed's first evaluation that does not fall below its step 0
+    summary = report.summarize(runs, curves, methods=["grpo", "s2lpo"], report_steps=[10], target_gain=0.0)
+    assert sorted(summary["cost"]["grpo"]["per_seed"].items()) == [
+        (1, {"step": 20, "flops": 20, "tokens": 2.0}), (2, {"step": 10, "flops": 10, "tokens": 1.0}),
+        (3, {"step": 10, "flops": 10, "tokens": 1.0})]
     passk = summary["passk"]["heldout"]
     assert passk["crossover"] == {1: 2, 2: 2, 3: 2} and passk["learner_ahead_at_1"] == 3
