@@ -517,7 +517,8 @@ def mcore_to_hf_state(arch: ModelArch, rank_states: Sequence[Mapping[str, torch.
             ranks = [owner * etp_size + t for t in range(etp_size)]
         missing = [r for r in ranks if r >= len(rank_states) or pm.mcore_name not in rank_states[r]]
         if missing:
-            raise ValueError(f"megatron tensor {pm.mcore_name!r} is missing on ranks {missing}")
+            kind = "TP" if pm.expert is None else "expert-parallel"
+            raise ValueError(f"megatron tensor {pm.mcore_name!r} is missing on {kind} ranks {missing}")
         full = merge_tp(pm, [rank_states[r][pm.mcore_name] for r in ranks])
         out.update((n, t.clone()) for n, t in mcore_to_hf(pm, arch, full))
     return out
