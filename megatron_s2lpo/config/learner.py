@@ -27,6 +27,10 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of megatron's selective recompute
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+# Mixture-of-experts learners (docs/learner.md, "Mixture of experts"): megatron's token
+# dispatchers (flex = DeepEP, GPU only) and the routing replay modes.
+MOE_DISPATCHERS = ("alltoall", "allgather", "flex")
+ROUTING_REPLAY = ("none", "r2", "r3")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -83,6 +87,17 @@ class LearnerConfig:
     virtual_pipeline_parallel_size: int | None = None  # interleaved 1F1B chunks per pipeline rank
     sequence_parallel: bool = False  # shard norms/activations over TP ranks (TE spec, TP > 1)
     context_parallel_size: int = 1  # split long sequences over ranks (TE spec + packed sequences)
+    # Mixture of experts (Qwen3-MoE): experts spread over expert-parallel ranks (carved out of DP),
+    # each expert's weights split over expert tensor-parallel ranks; ignored by dense models.
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+    moe_token_dispatcher: str = "alltoall"  # alltoall | allgather | flex (DeepEP, GPU)
+    moe_grouped_gemm: bool | None = None  # TE grouped GEMM for the experts; None = with the TE spec
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight; 0 = off (the RL default)
+    # none: the learner routes freely; r2: training forwards replay the routing of the old-log-prob
+    # pass; r3: the old-log-prob pass replays the learner engine's routing (and training replays it)
+    routing_replay: str = "none"
+    routing_metrics_every: int = 10  # steps between routing-agreement / mismatch metrics (0 = never)
     precision: str = "fp32"  # fp32 everywhere on CPU; bf16 / fp8 need CUDA (+ Transformer Engine)
     fp8_format: str = "hybrid"  # e4m3 forward, e5m2 backward (nvfp4 uses e4m3 scales regardless)
     fp8_recipe: str = "tensorwise"
@@ -112,9 +127,11 @@ class LearnerConfig:
         self._check_memory_options()
 
     def _check_layout(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size", "expert_tensor_parallel_size"):
             value = getattr(self, name)
             check(value >= 1, f"learner.{name} must be >= 1, got {value}")
+        self._check_moe()
         vpp = self.virtual_pipeline_parallel_size
         check(vpp is None or vpp >= 1,
               f"learner.virtual_pipeline_parallel_size must be >= 1 or null, got {vpp}")
@@ -132,6 +149,15 @@ class LearnerConfig:
         check(self.context_parallel_size == 1 or self.pack_sequences,
               "learner.context_parallel_size > 1 needs learner.pack_sequences=true (the learner splits "
               "packed THD sequences over the context-parallel ranks)")
+
+    def _check_moe(self) -> None:
+        check(self.moe_token_dispatcher in MOE_DISPATCHERS,
+              f"learner.moe_token_dispatcher must be one of {MOE_DISPATCHERS}, got {self.moe_token_dispatcher!r}")
+        check(self.moe_aux_loss_coeff >= 0, f"learner.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        check(self.routing_replay in ROUTING_REPLAY,
+              f"learner.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
+        check(self.routing_metrics_every >= 0,
+              f"learner.routing_metrics_every must be >= 0 (0 = never), got {self.routing_metrics_every}")
 
     def _check_precision(self) -> None:
         check(self.precision in PRECISIONS,

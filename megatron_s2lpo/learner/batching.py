@@ -64,6 +64,7 @@ class MicroBatch:
     teacher_logprobs: Tensor | None = None  # (b, L) float
     teacher_topk_ids: Tensor | None = None  # (b, L, K) long
     teacher_topk_logprobs: Tensor | None = None  # (b, L, K) float
+    routed_experts: Tensor | None = None  # (b, L, layers, top_k) int16 experts to replay; -1 = none
     packed: PackedRows | None = None  # the model input when sequences are packed
 
     @property
@@ -202,11 +203,23 @@ def _take_optional(values: Tensor | None, rows: Tensor, length: int) -> Tensor |
     return None if values is None else _take(values, rows, length)
 
 
+def _take_routing(values: Tensor | None, rows: Tensor, length: int) -> Tensor | None:
+    """Like `_take` for (B, T, layers, k) expert ids, padded with -1 (no routing) instead of 0."""
+    if values is None:
+        return None
+    out = values.new_full((rows.numel(), length, *values.shape[2:]), -1)
+    width = min(length, values.shape[1])
+    out[:, :width] = values[rows, :width]
+    return out
+
+
 def make_micro_batches(
-    batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1, packed: bool = False
+    batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1, packed: bool = False,
+    routing: Tensor | None = None,
 ) -> list[MicroBatch]:
     """Group `rows` of `batch` into token-budget micro-batches: right-padded rows
-    (`pack_sequences`) or, with `packed`, THD packs (`bin_pack`) that also carry `PackedRows`."""
+    (`pack_sequences`) or, with `packed`, THD packs (`bin_pack`) that also carry `PackedRows`.
+    routing: (B, T, layers, k) expert ids the model replays (routing.py), or None."""
     seq_lens = [int(batch.seq_lens[r]) for r in rows]
     grouping = bin_pack if packed else pack_sequences
     micro_batches = []
@@ -214,6 +227,7 @@ def make_micro_batches(
         index = torch.tensor([rows[g] for g in group], dtype=torch.long)
         length = round_up(max(max(seq_lens[g] for g in group), 1), multiple)
         micro = _loss_layout(batch, index, length)
+        micro.routed_experts = _take_routing(routing, index, length)
         if packed:
             micro.packed = _pack(micro.tokens, [seq_lens[g] for g in group], multiple)
         micro_batches.append(micro)
@@ -272,10 +286,10 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
     if num_seqs < micro.num_seqs or seq_len < micro.seq_len:
         raise ValueError(f"cannot shrink a ({micro.num_seqs}, {micro.seq_len}) micro-batch to ({num_seqs}, {seq_len})")
 
-    def grow(values: Tensor | None) -> Tensor | None:  # (b, L) or (b, L, K)
+    def grow(values: Tensor | None, fill: int = 0) -> Tensor | None:  # (b, L) or (b, L, ...)
         if values is None:
             return None
-        out = values.new_zeros((num_seqs, seq_len, *values.shape[2:]))
+        out = values.new_full((num_seqs, seq_len, *values.shape[2:]), fill)
         out[:micro.num_seqs, :micro.seq_len] = values
         return out
 
@@ -301,6 +315,7 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
         teacher_logprobs=grow(micro.teacher_logprobs),
         teacher_topk_ids=grow(micro.teacher_topk_ids),
         teacher_topk_logprobs=grow(micro.teacher_topk_logprobs),
+        routed_experts=grow(micro.routed_experts, -1),
     )
 
 

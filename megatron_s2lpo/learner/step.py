@@ -99,6 +99,9 @@ def packed_seq_params(packed: PackedRows, device: torch.device) -> Any:
 
 def _model_forward(model: Any, micro: MicroBatch) -> Tensor:
     """Last stage (logits deferred): final hidden states (b, s, h); other stages: activations."""
+    routing = getattr(unwrap_model(model), "routing_state", None)
+    if routing is not None:  # mixture of experts: this micro-batch's routing targets (routing.py)
+        routing.before_forward(model, micro)
     device = _device_of(model)
     tokens, position_ids = micro.model_inputs()
     kwargs = {} if micro.packed is None else {"packed_seq_params": packed_seq_params(micro.packed, device)}

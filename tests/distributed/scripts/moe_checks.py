@@ -1,0 +1,291 @@
+"""Mixture-of-experts (Qwen3-MoE) checks with real megatron-core, in one 2-process launch.
+
+    pytest tests/distributed/test_learner_moe.py
+
+Part 1, EP=2 (TP=1, DP=2; each rank holds 2 of the 4 experts): the learner loads a transformers
+Qwen3MoeForCausalLM's weights; its log-probs equal the HF model's; the streaming export (what
+weight sync sends) is the HF state dict bit for bit; the conversion tool writes a checkpoint at
+EP=2; routing replay: replaying the learner's own routing changes nothing (log-probs, loss, every
+gradient, the router's included), replaying other experts changes the log-probs while the
+router still gets gradients, the old-log-prob pass records the routing the training passes
+replay, and activation recompute replays the same experts. Then log-probs, loss and gradients,
+saved for part 2, and one step.
+Part 2, EP=1 (DP=2, same processes): the same from part 1's checkpoint (log-probs, loss,
+per-parameter gradients, the step), raw logits against transformers, and the tool's EP=2
+checkpoint back to HF at EP=1, bit-exact.
+Part 3: model chunks at TP=2 x EP=2 and TP=2 x expert-TP=2: logits against transformers, the
+export against the HF state dict.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common import fixed_batch, max_abs_diff, run_check, shared_tmpdir
+
+from megatron_s2lpo.algo.losses import PolicyLossConfig
+from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
+from megatron_s2lpo.config.model import ModelArch
+from megatron_s2lpo.learner.parallel import destroy_parallel, init_parallel
+
+ARCH = ModelArch(family="qwen3_moe", vocab_size=300, hidden_size=32, ffn_hidden_size=48, num_layers=2,
+                 num_attention_heads=4, num_query_groups=2, head_dim=8, qk_layernorm=True, rope_theta=10000.0,
+                 num_experts=4, num_experts_per_tok=2, moe_ffn_hidden_size=16, norm_topk_prob=True)
+LOSS = PolicyLossConfig(clip_low=0.2, clip_high=0.28, loss_agg_mode="token-mean")
+TOL = 1e-5
+
+
+def config(*, tp: int = 1, ep: int = 1, etp: int = 1, replay: str = "none", **extra) -> LearnerConfig:
+    return LearnerConfig(tensor_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                         routing_replay=replay, micro_batch_tokens=96, seq_length_multiple=1,
+                         optim=OptimConfig(lr=2e-3, weight_decay=0.0, clip_grad=1.0), **extra)
+
+
+def make_hf_model(path: str) -> None:
+    """A tiny transformers Qwen3-MoE with every weight random (norms around 1), on rank 0."""
+    import transformers
+
+    if dist.get_rank() == 0:
+        hf_config = transformers.AutoConfig.for_model(**ARCH.to_hf_config_dict())
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                noise = torch.randn(param.shape, generator=gen)
+                param.copy_(1 + 0.1 * noise if "norm" in name else (0.5 if "gate.weight" in name else 0.08) * noise)
+        model.save_pretrained(path)
+    dist.barrier()
+
+
+def hf_model(path: str):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logprobs(path: str, batch) -> torch.Tensor:
+    """(B, T) log p(token t | tokens < t) of the HF model at every position 1 <= t < len."""
+    model = hf_model(path)
+    out = torch.zeros(batch.tokens.shape)
+    with torch.no_grad():
+        for row, n in enumerate(batch.seq_lens.tolist()):
+            logits = model(input_ids=batch.tokens[row:row + 1, :n]).logits[0].double()
+            out[row, 1:n] = torch.log_softmax(logits[:-1], -1).gather(-1, batch.tokens[row, 1:n, None]).squeeze(-1).float()
+    return out
+
+
+def named_grads(learner) -> dict[str, torch.Tensor]:
+    """main_grad of this rank's parameters under global layer AND expert numbers."""
+    from megatron_s2lpo.convert.live import global_named_parameters
+
+    return {name: p.main_grad.detach().clone() for name, p in global_named_parameters(learner.model)}
+
+
+def results(learner, batch, routing: str = "auto") -> dict:
+    logprobs, entropy = learner.compute_logprobs(batch, 0.7, with_entropy=True, routing=routing)
+    metrics = learner.compute_gradients(batch, loss_config=LOSS, temperature=0.7)
+    return {"logprobs": logprobs, "entropy": entropy, "loss": metrics["loss"], "grads": named_grads(learner)}
+
+
+def compare(a: dict, b: dict, tol: float = TOL) -> dict:
+    common = [k for k in a["grads"] if k in b["grads"]]
+    diffs = {"logprobs": max_abs_diff(a["logprobs"], b["logprobs"]), "entropy": max_abs_diff(a["entropy"], b["entropy"]),
+             "loss": abs(a["loss"] - b["loss"]),
+             "grads": max(max_abs_diff(a["grads"][k], b["grads"][k]) for k in common)}
+    router = [k for k in common if k.endswith("router.weight")]
+    router_grad = max(float(a["grads"][k].abs().max()) for k in router)
+    return {"ok": max(diffs.values()) < tol and router_grad > 0 and len(common) == len(a["grads"]),
+            "router_grad": router_grad, "compared": len(common), **diffs}
+
+
+def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
+    """Routing replay at EP=2 (module docstring)."""
+    free = results(learner, batch, routing="free")
+    own = learner.last_routing.clone()  # the routing of the free pass, (B, T, layers, k)
+
+    def own_routing_is_identity() -> dict:
+        learner.config.routing_replay = "r3"
+        batch.routed_experts = own
+        replayed = results(learner, batch)  # old pass replays `own`, training replays what it recorded
+        same_record = bool(torch.equal(batch.replay_experts, own))
+        return {**compare(replayed, free, tol=1e-7), "recorded_equals_replayed": same_record,
+                "ok": compare(replayed, free, tol=1e-7)["ok"] and same_record}
+
+    def other_experts_change_logprobs() -> dict:
+        learner.config.routing_replay = "r3"
+        shifted = own.clone()
+        learner_rows = torch.arange(batch.num_seqs) % 2 == 0  # odd rows: explorer-like, no engine routing
+        shifted[learner_rows] = torch.where(own[learner_rows] >= 0, (own[learner_rows] + 1) % ARCH.num_experts,
+                                            own[learner_rows])
+        shifted[~learner_rows] = -1
+        batch.routed_experts = shifted
+        replayed = results(learner, batch)
+        record = batch.replay_experts
+        target = shifted >= 0
+        followed = bool(torch.equal(record[target], shifted[target]))  # replayed where given
+        own_elsewhere = bool(torch.equal(record[~learner_rows], own[~learner_rows]))  # free where not
+        moved = max_abs_diff(replayed["logprobs"], free["logprobs"])
+        router = {k: g for k, g in replayed["grads"].items() if k.endswith("router.weight")}
+        router_grad = min(float(g.abs().max()) for g in router.values())
+        finite = all(bool(torch.isfinite(g).all()) for g in replayed["grads"].values())
+        return {"ok": followed and own_elsewhere and moved > 1e-3 and router_grad > 0 and finite,
+                "followed": followed, "explorer_rows_route_freely": own_elsewhere, "logprobs_moved": moved,
+                "min_router_grad": router_grad}
+
+    def recompute_replays_the_same_experts() -> dict:
+        from megatron_s2lpo.learner import Learner
+
+        recomputing = Learner(ARCH, config(ep=2, replay="r3", recompute_granularity="full"), groups=learner.groups)
+        recomputing.load_hf(hf_dir)
+        plain = results(learner, batch)  # batch.routed_experts is still the shifted routing
+        again = results(recomputing, batch)
+        return compare(again, plain, tol=1e-7)
+
+    run_check("ep2/replay_own_routing_changes_nothing", own_routing_is_identity)
+    run_check("ep2/replay_other_experts_keeps_router_gradients", other_experts_change_logprobs)
+    run_check("ep2/replay_under_activation_recompute", recompute_replays_the_same_experts)
+    learner.config.routing_replay = "none"
+    batch.routed_experts = batch.replay_experts = None
+
+
+def part_ep2(state: dict, root: str) -> None:
+    from megatron_s2lpo.convert.export import iter_hf_tensors
+    from megatron_s2lpo.convert.hf_io import HFReader
+    from megatron_s2lpo.convert.mcore_io import hf_to_mcore_checkpoint
+    from megatron_s2lpo.learner import Learner
+
+    hf_dir = state["hf_dir"]
+    groups = init_parallel(1, 1, seed=5, expert_model_parallel_size=2)
+    learner = Learner(ARCH, config(ep=2), groups=groups)
+    learner.load_hf(hf_dir)
+    batch = fixed_batch()
+
+    def export_equals_hf() -> dict:
+        reader = HFReader(hf_dir)
+        exported = dict(iter_hf_tensors(learner.policy_chunks, groups, ARCH))
+        same = sorted(exported) == sorted(reader.names()) and all(torch.equal(t, reader[n]) for n, t in exported.items())
+        return {"ok": same, "tensors": len(exported), "local_experts": len(learner.policy_chunks[0].decoder.layers[0]
+                                                                          .mlp.local_expert_indices)}
+
+    def logprobs_equal_hf() -> dict:
+        ours = learner.compute_logprobs(batch, 1.0, all_tokens=True)
+        diff = max_abs_diff(ours, hf_logprobs(hf_dir, batch))
+        return {"ok": diff < TOL and bool((ours != 0).any()), "max_abs_diff": diff}
+
+    run_check("ep2/export_equals_hf_state_dict", export_equals_hf)
+    run_check("ep2/logprobs_equal_transformers", logprobs_equal_hf)
+    run_check("ep2/tool_writes_checkpoint", lambda: {"arch": hf_to_mcore_checkpoint(
+        hf_dir, os.path.join(root, "tool_ep2"), groups).family})
+    replay_checks(learner, batch, hf_dir, state)
+    learner.save(os.path.join(root, "ckpt"))
+    state["ep2"] = results(learner, batch)
+    state["step"] = learner.train_step(batch, loss_config=LOSS, temperature=0.7)
+    state["lp_after"] = learner.compute_logprobs(batch, 0.7)
+    destroy_parallel(destroy_process_group=False)
+
+
+def part_ep1(state: dict, root: str) -> None:
+    from megatron_s2lpo.convert.hf_io import HFReader
+    from megatron_s2lpo.convert.mcore_io import mcore_to_hf_checkpoint
+    from megatron_s2lpo.learner import Learner
+
+    hf_dir = state["hf_dir"]
+    groups = init_parallel(1, 1, seed=5)  # DP=2, all experts on every rank
+    learner = Learner(ARCH, config(), groups=groups)
+    learner.load(os.path.join(root, "ckpt"))
+    batch = fixed_batch()
+    state["ep1"] = results(learner, batch)
+    run_check("ep2_equals_ep1", lambda: compare(state["ep2"], state["ep1"]))
+
+    def step_equal() -> dict:
+        metrics = learner.train_step(batch, loss_config=LOSS, temperature=0.7)
+        after = learner.compute_logprobs(batch, 0.7)
+        diffs = {"loss": abs(metrics["loss"] - state["step"]["loss"]),
+                 "grad_norm": abs(metrics["grad_norm"] - state["step"]["grad_norm"]),
+                 "logprobs_after_step": max_abs_diff(after, state["lp_after"])}
+        moved = max_abs_diff(after, state["ep1"]["logprobs"])
+        return {"ok": diffs["loss"] < 1e-6 and diffs["grad_norm"] < 1e-5 and diffs["logprobs_after_step"] < 1e-4
+                and moved > 1e-2, "moved": moved, **diffs}
+
+    def logits_equal_hf() -> dict:
+        fresh = Learner(ARCH, config(), groups=groups)
+        fresh.load_hf(hf_dir)
+        chunk = fresh.policy_chunks[0]
+        tokens = batch.tokens[:2, :16]
+        positions = torch.arange(16).unsqueeze(0).expand(2, 16)
+        with torch.no_grad():
+            ours = chunk(tokens, positions, None)[..., :ARCH.vocab_size]
+            theirs = hf_model(hf_dir)(input_ids=tokens).logits
+        diff = max_abs_diff(ours, theirs)
+        return {"ok": diff < TOL, "max_abs_diff": diff}
+
+    def tool_round_trip() -> dict:
+        out = os.path.join(root, "tool_back")
+        mcore_to_hf_checkpoint(os.path.join(root, "tool_ep2"), out, hf_dir, groups)
+        original, back = HFReader(hf_dir), HFReader(out)
+        same = sorted(back.names()) == sorted(original.names()) and all(
+            torch.equal(back[n], original[n]) for n in original.names())
+        return {"ok": same, "tensors": len(back.names())}
+
+    run_check("ep2_step_equals_ep1_step", step_equal)
+    run_check("ep1/logits_equal_transformers", logits_equal_hf)
+    run_check("tool_ep2_checkpoint_back_to_hf_at_ep1", tool_round_trip)
+    destroy_parallel(destroy_process_group=False)
+
+
+def part_tp2(state: dict, root: str, *, ep: int, etp: int) -> None:
+    """Model chunks at TP=2 (megatron trains MoE under TP only with sequence parallelism, a TE
+    feature, so no Learner here): logits against transformers and the export against the HF state."""
+    from megatron_s2lpo.convert.export import iter_hf_tensors
+    from megatron_s2lpo.convert.hf_io import HFReader
+    from megatron_s2lpo.convert.live import load_hf_state
+    from megatron_s2lpo.learner.model import build_model_chunks
+
+    hf_dir = state["hf_dir"]
+    groups = init_parallel(2, 1, seed=5, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+    chunks = build_model_chunks(ARCH, groups)
+    reader = HFReader(hf_dir)
+    load_hf_state(chunks, groups.tp_rank, groups.tp_size, ARCH, reader, etp_rank=groups.etp_rank,
+                  etp_size=groups.etp_size)
+
+    def logits_and_export() -> dict:
+        tokens = fixed_batch().tokens[:2, :16]
+        positions = torch.arange(16).unsqueeze(0).expand(2, 16)
+        chunks[0].eval()
+        with torch.no_grad():
+            shard = chunks[0](tokens, positions, None)
+            parts = [torch.empty_like(shard) for _ in range(2)]
+            dist.all_gather(parts, shard.contiguous(), group=groups.tp_group)
+            theirs = hf_model(hf_dir)(input_ids=tokens).logits
+        diff = max_abs_diff(torch.cat(parts, -1)[..., :ARCH.vocab_size], theirs)
+        exported = dict(iter_hf_tensors(chunks, groups, ARCH))
+        same = sorted(exported) == sorted(reader.names()) and all(torch.equal(t, reader[n]) for n, t in exported.items())
+        return {"ok": diff < TOL and same, "logits_max_abs_diff": diff, "export_equals_hf": same}
+
+    run_check(f"tp2_ep{ep}_etp{etp}/logits_and_export_equal_hf", logits_and_export)
+    destroy_parallel(destroy_process_group=False)
+
+
+def main() -> None:
+    root = shared_tmpdir("moe_checks_")
+    state: dict = {"hf_dir": os.path.join(root, "hf")}
+    make_hf_model(state["hf_dir"])
+    part_ep2(state, root)
+    part_ep1(state, root)
+    part_tp2(state, root, ep=2, etp=1)
+    part_tp2(state, root, ep=1, etp=2)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
