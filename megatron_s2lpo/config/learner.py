@@ -230,11 +230,11 @@ _SGLANG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float3
 
 
 def engine_precision(engine: EngineConfig) -> str:
-    """The precision a rollout engine samples at: fp32 for the in-process local engine; for an
+    """The precision a rollout engine samples at: the in-process local engine's local_dtype; for an
     SGLang server its `--quantization` (e.g. fp8), else its `--dtype`, else bf16 (`auto` takes
     the checkpoint's dtype, bf16 for the models this project trains)."""
     if engine.backend == "local":
-        return "fp32"
+        return {"float32": "fp32", "bfloat16": "bf16"}[engine.local_dtype]
     args = [part for arg in engine.extra_args for part in str(arg).split("=", 1)]
     value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag in ("--quantization", "--dtype")}
     if "--quantization" in value:

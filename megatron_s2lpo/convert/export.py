@@ -132,6 +132,23 @@ def _pp_source(groups: Any) -> list[int] | None:
     return dist.get_process_group_ranks(groups.pp_group) if groups.pp_size > 1 else None
 
 
+def takes_part_in_export(groups: Any) -> bool:
+    """Whether this rank takes part in exporting the data-parallel replica of global rank 0.
+
+    Dense models: the ranks of data-parallel rank 0 (every TP / PP rank of that replica). With
+    expert parallelism the replica's experts live on ranks of other data-parallel ranks (EP is
+    carved out of DP), so their EP groups take part too, and with them their TP groups: the set
+    is closed over the EP and TP groups (a MAX all-reduce of the flag over each, until stable)."""
+    flag = groups.dp_rank == 0
+    if getattr(groups, "ep_size", 1) == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=groups.device)
+    for _ in range(3):  # EP -> TP -> EP reaches every rank an export collective needs
+        for group in (groups.ep_group, groups.tp_group):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
 def iter_hf_tensors(model_chunks: Sequence[Any], groups: Any, arch: ModelArch
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named full tensors one at a time, freshly allocated, the same on every MP rank.

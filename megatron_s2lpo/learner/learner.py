@@ -260,9 +260,9 @@ class Learner:
         Mixture-of-experts policy (routing.py, docs/learner.md "Routing replay"): routing "auto"
         follows learner.routing_replay: r3 replays batch.routed_experts (the engine's routing,
         where a row has it), r2 routes freely; both record the routing the pass used into
-        batch.replay_experts, which the training passes then replay. "free": the router's own
-        choice everywhere, recorded into `last_routing` only (the routing metrics' pass). The
-        reference model always routes freely.
+        batch.replay_experts, which the training passes then replay. "free" (the router's own
+        choice everywhere) and "engine" (batch.routed_experts replayed, as r3) record into
+        `last_routing` only: the routing metrics' passes. The reference model routes freely.
         """
         if reference and self.reference is None:
             raise ValueError("reference log-probs requested but the learner has no reference model "
@@ -271,10 +271,10 @@ class Learner:
         spec = LogProbSpec(vocab_size=self.arch.vocab_size, tp_group=self.groups.tp_group,
                            temperature=temperature, with_entropy=with_entropy,
                            chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens)
-        if routing not in ("auto", "free"):
-            raise ValueError(f"routing must be 'auto' or 'free', got {routing!r}")
-        mode = self.config.routing_replay if routing == "auto" else "none"
-        record = self.routing is not None and not reference and (routing == "free" or mode != "none")
+        if routing not in ("auto", "free", "engine"):
+            raise ValueError(f"routing must be 'auto', 'free' or 'engine', got {routing!r}")
+        mode = {"auto": self.config.routing_replay, "free": "none", "engine": "r3"}[routing]
+        record = self.routing is not None and not reference and (routing != "auto" or mode != "none")
         replay = batch.routed_experts if mode == "r3" else None
         micro = self._local_micro_batches(batch, self.config.logprob_tokens, replay)
         if reference:
