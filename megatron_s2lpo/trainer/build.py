@@ -227,7 +227,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     train, heldout = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(train), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     algo, rollout = cfg.algo, cfg.rollout
-    learner = Learner(model_arch(rollout.learner, "learner"), cfg.learner, with_reference=algo.kl_coef > 0)
+    learner = Learner(model_arch(rollout.learner, "learner"), cfg.resolved_learner(), with_reference=algo.kl_coef > 0)
     groups = learner.groups
     routing = learner_routing(cfg, learner.arch)
     if routing:  # a launched SGLang server must be started able to return its routing
