@@ -169,7 +169,7 @@ class LearnerConfig:
     pipeline_parallel_size: int = 1
     virtual_pipeline_parallel_size: int | None = None  # interleaved 1F1B chunks per pipeline rank
     sequence_parallel: bool = False  # shard norms/activations over TP ranks (TE spec, TP > 1)
-    context_parallel_size: int = 1  # split long sequences over ranks (TE spec + packed sequences)
+    context_parallel_size: int = 1  # split every packed sequence over ranks (learner/context_parallel.py)
     # Mixture of experts (Qwen3-MoE): experts spread over expert-parallel ranks (carved out of DP),
     # each expert's weights split over expert tensor-parallel ranks; ignored by dense models.
     expert_model_parallel_size: int = 1
@@ -239,9 +239,6 @@ class LearnerConfig:
         check(not self.sequence_parallel or self.use_te is not False,
               "learner.sequence_parallel needs the Transformer Engine layer spec (megatron's local spec "
               "has no sequence-parallel norms without Apex); set learner.use_te=null or true")
-        check(self.context_parallel_size == 1 or self.use_te is not False,
-              "learner.context_parallel_size > 1 needs the Transformer Engine layer spec (only TE's "
-              "attention splits a sequence over ranks); set learner.use_te=null or true")
         check(self.context_parallel_size == 1 or self.pack_sequences,
               "learner.context_parallel_size > 1 needs learner.pack_sequences=true (the learner splits "
               "packed THD sequences over the context-parallel ranks)")

@@ -14,16 +14,21 @@ Kernels, in order of preference (`packed_attention`):
   split    scaled_dot_product_attention(is_causal=True) per sequence: cost sum(L_i^2) plus a
            call per sequence (chosen when one big square would be mostly masked out).
 All three compute the same softmax(q k^T * scale) v; GQA groups are expanded by the kernel
-(`enable_gqa`), as megatron's `repeat_interleave` does.
+(`enable_gqa`), as megatron's `repeat_interleave` does. With context parallelism (the pack's
+PackedSeqParams carries a CP group of more than one rank) the local queries attend to the whole
+pack's keys, all-gathered over the group (context_parallel.attention).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import context_parallel
 
 Tensor = torch.Tensor
 
@@ -92,9 +97,19 @@ def packed_core_attention_class() -> type:
         class PackedDotProductAttention(DotProductAttention):
             """DotProductAttention that also takes packed sequences (module docstring)."""
 
+            def __init__(self, config, *args, **kwargs):
+                # megatron's local core asserts context_parallel_size == 1; packed input takes the
+                # context-parallel path below (context_parallel.attention), built with a CP-1 view
+                local = copy.copy(config)
+                local.context_parallel_size = 1
+                super().__init__(local, *args, **kwargs)
+                self.config = config
+
             def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                         packed_seq_params=None):
                 if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+                    if self.config.context_parallel_size > 1:
+                        raise ValueError("context parallelism needs packed sequences (learner.pack_sequences=true)")
                     return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                            attention_bias=attention_bias, packed_seq_params=None)
                 if attention_bias is not None:
@@ -104,7 +119,11 @@ def packed_core_attention_class() -> type:
                 cu_seqlens = packed_seq_params.cu_seqlens_q_padded
                 if cu_seqlens is None:
                     cu_seqlens = packed_seq_params.cu_seqlens_q
-                out = packed_attention(query, key, value, cu_seqlens, packed_seq_params.max_seqlen_q, scale=scale)
+                group = packed_seq_params.cp_group
+                if group is not None and group.size() > 1:
+                    out = context_parallel.attention(query, key, value, cu_seqlens, group, scale=scale)
+                else:
+                    out = packed_attention(query, key, value, cu_seqlens, packed_seq_params.max_seqlen_q, scale=scale)
                 return out.reshape(out.shape[0], self.hidden_size_per_partition)  # (T, heads * head_dim)
 
         _PACKED_CLASS = PackedDotProductAttention

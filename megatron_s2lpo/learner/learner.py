@@ -77,24 +77,18 @@ class Learner:
             apply_fp8_scale_environment(config.fp8_fp32_scales)  # before megatron imports TE
         self.groups = groups or init_parallel(
             config.tensor_parallel_size, config.pipeline_parallel_size,
-            config.effective_vpp_size, seed=config.seed,
+            config.effective_vpp_size, seed=config.seed, context_parallel_size=config.context_parallel_size,
             expert_model_parallel_size=config.expert_model_parallel_size,
             expert_tensor_parallel_size=config.expert_tensor_parallel_size)
         g = self.groups
-        layout = (g.tp_size, g.pp_size, g.vpp_size, g.ep_size, g.etp_size)
+        layout = (g.tp_size, g.pp_size, g.vpp_size, g.cp_size, g.ep_size, g.etp_size)
         wanted = (config.tensor_parallel_size, config.pipeline_parallel_size, config.effective_vpp_size,
-                  config.expert_model_parallel_size, config.expert_tensor_parallel_size)
+                  config.context_parallel_size, config.expert_model_parallel_size, config.expert_tensor_parallel_size)
         if layout != wanted:
-            raise ValueError(f"the parallel groups (TP, PP, VPP, EP, ETP) = {layout} do not match the learner "
+            raise ValueError(f"the parallel groups (TP, PP, VPP, CP, EP, ETP) = {layout} do not match the learner "
                              f"config {wanted} (learner.tensor_parallel_size, pipeline_parallel_size, "
-                             "virtual_pipeline_parallel_size, expert_model_parallel_size, "
+                             "virtual_pipeline_parallel_size, context_parallel_size, expert_model_parallel_size, "
                              "expert_tensor_parallel_size)")
-        if config.context_parallel_size > 1:
-            raise ValueError(
-                f"learner.context_parallel_size={config.context_parallel_size}: context parallelism is not wired "
-                "into this learner's data path yet (it needs TE's THD split of every sequence over the CP ranks); "
-                "keep it 1 and raise learner.micro_batch_tokens to the longest prompt + response, with "
-                "learner.recompute_granularity=full if activations do not fit")
         if config.expandable_segments and torch.cuda.is_available():
             # packs differ in shape every micro-batch; segments that grow in place keep the caching
             # allocator from fragmenting (set before the model's first allocation)
@@ -119,7 +113,8 @@ class Learner:
         if arch.is_moe:
             self.routing = RoutingState(num_layers=arch.num_layers, top_k=arch.num_experts_per_tok,
                                         tp_rank=g.tp_rank, tp_size=g.tp_size,
-                                        sequence_parallel=config.sequence_parallel)
+                                        sequence_parallel=config.sequence_parallel, cp_rank=g.cp_rank,
+                                        cp_size=g.cp_size)
             routing_module.install(self.model)
             for chunk in self.model:
                 unwrap_model(chunk).routing_state = self.routing
@@ -289,7 +284,8 @@ class Learner:
         self._require_onloaded("compute log-probs")
         spec = LogProbSpec(vocab_size=self.arch.vocab_size, tp_group=self.groups.tp_group,
                            temperature=temperature, with_entropy=with_entropy,
-                           chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens)
+                           chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens,
+                           cp_group=self.groups.cp_group if self.groups.cp_size > 1 else None)
         if routing not in ("auto", "free", "engine"):
             raise ValueError(f"routing must be 'auto', 'free' or 'engine', got {routing!r}")
         mode = {"auto": self.config.routing_replay, "free": "none", "engine": "r3"}[routing]
@@ -384,7 +380,8 @@ class Learner:
                         num_microbatches=len(micro), dp_size=g.dp_size, vocab_size=self.arch.vocab_size,
                         tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold,
                         is_sources=is_sources, objective=objective, distill_coef=distill_coef,
-                        chunk_tokens=self.config.logprob_chunk_tokens)
+                        chunk_tokens=self.config.logprob_chunk_tokens,
+                        cp_group=g.cp_group if g.cp_size > 1 else None)
         for chunk in self.model:
             chunk.train()
         zero_grads(self.model, self.optimizer)

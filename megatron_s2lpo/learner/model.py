@@ -101,9 +101,6 @@ def check_spec_options(use_te: bool, *, sequence_parallel: bool = False, context
         raise ValueError("learner.sequence_parallel needs the Transformer Engine layer spec: megatron's local "
                          "spec has no sequence-parallel layer norms (without Apex); this learner builds the local "
                          "spec (no CUDA or no transformer_engine here, or learner.use_te=false)")
-    if context_parallel_size > 1 and not use_te:
-        raise ValueError("learner.context_parallel_size > 1 needs the Transformer Engine layer spec: only TE's "
-                         "attention splits a sequence over ranks; this learner builds the local spec")
     if gradient_accumulation_fusion and not (torch.cuda.is_available()
                                              and importlib.util.find_spec("fused_weight_gradient_mlp_cuda")):
         raise ValueError("learner.gradient_accumulation_fusion needs CUDA and Apex's fused_weight_gradient_mlp_cuda "

@@ -17,7 +17,8 @@ for that recompute, and calls inside the backward take it from there, in the sam
 schedule does the backwards of a layer in the order of its forwards).
 
 Token order. The router sees the (s, b, h) hidden states of one pipeline chunk flattened
-s-major (token s * b + j), this TP rank's sequence slice with sequence parallelism. A packed
+s-major (token s * b + j), this TP rank's sequence slice with sequence parallelism, this CP
+rank's share of every packed sequence with context parallelism. A packed
 micro-batch is (1, T) with T the pack; a padded one (b, L). `token_positions` maps every routed
 token to its (row, column) of the micro-batch's loss layout (-1 for a pack's padding), which is
 how targets are built from (B, T, layers, k) tensors and how recorded routing goes back into one.
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .batching import MicroBatch
+from .context_parallel import local_token_index
 
 Tensor = torch.Tensor
 MISSING = -1  # an expert id that is not there: the router chooses for itself
@@ -104,16 +106,20 @@ def install(chunks: list[Any]) -> list[RouterReplay]:
     return replays
 
 
-def token_positions(micro: MicroBatch, *, tp_rank: int = 0, tp_size: int = 1,
-                    sequence_parallel: bool = False) -> tuple[Tensor, Tensor]:
+def token_positions(micro: MicroBatch, *, tp_rank: int = 0, tp_size: int = 1, sequence_parallel: bool = False,
+                    cp_rank: int = 0, cp_size: int = 1) -> tuple[Tensor, Tensor]:
     """(rows, cols) of the loss layout for every token this rank's routers see, in their order;
-    row -1 for a pack's padding (see the module docstring)."""
+    row -1 for a pack's padding (see the module docstring). With context parallelism a pack's
+    tokens are this CP rank's share (context_parallel.local_token_index)."""
     if micro.packed is not None:
         cu = micro.packed.cu_seqlens.long()
         total = int(cu[-1])
         seq_of = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])  # (T,)
         cols = torch.arange(total) - cu[seq_of]
         rows = torch.where(cols < micro.seq_lens[seq_of], seq_of, torch.full_like(seq_of, -1))
+        if cp_size > 1:
+            local = local_token_index(micro.packed.cu_seqlens, cp_size, cp_rank)
+            rows, cols = rows[local], cols[local]
         s_rows, s_cols = rows.unsqueeze(1), cols.unsqueeze(1)  # (s, b=1)
     else:
         b, length = micro.num_seqs, micro.seq_len
@@ -143,6 +149,8 @@ class RoutingState:
     tp_rank: int = 0
     tp_size: int = 1
     sequence_parallel: bool = False
+    cp_rank: int = 0
+    cp_size: int = 1
     replay: bool = False  # push targets from the micro-batches' routing
     recording: bool = False
     _positions: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = field(default_factory=dict)
@@ -165,7 +173,8 @@ class RoutingState:
         if not routers or not (self.replay or self.recording):
             return
         rows, cols = token_positions(micro, tp_rank=self.tp_rank, tp_size=self.tp_size,
-                                     sequence_parallel=self.sequence_parallel)
+                                     sequence_parallel=self.sequence_parallel, cp_rank=self.cp_rank,
+                                     cp_size=self.cp_size)
         if self.recording:
             self._positions.setdefault(id(unwrap_model(model)), []).append((micro.indices, rows, cols))
         if not self.replay:

@@ -1,6 +1,7 @@
-"""Mixture-of-experts (Qwen3-MoE) checks with real megatron-core, in one 2-process launch.
+"""Mixture-of-experts (Qwen3-MoE) and context-parallel checks with real megatron-core, in one
+2-process launch.
 
-    pytest tests/distributed/test_learner_moe.py
+    pytest tests/distributed/test_learner_moe_cp.py
 
 Part 1, EP=2 (TP=1, DP=2; each rank holds 2 of the 4 experts): the learner loads a transformers
 Qwen3MoeForCausalLM's weights; its log-probs equal the HF model's; the streaming export (what
@@ -15,6 +16,9 @@ per-parameter gradients, the step), raw logits against transformers, and the too
 checkpoint back to HF at EP=1, bit-exact.
 Part 3: model chunks at TP=2 x EP=2 and TP=2 x expert-TP=2: logits against transformers, the
 export against the HF state dict.
+Part 4, context parallelism CP=2 (DP=1): the MoE learner on part 1's checkpoint equals part 2
+(log-probs, entropy, loss, every gradient); a dense Qwen3 learner's results and one step, which
+part 5 (CP=1, DP=2, the same weights) must reproduce.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import fixed_batch, max_abs_diff, run_check, shared_tmpdir
+from common import fixed_batch, max_abs_diff, run_check, shared_tmpdir, tiny_arch
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig
@@ -99,9 +103,10 @@ def compare(a: dict, b: dict, tol: float = TOL) -> dict:
              "loss": abs(a["loss"] - b["loss"]),
              "grads": max(max_abs_diff(a["grads"][k], b["grads"][k]) for k in common)}
     router = [k for k in common if k.endswith("router.weight")]
-    router_grad = max(float(a["grads"][k].abs().max()) for k in router)
-    return {"ok": max(diffs.values()) < tol and router_grad > 0 and len(common) == len(a["grads"]),
-            "router_grad": router_grad, "compared": len(common), **diffs}
+    router_grad = max((float(a["grads"][k].abs().max()) for k in router), default=float("nan"))
+    worst = max(common, key=lambda k: max_abs_diff(a["grads"][k], b["grads"][k]))
+    return {"ok": max(diffs.values()) < tol and (not router or router_grad > 0) and len(common) == len(a["grads"]),
+            "router_grad": router_grad, "compared": len(common), "worst_grad": worst, **diffs}
 
 
 def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
@@ -272,6 +277,48 @@ def part_tp2(state: dict, root: str, *, ep: int, etp: int) -> None:
     destroy_parallel(destroy_process_group=False)
 
 
+def part_cp2(state: dict, root: str) -> None:
+    """CP=2 (DP=1): the MoE learner on part 1's checkpoint against part 2's EP=1 results, and a dense
+    Qwen3 learner whose CP=1 reference runs in part 5."""
+    from megatron_s2lpo.learner import Learner
+
+    groups = init_parallel(1, 1, seed=5, context_parallel_size=2)
+    batch = fixed_batch()
+    moe = Learner(ARCH, config(context_parallel_size=2), groups=groups)
+    moe.load(os.path.join(root, "ckpt"))
+    run_check("cp2_moe_equals_cp1", lambda: compare(results(moe, batch), state["ep1"]))
+    dense = Learner(tiny_arch("qwen3"), config(context_parallel_size=2), groups=groups)
+    dense.save(os.path.join(root, "dense"))
+    state["cp2"] = results(dense, batch)
+    state["cp2_step"] = dense.train_step(batch, loss_config=LOSS, temperature=0.7)
+    state["cp2_after"] = dense.compute_logprobs(batch, 0.7)
+    destroy_parallel(destroy_process_group=False)
+
+
+def part_cp1_dense(state: dict, root: str) -> None:
+    from megatron_s2lpo.learner import Learner
+
+    groups = init_parallel(1, 1, seed=5)  # DP=2
+    dense = Learner(tiny_arch("qwen3"), config(), groups=groups)
+    dense.load(os.path.join(root, "dense"))
+    batch = fixed_batch()
+
+    def equal() -> dict:
+        reference = results(dense, batch)
+        step = dense.train_step(batch, loss_config=LOSS, temperature=0.7)
+        after = dense.compute_logprobs(batch, 0.7)
+        same = compare(state["cp2"], reference)
+        diffs = {"step_loss": abs(step["loss"] - state["cp2_step"]["loss"]),
+                 "step_grad_norm": abs(step["grad_norm"] - state["cp2_step"]["grad_norm"]),
+                 "logprobs_after_step": max_abs_diff(after, state["cp2_after"])}
+        ok = same["ok"] and diffs["step_loss"] < 1e-6 \
+            and diffs["step_grad_norm"] < 1e-5 and diffs["logprobs_after_step"] < 1e-4
+        return {**same, **diffs, "ok": ok}
+
+    run_check("cp2_dense_equals_cp1", equal)
+    destroy_parallel(destroy_process_group=False)
+
+
 def main() -> None:
     root = shared_tmpdir("moe_checks_")
     state: dict = {"hf_dir": os.path.join(root, "hf")}
@@ -280,6 +327,8 @@ def main() -> None:
     part_ep1(state, root)
     part_tp2(state, root, ep=2, etp=1)
     part_tp2(state, root, ep=1, etp=2)
+    part_cp2(state, root)
+    part_cp1_dense(state, root)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(root, ignore_errors=True)

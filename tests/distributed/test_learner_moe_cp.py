@@ -1,7 +1,8 @@
-"""Mixture-of-experts learner (Qwen3-MoE) with real megatron-core: parity with transformers,
-EP=2 = EP=1, routing replay, conversion and export across EP / TP / expert-TP layouts.
+"""Mixture-of-experts learner (Qwen3-MoE) and context parallelism with real megatron-core: parity
+with transformers, EP=2 = EP=1, routing replay, conversion and export across EP / TP / expert-TP
+layouts, CP=2 = CP=1 for a MoE and a dense learner.
 
-One 2-process launch (scripts/moe_checks.py) runs every check; each test asserts one of them.
+One 2-process launch (scripts/moe_cp_checks.py) runs every check; each test asserts one of them.
 """
 
 import pytest
@@ -21,16 +22,18 @@ CHECKS = [
     "tool_ep2_checkpoint_back_to_hf_at_ep1",
     "tp2_ep2_etp1/logits_and_export_equal_hf",
     "tp2_ep1_etp2/logits_and_export_equal_hf",
+    "cp2_moe_equals_cp1",
+    "cp2_dense_equals_cp1",
 ]
 
 
 @pytest.fixture(scope="module")
 def checks():
-    return run_checks("moe_checks.py", timeout=300)
+    return run_checks("moe_cp_checks.py", timeout=300)
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize("name", CHECKS)
-def test_moe(checks, name):
+def test_moe_and_cp(checks, name):
     assert_check(checks, name)
