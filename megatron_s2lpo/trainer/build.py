@@ -272,7 +272,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     sync = WeightSync.from_learner(learner, learner_engine, sync_cfg,
                                    temperature=rollout.learner.sampling.temperature,
                                    hf_config_dir=learner_path or None)
-    explorer_params = ModelArch.from_hf_config(explorer_path).num_params() if explorer_path else 0
+    # rollout FLOPs scale with the parameters a token passes through (a MoE's active ones)
+    explorer_params = ModelArch.from_hf_config(explorer_path).num_active_params() if explorer_path else 0
     pipeline = RolloutPipeline(stage=stage, sampler=sampler, prompts=train, groups=groups, sync=sync,
                                max_staleness=cfg.run.max_staleness, num_steps=cfg.run.num_steps,
                                prefetch_steps=cfg.rollout.prefetch_steps,
@@ -281,7 +282,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         config=cfg, tokenizer=tokenizer, train_prompts=train, heldout_prompts=heldout, sampler=sampler,
         learner=learner, sync=sync, pipeline=pipeline, collector=collector, learner_engine=learner_engine,
         explorer_engine=explorer_engine, prefetcher=prefetcher, scorer=scorer, writer=writer,
-        learner_params=learner.arch.num_params(), explorer_params=explorer_params,
+        learner_params=learner.arch.num_active_params(), explorer_params=explorer_params,
         checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR), learner_dir=learner_path,
         teacher_engine=teacher_engine, teacher_scorer=teacher_scorer)
 

@@ -42,12 +42,16 @@ ARCH = ModelArch(family="qwen3_moe", vocab_size=300, hidden_size=32, ffn_hidden_
                  num_attention_heads=4, num_query_groups=2, head_dim=8, qk_layernorm=True, rope_theta=10000.0,
                  num_experts=4, num_experts_per_tok=2, moe_ffn_hidden_size=16, norm_topk_prob=True)
 LOSS = PolicyLossConfig(clip_low=0.2, clip_high=0.28, loss_agg_mode="token-mean")
-TOL = 1e-5
+# The GPU tier (tests/gpu/test_moe_cuda.py) runs this script on 2 GPUs with the TE spec, looser
+# tolerances (fp32 GEMMs of other kernels) and optionally DeepEP's dispatcher.
+TOL = float(os.environ.get("S2LPO_MOE_CHECK_TOL", "1e-5"))
+DISPATCHER = os.environ.get("S2LPO_MOE_DISPATCHER", "alltoall")
 
 
 def config(*, tp: int = 1, ep: int = 1, etp: int = 1, replay: str = "none", **extra) -> LearnerConfig:
     return LearnerConfig(tensor_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
                          routing_replay=replay, micro_batch_tokens=96, seq_length_multiple=1,
+                         moe_token_dispatcher=DISPATCHER,
                          optim=OptimConfig(lr=2e-3, weight_decay=0.0, clip_grad=1.0), **extra)
 
 
@@ -119,8 +123,8 @@ def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
         batch.routed_experts = own
         replayed = results(learner, batch)  # old pass replays `own`, training replays what it recorded
         same_record = bool(torch.equal(batch.replay_experts, own))
-        return {**compare(replayed, free, tol=1e-7), "recorded_equals_replayed": same_record,
-                "ok": compare(replayed, free, tol=1e-7)["ok"] and same_record}
+        return {**compare(replayed, free, tol=min(TOL, 1e-7)), "recorded_equals_replayed": same_record,
+                "ok": compare(replayed, free, tol=min(TOL, 1e-7))["ok"] and same_record}
 
     def other_experts_change_logprobs() -> dict:
         learner.config.routing_replay = "r3"
@@ -150,7 +154,7 @@ def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
         recomputing.load_hf(hf_dir)
         plain = results(learner, batch)  # batch.routed_experts is still the shifted routing
         again = results(recomputing, batch)
-        return compare(again, plain, tol=1e-7)
+        return compare(again, plain, tol=min(TOL, 1e-7))
 
     run_check("ep2/replay_own_routing_changes_nothing", own_routing_is_identity)
     run_check("ep2/replay_other_experts_keeps_router_gradients", other_experts_change_logprobs)
