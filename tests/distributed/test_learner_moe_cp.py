@@ -13,6 +13,7 @@ CHECKS = [
     "ep2/export_equals_hf_state_dict",
     "ep2/logprobs_equal_transformers",
     "ep2/tool_writes_checkpoint",
+    "ep2/r2_replays_the_old_log_prob_pass",
     "ep2/replay_own_routing_changes_nothing",
     "ep2/replay_other_experts_keeps_router_gradients",
     "ep2/replay_under_activation_recompute",

@@ -156,6 +156,15 @@ def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
         again = results(recomputing, batch)
         return compare(again, plain, tol=min(TOL, 1e-7))
 
+    def r2_replays_the_old_pass() -> dict:
+        learner.config.routing_replay = "r2"
+        batch.routed_experts = None  # r2 needs no engine routing
+        replayed = results(learner, batch)
+        same_record = bool(torch.equal(batch.replay_experts, own))  # the old pass's own routing
+        diffs = compare(replayed, free, tol=min(TOL, 1e-7))
+        return {**diffs, "recorded_equals_free": same_record, "ok": diffs["ok"] and same_record}
+
+    run_check("ep2/r2_replays_the_old_log_prob_pass", r2_replays_the_old_pass)
     run_check("ep2/replay_own_routing_changes_nothing", own_routing_is_identity)
     run_check("ep2/replay_other_experts_keeps_router_gradients", other_experts_change_logprobs)
     run_check("ep2/replay_under_activation_recompute", recompute_replays_the_same_experts)
