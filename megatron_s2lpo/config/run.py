@@ -90,6 +90,7 @@ class RunConfig:
               "learner.routing_replay=r3 replays the experts the learner's SGLang server routed every token to: set "
               "rollout.learner.return_routed_experts=true (the server starts with --enable-return-routed-experts; "
               "an attached server must have been started with it)")
+        self._check_overlong()
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")
@@ -105,6 +106,18 @@ class RunConfig:
         if self.learner.expandable_segments is not None:
             return self.learner
         return dataclasses.replace(self.learner, expandable_segments=self.sync.transport != "tensor")
+
+    def overlong_max_tokens(self) -> int:
+        """The response length reward.overlong measures against (its max_response_tokens, or the
+        learner's sampling max_new_tokens)."""
+        return self.reward.overlong.max_response_tokens or self.rollout.learner.sampling.max_new_tokens
+
+    def _check_overlong(self) -> None:
+        overlong = self.reward.overlong
+        check(overlong.buffer_tokens <= self.overlong_max_tokens(),
+              f"reward.overlong.buffer_tokens={overlong.buffer_tokens} is longer than the response limit it ends "
+              f"at ({self.overlong_max_tokens()} tokens: reward.overlong.max_response_tokens, or "
+              "rollout.learner.sampling.max_new_tokens when 0); shorten the buffer")
 
     def _check_pipeline(self) -> None:
         """run.max_staleness=1 needs the importance correction and engines on their own GPUs."""
