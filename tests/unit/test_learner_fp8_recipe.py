@@ -43,7 +43,7 @@ def _run_with_te_recipe(body: str) -> subprocess.CompletedProcess:
     """
     env = {k: v for k, v in os.environ.items() if k != "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(prelude) + textwrap.dedent(body)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=240)
 
 
 def test_fp32_scales_reach_transformer_engines_blockwise_recipe():
