@@ -38,3 +38,27 @@ def checks():
 @pytest.mark.parametrize("name", CHECKS)
 def test_moe_and_cp(checks, name):
     assert_check(checks, name)
+
+
+ONE_PROCESS_CHECKS = [
+    "ep1/export_equals_hf_state_dict",
+    "ep1/logprobs_equal_transformers",
+    "ep1/logits_equal_transformers",
+    "ep1/tool_round_trip_bit_exact",
+    "ep1/r2_replays_the_old_log_prob_pass",
+    "ep1/replay_own_routing_changes_nothing",
+    "ep1/replay_other_experts_keeps_router_gradients",
+    "ep1/replay_under_activation_recompute",
+    "ep1/step_moves_logprobs",
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_process_mode_of_the_gpu_check():
+    """The script's one-process mode, which tests/gpu/test_moe_cuda.py runs on one GPU, on gloo here."""
+    checks = run_checks("moe_cp_checks.py", timeout=240, nprocs=1)
+    assert sorted(checks) == sorted(ONE_PROCESS_CHECKS)
+    for name in ONE_PROCESS_CHECKS:
+        assert_check(checks, name)

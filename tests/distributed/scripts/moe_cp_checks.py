@@ -19,6 +19,10 @@ export against the HF state dict.
 Part 4, context parallelism CP=2 (DP=1): the MoE learner on part 1's checkpoint equals part 2
 (log-probs, entropy, loss, every gradient); a dense Qwen3 learner's results and one step, which
 part 5 (CP=1, DP=2, the same weights) must reproduce.
+
+Under one process (one GPU: tests/gpu/test_moe_cuda.py) only what needs no second rank runs, at
+EP=1: the export, log-probs and logits against transformers, the conversion tool's round trip,
+the four routing replay checks and one step (checks named ep1/...).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ LOSS = PolicyLossConfig(clip_low=0.2, clip_high=0.28, loss_agg_mode="token-mean"
 # The GPU tier (tests/gpu/test_moe_cuda.py) runs this script on 2 GPUs with the TE spec, looser
 # tolerances (fp32 GEMMs of other kernels) and optionally DeepEP's dispatcher.
 TOL = float(os.environ.get("S2LPO_MOE_CHECK_TOL", "1e-5"))
+# Two passes that must compute the same thing (replaying a pass's own routing): exact up to the
+# GPU kernels' nondeterministic reductions (embedding backward's atomics) there.
+SAME_TOL = min(TOL, float(os.environ.get("S2LPO_MOE_CHECK_SAME_TOL", "1e-7")))
 DISPATCHER = os.environ.get("S2LPO_MOE_DISPATCHER", "alltoall")
 
 
@@ -88,6 +95,34 @@ def hf_logprobs(path: str, batch) -> torch.Tensor:
     return out
 
 
+def chunk_logits(chunk, tokens: torch.Tensor) -> torch.Tensor:
+    """A model chunk's (TP-sharded) logits for `tokens`, on the CPU (the chunk may sit on a GPU)."""
+    device = next(chunk.parameters()).device
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    with torch.no_grad():
+        return chunk(tokens.to(device), positions.to(device), None).float().cpu()
+
+
+def logits_against_hf(chunk, tokens: torch.Tensor, hf_dir: str) -> dict:
+    chunk.eval()
+    ours = chunk_logits(chunk, tokens)[..., :ARCH.vocab_size]
+    with torch.no_grad():
+        theirs = hf_model(hf_dir)(input_ids=tokens).logits
+    diff = max_abs_diff(ours, theirs)
+    return {"ok": diff < TOL, "max_abs_diff": diff}
+
+
+def export_equals_hf(chunks, groups, hf_dir: str) -> dict:
+    """The streaming export (what weight sync sends) against the HF checkpoint, bit for bit."""
+    from megatron_s2lpo.convert.export import iter_hf_tensors
+    from megatron_s2lpo.convert.hf_io import HFReader
+
+    reader = HFReader(hf_dir)
+    exported = {name: t.cpu() for name, t in iter_hf_tensors(chunks, groups, ARCH)}
+    same = sorted(exported) == sorted(reader.names()) and all(torch.equal(t, reader[n]) for n, t in exported.items())
+    return {"ok": same, "tensors": len(exported)}
+
+
 def named_grads(learner) -> dict[str, torch.Tensor]:
     """main_grad of this rank's parameters under global layer AND expert numbers."""
     from megatron_s2lpo.convert.live import global_named_parameters
@@ -113,8 +148,8 @@ def compare(a: dict, b: dict, tol: float = TOL) -> dict:
             "router_grad": router_grad, "compared": len(common), "worst_grad": worst, **diffs}
 
 
-def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
-    """Routing replay at EP=2 (module docstring)."""
+def replay_checks(learner, batch, hf_dir: str, *, ep: int = 2) -> None:
+    """Routing replay at EP=`ep` (module docstring); checks named ep{ep}/..."""
     free = results(learner, batch, routing="free")
     own = learner.last_routing.clone()  # the routing of the free pass, (B, T, layers, k)
 
@@ -123,8 +158,8 @@ def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
         batch.routed_experts = own
         replayed = results(learner, batch)  # old pass replays `own`, training replays what it recorded
         same_record = bool(torch.equal(batch.replay_experts, own))
-        return {**compare(replayed, free, tol=min(TOL, 1e-7)), "recorded_equals_replayed": same_record,
-                "ok": compare(replayed, free, tol=min(TOL, 1e-7))["ok"] and same_record}
+        return {**compare(replayed, free, tol=SAME_TOL), "recorded_equals_replayed": same_record,
+                "ok": compare(replayed, free, tol=SAME_TOL)["ok"] and same_record}
 
     def other_experts_change_logprobs() -> dict:
         learner.config.routing_replay = "r3"
@@ -150,31 +185,30 @@ def replay_checks(learner, batch, hf_dir: str, state: dict) -> None:
     def recompute_replays_the_same_experts() -> dict:
         from megatron_s2lpo.learner import Learner
 
-        recomputing = Learner(ARCH, config(ep=2, replay="r3", recompute_granularity="full"), groups=learner.groups)
+        recomputing = Learner(ARCH, config(ep=ep, replay="r3", recompute_granularity="full"),
+                              groups=learner.groups)
         recomputing.load_hf(hf_dir)
         plain = results(learner, batch)  # batch.routed_experts is still the shifted routing
         again = results(recomputing, batch)
-        return compare(again, plain, tol=min(TOL, 1e-7))
+        return compare(again, plain, tol=SAME_TOL)
 
     def r2_replays_the_old_pass() -> dict:
         learner.config.routing_replay = "r2"
         batch.routed_experts = None  # r2 needs no engine routing
         replayed = results(learner, batch)
         same_record = bool(torch.equal(batch.replay_experts, own))  # the old pass's own routing
-        diffs = compare(replayed, free, tol=min(TOL, 1e-7))
+        diffs = compare(replayed, free, tol=SAME_TOL)
         return {**diffs, "recorded_equals_free": same_record, "ok": diffs["ok"] and same_record}
 
-    run_check("ep2/r2_replays_the_old_log_prob_pass", r2_replays_the_old_pass)
-    run_check("ep2/replay_own_routing_changes_nothing", own_routing_is_identity)
-    run_check("ep2/replay_other_experts_keeps_router_gradients", other_experts_change_logprobs)
-    run_check("ep2/replay_under_activation_recompute", recompute_replays_the_same_experts)
+    run_check(f"ep{ep}/r2_replays_the_old_log_prob_pass", r2_replays_the_old_pass)
+    run_check(f"ep{ep}/replay_own_routing_changes_nothing", own_routing_is_identity)
+    run_check(f"ep{ep}/replay_other_experts_keeps_router_gradients", other_experts_change_logprobs)
+    run_check(f"ep{ep}/replay_under_activation_recompute", recompute_replays_the_same_experts)
     learner.config.routing_replay = "none"
     batch.routed_experts = batch.replay_experts = None
 
 
 def part_ep2(state: dict, root: str) -> None:
-    from megatron_s2lpo.convert.export import iter_hf_tensors
-    from megatron_s2lpo.convert.hf_io import HFReader
     from megatron_s2lpo.convert.mcore_io import hf_to_mcore_checkpoint
     from megatron_s2lpo.learner import Learner
 
@@ -184,23 +218,20 @@ def part_ep2(state: dict, root: str) -> None:
     learner.load_hf(hf_dir)
     batch = fixed_batch()
 
-    def export_equals_hf() -> dict:
-        reader = HFReader(hf_dir)
-        exported = dict(iter_hf_tensors(learner.policy_chunks, groups, ARCH))
-        same = sorted(exported) == sorted(reader.names()) and all(torch.equal(t, reader[n]) for n, t in exported.items())
-        return {"ok": same, "tensors": len(exported), "local_experts": len(learner.policy_chunks[0].decoder.layers[0]
-                                                                          .mlp.local_expert_indices)}
+    def export_equals() -> dict:
+        return {**export_equals_hf(learner.policy_chunks, groups, hf_dir),
+                "local_experts": len(learner.policy_chunks[0].decoder.layers[0].mlp.local_expert_indices)}
 
     def logprobs_equal_hf() -> dict:
         ours = learner.compute_logprobs(batch, 1.0, all_tokens=True)
         diff = max_abs_diff(ours, hf_logprobs(hf_dir, batch))
         return {"ok": diff < TOL and bool((ours != 0).any()), "max_abs_diff": diff}
 
-    run_check("ep2/export_equals_hf_state_dict", export_equals_hf)
+    run_check("ep2/export_equals_hf_state_dict", export_equals)
     run_check("ep2/logprobs_equal_transformers", logprobs_equal_hf)
     run_check("ep2/tool_writes_checkpoint", lambda: {"arch": hf_to_mcore_checkpoint(
         hf_dir, os.path.join(root, "tool_ep2"), groups).family})
-    replay_checks(learner, batch, hf_dir, state)
+    replay_checks(learner, batch, hf_dir)
     learner.save(os.path.join(root, "ckpt"))
     state["ep2"] = results(learner, batch)
     state["step"] = learner.train_step(batch, loss_config=LOSS, temperature=0.7)
@@ -234,14 +265,7 @@ def part_ep1(state: dict, root: str) -> None:
     def logits_equal_hf() -> dict:
         fresh = Learner(ARCH, config(), groups=groups)
         fresh.load_hf(hf_dir)
-        chunk = fresh.policy_chunks[0]
-        tokens = batch.tokens[:2, :16]
-        positions = torch.arange(16).unsqueeze(0).expand(2, 16)
-        with torch.no_grad():
-            ours = chunk(tokens, positions, None)[..., :ARCH.vocab_size]
-            theirs = hf_model(hf_dir)(input_ids=tokens).logits
-        diff = max_abs_diff(ours, theirs)
-        return {"ok": diff < TOL, "max_abs_diff": diff}
+        return logits_against_hf(fresh.policy_chunks[0], batch.tokens[:2, :16], hf_dir)
 
     def tool_round_trip() -> dict:
         out = os.path.join(root, "tool_back")
@@ -260,7 +284,6 @@ def part_ep1(state: dict, root: str) -> None:
 def part_tp2(state: dict, root: str, *, ep: int, etp: int) -> None:
     """Model chunks at TP=2 (megatron trains MoE under TP only with sequence parallelism, a TE
     feature, so no Learner here): logits against transformers and the export against the HF state."""
-    from megatron_s2lpo.convert.export import iter_hf_tensors
     from megatron_s2lpo.convert.hf_io import HFReader
     from megatron_s2lpo.convert.live import load_hf_state
     from megatron_s2lpo.learner.model import build_model_chunks
@@ -274,16 +297,14 @@ def part_tp2(state: dict, root: str, *, ep: int, etp: int) -> None:
 
     def logits_and_export() -> dict:
         tokens = fixed_batch().tokens[:2, :16]
-        positions = torch.arange(16).unsqueeze(0).expand(2, 16)
         chunks[0].eval()
+        shard = chunk_logits(chunks[0], tokens).to(groups.device)
+        parts = [torch.empty_like(shard) for _ in range(2)]
+        dist.all_gather(parts, shard.contiguous(), group=groups.tp_group)
         with torch.no_grad():
-            shard = chunks[0](tokens, positions, None)
-            parts = [torch.empty_like(shard) for _ in range(2)]
-            dist.all_gather(parts, shard.contiguous(), group=groups.tp_group)
             theirs = hf_model(hf_dir)(input_ids=tokens).logits
-        diff = max_abs_diff(torch.cat(parts, -1)[..., :ARCH.vocab_size], theirs)
-        exported = dict(iter_hf_tensors(chunks, groups, ARCH))
-        same = sorted(exported) == sorted(reader.names()) and all(torch.equal(t, reader[n]) for n, t in exported.items())
+        diff = max_abs_diff(torch.cat(parts, -1).cpu()[..., :ARCH.vocab_size], theirs)
+        same = export_equals_hf(chunks, groups, hf_dir)["ok"]
         return {"ok": diff < TOL and same, "logits_max_abs_diff": diff, "export_equals_hf": same}
 
     run_check(f"tp2_ep{ep}_etp{etp}/logits_and_export_equal_hf", logits_and_export)
@@ -332,10 +353,60 @@ def part_cp1_dense(state: dict, root: str) -> None:
     destroy_parallel(destroy_process_group=False)
 
 
+def part_one_device(state: dict, root: str) -> None:
+    """One process (one GPU): every check that needs no second rank, at EP=1."""
+    from megatron_s2lpo.convert.hf_io import HFReader
+    from megatron_s2lpo.convert.mcore_io import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
+    from megatron_s2lpo.learner import Learner
+
+    hf_dir = state["hf_dir"]
+    groups = init_parallel(1, 1, seed=5)
+    learner = Learner(ARCH, config(), groups=groups)
+    learner.load_hf(hf_dir)
+    batch = fixed_batch()
+
+    def logprobs_equal_hf() -> dict:
+        ours = learner.compute_logprobs(batch, 1.0, all_tokens=True)
+        diff = max_abs_diff(ours, hf_logprobs(hf_dir, batch))
+        return {"ok": diff < TOL and bool((ours != 0).any()), "max_abs_diff": diff}
+
+    def tool_round_trip() -> dict:
+        hf_to_mcore_checkpoint(hf_dir, os.path.join(root, "tool_ep1"), groups)
+        mcore_to_hf_checkpoint(os.path.join(root, "tool_ep1"), os.path.join(root, "tool_back"), hf_dir, groups)
+        original, back = HFReader(hf_dir), HFReader(os.path.join(root, "tool_back"))
+        same = sorted(back.names()) == sorted(original.names()) and all(
+            torch.equal(back[n], original[n]) for n in original.names())
+        return {"ok": same, "tensors": len(back.names())}
+
+    def step_moves_logprobs() -> dict:
+        before = learner.compute_logprobs(batch, 0.7)
+        metrics = learner.train_step(batch, loss_config=LOSS, temperature=0.7)
+        moved = max_abs_diff(learner.compute_logprobs(batch, 0.7), before)
+        finite = all(bool(torch.isfinite(torch.tensor(float(metrics[k])))) for k in ("loss", "grad_norm"))
+        return {"ok": finite and moved > 1e-2, "moved": moved, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+
+    run_check("ep1/export_equals_hf_state_dict", lambda: export_equals_hf(learner.policy_chunks, groups, hf_dir))
+    run_check("ep1/logprobs_equal_transformers", logprobs_equal_hf)
+    run_check("ep1/logits_equal_transformers", lambda: logits_against_hf(
+        learner.policy_chunks[0], batch.tokens[:2, :16], hf_dir))
+    run_check("ep1/tool_round_trip_bit_exact", tool_round_trip)
+    replay_checks(learner, batch, hf_dir, ep=1)
+    run_check("ep1/step_moves_logprobs", step_moves_logprobs)
+    destroy_parallel(destroy_process_group=False)
+
+
 def main() -> None:
+    if torch.cuda.is_available() and not dist.is_initialized():  # NCCL on GPUs, not shared_tmpdir's gloo
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
     root = shared_tmpdir("moe_checks_")
     state: dict = {"hf_dir": os.path.join(root, "hf")}
     make_hf_model(state["hf_dir"])
+    if dist.get_world_size() == 1:
+        part_one_device(state, root)
+        shutil.rmtree(root, ignore_errors=True)
+        dist.destroy_process_group()
+        return
     part_ep2(state, root)
     part_ep1(state, root)
     part_tp2(state, root, ep=2, etp=1)
