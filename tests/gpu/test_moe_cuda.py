@@ -1,7 +1,7 @@
 """GPU tier for mixture-of-experts learners and context parallelism: what the CPU cannot run.
 
     python -m pytest tests/gpu/test_moe_cuda.py -s        # a node with >= 2 GPUs, TE, SGLang 0.5.23
-    python -m pytest tests/gpu/test_moe_cuda.py -s -k "one_gpu or sglang"   # one H100, about 5 minutes
+    python -m pytest tests/gpu/test_moe_cuda.py -s -k "one_gpu or sglang"   # one H100 (not yet timed)
 
 0. On one GPU, the same script in one process: TE grouped-GEMM experts at EP = 1 against
    transformers (log-probs, logits), the export with grouped-GEMM names, the conversion tool's
