@@ -383,7 +383,8 @@ def part_one_device(state: dict, root: str) -> None:
         metrics = learner.train_step(batch, loss_config=LOSS, temperature=0.7)
         moved = max_abs_diff(learner.compute_logprobs(batch, 0.7), before)
         finite = all(bool(torch.isfinite(torch.tensor(float(metrics[k])))) for k in ("loss", "grad_norm"))
-        return {"ok": finite and moved > 1e-2, "moved": moved, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+        return {"ok": finite and moved > 1e-2, "moved": moved, "loss": metrics["loss"],
+                "grad_norm": metrics["grad_norm"]}
 
     run_check("ep1/export_equals_hf_state_dict", lambda: export_equals_hf(learner.policy_chunks, groups, hf_dir))
     run_check("ep1/logprobs_equal_transformers", logprobs_equal_hf)
