@@ -66,6 +66,20 @@ def test_planner_spreads_the_experts_and_sizes_the_recipe():
     assert sharded.peak < 80 * GIB
 
 
+def test_host_memory_holds_this_ranks_experts_only():
+    """The pinned reference and the checkpoint staging of an EP rank hold its own experts, as its
+    GPU does, not the whole model's."""
+    from megatron_s2lpo.planner.host import estimate_host
+
+    cfg = load_config(RECIPE)
+    run = check_fits(cfg, 80, num_learner_gpus=32).runs[0]
+    host = {item.name: item.bytes for item in run.host.items}
+    assert host["reference"] == pytest.approx(run.learner.item("weights"))
+    dense_experts = estimate_host(known_arch("Qwen3-30B-A3B-Base"), LearnerConfig(**{
+        **_fields(cfg.learner), "expert_model_parallel_size": 1}), dp_size=32, with_reference=True, ranks_per_node=8)
+    assert run.host.per_rank < dense_experts.per_rank / 4
+
+
 def _fields(cfg: LearnerConfig) -> dict:
     return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
 
