@@ -5,6 +5,10 @@
     pip install megatron-core==0.16.1 && pip install --no-deps -e .
     python benchmarks/gpu_learner_check.py                      # all three recipes
     python benchmarks/gpu_learner_check.py --recipes fp8-blockwise --steps 5
+    bash tests/gpu/h100_check.sh                                # this and the GPU test tier, one command
+
+Without Transformer Engine the bf16 recipe runs on the local layer spec (FlashAttention varlen
+packs; "spec": "local" in its line) and the FP8 recipes are reported as skipped.
 
 Per recipe (TE layer spec, packed THD micro-batches, one GPU, random weights of the shape, an
 RL-like batch: 64 sequences of a 32-160-token prompt and a log-normal response, median 1,024,
@@ -35,6 +39,7 @@ statistics, the planner's figure) are unit-tested on the CPU (tests/unit/test_gp
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -72,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--median-response", type=int, default=1024)
     p.add_argument("--micro-batch-tokens", type=int, default=8192)
     p.add_argument("--steps", type=int, default=3, help="timed train steps per recipe (after one warm-up)")
+    p.add_argument("--json", default="", help="also write the results, one JSON object per line, to this file")
     args = p.parse_args(argv)
     unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
     if unknown:
@@ -79,11 +85,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def learner_config(recipe: str, micro_batch_tokens: int) -> LearnerConfig:
-    """The recipe's learner: TE spec, packed, no recompute, expandable segments, tiny lr."""
-    return LearnerConfig(use_te=True, pack_sequences=True, micro_batch_tokens=micro_batch_tokens,
+def learner_config(recipe: str, micro_batch_tokens: int, *, use_te: bool = True) -> LearnerConfig:
+    """The recipe's learner: TE spec (local spec with use_te=False), packed, no recompute,
+    expandable segments, tiny lr."""
+    return LearnerConfig(use_te=use_te, pack_sequences=True, micro_batch_tokens=micro_batch_tokens,
                          logprob_micro_batch_tokens=4 * micro_batch_tokens, logprob_chunk_tokens=1024,
                          expandable_segments=True, optim=OptimConfig(lr=1e-7), **RECIPES[recipe])
+
+
+def te_installed() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def recipe_skip_reason(recipe: str, *, te: bool, capability: tuple[int, int], cuda_version: str | None) -> str | None:
+    """Why `recipe` cannot run here (None: it runs). Without Transformer Engine bf16 still runs,
+    on the local spec (FlashAttention varlen packs); the FP8 recipes need TE."""
+    from megatron_s2lpo.learner.model import fp8_support_error
+
+    if RECIPES[recipe]["precision"] != "fp8":
+        return None
+    if not te:
+        return "needs Transformer Engine (transformer_engine is not installed)"
+    return fp8_support_error(RECIPES[recipe]["fp8_recipe"], capability, cuda_version)
 
 
 def ratio_statistics(new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, clip: float = 0.2) -> dict:
@@ -106,13 +129,13 @@ def planner_allocated_bytes(config: LearnerConfig, max_seq_len: int) -> float:
 def check_recipe(recipe: str, args: argparse.Namespace, batch, peak_bf16: float) -> dict:
     from megatron_s2lpo.learner import Learner
     from megatron_s2lpo.algo.batch import take_rows
-    from megatron_s2lpo.learner.model import fp8_support_error
 
-    config = learner_config(recipe, args.micro_batch_tokens)
-    if config.precision == "fp8":
-        error = fp8_support_error(config.fp8_recipe, torch.cuda.get_device_capability(), torch.version.cuda)
-        if error:
-            return {"recipe": recipe, "skipped": error}
+    te = te_installed()
+    error = recipe_skip_reason(recipe, te=te, capability=torch.cuda.get_device_capability(),
+                               cuda_version=torch.version.cuda)
+    if error:
+        return {"recipe": recipe, "skipped": error}
+    config = learner_config(recipe, args.micro_batch_tokens, use_te=te)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     learner = Learner(ARCH, config)
@@ -140,7 +163,8 @@ def check_recipe(recipe: str, args: argparse.Namespace, batch, peak_bf16: float)
     seconds = statistics.median(times)
     flops = train_flops(ARCH, lens)
     result = {
-        "recipe": recipe, "device": torch.cuda.get_device_name(), "tokens": sum(lens), "step_s": round(seconds, 3),
+        "recipe": recipe, "spec": "te" if te else "local", "device": torch.cuda.get_device_name(),
+        "tokens": sum(lens), "step_s": round(seconds, 3),
         "tokens_per_s": round(sum(lens) / seconds), "mfu_bf16_peak": round(flops / seconds / peak_bf16, 3),
         "peak_allocated_gb": round(peak / 2**30, 2), "static_gb": round(static / 2**30, 2),
         "planner_allocated_gb": round(planner_allocated_bytes(config, max(lens)) / 2**30, 2),
@@ -177,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         result = check_recipe(recipe, args, batch, peak)
         results.append(result)
         print(json.dumps(result), flush=True)
+        if args.json:
+            with open(args.json, "a") as out:
+                out.write(json.dumps(result) + "\n")
     print(f"\nbf16 matmul peak {peak / 1e12:.0f} TFLOP/s; {len(lens)} sequences, {sum(lens)} tokens, "
           f"longest {max(lens)}; micro_batch_tokens {args.micro_batch_tokens}")
     print(f"{'recipe':<16}{'tokens/s':>10}{'MFU':>7}{'peak GB':>9}{'planner':>9}{'ratio max':>11}{'clip frac':>11}")

@@ -2,6 +2,7 @@
 on one CUDA device. Skipped on machines without CUDA.
 
     python -m pytest tests/gpu          # on a CUDA machine with megatron-core installed
+    bash tests/gpu/h100_check.sh        # this tier and benchmarks/gpu_learner_check.py, one command
 """
 
 import os

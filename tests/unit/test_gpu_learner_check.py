@@ -4,8 +4,10 @@ planner's figure, the refusal without CUDA, and that it needs nothing beyond tor
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,50 @@ def test_without_cuda_it_says_so_and_imports_only_what_it_needs():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr, out.stderr
     assert "EXTRA []" in out.stdout
+
+
+def test_without_transformer_engine_bf16_runs_on_the_local_spec_and_fp8_says_why():
+    hopper = dict(capability=(9, 0), cuda_version="12.9")
+    assert check.recipe_skip_reason("bf16", te=False, **hopper) is None
+    for recipe in ("fp8-tensorwise", "fp8-blockwise"):
+        assert "needs Transformer Engine" in check.recipe_skip_reason(recipe, te=False, **hopper)
+        assert check.recipe_skip_reason(recipe, te=True, **hopper) is None
+    assert "CUDA 12.9+" in check.recipe_skip_reason("fp8-blockwise", te=True, capability=(9, 0), cuda_version="12.4")
+    local = check.learner_config("bf16", 8192, use_te=False)
+    assert local.use_te is False and local.pack_sequences and local.token_alignment.pack == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
+def test_the_one_command_refuses_without_cuda_and_never_writes_over_results(tmp_path):
+    """tests/gpu/h100_check.sh: the environment is recorded, then exit 2 naming the missing GPU; a
+    results directory that holds something is refused; an unknown argument is a usage error."""
+    script = REPO / "tests" / "gpu" / "h100_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=240)
+
+    out = tmp_path / "results"
+    first = run("--out", str(out))
+    assert first.returncode == 2 and "no CUDA device" in first.stdout + first.stderr, first.stderr
+    recorded = (out / "environment.txt").read_text()
+    assert "version set: ngc_pytorch" in recorded and f"torch {torch.__version__}" in recorded
+    again = run("--out", str(out))
+    assert again.returncode == 2 and "already holds results" in again.stderr
+    assert (out / "environment.txt").read_text() == recorded
+    bad = run("--steps", "3")
+    assert bad.returncode == 2 and "usage: bash tests/gpu/h100_check.sh" in bad.stderr
+    # --wheels: installed offline into a temporary directory (removed at exit) before the GPU check
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    empty = run("--out", str(tmp_path / "r2"), "--wheels", str(wheels))
+    assert empty.returncode == 2 and "no .whl file there" in empty.stderr
+    with zipfile.ZipFile(wheels / "s2lpo_probe-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("s2lpo_probe/__init__.py", "")
+        whl.writestr("s2lpo_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: s2lpo-probe\nVersion: 1.0\n")
+        whl.writestr("s2lpo_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                     "Tag: py3-none-any\n")
+        whl.writestr("s2lpo_probe-1.0.dist-info/RECORD", "")
+    installed = run("--out", str(tmp_path / "r2"), "--wheels", str(wheels))
+    assert installed.returncode == 2 and "no CUDA device" in installed.stdout, installed.stderr

@@ -186,3 +186,22 @@ def test_expandable_segments_are_refused_with_cuda_ipc_weight_sync():
     # the config keeps null, so a launcher that colocates (sync.transport=tensor) still gets it off
     colocated = load_config("examples/qwen3_8b_explorer_1p7b.yaml", ["sync.transport=tensor"])
     assert colocated.resolved_learner().expandable_segments is False
+
+
+def test_every_gpu_recipe_overlaps_communication_and_saves_without_gathering():
+    """The GPU recipes (examples/qwen3_*.yaml, the DAPO variant included): DP reduce and param
+    gather overlapped, no recompute (selective core_attn saves nothing with TE's attention),
+    asynchronous dp_reshardable checkpoints, expandable segments resolved on."""
+    from pathlib import Path
+
+    from megatron_s2lpo.config import load_config
+
+    recipes = sorted(Path("examples").glob("qwen3_*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        config = load_config(str(path))
+        lc = config.learner
+        assert lc.optim.use_distributed_optimizer and lc.overlap_grad_reduce and lc.overlap_param_gather, path
+        assert lc.recompute_granularity == "none", path
+        assert lc.checkpoint.async_save and lc.checkpoint.optimizer_sharding == "dp_reshardable", path
+        assert config.resolved_learner().expandable_segments is True, path
