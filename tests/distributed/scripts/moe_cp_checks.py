@@ -386,7 +386,12 @@ def part_one_device(state: dict, root: str) -> None:
         return {"ok": finite and moved > 1e-2, "moved": moved, "loss": metrics["loss"],
                 "grad_norm": metrics["grad_norm"]}
 
-    run_check("ep1/export_equals_hf_state_dict", lambda: export_equals_hf(learner.policy_chunks, groups, hf_dir))
+    def export_equals() -> dict:
+        experts = type(learner.policy_chunks[0].decoder.layers[0].mlp.experts).__name__  # TEGroupedMLP with TE
+        return {**export_equals_hf(learner.policy_chunks, groups, hf_dir), "device": str(groups.device),
+                "experts": experts}
+
+    run_check("ep1/export_equals_hf_state_dict", export_equals)
     run_check("ep1/logprobs_equal_transformers", logprobs_equal_hf)
     run_check("ep1/logits_equal_transformers", lambda: logits_against_hf(
         learner.policy_chunks[0], batch.tokens[:2, :16], hf_dir))
