@@ -202,6 +202,7 @@ def test_every_gpu_recipe_overlaps_communication_and_saves_without_gathering():
         config = load_config(str(path))
         lc = config.learner
         assert lc.optim.use_distributed_optimizer and lc.overlap_grad_reduce and lc.overlap_param_gather, path
-        assert lc.recompute_granularity == "none", path
+        # the MoE recipe's routed activations do not fit without it (test_moe_cp_config.py)
+        assert lc.recompute_granularity == "none" or path.name == "qwen3_30b_a3b_explorer_4b.yaml", path
         assert lc.checkpoint.async_save and lc.checkpoint.optimizer_sharding == "dp_reshardable", path
         assert config.resolved_learner().expandable_segments is True, path
