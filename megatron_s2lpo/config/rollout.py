@@ -63,6 +63,13 @@ class EngineConfig:
     # so the key itself is in no config file, command line or log; used when api_key is empty.
     api_key_env: str = ""
     enable_memory_saver: bool = False  # colocated with the learner: release memory between phases
+    # Mixture-of-experts models: launch with --enable-return-routed-experts so requests can ask for
+    # the experts every token was routed to (the trainer sets it for a learner that replays them)
+    return_routed_experts: bool = False
+    # backend local: the in-process engine's weights and arithmetic. bfloat16 samples with a bf16
+    # inference server's numerics on a CPU (the learner trains in fp32): log-probs, and for a
+    # mixture of experts the routing, then differ from the learner's as on a GPU cluster.
+    local_dtype: Literal["float32", "bfloat16"] = "float32"
     # --enable-deterministic-inference: the same request (prompt, sampling params, sampling_seed)
     # gives the same tokens whatever else the server batches with it (docs/rollout.md).
     deterministic: bool = False
@@ -94,9 +101,14 @@ class EngineConfig:
     init_arch: ModelArch | None = None
     init_seed: int = 0
     init_sft_steps: int = 0
+    # The warm start's problems: the first N of the synthetic train split (0: all of them), so
+    # that RL can train on problems the warm start never saw.
+    init_sft_problems: int = 0
 
     def __post_init__(self) -> None:
         check(self.init_sft_steps >= 0, f"engine init_sft_steps must be >= 0, got {self.init_sft_steps}")
+        check(self.init_sft_problems >= 0,
+              f"engine init_sft_problems must be >= 0 (0: every train problem), got {self.init_sft_problems}")
         check(1 <= self.port <= 65535, f"engine port must be in 1..65535, got {self.port}")
         check(self.tp_size >= 1 and self.dp_size >= 1,
               f"engine tp_size/dp_size must be >= 1, got {self.tp_size}/{self.dp_size}")

@@ -90,6 +90,11 @@ class RunConfig:
               f"algo.method=opd with rollout.learner.sampling top_p={sampling.top_p} top_k={sampling.top_k}: the "
               "teacher scores full-vocabulary log-probs (rollout/scoring.py), so the reverse KL against a truncated "
               "sampler compares different distributions; set top_p=1 and top_k=-1 for on-policy distillation")
+        engine = self.rollout.learner
+        check(self.learner.routing_replay != "r3" or engine.backend != "sglang" or engine.return_routed_experts,
+              "learner.routing_replay=r3 replays the experts the learner's SGLang server routed every token to: set "
+              "rollout.learner.return_routed_experts=true (the server starts with --enable-return-routed-experts; "
+              "an attached server must have been started with it)")
         self._check_overlong()
         self._check_fp8_parity()
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",

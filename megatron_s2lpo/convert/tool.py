@@ -20,8 +20,9 @@
 Run as a plain script, the tool is a single process: it builds the whole model once (in the
 checkpoint dtype) and dist_checkpointing stores global tensors, so the output reshards to any
 TP/PP on load; --tp/--pp are then checked against the architecture and recorded in
-convert_info.json. Under torchrun (WORLD_SIZE set) the model is built at --tp x --pp and the
-world size must be a multiple of tp * pp. See docs/convert.md.
+convert_info.json. Under torchrun (WORLD_SIZE set) the model is built at --tp x --pp (and, for
+a Qwen3-MoE model, its experts spread over --ep ranks) and the world size must be a multiple of
+tp * pp and of ep * pp. See docs/convert.md.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="modules kept unquantized (modules_to_not_convert), e.g. model.layers.0.mlp")
     to_fp8.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     for p in (to_mcore, to_hf):
+        p.add_argument("--ep", type=int, default=1, help="expert parallel size under torchrun (mixture-of-experts "
+                       "models; the checkpoint loads at any EP)")
         p.add_argument("--force", action="store_true", help="write into a non-empty output directory, "
                        "removing files of a previous conversion there")
     return parser
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> None:
     M.check_supported(arch)
     M.check_tp_size(arch, args.tp)
     M.check_pp_size(arch, args.pp)
+    M.check_expert_parallel(arch, args.ep)
     # fail on user mistakes before megatron is imported or a model is built
     if args.direction == "hf-to-mcore":
         reader = HFReader(args.hf)
@@ -155,7 +159,8 @@ def run(args: argparse.Namespace) -> None:
     from megatron_s2lpo.learner.parallel import destroy_parallel, init_parallel
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    groups = init_parallel(args.tp, args.pp) if distributed else init_parallel(1, 1)
+    groups = (init_parallel(args.tp, args.pp, expert_model_parallel_size=args.ep) if distributed
+              else init_parallel(1, 1))
     try:
         if groups.rank == 0:
             clear_output(args.out)

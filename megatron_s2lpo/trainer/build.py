@@ -38,13 +38,19 @@ from megatron_s2lpo.types import Prompt
 # ----------------------------------------------------------------------------- models
 
 
-def _sft_warm_start(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, num_steps: int, seed: int) -> None:
-    """A few supervised steps on `prompt + \\boxed{answer}<eos>` of the synthetic train split."""
+def _sft_warm_start(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, num_steps: int, seed: int,
+                    num_problems: int = 0, name: str = "") -> None:
+    """A few supervised steps on `prompt + \\boxed{answer}<eos>` of the synthetic train split
+    (its first `num_problems` problems; 0: all of data.synthetic.num_train)."""
     from megatron_s2lpo.data import arithmetic_completion
 
     if cfg.data.train_path:
         raise ValueError("rollout.*.init_sft_steps > 0 needs the synthetic task (data.train_path empty)")
-    prompts = make_arithmetic_prompts(cfg.data.synthetic, split="train", num_prompts=cfg.data.synthetic.num_train)
+    num_train = cfg.data.synthetic.num_train
+    if num_problems > num_train:
+        raise ValueError(f"rollout.{name}.init_sft_problems={num_problems} exceeds data.synthetic.num_train="
+                         f"{num_train}: the warm start takes its problems from the train split")
+    prompts = make_arithmetic_prompts(cfg.data.synthetic, split="train", num_prompts=num_problems or num_train)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -81,7 +87,8 @@ def materialize_model(engine_cfg: EngineConfig, name: str, cfg: RunConfig, token
     with torch.random.fork_rng(devices=[]):
         engine = LocalEngine.from_arch(engine_cfg.init_arch, init_seed=engine_cfg.init_seed, tokenizer=tokenizer)
         if engine_cfg.init_sft_steps:
-            _sft_warm_start(engine.model, tokenizer, cfg, engine_cfg.init_sft_steps, engine_cfg.init_seed)
+            _sft_warm_start(engine.model, tokenizer, cfg, engine_cfg.init_sft_steps, engine_cfg.init_seed,
+                            engine_cfg.init_sft_problems, name)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     engine.save_pretrained(tmp)
@@ -215,6 +222,13 @@ def _engine(cfg: EngineConfig, path: str, tokenizer: Any, name: str, seed: int, 
                         tokenizer=tokenizer, name=name, seed=seed, log_dir=log_dir or None)
 
 
+def learner_routing(cfg: RunConfig, arch: ModelArch) -> bool:
+    """Whether the learner's samples carry their engine's routed experts: a mixture-of-experts
+    learner that replays them (learner.routing_replay=r3) or reports routing metrics."""
+    learner = cfg.learner
+    return arch.is_moe and (learner.routing_replay == "r3" or learner.routing_metrics_every > 0)
+
+
 def mix_settings(cfg: RunConfig) -> tuple[int, str, float]:
     """(t_mix, schedule, constant_share) of the collector's explorer slot.
 
@@ -257,6 +271,9 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     algo, rollout = cfg.algo, cfg.rollout
     learner = Learner(model_arch(rollout.learner, "learner"), cfg.resolved_learner(), with_reference=algo.kl_coef > 0)
     groups = learner.groups
+    routing = learner_routing(cfg, learner.arch)
+    if routing:  # a launched SGLang server must be started able to return its routing
+        rollout = dataclasses.replace(rollout, learner=dataclasses.replace(rollout.learner, return_routed_experts=True))
     learner_path = _learner_dir(cfg, tokenizer)  # rank 0 writes it when built from code
     if algo.method == "forward_kl":  # the teacher samples every group, through the explorer slot
         rollout = dataclasses.replace(rollout, explorer=rollout.teacher, explorer_store="")
@@ -288,7 +305,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
             explorer=None if explorer_engine is None else ScoringEngine(explorer_engine, stage),
             explorer_sampling=rollout.explorer.sampling, prefetcher=prefetcher, schedule=schedule,
             rounding=algo.rounding, constant_share=constant_share, seed=cfg.run.seed,
-            rules=AnswerRules(vocab_size=learner.arch.vocab_size, max_staleness=cfg.run.max_staleness))
+            rules=AnswerRules(vocab_size=learner.arch.vocab_size, max_staleness=cfg.run.max_staleness),
+            learner_routing=routing)
         stage.collector = collector
         teacher_engine, teacher_scorer = _teacher(cfg, explorer_engine, tokenizer)
         stage.guards = _frozen_guards(cfg, explorer_engine, teacher_engine, learner.arch.vocab_size)
@@ -301,7 +319,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     sync = WeightSync.from_learner(learner, learner_engine, sync_cfg,
                                    temperature=rollout.learner.sampling.temperature,
                                    hf_config_dir=learner_path or None, quantization=fp8)
-    explorer_params = ModelArch.from_hf_config(explorer_path).num_params() if explorer_path else 0
+    # rollout FLOPs scale with the parameters a token passes through (a MoE's active ones)
+    explorer_params = ModelArch.from_hf_config(explorer_path).num_active_params() if explorer_path else 0
     pipeline = RolloutPipeline(stage=stage, sampler=sampler, prompts=train, groups=groups, sync=sync,
                                max_staleness=cfg.run.max_staleness, num_steps=cfg.run.num_steps,
                                prefetch_steps=cfg.rollout.prefetch_steps,
@@ -311,7 +330,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         config=cfg, tokenizer=tokenizer, train_prompts=train, heldout_prompts=heldout, sampler=sampler,
         learner=learner, sync=sync, pipeline=pipeline, collector=collector, learner_engine=learner_engine,
         explorer_engine=explorer_engine, prefetcher=prefetcher, scorer=scorer, writer=writer,
-        learner_params=learner.arch.num_params(), explorer_params=explorer_params,
+        learner_params=learner.arch.num_active_params(), explorer_params=explorer_params,
         checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR), learner_dir=learner_path,
         teacher_engine=teacher_engine, teacher_scorer=teacher_scorer)
 

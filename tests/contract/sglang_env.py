@@ -39,9 +39,9 @@ STUBS: dict[str, str] = {
     "triton": "GPU kernel compiler (CUDA only; imported by SGLang's utils and kernels at import time)",
     "torchvision": "PyPI builds require the CUDA torch 2.14.1 (installing it replaces torch 2.13.0); "
                    "imported by SGLang's multimodal configs",
-    "vllm": "CUDA kernels; SGLang's RotaryEmbedding imports vllm._custom_ops.rotary_embedding when it is built "
-            "on a device that is neither CUDA nor the CPU engine (the FP8 contract server builds SGLang's model; "
-            "its forward never runs here)",
+    "vllm": "imported by SGLang's RotaryEmbedding.__init__ on a device that is neither CUDA nor its CPU engine "
+            "(the real CPU server environment patches that import to the torch-native rope); the FP8 contract "
+            "server and the Qwen3-MoE loader check build SGLang's model layers but never run them",
 }
 
 # The modules the contract checks use (imported by `load`).
