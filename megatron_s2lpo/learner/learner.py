@@ -14,6 +14,7 @@ reduced the same way).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -336,15 +337,18 @@ class Learner:
                                     optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
                                     extra_files=extra_files)
 
-    def load(self, path: str | Path, *, load_optimizer: bool = True) -> ckpt.LoadedState:
+    def load(self, path: str | Path, *, load_optimizer: bool = True,
+             state_check: Callable[[dict, Path], None] | None = None) -> ckpt.LoadedState:
         """Load a checkpoint (directory or root -> latest complete), resharding as needed.
 
-        load_optimizer=False loads the weights only (fresh optimizer state and LR schedule)."""
+        load_optimizer=False loads the weights only (fresh optimizer state and LR schedule).
+        state_check: what the saved trainer state must hold (a checkpoint without it is skipped)."""
         self._require_onloaded("load a checkpoint")
         self.sync_params()  # a pending gather must not overwrite the loaded weights later
         loaded = ckpt.load_checkpoint(path, model_chunks=self.model,
                                       optimizer=self.optimizer if load_optimizer else None,
-                                      scheduler=self.scheduler if load_optimizer else None)
+                                      scheduler=self.scheduler if load_optimizer else None,
+                                      state_check=state_check)
         if not load_optimizer:  # weights only: fp32 main copies (bf16 / fp8) must follow them
             self.optimizer.reload_model_params()
         self.step = int(loaded.trainer_state.get("learner_step", loaded.step))
