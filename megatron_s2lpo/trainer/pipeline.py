@@ -44,6 +44,7 @@ groups' collection time hidden behind the learner's work; 0 at staleness 0).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -57,6 +58,7 @@ import torch
 
 from megatron_s2lpo.rollout import GroupCollector
 from megatron_s2lpo.rollout.engine import Completion, GenerateRequest
+from megatron_s2lpo.rollout.validation import AnswerRules, InvalidAnswerError, check_rollouts
 from megatron_s2lpo.types import FinishReason, Group, Prompt, Rollout, Source
 
 PENDING_FILE = "pending_rollouts.safetensors"
@@ -236,7 +238,7 @@ class RolloutPipeline:
         def read() -> int | None:
             if not path.is_file():
                 return None
-            loaded.append(decode_groups(path.read_bytes(), {p.prompt_id: p for p in self.prompts}, where=str(path)))
+            loaded.append(self.read_pending(path))
             return loaded[0][0]
 
         saved_step = run_on_driver(read, self.groups)
@@ -252,6 +254,14 @@ class RolloutPipeline:
         pending = _Collection(saved_step)  # collected before the restart: no timing of its own
         pending.future.set_result(loaded[0][1:] if self.is_driver else None)
         self._next = pending
+
+    def read_pending(self, path: Path) -> tuple[int, list[Group], float, float]:
+        """The pending rollouts file `path` decoded and checked like an engine's answer (rank 0:
+        the collector's rules); ValueError naming the file otherwise."""
+        rules = self.stage.collector.rules if self.stage is not None and self.stage.collector is not None else None
+        if rules is not None:  # collected one step ahead, whatever this run's staleness (resume() says)
+            rules = dataclasses.replace(rules, max_staleness=1)
+        return decode_groups(path.read_bytes(), {p.prompt_id: p for p in self.prompts}, where=str(path), rules=rules)
 
     def close(self) -> None:
         """Wait for a collection in flight (its engines close after it), dropping its outcome."""
@@ -314,35 +324,82 @@ def encode_groups(step: int, groups: list[Group], rollout_s: float, reward_s: fl
                  "loss_mask": flat([r.loss_mask for r in rollouts], torch.int64)})
 
 
-def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str) -> tuple[int, list[Group], float, float]:
-    """(step, groups, rollout seconds, reward seconds) of `encode_groups`' bytes; a damaged file or
-    one naming prompts the dataset does not have is a ValueError naming `where`."""
+_COLUMNS = {"prompt_ids": torch.int64, "response_ids": torch.int64, "response_logprobs": torch.float64,
+            "loss_mask": torch.int64}
+
+
+def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
+                  rules: AnswerRules | None = None) -> tuple[int, list[Group], float, float]:
+    """(step, groups, rollout seconds, reward seconds) of `encode_groups`' bytes.
+
+    The file is read as strictly as an engine's answer: a damaged file, columns of other dtypes or
+    lengths than the metadata says, prompts the dataset does not have or other prompt tokens than
+    the dataset's, and (with `rules`) every check of rollout/validation.py (token ids in the
+    vocabulary, log-probs finite and <= 0, 0/1 loss masks, learner weight versions the step
+    allows) are a ValueError naming `where`."""
     from safetensors.torch import load
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{where} is damaged ({problem}); remove its checkpoint directory to resume from the "
+                          "one before")
 
     try:
         tensors = load(data)
         meta = json.loads(bytes(tensors["meta"].tolist()).decode())
-        columns = {name: tensors[name].tolist() for name in ("prompt_ids", "response_ids", "response_logprobs",
-                                                                "loss_mask")}
+        wrong = [f"{name} is {tensors[name].dtype}" for name, dtype in _COLUMNS.items()
+                 if tensors[name].dtype != dtype or tensors[name].dim() != 1]
+        if wrong or tensors["meta"].dtype != torch.uint8:
+            raise ValueError(", ".join(wrong) or "meta is not bytes")
+        columns = {name: tensors[name].tolist() for name in _COLUMNS}
+        step, groups_meta = meta["step"], meta["groups"]
+        rollout_s, reward_s = float(meta["rollout_s"]), float(meta["reward_s"])
+        if not isinstance(step, int) or isinstance(step, bool) or not isinstance(groups_meta, list):
+            raise ValueError(f"step {step!r}")
     except Exception as err:  # noqa: BLE001 - any damage reads the same to the user
-        raise ValueError(f"{where} is damaged ({type(err).__name__}: {err}); remove its checkpoint directory "
-                         "to resume from the one before") from None
+        raise bad(f"{type(err).__name__}: {err}") from None
     offsets = {"prompt": 0, "response": 0}
     groups = []
-    for group in meta["groups"]:
-        prompt = prompts.get(group["prompt_id"])
+    for group in groups_meta:
+        prompt = prompts.get(group.get("prompt_id")) if isinstance(group, dict) else None
         if prompt is None:
-            raise ValueError(f"{where} holds rollouts of prompt {group['prompt_id']!r}, which the run's dataset "
-                             "does not have; resume with the data the run started with")
-        rollouts = []
-        for prompt_id, index, source, finish, version, text, reward, n_prompt, n_response in group["rollouts"]:
-            p, r = offsets["prompt"], offsets["response"]
-            offsets["prompt"], offsets["response"] = p + n_prompt, r + n_response
-            rollouts.append(Rollout(prompt_id=prompt_id, sample_index=index, source=Source(source),
-                                    prompt_ids=columns["prompt_ids"][p:p + n_prompt],
-                                    response_ids=columns["response_ids"][r:r + n_response],
-                                    response_logprobs=columns["response_logprobs"][r:r + n_response],
-                                    finish_reason=FinishReason(finish), weight_version=version, text=text,
-                                    loss_mask=columns["loss_mask"][r:r + n_response], reward=reward))
+            raise ValueError(f"{where} holds rollouts of prompt {group.get('prompt_id') if isinstance(group, dict) else group!r}, "
+                             "which the run's dataset does not have; resume with the data the run started with")
+        try:
+            rollouts = [_decode_rollout(row, columns, offsets) for row in group["rollouts"]]
+        except (ValueError, TypeError, KeyError) as err:
+            raise bad(f"a rollout of prompt {prompt.prompt_id!r}: {err}") from None
+        for r in rollouts:
+            if r.prompt_id != prompt.prompt_id or r.prompt_ids != list(prompt.token_ids or []):
+                raise bad(f"a rollout of prompt {prompt.prompt_id!r} names prompt {r.prompt_id!r} or other prompt "
+                          "tokens than the dataset's")
         groups.append(Group(prompt=prompt, rollouts=rollouts))
-    return meta["step"], groups, meta["rollout_s"], meta["reward_s"]
+    if offsets["prompt"] != len(columns["prompt_ids"]) or offsets["response"] != len(columns["response_ids"]):
+        raise bad(f"the metadata accounts for {offsets['prompt']} prompt and {offsets['response']} response tokens, "
+                  f"the file holds {len(columns['prompt_ids'])} and {len(columns['response_ids'])}")
+    if rules is not None:
+        try:
+            check_rollouts((r for g in groups for r in g.rollouts), rules, step=step, engine=where,
+                           check_versions=False)
+            check_rollouts((r for g in groups for r in g.rollouts if r.source is Source.LEARNER), rules, step=step,
+                           engine=where, check_versions=True)
+        except InvalidAnswerError as err:
+            raise bad(str(err)) from None
+    return step, groups, rollout_s, reward_s
+
+
+def _decode_rollout(row: list, columns: dict[str, list], offsets: dict[str, int]) -> Rollout:
+    """One rollout of the metadata row `row`, its tokens taken from `columns` at `offsets` (advanced)."""
+    prompt_id, index, source, finish, version, text, reward, n_prompt, n_response = row
+    counts = (index, version, n_prompt, n_response)
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in counts) or not isinstance(text, str):
+        raise ValueError(f"index, version and lengths must be integers >= 0, got {counts}")
+    p, r = offsets["prompt"], offsets["response"]
+    offsets["prompt"], offsets["response"] = p + n_prompt, r + n_response
+    if offsets["prompt"] > len(columns["prompt_ids"]) or offsets["response"] > len(columns["response_ids"]):
+        raise ValueError("its tokens run past the end of the file's columns")
+    return Rollout(prompt_id=str(prompt_id), sample_index=index, source=Source(source),
+                   prompt_ids=columns["prompt_ids"][p:p + n_prompt],
+                   response_ids=columns["response_ids"][r:r + n_response],
+                   response_logprobs=columns["response_logprobs"][r:r + n_response],
+                   finish_reason=FinishReason(finish), weight_version=version, text=text,
+                   loss_mask=columns["loss_mask"][r:r + n_response], reward=reward)
