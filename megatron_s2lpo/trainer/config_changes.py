@@ -1,0 +1,193 @@
+"""Resuming with a changed config: what may change, what is refused, and the record of what was accepted.
+
+Every checkpoint's trainer state carries the settings of the run that wrote it (`snapshot`: the
+flattened config without API keys, plus `data.contents`, a fingerprint of the training data
+files). `--resume` compares them with the current config before anything is built:
+
+- settings that change how the run executes but not what it computes (`OPERATIONAL`: where
+  servers listen, timeouts, parallel layout, logging, checkpoint cadence, ...) may change freely;
+- every other difference changes the run's meaning (group size, seeds, learning rate, t_mix,
+  sampling, models, data, ...) and is refused, listing each setting with its old and new value,
+  unless the user accepts it by name:
+
+      s2lpo train CONFIG algo.t_mix=50 --resume --allow-config-change algo.t_mix
+      s2lpo train CONFIG ... --resume run.allow_config_change=[algo.t_mix,data]   # the same
+
+  A name accepts that setting or every setting under it (`algo` accepts all of algo.*, `data`
+  the data settings and contents). Accepted changes are appended to
+  `<run.output_dir>/config_changes.jsonl` (time, the step resumed from, setting, old, new) and
+  printed, and apply from the resumed step on: the learning-rate schedule and Adam settings that
+  the checkpoint brings back are replaced by the config's (`reapply_optimizer_settings`).
+- `run.num_steps` may grow or shrink, but not below the checkpoint's step: that is an error (the
+  checkpoint is past the end already); equal means nothing is left to train.
+
+Checkpoints written before settings were recorded are resumed without this check (a warning
+says so).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_s2lpo.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "config"  # in the trainer state of a checkpoint
+DATA_KEY = "data.contents"
+CHANGES_FILE = "config_changes.jsonl"
+
+# How the run executes, not what it computes (fnmatch patterns over dotted setting names).
+OPERATIONAL = (
+    "run.name", "run.output_dir", "run.resume", "run.allow_config_change", "run.num_steps", "run.save_every",
+    "run.keep_checkpoints", "run.eval_every", "run.eval_num_samples", "run.eval_temperature", "run.eval_at_start",
+    "run.reward_workers",
+    "rollout.*.url", "rollout.*.urls", "rollout.*.replicas", "rollout.*.host", "rollout.*.port", "rollout.*.ports",
+    "rollout.*.base_gpu_id", "rollout.*.tp_size", "rollout.*.dp_size", "rollout.*.mem_fraction",
+    "rollout.*.api_key", "rollout.*.api_key_env", "rollout.*.enable_memory_saver", "rollout.*.extra_args",
+    "rollout.*.launch_command", "rollout.*.startup_timeout_s", "rollout.*.max_restarts",
+    "rollout.*.max_concurrency", "rollout.*.hang_timeout_s", "rollout.*.request_timeout_s",
+    "rollout.*.max_retries", "rollout.*.log_dir", "rollout.prefetch_steps",
+    "learner.tensor_parallel_size", "learner.pipeline_parallel_size", "learner.virtual_pipeline_parallel_size",
+    "learner.context_parallel_size", "learner.sequence_parallel", "learner.micro_batch_tokens",
+    "learner.logprob_micro_batch_tokens", "learner.logprob_chunk_tokens", "learner.recompute_*",
+    "learner.overlap_*", "learner.gradient_accumulation_fusion", "learner.ref_offload",
+    "learner.optim.cpu_offload", "learner.optim.cpu_offload_fraction",
+    "sync.*", "reward.timeout_s", "reward.batch_timeout_s", "logging.*",
+)
+_SECRETS = ("rollout.*.api_key",)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a file, or of a directory's files (names and contents, sorted)."""
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    for file in files:
+        digest.update(os.path.relpath(file, path).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> digest: a run hashes its data once
+
+
+def data_fingerprint(cfg: RunConfig) -> str:
+    """sha256 over the training data files (`data.train_path`); "" for the synthetic task, which
+    its settings determine."""
+    path = cfg.data.train_path
+    if not path:
+        return ""
+    if not os.path.exists(path):
+        return "missing"
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _file_digest(path)
+    return _DIGESTS[key]
+
+
+def snapshot(cfg: RunConfig) -> dict[str, Any]:
+    """The run's settings as a checkpoint records them: dotted names -> values, API keys left out."""
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items()
+            if not any(fnmatch.fnmatchcase(k, pattern) for pattern in _SECRETS)}
+    flat[DATA_KEY] = data_fingerprint(cfg)
+    return json.loads(json.dumps(flat))  # as it reads back from the checkpoint (tuples -> lists)
+
+
+def _matches(key: str, names: list[str] | tuple[str, ...]) -> bool:
+    return any(key == name or key.startswith(name + ".") or fnmatch.fnmatchcase(key, name) for name in names)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, old, new) of every meaningful setting that differs (OPERATIONAL ones left out)."""
+    keys = sorted(set(saved) | set(current))
+    return [(k, saved.get(k), current.get(k)) for k in keys
+            if saved.get(k) != current.get(k) and not _matches(k, OPERATIONAL)]
+
+
+def check_resume_config(cfg: RunConfig, checkpoint: Path, trainer_state: dict) -> list[tuple[str, Any, Any]]:
+    """ValueError for a resume that would change the run's meaning without the user's consent, or
+    a run.num_steps below the checkpoint's step; the accepted changes otherwise (module docstring)."""
+    step = int(trainer_state.get("step", 0))
+    if cfg.run.num_steps < step:
+        raise ValueError(f"run.num_steps={cfg.run.num_steps} is below the step of the checkpoint to resume, "
+                         f"{checkpoint} (step {step}): that run is past its end already; set run.num_steps >= {step} "
+                         "to continue it (equal: nothing left to train)")
+    saved = trainer_state.get(CONFIG_KEY)
+    if not isinstance(saved, dict):
+        logger.warning("checkpoint %s does not record the settings of its run (written before they were "
+                       "recorded); resuming without checking the config for changes", checkpoint)
+        return []
+    changes = config_changes(saved, snapshot(cfg))
+    allowed = list(cfg.run.allow_config_change)
+    refused = [c for c in changes if not _matches(c[0], allowed)]
+    if refused:
+        listing = "".join(f"\n  {key}: {_show(old)} -> {_show(new)}" for key, old, new in refused)
+        names = " ".join(key if key != DATA_KEY else "data" for key, _, _ in refused)
+        raise ValueError(f"--resume from {checkpoint}: the config changes what the run computes:{listing}\n"
+                         "Resume with the settings the run was started with, or accept the change: "
+                         f"--allow-config-change {names} (run.allow_config_change=[{names.replace(' ', ',')}]); "
+                         f"accepted changes are recorded in {CHANGES_FILE}")
+    return changes
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def record_changes(output_dir: str, checkpoint: Path, changes: list[tuple[str, Any, Any]]) -> None:
+    """Append the accepted changes to <output_dir>/config_changes.jsonl and print them (rank 0)."""
+    if not changes:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(os.path.join(output_dir, CHANGES_FILE), "a") as f:
+        for key, old, new in changes:
+            f.write(json.dumps({"time": stamp, "resumed_from": checkpoint.name, "setting": key, "old": old,
+                                "new": new}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    for key, old, new in changes:
+        print(f"config change accepted at resume from {checkpoint.name}: {key}: {_show(old)} -> {_show(new)}",
+              flush=True)
+
+
+_SCHEDULE = ("lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "weight_decay")
+_ADAM = ("adam_beta1", "adam_beta2", "adam_eps")
+
+
+def reapply_optimizer_settings(learner: Any, cfg: RunConfig, trainer_state: dict, scheduler_state: dict | None) -> None:
+    """After a checkpoint load: accepted changes of learner.optim.* take effect (the load restored the
+    checkpoint's schedule and Adam settings). Keeps the schedule's position (its step count)."""
+    saved = trainer_state.get(CONFIG_KEY)
+    if not isinstance(saved, dict):
+        return
+    optim = cfg.learner.optim
+    changed = {name for name in _SCHEDULE + _ADAM if saved.get(f"learner.optim.{name}") != getattr(optim, name)}
+    if changed & set(_SCHEDULE) and scheduler_state is not None and learner.scheduler is not None:
+        learner.scheduler.override_opt_param_scheduler = True  # megatron: the config's values win over the state's
+        learner.scheduler.num_steps = 0  # load_state_dict adds the saved step count
+        learner.scheduler.load_state_dict(scheduler_state)
+    if changed & set(_ADAM):
+        for group in learner.optimizer.param_groups:
+            group["betas"] = (optim.adam_beta1, optim.adam_beta2)
+            group["eps"] = optim.adam_eps
