@@ -68,6 +68,10 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_s2lpo.learner.checkpoint_files import CheckpointSaveError
+    from megatron_s2lpo.rollout.sglang_client import EngineRequestError
+    from megatron_s2lpo.rollout.validation import InvalidAnswerError
+
     try:
         config, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
         train(load_config(config, overrides))
@@ -82,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(interrupted.exit_code())  # threads stuck on a vanished peer are not joined
+    except (EngineRequestError, InvalidAnswerError, CheckpointSaveError) as err:
+        # a peer that failed or hung past its bound, an answer that cannot be trained on, a save that
+        # did not complete: the message says which and why; the newest checkpoint is untouched
+        print(f"s2lpo train: error: {err}\nThe run stopped; its newest complete checkpoint is intact: fix the cause, "
+              "then run again with --resume", file=sys.stderr)
+        return 1
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
             raise
