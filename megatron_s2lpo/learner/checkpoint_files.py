@@ -36,6 +36,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,11 +203,11 @@ class _FileSlice(io.RawIOBase):
         return len(data)
 
 
-def _undo_transforms(raw: bytes, descriptors: object, path: Path, fqn: str) -> bytes:
+def _undo_transforms(raw: bytes, descriptors: Any, path: Path, fqn: str) -> bytes:
     """The bytes torch's reader would unpickle after undoing the item's transforms (zstd only)."""
     if not descriptors:
         return raw
-    names = list(descriptors)  # type: ignore[call-overload]
+    names = list(descriptors)
     name, _, version = str(names[0]).partition("/")
     if len(names) != 1 or name != ZSTD_TRANSFORM or version.partition(".")[0] != "1":
         raise CorruptCheckpointError(path, f"item {fqn!r} is stored with the transforms {names}, which this trainer "
@@ -223,19 +224,23 @@ def _undo_transforms(raw: bytes, descriptors: object, path: Path, fqn: str) -> b
         except ImportError:
             raise CorruptCheckpointError(path, f"item {fqn!r} is zstd-compressed and no zstd module (zstandard, "
                                          "pyzstd) is installed to check it; refusing to read it") from None
+    chunks, size = [], 0
     try:
-        data = reader.read(_MAX_BYTE_ITEM + 1)
+        while size <= _MAX_BYTE_ITEM and (chunk := reader.read(1 << 20)):  # a read may return less than asked
+            chunks.append(chunk)
+            size += len(chunk)
     except Exception as err:  # noqa: BLE001 - zstandard.ZstdError, pyzstd.ZstdError, OSError
         raise CorruptCheckpointError(path, f"item {fqn!r} does not decompress ({type(err).__name__}: {err})") from None
+    data = b"".join(chunks)
     if len(data) > _MAX_BYTE_ITEM:
         raise CorruptCheckpointError(path, f"item {fqn!r} decompresses to more than {_MAX_BYTE_ITEM} bytes")
     return data
 
 
-def _check_byte_item(f: io.BufferedReader, info: object, path: Path, fqn: str) -> None:
+def _check_byte_item(f: io.BufferedReader, info: Any, path: Path, fqn: str) -> None:
     """A byte item (torch.load'ed with weights_only=False by torch's reader) loads as plain data."""
-    f.seek(info.offset)  # type: ignore[attr-defined]
-    raw = _undo_transforms(f.read(info.length), info.transform_descriptors, path, fqn)  # type: ignore[attr-defined]
+    f.seek(info.offset)
+    raw = _undo_transforms(f.read(info.length), info.transform_descriptors, path, fqn)
     try:
         torch.load(io.BytesIO(raw), weights_only=True)
     except Exception as err:  # noqa: BLE001 - a planted pickle or damaged bytes
@@ -248,16 +253,16 @@ def _is_tensor_data(member: str) -> bool:
     return len(parts) >= 2 and parts[-2] == "data" and parts[-1].isdigit()
 
 
-def _check_tensor_item(f: io.BufferedReader, info: object, path: Path, fqn: str) -> None:
+def _check_tensor_item(f: io.BufferedReader, info: Any, path: Path, fqn: str) -> None:
     """A tensor item (a torch.save zip archive) has an intact directory, member headers and small
     records (their CRC checked); its data records are left for the load (or `find_damage`)."""
-    if info.transform_descriptors:  # type: ignore[attr-defined]
-        names = list(info.transform_descriptors)  # type: ignore[attr-defined]
+    if info.transform_descriptors:
+        names = list(info.transform_descriptors)
         if len(names) != 1 or str(names[0]).partition("/")[0] != ZSTD_TRANSFORM:
             raise CorruptCheckpointError(path, f"item {fqn!r} is stored with the transforms {names}, which this "
                                          "trainer neither writes nor checks; refusing to read it")
         return  # compressed tensors are read by torch with weights_only=True: nothing runs
-    start, length = info.offset, info.length  # type: ignore[attr-defined]
+    start, length = info.offset, info.length
     try:
         with zipfile.ZipFile(_FileSlice(f, start, length)) as archive:
             members = archive.infolist()
@@ -274,19 +279,19 @@ def _check_tensor_item(f: io.BufferedReader, info: object, path: Path, fqn: str)
                                      f"({type(err).__name__}: {err})") from None
 
 
-def _storage_by_file(dist_dir: Path, metadata: object) -> dict[str, list[tuple[object, object]]]:
+def _storage_by_file(dist_dir: Path, metadata: Any) -> dict[str, list[tuple[Any, Any]]]:
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(storage, dict) or not storage:
         raise CorruptCheckpointError(dist_dir / DCP_METADATA, "holds no storage index")
-    by_file: dict[str, list[tuple[object, object]]] = {}
+    by_file: dict[str, list[tuple[Any, Any]]] = {}
     for index, info in storage.items():
         by_file.setdefault(info.relative_path, []).append((index, info))
     for items in by_file.values():
-        items.sort(key=lambda item: item[1].offset)  # type: ignore[attr-defined]
+        items.sort(key=lambda item: item[1].offset)
     return by_file
 
 
-def _check_shards(dist_dir: Path, metadata: object) -> None:
+def _check_shards(dist_dir: Path, metadata: Any) -> None:
     """Every shard holds the bytes the metadata points at; byte items load as plain data; tensor
     items are intact zip archives."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -294,7 +299,7 @@ def _check_shards(dist_dir: Path, metadata: object) -> None:
     by_file = _storage_by_file(dist_dir, metadata)
     for relative, items in sorted(by_file.items()):
         path = dist_dir / relative
-        needed = max(info.offset + info.length for _, info in items)  # type: ignore[attr-defined]
+        needed = max(info.offset + info.length for _, info in items)
         if not path.is_file():
             raise CorruptCheckpointError(path, "missing (listed in the checkpoint's metadata)")
         if path.stat().st_size < needed:
@@ -304,8 +309,8 @@ def _check_shards(dist_dir: Path, metadata: object) -> None:
         path = dist_dir / relative
         with open(path, "rb") as f:
             for index, info in items:
-                check = _check_byte_item if index.fqn in byte_items else _check_tensor_item  # type: ignore[attr-defined]
-                check(f, info, path, index.fqn)  # type: ignore[attr-defined]
+                check = _check_byte_item if index.fqn in byte_items else _check_tensor_item
+                check(f, info, path, index.fqn)
 
 
 def find_damage(path: Path) -> str | None:
@@ -322,17 +327,16 @@ def find_damage(path: Path) -> str | None:
         file = dist_dir / relative
         with open(file, "rb") as f:
             for index, info in items:
-                f.seek(info.offset)  # type: ignore[attr-defined]
+                f.seek(info.offset)
                 try:
-                    raw = _undo_transforms(f.read(info.length), info.transform_descriptors, file,  # type: ignore[attr-defined]
-                                           index.fqn)  # type: ignore[attr-defined]
+                    raw = _undo_transforms(f.read(info.length), info.transform_descriptors, file, index.fqn)
                     with zipfile.ZipFile(io.BytesIO(raw)) as archive:
                         archive.testzip()  # every record's CRC
                     torch.load(io.BytesIO(raw), weights_only=True)
                 except CorruptCheckpointError as err:
                     return str(err)
                 except Exception as err:  # noqa: BLE001
-                    return f"{file}: item {index.fqn!r} does not load ({type(err).__name__}: {err})"  # type: ignore[attr-defined]
+                    return f"{file}: item {index.fqn!r} does not load ({type(err).__name__}: {err})"
     return None
 
 

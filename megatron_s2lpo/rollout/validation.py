@@ -86,8 +86,8 @@ def check_tokens(rollout: Rollout, vocab_size: int, *, engine: str) -> None:
         if not number or not math.isfinite(logprob):
             raise InvalidAnswerError(
                 f"{_where(engine, rollout)}: log-prob {logprob!r} at position {position} (token "
-                f"{rollout.response_ids[position]}) is not finite (or not a number); the engine's numerics failed (overflow "
-                "in low precision, a corrupt weight update); check the server log")
+                f"{rollout.response_ids[position]}) is not finite (or not a number); the engine's numerics failed "
+                "(overflow in low precision, a corrupt weight update); check the server log")
         if logprob > MAX_LOGPROB:
             raise InvalidAnswerError(
                 f"{_where(engine, rollout)}: log-prob {logprob} at position {position} (token "

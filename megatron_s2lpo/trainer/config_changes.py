@@ -87,7 +87,7 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> digest: a run hashes its data once
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> digest: a run hashes its data once
 
 
 def data_fingerprint(cfg: RunConfig) -> str:
@@ -99,7 +99,7 @@ def data_fingerprint(cfg: RunConfig) -> str:
     if not os.path.exists(path):
         return "missing"
     stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
         _DIGESTS[key] = _file_digest(path)
     return _DIGESTS[key]

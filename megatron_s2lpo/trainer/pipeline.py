@@ -360,10 +360,11 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
     offsets = {"prompt": 0, "response": 0}
     groups = []
     for group in groups_meta:
-        prompt = prompts.get(group.get("prompt_id")) if isinstance(group, dict) else None
+        prompt_id = group.get("prompt_id") if isinstance(group, dict) else group
+        prompt = prompts.get(prompt_id) if isinstance(prompt_id, str) else None
         if prompt is None:
-            raise ValueError(f"{where} holds rollouts of prompt {group.get('prompt_id') if isinstance(group, dict) else group!r}, "
-                             "which the run's dataset does not have; resume with the data the run started with")
+            raise ValueError(f"{where} holds rollouts of prompt {prompt_id!r}, which the run's dataset does not "
+                             "have; resume with the data the run started with")
         try:
             rollouts = [_decode_rollout(row, columns, offsets) for row in group["rollouts"]]
         except (ValueError, TypeError, KeyError) as err:

@@ -13,7 +13,8 @@ argument: the filter puts secret i where its command says `@S2LPO_SECRET_i@`, st
 in its own process group (the filter's: stopping that group stops the server and its children),
 and copies everything the server and its children print to its own stdout with every secret
 replaced by `<redacted>`. It ignores stop signals (they are for the server) and exits when the
-server exits, with its status (dying by the same signal if the server did). The key is still in
+server exits, with its status (dying by the same signal if the server did); the server dies with
+it (a death signal), so SIGKILL of the process a launcher started still ends the server. The key is still in
 the server's own argument list, which local users of the machine can read (SGLang takes it
 nowhere else); the files the run writes and the errors it raises never hold it.
 
@@ -128,7 +129,7 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, signal.SIG_IGN)  # for the server: it is in this process group
     read_fd, write_fd = os.pipe()
     child = subprocess.Popen(command, stdout=write_fd, stderr=write_fd, stdin=subprocess.DEVNULL,
-                             restore_signals=True, preexec_fn=_default_stop_signals)
+                             restore_signals=True, preexec_fn=_child_setup)
     os.close(write_fd)
     _relay(read_fd, child, [s.encode() for s in secrets if s] or [REDACTED.encode()])
     code = child.wait()
@@ -138,10 +139,16 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _default_stop_signals() -> None:
-    # the server handles the stop signals itself (this filter ignores them)
+def _child_setup() -> None:
+    """In the server's process before exec (this filter is single-threaded): the stop signals are the
+    server's to handle (the filter ignores them), and the server dies with the filter, so that
+    killing the process its launcher knows (the filter) kills the server too."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_a_server_command_is_logged_and_described_without_its_key(tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(2400)
 def test_a_runs_files_and_errors_never_hold_the_api_key(reference, tmp_path: Path) -> None:
     """A run whose learner is a launched SGLang-protocol server with a key (it prints its arguments
     at start-up), then one whose server exits at once (the error quotes its command and log)."""

@@ -103,7 +103,7 @@ def assert_fell_back(output: str, bad_files: list[Path], to_step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)
 def test_planted_pickles_never_run_in_a_resume_or_a_conversion(reference, tmp_path: Path) -> None:
     run = copy_run(reference["sync"], tmp_path / "run")
     canary = tmp_path / "canary"
@@ -132,7 +132,7 @@ def test_planted_pickles_never_run_in_a_resume_or_a_conversion(reference, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(2400)
 def test_damage_that_keeps_sizes_falls_back_or_is_refused_clearly(reference, tmp_path: Path) -> None:
     run = copy_run(reference["sync"], tmp_path / "run")
     flipped = flip_tensor_header(step_dir(run, 6))
@@ -174,7 +174,7 @@ def _tamper_pending(step: Path, change) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(2400)
 def test_damaged_pending_rollouts_are_never_regenerated_or_trained_on(reference, tmp_path: Path) -> None:
     from megatron_s2lpo.trainer.pipeline import PENDING_FILE
 
@@ -199,3 +199,48 @@ def test_damaged_pending_rollouts_are_never_regenerated_or_trained_on(reference,
     assert f"{bad_ids} is damaged" in output and "outside the learner's vocabulary" in output
     assert f"{bad_logprob} is damaged" in output and "above 0" in output
     assert differences(metrics(reference["ahead"]), metrics(run)) == []
+
+
+def test_a_model_directory_with_a_planted_pickle_never_runs_it(tmp_path: Path) -> None:
+    """The cached models a resume reads (<run.output_dir>/models/<name>): a pickled `pytorch_model.bin`
+    where the safetensors were is refused by both readers (the learner's HFReader reads safetensors
+    only; transformers loads a .bin with weights_only=True)."""
+    from transformers import Qwen3Config
+
+    from megatron_s2lpo.convert.hf_io import HFReader
+    from megatron_s2lpo.rollout.local import LocalEngine
+
+    model_dir = tmp_path / "models" / "learner"
+    Qwen3Config(vocab_size=101, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8).save_pretrained(model_dir)
+    canary = tmp_path / "canary"
+    (model_dir / "pytorch_model.bin").write_bytes(torch_saved(Planted(canary)))
+    with pytest.raises(Exception):  # noqa: B017 - each reader words it its own way; what matters is below
+        HFReader(str(model_dir))
+    with pytest.raises(Exception):  # noqa: B017
+        LocalEngine.from_pretrained(str(model_dir))
+    assert not canary.exists()
+
+
+def test_a_zstd_marked_item_is_refused_where_no_zstd_module_can_check_it(tmp_path: Path, monkeypatch) -> None:
+    """torch's reader fails on such an item without a zstd module (and runs its pickle with one):
+    the validation refuses it either way, naming the file, so a resume falls back instead."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_s2lpo.learner.checkpoint_files import CorruptCheckpointError, check_dist_dir
+
+    dist_dir = tmp_path / "dist"
+    dcp.save({"extra": {"plain": 1}, "weight": torch.ones(4)}, checkpoint_id=str(dist_dir), no_dist=True)
+    (dist_dir / "metadata.json").write_text('{"sharded_backend": "torch_dist", "common_backend": "torch"}')
+    (dist_dir / "common.pt").write_bytes(torch_saved({}))
+    check_dist_dir(dist_dir)  # as torch wrote it
+    canary = tmp_path / "canary"
+    shard = plant_byte_item(tmp_path, canary, zstd=True)
+    with pytest.raises(CorruptCheckpointError, match="is not plain data") as err:
+        check_dist_dir(dist_dir)
+    assert err.value.file == shard
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard -> ImportError
+    monkeypatch.setitem(sys.modules, "pyzstd", None)
+    with pytest.raises(CorruptCheckpointError, match="zstd-compressed and no zstd module"):
+        check_dist_dir(dist_dir)
+    assert not canary.exists()

@@ -35,7 +35,7 @@ def run_cli(run: Path, *extra: str, timeout_s: float = RUN_TIMEOUT_S) -> subproc
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)
 def test_a_second_run_or_resume_is_refused_while_one_lives_and_a_killed_one_leaves_no_lock(reference,
                                                                                            tmp_path: Path) -> None:
     run = copy_run(reference["sync"], tmp_path / "run", models_only=True)
@@ -72,7 +72,7 @@ def _cut_back(run: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)
 def test_a_resume_that_changes_the_run_is_refused_unless_accepted(reference, tmp_path: Path) -> None:
     run = copy_run(reference["sync"], tmp_path / "run")
     _cut_back(run, 3)
@@ -141,7 +141,7 @@ def small_disk(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(2400)
 def test_a_full_disk_at_resume_is_a_clear_error_and_changes_nothing(reference, small_disk: Path) -> None:
     run = copy_run(reference["sync"], small_disk / "run")
     _cut_back(run, 3)
@@ -165,3 +165,25 @@ def test_a_full_disk_at_resume_is_a_clear_error_and_changes_nothing(reference, s
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
     assert after == {p: b for p, b in before.items() if p.name != "run.lock"}
     assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == list(range(1, NUM_STEPS + 1))
+
+
+def test_a_dataset_changed_in_place_is_a_config_change(tmp_path: Path) -> None:
+    """The same data.train_path with other contents: refused at resume unless `data` is accepted."""
+    from megatron_s2lpo.config import load_config
+    from megatron_s2lpo.trainer.config_changes import CONFIG_KEY, check_resume_config, snapshot
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    overrides = [f"data.train_path={data}", "rollout.learner.model_path=/m", "algo.t_mix=0",
+                 "data.prompts_per_step=1"]
+    cfg = load_config(None, overrides)
+    state = {"step": 3, CONFIG_KEY: snapshot(cfg)}
+    assert check_resume_config(cfg, tmp_path / "step_00000003", state) == []
+    data.write_text('{"prompt": "1+1=", "answer": "3"}\n')
+    os.utime(data, ns=(time.time_ns(), data.stat().st_mtime_ns + 10**9))  # a new mtime even on a coarse clock
+    with pytest.raises(ValueError, match=r"(?s)data.contents: \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\".*"
+                                         r"--allow-config-change data"):
+        check_resume_config(cfg, tmp_path / "step_00000003", state)
+    accepting = load_config(None, overrides + ["run.allow_config_change=[data]"])
+    (change,) = check_resume_config(accepting, tmp_path / "step_00000003", state)
+    assert change[0] == "data.contents"
