@@ -181,12 +181,22 @@ def reapply_optimizer_settings(learner: Any, cfg: RunConfig, trainer_state: dict
     saved = trainer_state.get(CONFIG_KEY)
     if not isinstance(saved, dict):
         return
+    from megatron_s2lpo.learner.optimizer import build_scheduler
+
     optim = cfg.learner.optim
     changed = {name for name in _SCHEDULE + _ADAM if saved.get(f"learner.optim.{name}") != getattr(optim, name)}
     if changed & set(_SCHEDULE) and scheduler_state is not None and learner.scheduler is not None:
-        learner.scheduler.override_opt_param_scheduler = True  # megatron: the config's values win over the state's
-        learner.scheduler.num_steps = 0  # load_state_dict adds the saved step count
-        learner.scheduler.load_state_dict(scheduler_state)
+        # the load replaced the schedule's settings by the checkpoint's, in the scheduler and in each
+        # of megatron's param groups (their max_lr / min_lr win over the scheduler's): a schedule
+        # built from the config takes only the position (step count) from the checkpoint
+        for group in learner.optimizer.param_groups:
+            group.update({key: value for key, value in (("max_lr", optim.lr), ("min_lr", optim.min_lr))
+                          if key in group})
+        scheduler = build_scheduler(learner.optimizer, optim)
+        scheduler.override_opt_param_scheduler = True  # megatron: the object's values win over the state's
+        scheduler.num_steps = 0  # load_state_dict adds the saved step count
+        scheduler.load_state_dict(scheduler_state)
+        learner.scheduler = scheduler
     if changed & set(_ADAM):
         for group in learner.optimizer.param_groups:
             group["betas"] = (optim.adam_beta1, optim.adam_beta2)

@@ -145,19 +145,14 @@ def small_disk(tmp_path: Path):
 def test_a_full_disk_at_resume_is_a_clear_error_and_changes_nothing(reference, small_disk: Path) -> None:
     run = copy_run(reference["sync"], small_disk / "run")
     _cut_back(run, 3)
-    with open(small_disk / "filler", "wb") as f:  # every free block taken
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)  # every free block taken
+    for size in (1 << 20, 4096, 1):
         try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
+            while os.write(fd, b"\0" * size):
+                pass
         except OSError:
             pass
-        try:
-            while True:
-                f.write(b"\0" * 512)
-                f.flush()
-        except OSError:
-            pass
+    os.close(fd)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = run_cli(run, "--resume")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
