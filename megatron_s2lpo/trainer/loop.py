@@ -28,7 +28,6 @@ Multi-stage pipelines (`stages:`) run this loop once per stage (stages.py); run.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from megatron_s2lpo.trainer.config_changes import (CONFIG_KEY, check_resume_conf
 from megatron_s2lpo.trainer.metrics import (behaviour_mismatch, importance_metrics, json_safe, mean_dicts,
                                             pods_counts, rollout_counts, source_metrics, staleness_metrics)
 from megatron_s2lpo.trainer.pipeline import PENDING_FILE
-from megatron_s2lpo.trainer.run_dir import check_trainer_state, hold_run_dir, resume_point
+from megatron_s2lpo.trainer.run_dir import check_trainer_state, hold_run_dir, is_launch_rank0, resume_point
 from megatron_s2lpo.trainer.stop_signal import RunInterrupted, RunStopped, received_signal, stop_requested
 from megatron_s2lpo.types import SOURCE_CODES, Source
 
@@ -92,12 +91,7 @@ def run_training(cfg: RunConfig, *, export_dir: str | None = None) -> None:
     One run per output directory at a time (run_dir.hold_run_dir); a resume refuses config changes
     that change what the run computes unless accepted (config_changes.py)."""
     with hold_run_dir(cfg.run.output_dir):
-        checkpoint = resume_point(cfg.run.output_dir, resume=cfg.run.resume)  # refuses to start over on a used run
-        if checkpoint is not None:
-            state = json.loads((checkpoint / "trainer_state.json").read_text()).get("trainer_state", {})
-            accepted = check_resume_config(cfg, checkpoint, state)  # before anything is built
-            if int(os.environ.get("RANK", "0")) == 0:
-                record_changes(cfg.run.output_dir, checkpoint, accepted)
+        checkpoint = _resume_point(cfg)  # before anything is built
         parts = build_trainer(cfg)
         try:
             _loop(parts, checkpoint is not None)
@@ -110,6 +104,19 @@ def run_training(cfg: RunConfig, *, export_dir: str | None = None) -> None:
             parts.close()
             raise
         parts.close()
+
+
+def _resume_point(cfg: RunConfig) -> Path | None:
+    """The checkpoint the run continues from (None: it starts at step 1), once the run directory may
+    be used so (run_dir.resume_point) and the config changes nothing it may not (config_changes.py);
+    accepted changes are recorded."""
+    checkpoint = resume_point(cfg.run.output_dir, resume=cfg.run.resume)  # refuses to start over on a used run
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text()).get("trainer_state", {})
+        accepted = check_resume_config(cfg, checkpoint, state)
+        if is_launch_rank0():
+            record_changes(cfg.run.output_dir, checkpoint, accepted)
+    return checkpoint
 
 
 CLOSE_AFTER_INTERRUPT_S = 30.0

@@ -158,7 +158,7 @@ def check_run_dir(output_dir: str | os.PathLike, *, resume: bool) -> bool:
 # ----------------------------------------------------------------------------- one run at a time
 
 
-def _is_launch_rank0() -> bool:
+def is_launch_rank0() -> bool:
     """Global rank 0 of a torchrun job, or a process outside one (torch.distributed may not be up yet)."""
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -166,7 +166,7 @@ def _is_launch_rank0() -> bool:
 @contextlib.contextmanager
 def hold_run_dir(output_dir: str | os.PathLike) -> Iterator[None]:
     """Hold the run directory's lock while inside (module docstring); ValueError if a live run holds it."""
-    if not _is_launch_rank0():
+    if not is_launch_rank0():
         yield
         return
     import fcntl
