@@ -2,10 +2,12 @@
 followed by `--resume`, then a last `--resume` to the end; the run must log exactly what the
 uninterrupted run logged (timings aside): no step lost, no metric different.
 
-A kill point is either a moment of start-up (0-8 s after launch: imports, building, loading the
-checkpoint, the first sync) or a moment inside a step (0-0.3 s after the run logged a given
-step, drawn among the steps still to run). The staleness (0: rollouts in the step, 1: a step
-ahead, the pending rollouts saved with each checkpoint) is drawn too unless set.
+A kill point is either a moment inside a step (0-0.3 s after the run logged a step, one or two
+steps past the last one logged, so that the kills spread over the run) or, once the run is near
+its end and otherwise one time in three, a moment of start-up (imports, building, loading the
+checkpoint, the first sync: a delay drawn up to what the first run took to log its first step).
+The staleness (0: rollouts in the step, 1: a step ahead, the pending rollouts saved with each
+checkpoint) is drawn too unless set.
 
     S2LPO_SOAK_KILLS=10 S2LPO_SOAK_SEED=7 .venv/bin/python -m pytest tests/faults/test_fault_soak.py -q -s
     S2LPO_SOAK_STALENESS=1 ...                       # only the one-step pipeline
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -38,17 +41,20 @@ def test_random_kills_lose_no_step_and_change_no_metric(reference, tmp_path: Pat
     staleness = int(STALENESS) if STALENESS else rng.choice([0, 1])
     extra = AHEAD if staleness else []
     run = copy_run(reference["ahead" if staleness else "sync"], tmp_path / "run", models_only=True)
-    points = []
+    points, startup_s = [], None
     for kill in range(KILLS):
         done = len(metrics(run))
-        if done >= NUM_STEPS - 1 or rng.random() < 0.25:
-            lines, delay = 0, rng.uniform(0.0, 8.0)  # start-up
+        if startup_s is not None and (done >= NUM_STEPS - 1 or rng.random() < 1 / 3):
+            lines, delay = 0, rng.uniform(0.0, startup_s)  # start-up
         else:
-            lines, delay = rng.randint(done + 1, NUM_STEPS - 1), rng.uniform(0.0, 0.3)  # inside step lines + 1
+            lines, delay = min(done + rng.randint(1, 2), NUM_STEPS - 1), rng.uniform(0.0, 0.3)  # inside a step
         resume = ["--resume"] if kill else []
+        start = time.monotonic()
         status, log = signal_after_lines(command(run, *extra, *resume), REPO_ROOT, run / "metrics.jsonl",
                                          num_lines=lines, sig=signal.SIGKILL, timeout_s=RUN_TIMEOUT_S, group=True,
                                          delay_s=delay)
+        if startup_s is None:
+            startup_s = time.monotonic() - start  # launch to the first kill: start-up and a step or two
         points.append(f"after line {lines} + {delay:.2f} s: " + ("killed" if status == -signal.SIGKILL else
                                                                  f"exit {status}"))
         assert status == -signal.SIGKILL, f"kill {kill + 1} missed the run ({points[-1]}):\n{log[-3000:]}"
