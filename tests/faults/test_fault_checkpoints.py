@@ -16,6 +16,7 @@ refuse a named bad checkpoint with a message, never a traceback. The canary must
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import pickle
@@ -116,6 +117,7 @@ def test_planted_pickles_never_run_in_a_resume_or_a_conversion(reference, tmp_pa
     hf_config = run / "models" / "learner"
     # the converter, on the checkpoint root: falls back to step 1 (the only intact one) and converts it
     proc = convert(run / "checkpoints", tmp_path / "hf", hf_config)
+    assert not canary.exists(), "a planted pickle ran in the converter"
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_fell_back(proc.stderr, planted, 1)
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() or any((tmp_path / "hf").glob("*.safetensors"))
@@ -158,7 +160,6 @@ def _tamper_pending(step: Path, change) -> Path:
     can refuse it."""
     from safetensors.torch import load, save
 
-    from megatron_s2lpo.learner.checkpoint_files import file_record
     from megatron_s2lpo.trainer.pipeline import PENDING_FILE
 
     path = step / PENDING_FILE
@@ -168,7 +169,7 @@ def _tamper_pending(step: Path, change) -> Path:
     path.write_bytes(data)
     state_file = step / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    state["files"][PENDING_FILE] = file_record(data)
+    state.setdefault("files", {})[PENDING_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     state_file.write_text(json.dumps(state))
     return path
 
@@ -227,20 +228,22 @@ def test_a_zstd_marked_item_is_refused_where_no_zstd_module_can_check_it(tmp_pat
     the validation refuses it either way, naming the file, so a resume falls back instead."""
     import torch.distributed.checkpoint as dcp
 
-    from megatron_s2lpo.learner.checkpoint_files import CorruptCheckpointError, check_dist_dir
+    from megatron_s2lpo.learner.checkpoint_files import CorruptCheckpointError, check_checkpoint
 
-    dist_dir = tmp_path / "dist"
-    dcp.save({"extra": {"plain": 1}, "weight": torch.ones(4)}, checkpoint_id=str(dist_dir), no_dist=True)
-    (dist_dir / "metadata.json").write_text('{"sharded_backend": "torch_dist", "common_backend": "torch"}')
-    (dist_dir / "common.pt").write_bytes(torch_saved({}))
-    check_dist_dir(dist_dir)  # as torch wrote it
+    step = tmp_path / "step_00000001"  # a checkpoint of one byte item and one tensor, as torch writes them
+    dcp.save({"extra": {"plain": 1}, "weight": torch.ones(4)}, checkpoint_id=str(step / "dist"), no_dist=True)
+    (step / "dist" / "metadata.json").write_text('{"sharded_backend": "torch_dist", "common_backend": "torch"}')
+    (step / "dist" / "common.pt").write_bytes(torch_saved({}))
+    (step / "trainer_state.json").write_text('{"step": 1}')
+    (step / "COMPLETE").write_text("")
+    check_checkpoint(step, 1)
     canary = tmp_path / "canary"
-    shard = plant_byte_item(tmp_path, canary, zstd=True)
+    shard = plant_byte_item(step, canary, zstd=True)
     with pytest.raises(CorruptCheckpointError, match="is not plain data") as err:
-        check_dist_dir(dist_dir)
+        check_checkpoint(step, 1)
     assert err.value.file == shard
     monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard -> ImportError
     monkeypatch.setitem(sys.modules, "pyzstd", None)
     with pytest.raises(CorruptCheckpointError, match="zstd-compressed and no zstd module"):
-        check_dist_dir(dist_dir)
+        check_checkpoint(step, 1)
     assert not canary.exists()
