@@ -1,8 +1,11 @@
 """Resuming with a changed config: what may change, what is refused, and the record of what was accepted.
 
 Every checkpoint's trainer state carries the settings of the run that wrote it (`snapshot`: the
-flattened config without API keys, plus `data.contents`, a fingerprint of the training data
-files). `--resume` compares them with the current config before anything is built:
+flattened config without API keys, and for every path whose contents define the run (models,
+data files, the explorer store, the reference checkpoint) a fingerprint of those contents, as
+`<setting> (contents)`: a moved run directory or another mount point is no change, another model
+or dataset at the same path is). `--resume` compares them with the current config before
+anything is built:
 
 - settings that change how the run executes but not what it computes (`OPERATIONAL`: where
   servers listen, timeouts, parallel layout, logging, checkpoint cadence, ...) may change freely;
@@ -14,7 +17,7 @@ files). `--resume` compares them with the current config before anything is buil
       s2lpo train CONFIG ... --resume run.allow_config_change=[algo.t_mix,data]   # the same
 
   A name accepts that setting or every setting under it (`algo` accepts all of algo.*, `data`
-  the data settings and contents). Accepted changes are appended to
+  the data settings and contents, `rollout.explorer.model_path` that model's contents). Accepted changes are appended to
   `<run.output_dir>/config_changes.jsonl` (time, the step resumed from, setting, old, new) and
   printed, and apply from the resumed step on: the learning-rate schedule and Adam settings that
   the checkpoint brings back are replaced by the config's (`reapply_optimizer_settings`).
@@ -41,8 +44,8 @@ from megatron_s2lpo.config import RunConfig
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"  # in the trainer state of a checkpoint
-DATA_KEY = "data.contents"
 CHANGES_FILE = "config_changes.jsonl"
+CONTENTS = " (contents)"  # suffix of the setting that holds a path's content fingerprint
 
 # How the run executes, not what it computes (fnmatch patterns over dotted setting names).
 OPERATIONAL = (
@@ -59,10 +62,16 @@ OPERATIONAL = (
     "learner.context_parallel_size", "learner.sequence_parallel", "learner.micro_batch_tokens",
     "learner.logprob_micro_batch_tokens", "learner.logprob_chunk_tokens", "learner.recompute_*",
     "learner.overlap_*", "learner.gradient_accumulation_fusion", "learner.ref_offload",
-    "learner.optim.cpu_offload", "learner.optim.cpu_offload_fraction",
+    "learner.optim.cpu_offload", "learner.optim.cpu_offload_fraction", "learner.load",
     "sync.*", "reward.timeout_s", "reward.batch_timeout_s", "logging.*",
 )
-_SECRETS = ("rollout.*.api_key",)
+# Paths whose contents define the run: the path itself may change (a run directory moved, another
+# mount point), the contents may not (each gets a `<setting> (contents)` fingerprint).
+CONTENT_PATHS = ("rollout.*.model_path", "models.*.model_path", "rollout.explorer_store", "data.train_path",
+                 "data.eval_paths", "learner.ref_load")
+_SECRETS = ("rollout.*.api_key", "models.*.api_key")
+_WHOLE_FILE_BYTES = 64 * 2**20  # files up to this size (data) are hashed whole, larger ones (weights) sampled
+_SAMPLE_BYTES = 2**20
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -74,54 +83,73 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> digest: a run reads each file once
+
+
 def _file_digest(path: str) -> str:
-    """sha256 of a file, or of a directory's files (names and contents, sorted)."""
-    digest = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
-    for file in files:
-        digest.update(os.path.relpath(file, path).encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of a file: whole up to _WHOLE_FILE_BYTES, else its size and first and last MiB (another
+    model of the same shape differs there as everywhere; reading 16 GB at each resume would not do)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256(str(stat.st_size).encode())
+        with open(path, "rb") as f:
+            if stat.st_size <= _WHOLE_FILE_BYTES:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            else:
+                digest.update(f.read(_SAMPLE_BYTES))
+                f.seek(stat.st_size - _SAMPLE_BYTES)
+                digest.update(f.read(_SAMPLE_BYTES))
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> digest: a run hashes its data once
-
-
-def data_fingerprint(cfg: RunConfig) -> str:
-    """sha256 over the training data files (`data.train_path`); "" for the synthetic task, which
-    its settings determine."""
-    path = cfg.data.train_path
+def content_fingerprint(path: str) -> str:
+    """A fingerprint of what `path` holds (a file, or a directory's files by relative name): "" for
+    no path, "missing" when it does not exist."""
     if not path:
         return ""
     if not os.path.exists(path):
         return "missing"
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = _file_digest(path)
-    return _DIGESTS[key]
+    if os.path.isfile(path):
+        return _file_digest(path)
+    digest = hashlib.sha256()
+    for directory, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            file = os.path.join(directory, name)
+            digest.update(os.path.relpath(file, path).encode() + b"\0" + _file_digest(file).encode())
+    return digest.hexdigest()
 
 
 def snapshot(cfg: RunConfig) -> dict[str, Any]:
-    """The run's settings as a checkpoint records them: dotted names -> values, API keys left out."""
+    """The run's settings as a checkpoint records them: dotted names -> values (API keys left out),
+    and a content fingerprint of every path whose contents define the run (CONTENT_PATHS)."""
     flat = {k: v for k, v in _flatten(cfg.to_dict()).items()
             if not any(fnmatch.fnmatchcase(k, pattern) for pattern in _SECRETS)}
-    flat[DATA_KEY] = data_fingerprint(cfg)
+    for key, value in list(flat.items()):
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in CONTENT_PATHS):
+            paths = value if isinstance(value, list) else [value]
+            flat[key + CONTENTS] = [content_fingerprint(str(v)) for v in paths] if isinstance(value, list) \
+                else content_fingerprint(str(value or ""))
     return json.loads(json.dumps(flat))  # as it reads back from the checkpoint (tuples -> lists)
 
 
 def _matches(key: str, names: list[str] | tuple[str, ...]) -> bool:
-    return any(key == name or key.startswith(name + ".") or fnmatch.fnmatchcase(key, name) for name in names)
+    return any(key == name or key.startswith(name + ".") or key == name + CONTENTS or fnmatch.fnmatchcase(key, name)
+               for name in names)
+
+
+def _operational(key: str) -> bool:
+    """A setting that may change freely: OPERATIONAL, or a content path (its contents are compared)."""
+    return _matches(key, OPERATIONAL) or any(fnmatch.fnmatchcase(key, p) for p in CONTENT_PATHS)
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(setting, old, new) of every meaningful setting that differs (OPERATIONAL ones left out)."""
     keys = sorted(set(saved) | set(current))
     return [(k, saved.get(k), current.get(k)) for k in keys
-            if saved.get(k) != current.get(k) and not _matches(k, OPERATIONAL)]
+            if saved.get(k) != current.get(k) and not _operational(k)]
 
 
 def check_resume_config(cfg: RunConfig, checkpoint: Path, trainer_state: dict) -> list[tuple[str, Any, Any]]:
@@ -142,7 +170,7 @@ def check_resume_config(cfg: RunConfig, checkpoint: Path, trainer_state: dict) -
     refused = [c for c in changes if not _matches(c[0], allowed)]
     if refused:
         listing = "".join(f"\n  {key}: {_show(old)} -> {_show(new)}" for key, old, new in refused)
-        names = " ".join(key if key != DATA_KEY else "data" for key, _, _ in refused)
+        names = " ".join(dict.fromkeys(key.removesuffix(CONTENTS) for key, _, _ in refused))
         raise ValueError(f"--resume from {checkpoint}: the config changes what the run computes:{listing}\n"
                          "Resume with the settings the run was started with, or accept the change: "
                          f"--allow-config-change {names} (run.allow_config_change=[{names.replace(' ', ',')}]); "

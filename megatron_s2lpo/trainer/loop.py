@@ -90,8 +90,9 @@ def run_training(cfg: RunConfig, *, export_dir: str | None = None) -> None:
 
     One run per output directory at a time (run_dir.hold_run_dir); a resume refuses config changes
     that change what the run computes unless accepted (config_changes.py)."""
-    with hold_run_dir(cfg.run.output_dir):
+    with hold_run_dir(cfg.run.output_dir) as lock:
         checkpoint = _resume_point(cfg)  # before anything is built
+        lock.record_holder()  # allowed: a refused run has rewritten nothing
         parts = build_trainer(cfg)
         try:
             _loop(parts, checkpoint is not None)

@@ -24,7 +24,8 @@ def train(cfg: RunConfig, *, export_dir: str | None = None) -> None:
         from megatron_s2lpo.trainer.run_dir import hold_run_dir
         from megatron_s2lpo.trainer.stages import run_stages
 
-        with hold_run_dir(cfg.run.output_dir):  # each stage's own directory is locked by its run
+        with hold_run_dir(cfg.run.output_dir) as lock:  # each stage's own directory is locked by its run
+            lock.record_holder()
             run_stages(cfg)
         return
     from megatron_s2lpo.trainer.loop import run_training

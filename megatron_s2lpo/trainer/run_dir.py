@@ -163,19 +163,35 @@ def is_launch_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class RunDirLock:
+    """The lock `hold_run_dir` holds; `record_holder()` writes who holds it, once the run is allowed
+    to use the directory (a refused run rewrites nothing there)."""
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path = path
+        self._fd = fd
+
+    def record_holder(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode() + b"\n", 0)
+
+
 @contextlib.contextmanager
-def hold_run_dir(output_dir: str | os.PathLike) -> Iterator[None]:
+def hold_run_dir(output_dir: str | os.PathLike) -> Iterator[RunDirLock]:
     """Hold the run directory's lock while inside (module docstring); ValueError if a live run holds it."""
+    out = Path(output_dir)
     if not is_launch_rank0():
-        yield
+        yield RunDirLock(out / LOCK_FILE, None)
         return
     import fcntl
 
-    check_output_dir(output_dir)
-    out = Path(output_dir)
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -187,11 +203,8 @@ def hold_run_dir(output_dir: str | os.PathLike) -> Iterator[None]:
                 raise
             logger.warning("cannot lock %s (%s: the filesystem does not support flock); a second run into this "
                            "directory will not be refused", out / LOCK_FILE, err)
-        else:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode() + b"\n")
-        yield
+            locked = False
+        yield RunDirLock(out / LOCK_FILE, fd if locked else None)
     finally:
         os.close(fd)  # releases the lock (the kernel does the same when the process dies)
 
@@ -200,5 +213,5 @@ def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text())
         return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its lock {path} is held"
+    except (OSError, ValueError, KeyError, TypeError):  # still checking the directory, or an old file
+        return f"it holds {path}"

@@ -176,9 +176,9 @@ def test_a_dataset_changed_in_place_is_a_config_change(tmp_path: Path) -> None:
     assert check_resume_config(cfg, tmp_path / "step_00000003", state) == []
     data.write_text('{"prompt": "1+1=", "answer": "3"}\n')
     os.utime(data, ns=(time.time_ns(), data.stat().st_mtime_ns + 10**9))  # a new mtime even on a coarse clock
-    with pytest.raises(ValueError, match=r"(?s)data.contents: \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\".*"
-                                         r"--allow-config-change data"):
+    with pytest.raises(ValueError, match=r"(?s)data.train_path \(contents\): \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\".*"
+                                         r"--allow-config-change data.train_path"):
         check_resume_config(cfg, tmp_path / "step_00000003", state)
     accepting = load_config(None, overrides + ["run.allow_config_change=[data]"])
     (change,) = check_resume_config(accepting, tmp_path / "step_00000003", state)
-    assert change[0] == "data.contents"
+    assert change[0] == "data.train_path (contents)"
