@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 # are built once); 2 matches the CI machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo bridge test test-unit test-distributed test-faults bench clean
+.PHONY: install sglang-env demo bridge test test-unit test-distributed test-faults bench clean
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required; set PYTHON=python3.11")'
@@ -18,9 +18,17 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	$(PY) tests/contract/sglang_env.py  # SGLang 0.5.23's wheel, unpacked for the contract tier
+	$(PY) tests/contract/verl_env.py  # verl's wheel, unpacked: its DAPO reward manager is the overlong reference
 	touch $(STAMP)
 
-install: $(STAMP)
+# The real SGLang 0.5.23 servers of the test suite run from their own pinned environment,
+# .venv-sglang (tools/sglang_env.py, standard library only: CPU torch 2.13.0, SGLang's
+# requirements, two source fixes); a second run only checks its stamp. It does not need .venv:
+# `make -j2 install` builds both at once.
+sglang-env:
+	$(PYTHON) tools/sglang_env.py
+
+install: $(STAMP) sglang-env
 
 demo: $(STAMP)
 	$(PY) examples/s2lpo_demo.py
@@ -29,7 +37,7 @@ demo: $(STAMP)
 bridge: $(STAMP)
 	$(PY) -m megatron_s2lpo.cli train examples/tiny_bridge_cpu.yaml run.output_dir=runs/tiny_bridge_cpu/$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+test: $(STAMP) sglang-env
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
@@ -46,4 +54,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/algo_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-sglang build *.egg-info

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from megatron_s2lpo.algo.advantages import group_advantages
-from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
+from megatron_s2lpo.algo.batch import (build_train_batch, masked_mean, pods_downsample, take_rows,
+                                       trainable_mini_batches)
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.algo.schedule import schedule_share
 from megatron_s2lpo.config import RunConfig
@@ -79,7 +80,7 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]
         parts.prefetcher.load_state_dict(state.get("explorer_store", {}))
     step = int(state["step"])
     parts.pipeline.resume(loaded.path, step)
-    parts.sync.sync(version=step)  # the fresh engine gets the checkpoint's weights
+    parts.sync.sync(version=step, resume=True)  # the engine gets the checkpoint's weights, also over later ones
     parts.sync.num_syncs = step  # parity checks every sync.parity_every steps, as without the restart
     return step, state["cumulative"], state.get("metrics") or {}
 
@@ -199,7 +200,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         # rank 0 collects, every rank receives; with run.max_staleness=1 collected during step i-1)
         g_explorer, g_learner = _split(parts, step)
         groups = pipeline.next_batch(step)
-        counts = rollout_counts(groups, params)
+        counts = rollout_counts(groups, params, pipeline.discarded_tokens())
         # 3. PODS: keep m of n per prompt, chosen over both sources
         if algo.pods.enabled:
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "pods", step))
@@ -225,7 +226,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
                                       temperature=temperature, is_threshold=is_threshold, is_sources=is_sources,
                                       objective=train_objective, distill_coef=distill.opd_coef)
                    for _ in range(algo.ppo_epochs)
-                   for rows in mini_batch_rows(batch.num_seqs, algo.mini_batches_per_step)]
+                   for rows in trainable_mini_batches(batch, algo.mini_batches_per_step)]
         # 7. the learner's engine gets the new weights (version = step)
         t3 = time.perf_counter()
         synced = pipeline.push_weights(step)

@@ -88,6 +88,7 @@ SCORER_SCRIPT = textwrap.dedent("""
         print(json.dumps({"rewards": rewards, "received": len(received), "pids": pids,
                           "pids_after": scorer.worker_pids(include_spares=True),
                           "errors": stats.num_errors, "restarts": stats.num_worker_restarts}), flush=True)
+        sys.stdin.read()  # the test stops signalling, then closes stdin (no signal during interpreter exit)
 """)
 
 
@@ -97,21 +98,26 @@ def test_reward_workers_outlive_sigterms_to_the_whole_group(tmp_path: Path) -> N
     scored (all are correct: reward 1.0), no worker dies or is replaced."""
     script = tmp_path / "score.py"
     script.write_text(SCORER_SCRIPT)
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, str(script), "5"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                stderr=err, text=True, start_new_session=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready"
-            while proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                time.sleep(0.05)
-            lines = proc.stdout.read().strip().splitlines()
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        err.seek(0)
-        assert proc.returncode == 0 and lines, f"the scoring process failed:\n{err.read()[-3000:]}"
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out_file, open(err_path, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, str(script), "5"], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                stdout=out_file, stderr=err_file, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and "ready" not in out_path.read_text():
+            assert time.monotonic() < deadline, "the scorer never got ready"
+            time.sleep(0.05)
+        while proc.poll() is None and not out_path.read_text().strip().endswith("}"):
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.05)
+        proc.stdin.close()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    lines = out_path.read_text().strip().splitlines()
+    assert proc.returncode == 0 and lines[-1:] != ["ready"], f"the scoring process failed:\n{err_path.read_text()[-3000:]}"
     out = json.loads(lines[-1])
     assert out["received"] > 0
     assert out["rewards"] == [1.0] * 200, f"{out['rewards'].count(0.0)} completions scored 0.0"
