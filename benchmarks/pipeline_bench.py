@@ -68,7 +68,7 @@ sys.path.insert(0, ROOT)
 
 from megatron_s2lpo.config import load_config  # noqa: E402
 from megatron_s2lpo.trainer.metrics import read_metrics  # noqa: E402
-from megatron_s2lpo.utils.ports import free_port  # noqa: E402
+from megatron_s2lpo.utils.ports import server_ports  # noqa: E402
 
 RECIPE = os.path.join("examples", "tiny_cpu.yaml")
 SERVER = os.path.join("tests", "protocol_server.py")
@@ -86,7 +86,7 @@ def run_overrides(*, latency_ms: float, steps: int, model_path: str, init_sft_st
     """The recipe's overrides shared by every run of the bench (see the module docstring)."""
     server = [sys.executable, SERVER, "--latency-ms-per-token", f"{latency_ms:g}"]
     overrides = [f"run.num_steps={steps}", "run.save_every=0", "run.eval_every=0", "algo.t_mix=0",
-                 "rollout.learner.backend=sglang", f"rollout.learner.port={free_port()}",
+                 "rollout.learner.backend=sglang", f"rollout.learner.port={server_ports(1)[0]}",
                  "rollout.learner.startup_timeout_s=900"]
     if not real:  # the protocol server with simulated decode time; else the recipe's real server
         overrides.append(f"rollout.learner.launch_command={json.dumps(server)}")

@@ -44,7 +44,7 @@ from megatron_s2lpo.rollout.engine import GenerateRequest  # noqa: E402
 from megatron_s2lpo.rollout.sglang_client import SGLangClient, generate_payload  # noqa: E402
 from megatron_s2lpo.rollout.sglang_engine import SGLangEngine  # noqa: E402
 from megatron_s2lpo.rollout.sglang_server import ServerProcess, wait_healthy  # noqa: E402
-from megatron_s2lpo.utils.ports import free_port
+from megatron_s2lpo.utils.ports import free_port, server_ports
 
 SERVER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
                       "protocol_server.py")
@@ -123,8 +123,8 @@ def real_server_table(repeats: int) -> None:
     with tempfile.TemporaryDirectory(prefix="rollout-bench-model-") as model_dir:
         LocalEngine.from_arch(arch, tokenizer=tok, init_seed=0).save_pretrained(model_dir)
         # the raw cells post through their own session: the server's own engine only launches it
-        server = SGLangEngine(EngineConfig(backend="sglang", model_path=model_dir, profile="cpu", port=free_port(),
-                                           startup_timeout_s=900), name="bench")
+        server = SGLangEngine(EngineConfig(backend="sglang", model_path=model_dir, profile="cpu",
+                                           port=server_ports(1)[0], startup_timeout_s=900), name="bench")
         try:
             reqs = make_requests(64)  # a CPU server answers a few requests per second at concurrency 1
             print(f"64 requests per cell, 16 output tokens each, real SGLang 0.5.23 (CPU profile) on {server.url}")

@@ -270,7 +270,7 @@ def real_server_bench(args: argparse.Namespace) -> None:
     from megatron_s2lpo.rollout import LocalEngine, SGLangEngine
     from megatron_s2lpo.sync.exporter import StateDictExporter
     from megatron_s2lpo.sync.weight_sync import WeightSync
-    from megatron_s2lpo.utils.ports import free_port
+    from megatron_s2lpo.utils.ports import server_ports
 
     tok = build_synthetic_tokenizer()
     arch = ModelArch(family="qwen3", vocab_size=len(tok), hidden_size=1024, ffn_hidden_size=1024, num_layers=12,
@@ -284,7 +284,7 @@ def real_server_bench(args: argparse.Namespace) -> None:
         state = model.state_dict()
         num_bytes = sum(t.numel() * t.element_size() for t in state.values())
         engine = SGLangEngine(EngineConfig(backend="sglang", model_path=os.path.join(root, "model"), profile="cpu",
-                                           port=free_port(), startup_timeout_s=900), name="bench")
+                                           port=server_ports(1)[0], startup_timeout_s=900), name="bench")
         one_rank = SimpleNamespace(rank=0, world_size=1, dp_rank=0)
         syncs = {name: WeightSync(None, one_rank, arch, engine,
                                   SyncConfig(transport=name, disk_dir=os.path.join(root, "sync"), disk_keep=1,

@@ -20,6 +20,7 @@ import pytest
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.rollout import EngineConfig
 from megatron_s2lpo.rollout.sglang_python import PROJECT_SGLANG_PYTHON, sglang_python
+from megatron_s2lpo.utils.ports import server_ports
 
 STARTUP_TIMEOUT_S = 600.0  # a loaded 2-core machine takes up to 2 minutes per server
 
@@ -38,27 +39,6 @@ def real_engine_config(model_path: str = "", **overrides) -> EngineConfig:
     if not (overrides.get("url") or overrides.get("urls")):
         overrides.setdefault("ports", server_ports(overrides.get("replicas", 1)))
     return EngineConfig(backend="sglang", model_path=model_path, profile="cpu", **overrides)
-
-
-def server_ports(num: int) -> list[int]:
-    """Free ports for real servers, below the kernel's ephemeral range: a real server binds its port
-    only after loading (up to a minute here), and a port from the ephemeral range may meanwhile
-    be taken by any outgoing connection on this busy machine (seen: "address already in use")."""
-    import random
-    import socket
-
-    low, _high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-    ports: list[int] = []
-    while len(ports) < num:
-        port = random.randrange(20000, min(low, 32768))
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 Both build the recipe's engines as the trainer does (trainer/evaluate.py): explore with a server it
 launches used to fail with "engine model_path is empty" (the model path was blanked for every
-non-local backend), and eval always built an in-process transformers engine.
+non-local backend), and eval always built an in-process transformers engine. Each command is run
+once launching its server and once attached to the tier's servers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from megatron_s2lpo.rollout import StoreReader
 
-from conftest import server_ports
+from megatron_s2lpo.utils.ports import server_ports
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(REPO_ROOT / "examples" / "tiny_cpu.yaml")
@@ -41,6 +42,16 @@ def test_explore_launches_the_explorer_server_of_the_recipe(model_dirs, tmp_path
     assert "12 prompts x 3 samples (36 generated now)" in out
     assert stored(tmp_path / "store") == 36
     assert (tmp_path / "run" / "logs" / "explorer-0.log").is_file()  # the launched server logged with the run
+
+
+def test_eval_launches_the_learner_server_of_the_recipe(model_dirs, tmp_path, sglang_env):
+    """The command of docs/training.md ("s2lpo eval"): a launched server per model directory."""
+    out = cli("eval", RECIPE, "rollout.learner.backend=sglang", f"rollout.learner.port={server_ports(1)[0]}",
+              f"run.output_dir={tmp_path / 'run'}", *SMALL, "--models", model_dirs["learner"], "--k", "2")
+    assert out.count("avg@2 Pass@1 = ") == 1
+    rows = (tmp_path / "run" / "eval" / "passk.csv").read_text().splitlines()
+    assert rows[0] == "model,k,pass_at_k,avg_at_k_pass1" and len(rows) == 1 + 2
+    assert (tmp_path / "run" / "logs" / "eval-0.log").is_file()  # the launched server logged with the run
 
 
 def test_explore_attached_and_eval_attached_to_real_servers(explorer_server, fresh_learner_pool, model_dirs,
