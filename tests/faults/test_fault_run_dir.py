@@ -49,7 +49,7 @@ def test_a_second_run_or_resume_is_refused_while_one_lives_and_a_killed_one_leav
             time.sleep(0.05)
         os.killpg(first.pid, signal.SIGSTOP)  # alive, holding the directory, and not racing the test
         before = metrics(run)
-        for extra in ((), ("--resume",)):
+        for extra in (("--resume",), ()):  # a resume first: the old code ran it over the live run
             proc = run_cli(run, *extra)
             assert proc.returncode == 2, proc.stderr[-3000:]
             assert f"is in use by a live run (pid {first.pid} on " in proc.stderr, proc.stderr[-3000:]
