@@ -3,6 +3,7 @@ and optionally `models` + `stages` for a multi-stage pipeline (config/stages.py)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -87,10 +88,27 @@ class RunConfig:
               f"algo.method={self.algo.method} needs the teacher: set rollout.teacher.model_path, "
               "rollout.teacher.url or rollout.teacher.init_arch")
         self._check_pipeline()
+        engine = self.rollout.learner
+        check(self.learner.routing_replay != "r3" or engine.backend != "sglang" or engine.return_routed_experts,
+              "learner.routing_replay=r3 replays the experts the learner's SGLang server routed every token to: set "
+              "rollout.learner.return_routed_experts=true (the server starts with --enable-return-routed-experts; "
+              "an attached server must have been started with it)")
         self._check_overlong()
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")
+        check(not (self.learner.expandable_segments and self.sync.transport == "tensor"),
+              "learner.expandable_segments=true with sync.transport=tensor: CUDA IPC cannot share tensors that live "
+              "in expandable segments (the server fails importing them, pidfd_getfd: Operation not permitted in "
+              "containers); set learner.expandable_segments=null (auto) or false, or use sync.transport=distributed")
+
+    def resolved_learner(self) -> LearnerConfig:
+        """learner with its automatic choices made: expandable_segments null -> on unless
+        sync.transport=tensor (kept null in the config itself, so a launcher's transport override
+        still decides)."""
+        if self.learner.expandable_segments is not None:
+            return self.learner
+        return dataclasses.replace(self.learner, expandable_segments=self.sync.transport != "tensor")
 
     def overlong_max_tokens(self) -> int:
         """The response length reward.overlong measures against (its max_response_tokens, or the

@@ -29,6 +29,13 @@ Parameter names of one layer `decoder.layers.{i}.` (i is the index within this p
   pre_mlp_layernorm.weight                mlp.linear_fc1.layer_norm_weight
   mlp.linear_fc1.weight                   mlp.linear_fc1.weight   ([gate; up] per TP shard)
   mlp.linear_fc2.weight                   mlp.linear_fc2.weight
+Mixture-of-experts layers (Qwen3-MoE) replace the MLP by megatron's MoELayer: a TopKRouter
+(`mlp.router.weight`, top-k over the expert logits in fp32, softmax over the chosen k when the
+model renormalises them, HF's norm_topk_prob; softmax over all experts otherwise), the alltoall
+token dispatcher (dropless: no capacity factor) and the experts: SequentialMLP
+(`mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`, e local to this expert-parallel rank)
+on the local spec and on the TE spec without grouped GEMM, TEGroupedMLP (`mlp.experts.linear_fc1.weight{e}`)
+with it. `pre_mlp_layernorm.weight` stays a separate norm in MoE layers under both specs.
 Outside the layers (both specs): `embedding.word_embeddings.weight` (first stage),
 `decoder.final_layernorm.weight` and `output_layer.weight` (last stage; absent when the
 embeddings are tied and the first stage is also the last). TE modules add `_extra_state`
@@ -40,6 +47,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,8 +57,9 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
 
-from megatron_s2lpo.config.learner import BLACKWELL_RECIPES
+from megatron_s2lpo.config.learner import BLACKWELL_RECIPES, MOE_DISPATCHERS
 from megatron_s2lpo.config.model import ModelArch
 
 from .parallel import ParallelGroups
@@ -75,6 +86,11 @@ def _resolve_use_te(use_te: bool | None, precision: str) -> bool:
                          "transformer_engine); use precision fp32 or bf16 without it")
     if precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"learner.precision={precision!r} needs CUDA; use learner.precision=fp32 on CPU")
+    if use_te:
+        from megatron_s2lpo.utils.versions import installed_problems
+
+        for problem in installed_problems():  # the image's build refuses these; elsewhere: say so
+            logger.warning("Transformer Engine / megatron-core versions: %s", problem)
     return use_te
 
 
@@ -85,9 +101,6 @@ def check_spec_options(use_te: bool, *, sequence_parallel: bool = False, context
         raise ValueError("learner.sequence_parallel needs the Transformer Engine layer spec: megatron's local "
                          "spec has no sequence-parallel layer norms (without Apex); this learner builds the local "
                          "spec (no CUDA or no transformer_engine here, or learner.use_te=false)")
-    if context_parallel_size > 1 and not use_te:
-        raise ValueError("learner.context_parallel_size > 1 needs the Transformer Engine layer spec: only TE's "
-                         "attention splits a sequence over ranks; this learner builds the local spec")
     if gradient_accumulation_fusion and not (torch.cuda.is_available()
                                              and importlib.util.find_spec("fused_weight_gradient_mlp_cuda")):
         raise ValueError("learner.gradient_accumulation_fusion needs CUDA and Apex's fused_weight_gradient_mlp_cuda "
@@ -122,6 +135,29 @@ def _check_fp8_device(recipe: str) -> None:
         raise ValueError(error)
 
 
+FP32_SCALES_ENV = "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"
+
+
+def apply_fp8_scale_environment(fp32_scales: bool) -> None:
+    """Make Transformer Engine's blockwise recipe use fp32 (or power-of-2) scales.
+
+    TE reads NVTE_FP8_BLOCK_SCALING_FP32_SCALES once, when it defines `Float8BlockScaling`
+    (transformer_engine/common/recipe/__init__.py:332 in 2.9.0, a class attribute), so it must be
+    set before anything imports TE; if TE was imported already with the other value, refuse.
+    """
+    want = "1" if fp32_scales else "0"
+    recipe = sys.modules.get("transformer_engine.common.recipe")
+    if recipe is None:
+        os.environ[FP32_SCALES_ENV] = want
+        return
+    if bool(recipe.Float8BlockScaling.use_f32_scales) != fp32_scales:
+        raise ValueError(
+            f"learner.fp8_fp32_scales={str(fp32_scales).lower()} but Transformer Engine was imported before the "
+            f"learner with {FP32_SCALES_ENV}={os.environ.get(FP32_SCALES_ENV, 'unset')} (it reads the variable once, "
+            f"at import): export {FP32_SCALES_ENV}={want} in the trainer's environment, or set "
+            f"learner.fp8_fp32_scales={str(not fp32_scales).lower()}")
+
+
 def rope_scaling_factor(arch: ModelArch) -> float | None:
     """The llama3 RoPE scaling factor megatron applies, or None; ValueError if megatron cannot express it."""
     if arch.rope_scaling is None:
@@ -142,14 +178,18 @@ def transformer_config(
     *,
     precision: str = "fp32",
     use_te: bool = False,
-    fp8_format: str = "hybrid",
-    fp8_recipe: str = "tensorwise",
+    fp8_format: str = "e4m3",
+    fp8_recipe: str = "blockwise",
     recompute_granularity: str | None = None,
     recompute_method: str = "uniform",
     recompute_num_layers: int = 1,
     recompute_modules: list[str] | None = None,
     sequence_parallel: bool = False,
     gradient_accumulation_fusion: bool = False,
+    moe_token_dispatcher: str = "alltoall",
+    moe_grouped_gemm: bool | None = None,
+    moe_aux_loss_coeff: float = 0.0,
+    transformer_overrides: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Any:
     """The megatron `TransformerConfig` of `arch` under the layout of `groups` (see module doc).
@@ -157,7 +197,9 @@ def transformer_config(
     use_te: whether the layers will use the Transformer Engine spec (enables TE's fused RoPE).
     fp8_recipe: tensorwise / blockwise / mxfp8 (megatron fp8_recipe) or nvfp4 (megatron fp4).
     recompute_modules: selective recompute's modules (None / []: megatron's default core_attn).
-    overrides: any other TransformerConfig field.
+    moe_*: mixture-of-experts settings (`moe_settings`); ignored for dense models.
+    transformer_overrides: learner.transformer_overrides, checked by `check_transformer_overrides`.
+    overrides: any other TransformerConfig field (internal callers and tests).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -219,8 +261,77 @@ def transformer_config(
         kwargs["recompute_modules"] = list(recompute_modules)
     if precision == "fp8":
         kwargs.update(_low_precision_kwargs(fp8_format, fp8_recipe))
+    if arch.is_moe:
+        kwargs.update(moe_settings(arch, groups, use_te=use_te, dispatcher=moe_token_dispatcher,
+                                   grouped_gemm=moe_grouped_gemm, aux_loss_coeff=moe_aux_loss_coeff))
     kwargs.update(overrides)
+    if transformer_overrides:
+        kwargs.update(check_transformer_overrides(transformer_overrides))
     return TransformerConfig(**kwargs)
+
+
+def moe_settings(arch: ModelArch, groups: ParallelGroups, *, use_te: bool, dispatcher: str = "alltoall",
+                 grouped_gemm: bool | None = None, aux_loss_coeff: float = 0.0) -> dict[str, Any]:
+    """megatron's MoE fields for a Qwen3-MoE `arch` (see the module docstring).
+
+    Dropless (no capacity factor: every token reaches its k experts), router in fp32, softmax
+    score function with HF's norm_topk_prob as megatron's `moe_router_pre_softmax=False` (top-k of
+    the logits, softmax over those k: the renormalised probabilities). aux_loss_coeff 0 turns
+    load balancing off (the RL default, docs/learner.md). grouped_gemm None: TE's grouped GEMM
+    when the TE spec is used (GPU); the local spec runs SequentialMLP, one GEMM per expert.
+    """
+    if dispatcher not in MOE_DISPATCHERS:
+        raise ValueError(f"learner.moe_token_dispatcher must be one of {MOE_DISPATCHERS}, got {dispatcher!r}")
+    if dispatcher == "flex" and not torch.cuda.is_available():
+        raise ValueError("learner.moe_token_dispatcher=flex (DeepEP) needs CUDA and the deep_ep package; use "
+                         "alltoall on this machine")
+    grouped = use_te if grouped_gemm is None else grouped_gemm
+    if grouped and not use_te:
+        raise ValueError("learner.moe_grouped_gemm needs the Transformer Engine layer spec (TEGroupedMLP); the "
+                         "local spec runs one GEMM per expert (SequentialMLP)")
+    out: dict[str, Any] = dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.num_experts_per_tok,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=grouped,
+        moe_expert_capacity_factor=None,  # dropless
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_permute_fusion=False,  # TE's fused permute is a GPU kernel; the unfused path is the same math
+        expert_model_parallel_size=groups.ep_size,
+        expert_tensor_parallel_size=groups.etp_size,
+    )
+    if dispatcher == "flex":
+        out["moe_enable_deepep"] = True
+    return out
+
+
+def check_transformer_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """learner.transformer_overrides against megatron-core's own TransformerConfig fields (this
+    installed release's): an unknown name raises ValueError with the closest field names; one the
+    learner sets itself names the learner option (config.learner.LEARNER_MANAGED_FIELDS)."""
+    import dataclasses
+    import difflib
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_s2lpo.config.learner import LEARNER_MANAGED_FIELDS
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    for name in overrides:
+        if name in LEARNER_MANAGED_FIELDS:
+            raise ValueError(f"learner.transformer_overrides.{name}: the learner sets {name} itself; use "
+                             f"{LEARNER_MANAGED_FIELDS[name]} instead")
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"learner.transformer_overrides.{name} is not a field of megatron-core's "
+                             f"TransformerConfig (megatron.core.transformer.transformer_config){hint}")
+    return dict(overrides)
 
 
 def _check_divisible(arch: ModelArch, groups: ParallelGroups) -> None:
@@ -235,6 +346,10 @@ def _check_divisible(arch: ModelArch, groups: ParallelGroups) -> None:
         if value % groups.tp_size:
             raise ValueError(f"model.{name} ({value}) must be divisible by learner.tensor_parallel_size "
                              f"({groups.tp_size})")
+    if groups.ep_size > 1 or groups.etp_size > 1:
+        from megatron_s2lpo.convert.mapping import check_expert_parallel
+
+        check_expert_parallel(arch, groups.ep_size, groups.etp_size)
 
 
 def _low_precision_kwargs(fp8_format: str, fp8_recipe: str) -> dict[str, Any]:
@@ -245,16 +360,19 @@ def _low_precision_kwargs(fp8_format: str, fp8_recipe: str) -> dict[str, Any]:
     return {"fp8": fp8_format, "fp8_recipe": fp8_recipe}
 
 
-def layer_spec(arch: ModelArch, *, use_te: bool) -> Any:
+def layer_spec(arch: ModelArch, *, use_te: bool, grouped_gemm: bool = False) -> Any:
     """Transformer layer ModuleSpec: TE modules (GPU) or megatron-core local modules whose
-    attention core also takes packed sequences (attention.py)."""
+    attention core also takes packed sequences (attention.py); MoE layers for a MoE `arch`."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     from .attention import packed_core_attention_class
 
+    experts = arch.num_experts or None
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=arch.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, qk_layernorm=arch.qk_layernorm,
+                                                    normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = packed_core_attention_class()
     return spec
 
@@ -293,7 +411,7 @@ def build_gpt_model(
     factor = rope_scaling_factor(arch)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te=use_te),
+        transformer_layer_spec=layer_spec(arch, use_te=use_te, grouped_gemm=bool(config.moe_grouped_gemm)),
         vocab_size=arch.padded_vocab_size(groups.tp_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

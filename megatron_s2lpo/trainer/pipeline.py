@@ -368,17 +368,20 @@ def encode_groups(step: int, groups: list[Group], rollout_s: float, reward_s: fl
     meta = {"step": step, "rollout_s": rollout_s, "reward_s": reward_s,
             "groups": [{"prompt_id": g.prompt.prompt_id,
                         "rollouts": [[r.prompt_id, r.sample_index, r.source.value, r.finish_reason.value,
-                                      r.weight_version, r.text, r.reward, len(r.prompt_ids), len(r.response_ids)]
+                                      r.weight_version, r.text, r.reward, len(r.prompt_ids), len(r.response_ids),
+                                      0 if r.routed_experts is None else int(r.routed_experts.shape[1])]
                                      for r in g.rollouts]} for g in groups]}
 
     def flat(values: list[list], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([v for row in values for v in row], dtype=dtype)
 
+    routed = [r.routed_experts.reshape(-1).to(torch.int16) for r in rollouts if r.routed_experts is not None]
     return save({"meta": torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8),
                  "prompt_ids": flat([r.prompt_ids for r in rollouts], torch.int64),
                  "response_ids": flat([r.response_ids for r in rollouts], torch.int64),
                  "response_logprobs": flat([r.response_logprobs for r in rollouts], torch.float64),
-                 "loss_mask": flat([r.loss_mask for r in rollouts], torch.int64)})
+                 "loss_mask": flat([r.loss_mask for r in rollouts], torch.int64),
+                 "routed_experts": torch.cat(routed) if routed else torch.zeros(0, dtype=torch.int16)})
 
 
 _COLUMNS = {"prompt_ids": torch.int64, "response_ids": torch.int64, "response_logprobs": torch.float64,
@@ -405,6 +408,9 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
         meta = json.loads(bytes(tensors["meta"].tolist()).decode())
         wrong = [f"{name} is {tensors[name].dtype}" for name, dtype in _COLUMNS.items()
                  if tensors[name].dtype != dtype or tensors[name].dim() != 1]
+        routed = tensors.get("routed_experts", torch.zeros(0, dtype=torch.int16))  # absent in older files
+        if routed.dtype != torch.int16 or routed.dim() != 1:
+            wrong.append(f"routed_experts is {routed.dtype} of {routed.dim()} dimensions")
         if wrong or tensors["meta"].dtype != torch.uint8:
             raise ValueError(", ".join(wrong) or "meta is not bytes")
         columns = {name: tensors[name].tolist() for name in _COLUMNS}
@@ -414,7 +420,7 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
             raise ValueError(f"step {step!r}")
     except Exception as err:  # noqa: BLE001 - any damage reads the same to the user
         raise bad(f"{type(err).__name__}: {err}") from None
-    offsets = {"prompt": 0, "response": 0}
+    offsets = {"prompt": 0, "response": 0, "routed": 0}
     groups = []
     for group in groups_meta:
         prompt_id = group.get("prompt_id") if isinstance(group, dict) else group
@@ -423,7 +429,7 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
             raise ValueError(f"{where} holds rollouts of prompt {prompt_id!r}, which the run's dataset does not "
                              "have; resume with the data the run started with")
         try:
-            rollouts = [_decode_rollout(row, columns, offsets) for row in group["rollouts"]]
+            rollouts = [_decode_rollout(row, columns, routed, offsets) for row in group["rollouts"]]
         except (ValueError, TypeError, KeyError) as err:
             raise bad(f"a rollout of prompt {prompt.prompt_id!r}: {err}") from None
         for r in rollouts:
@@ -434,6 +440,8 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
     if offsets["prompt"] != len(columns["prompt_ids"]) or offsets["response"] != len(columns["response_ids"]):
         raise bad(f"the metadata accounts for {offsets['prompt']} prompt and {offsets['response']} response tokens, "
                   f"the file holds {len(columns['prompt_ids'])} and {len(columns['response_ids'])}")
+    if offsets["routed"] != len(routed):
+        raise bad(f"the metadata accounts for {offsets['routed']} routed experts, the file holds {len(routed)}")
     if rules is not None:
         try:
             check_rollouts((r for g in groups for r in g.rollouts), rules, step=step, engine=where,
@@ -445,19 +453,28 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
     return step, groups, rollout_s, reward_s
 
 
-def _decode_rollout(row: list, columns: dict[str, list], offsets: dict[str, int]) -> Rollout:
-    """One rollout of the metadata row `row`, its tokens taken from `columns` at `offsets` (advanced)."""
-    prompt_id, index, source, finish, version, text, reward, n_prompt, n_response = row
-    counts = (index, version, n_prompt, n_response)
-    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in counts) or not isinstance(text, str):
-        raise ValueError(f"index, version and lengths must be integers >= 0, got {counts}")
+def _decode_rollout(row: list, columns: dict[str, list], routed: torch.Tensor, offsets: dict[str, int]) -> Rollout:
+    """One rollout of the metadata row `row`, its tokens taken from `columns` and its routed experts
+    from `routed` at `offsets` (advanced)."""
+    prompt_id, index, source, finish, version, text, reward, n_prompt, n_response, *width = row
+    counts = (index, version, n_prompt, n_response, *width)
+    if (any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in counts) or not isinstance(text, str)
+            or len(width) > 1):
+        raise ValueError(f"index, version, lengths and routing width must be integers >= 0, got {counts}")
     p, r = offsets["prompt"], offsets["response"]
     offsets["prompt"], offsets["response"] = p + n_prompt, r + n_response
     if offsets["prompt"] > len(columns["prompt_ids"]) or offsets["response"] > len(columns["response_ids"]):
         raise ValueError("its tokens run past the end of the file's columns")
+    routes = None
+    if width and width[0]:  # files written before routing was recorded have no width
+        start, size = offsets["routed"], max(n_prompt + n_response - 1, 0) * width[0]
+        offsets["routed"] = start + size
+        if offsets["routed"] > len(routed):
+            raise ValueError("its routed experts run past the end of the file's routed_experts")
+        routes = routed[start:start + size].view(-1, width[0]).clone()
     return Rollout(prompt_id=str(prompt_id), sample_index=index, source=Source(source),
                    prompt_ids=columns["prompt_ids"][p:p + n_prompt],
                    response_ids=columns["response_ids"][r:r + n_response],
                    response_logprobs=columns["response_logprobs"][r:r + n_response],
                    finish_reason=FinishReason(finish), weight_version=version, text=text,
-                   loss_mask=columns["loss_mask"][r:r + n_response], reward=reward)
+                   loss_mask=columns["loss_mask"][r:r + n_response], reward=reward, routed_experts=routes)
