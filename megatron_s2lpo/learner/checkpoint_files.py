@@ -3,14 +3,21 @@
 Nothing read from a checkpoint is executed. RNG states are stored as tensors and plain Python
 data and read with `torch.load(weights_only=True)`. torch.distributed.checkpoint reads its
 `.metadata` with plain `pickle.load` and the byte items of its shards with
-`torch.load(weights_only=False)`; `check_checkpoint` reads the first with an unpickler that
-only builds torch's own checkpoint-metadata types and the second with `weights_only=True`
-before the real load opens them, so a planted pickle is refused instead of run.
+`torch.load(weights_only=False)` (after undoing a zstd transform the metadata names);
+`check_checkpoint` reads the first with an unpickler that only builds torch's own
+checkpoint-metadata types and the second, decompressed the same way, with `weights_only=True`
+before the real load opens them, so a planted pickle is refused instead of run. A transform it
+cannot undo itself (an unknown one, or zstd without a zstd module) is refused too.
 
 `check_checkpoint` also finds what a crash, a full disk or a damaged copy leaves: a missing
-or truncated shard (every shard must hold the bytes its metadata points at), unreadable
-metadata, a trainer state that does not parse, an RNG file that does not load. Its error names
-the file, so the loader can skip to the previous checkpoint and say why.
+or truncated shard (every shard must hold the bytes its metadata points at), a damaged item
+header (each tensor item is a zip archive whose directory, headers and small records, CRC
+included, must read back), unreadable metadata or metadata of another backend, a missing
+`common.pt`, a trainer state that does not parse or lacks what the caller needs (`state_check`),
+an extra file (the pipeline's pending rollouts) missing or not the bytes recorded at save time,
+an RNG file that does not load. Its error names the file, so the loader can skip to the previous
+checkpoint and say why. Damage inside a tensor's data bytes is found only by reading them all:
+`find_damage` does that after a load failed, to name the file.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import hashlib
 import io
 import json
 import multiprocessing
@@ -26,7 +34,10 @@ import pickle
 import queue
 import random
 import shutil
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +49,11 @@ RNG_DIR = "rng"
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's pickled Metadata
 MCORE_METADATA = "metadata.json"  # megatron's sharded-backend description
 COMMON_FILE = "common.pt"  # megatron's non-sharded state (torch.save)
+FILES_KEY = "files"  # trainer_state.json: {extra file name: {"bytes": n, "sha256": hex}} written at save
+# What megatron-core's dist_checkpointing.save writes by default, and the only backends read here.
+BACKENDS = {"sharded_backend": "torch_dist", "common_backend": "torch"}
+ZSTD_TRANSFORM = "stream.zstd"  # torch.distributed.checkpoint._extension.ZStandard.registry_name()
+_MAX_BYTE_ITEM = 256 * 2**20  # a decompressed byte item larger than this is not ours
 
 
 class CorruptCheckpointError(ValueError):
@@ -157,35 +173,172 @@ def read_dcp_metadata(dist_dir: Path) -> object:
         raise CorruptCheckpointError(path, f"unreadable ({type(err).__name__}: {err})") from None
 
 
-def _check_shards(dist_dir: Path, metadata: object) -> None:
-    """Every shard holds the bytes the metadata points at; byte items load as plain data."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+class _FileSlice(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file as a seekable file of their own (a zip
+    reader on one item of a shard, without reading the item into memory)."""
 
+    def __init__(self, f: io.BufferedReader, offset: int, length: int) -> None:
+        super().__init__()
+        self._f, self._start, self._length, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        size = max(0, min(len(buffer), self._length - self._pos))
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(size)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _undo_transforms(raw: bytes, descriptors: Any, path: Path, fqn: str) -> bytes:
+    """The bytes torch's reader would unpickle after undoing the item's transforms (zstd only)."""
+    if not descriptors:
+        return raw
+    names = list(descriptors)
+    name, _, version = str(names[0]).partition("/")
+    if len(names) != 1 or name != ZSTD_TRANSFORM or version.partition(".")[0] != "1":
+        raise CorruptCheckpointError(path, f"item {fqn!r} is stored with the transforms {names}, which this trainer "
+                                     "neither writes nor checks; refusing to read it")
+    try:
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw))
+    except ImportError:
+        try:
+            import pyzstd
+
+            reader = pyzstd.ZstdFile(io.BytesIO(raw))
+        except ImportError:
+            raise CorruptCheckpointError(path, f"item {fqn!r} is zstd-compressed and no zstd module (zstandard, "
+                                         "pyzstd) is installed to check it; refusing to read it") from None
+    chunks, size = [], 0
+    try:
+        while size <= _MAX_BYTE_ITEM and (chunk := reader.read(1 << 20)):  # a read may return less than asked
+            chunks.append(chunk)
+            size += len(chunk)
+    except Exception as err:  # noqa: BLE001 - zstandard.ZstdError, pyzstd.ZstdError, OSError
+        raise CorruptCheckpointError(path, f"item {fqn!r} does not decompress ({type(err).__name__}: {err})") from None
+    data = b"".join(chunks)
+    if len(data) > _MAX_BYTE_ITEM:
+        raise CorruptCheckpointError(path, f"item {fqn!r} decompresses to more than {_MAX_BYTE_ITEM} bytes")
+    return data
+
+
+def _check_byte_item(f: io.BufferedReader, info: Any, path: Path, fqn: str) -> None:
+    """A byte item (torch.load'ed with weights_only=False by torch's reader) loads as plain data."""
+    f.seek(info.offset)
+    raw = _undo_transforms(f.read(info.length), info.transform_descriptors, path, fqn)
+    try:
+        torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a planted pickle or damaged bytes
+        raise CorruptCheckpointError(path, f"item {fqn!r} is not plain data ({type(err).__name__}); "
+                                     "refusing to unpickle it") from None
+
+
+def _is_tensor_data(member: str) -> bool:
+    parts = member.split("/")
+    return len(parts) >= 2 and parts[-2] == "data" and parts[-1].isdigit()
+
+
+def _check_tensor_item(f: io.BufferedReader, info: Any, path: Path, fqn: str) -> None:
+    """A tensor item (a torch.save zip archive) has an intact directory, member headers and small
+    records (their CRC checked); its data records are left for the load (or `find_damage`)."""
+    if info.transform_descriptors:
+        names = list(info.transform_descriptors)
+        if len(names) != 1 or str(names[0]).partition("/")[0] != ZSTD_TRANSFORM:
+            raise CorruptCheckpointError(path, f"item {fqn!r} is stored with the transforms {names}, which this "
+                                         "trainer neither writes nor checks; refusing to read it")
+        return  # compressed tensors are read by torch with weights_only=True: nothing runs
+    start, length = info.offset, info.length
+    try:
+        with zipfile.ZipFile(_FileSlice(f, start, length)) as archive:
+            members = archive.infolist()
+            if not any(m.filename.endswith("/data.pkl") for m in members):
+                raise zipfile.BadZipFile("no data.pkl record")
+            for member in members:
+                if _is_tensor_data(member.filename):
+                    archive.open(member).close()  # its local header must match the directory
+                else:
+                    archive.read(member)  # small: read and CRC-checked
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, KeyError,
+            NotImplementedError, RuntimeError) as err:
+        raise CorruptCheckpointError(path, f"item {fqn!r} (bytes {start}..{start + length}) is damaged "
+                                     f"({type(err).__name__}: {err})") from None
+
+
+def _storage_by_file(dist_dir: Path, metadata: Any) -> dict[str, list[tuple[Any, Any]]]:
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(storage, dict) or not storage:
         raise CorruptCheckpointError(dist_dir / DCP_METADATA, "holds no storage index")
-    sizes: dict[str, int] = {}
+    by_file: dict[str, list[tuple[Any, Any]]] = {}
     for index, info in storage.items():
-        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
-    for relative, needed in sorted(sizes.items()):
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for items in by_file.values():
+        items.sort(key=lambda item: item[1].offset)
+    return by_file
+
+
+def _check_shards(dist_dir: Path, metadata: Any) -> None:
+    """Every shard holds the bytes the metadata points at; byte items load as plain data; tensor
+    items are intact zip archives."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    by_file = _storage_by_file(dist_dir, metadata)
+    for relative, items in sorted(by_file.items()):
         path = dist_dir / relative
+        needed = max(info.offset + info.length for _, info in items)
         if not path.is_file():
             raise CorruptCheckpointError(path, "missing (listed in the checkpoint's metadata)")
         if path.stat().st_size < needed:
             raise CorruptCheckpointError(path, f"truncated: {path.stat().st_size} bytes, the metadata needs {needed}")
     byte_items = {fqn for fqn, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
-    for index, info in storage.items():
-        if index.fqn not in byte_items or getattr(info, "transform_descriptors", None):
-            continue
-        with open(dist_dir / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            raw = f.read(info.length)
-        try:
-            torch.load(io.BytesIO(raw), weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a planted pickle or damaged bytes
-            raise CorruptCheckpointError(dist_dir / info.relative_path,
-                                         f"item {index.fqn!r} is not plain data ({type(err).__name__}); "
-                                         "refusing to unpickle it") from None
+    for relative, items in sorted(by_file.items()):
+        path = dist_dir / relative
+        with open(path, "rb") as f:
+            for index, info in items:
+                check = _check_byte_item if index.fqn in byte_items else _check_tensor_item
+                check(f, info, path, index.fqn)
+
+
+def find_damage(path: Path) -> str | None:
+    """The first damaged file and item of the checkpoint directory `path` found by reading every
+    tensor in full (weights_only=True; slow: for the message after a load failed), or None."""
+    dist_dir = Path(path) / DIST_DIR
+    try:
+        metadata = read_dcp_metadata(dist_dir)
+        _check_shards(dist_dir, metadata)
+        by_file = _storage_by_file(dist_dir, metadata)
+    except CorruptCheckpointError as err:
+        return str(err)
+    for relative, items in sorted(by_file.items()):
+        file = dist_dir / relative
+        with open(file, "rb") as f:
+            for index, info in items:
+                f.seek(info.offset)
+                try:
+                    raw = _undo_transforms(f.read(info.length), info.transform_descriptors, file, index.fqn)
+                    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+                        archive.testzip()  # every record's CRC
+                    torch.load(io.BytesIO(raw), weights_only=True)
+                except CorruptCheckpointError as err:
+                    return str(err)
+                except Exception as err:  # noqa: BLE001
+                    return f"{file}: item {index.fqn!r} does not load ({type(err).__name__}: {err})"
+    return None
 
 
 def _load_json(path: Path) -> dict:
@@ -200,24 +353,71 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def check_checkpoint(path: Path, step: int | None = None) -> dict:
+def file_record(data: bytes) -> dict:
+    """What the trainer state records of an extra checkpoint file, to find it changed or cut."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _check_extra_files(path: Path, saved: dict) -> None:
+    files = saved.get(FILES_KEY) or {}
+    if not isinstance(files, dict):
+        raise CorruptCheckpointError(path / STATE_FILE, f"{FILES_KEY!r} is not an object")
+    for name, want in sorted(files.items()):
+        file = path / name
+        if os.path.basename(name) != name or not isinstance(want, dict):
+            raise CorruptCheckpointError(path / STATE_FILE, f"lists the extra file {name!r} oddly")
+        if not file.is_file():
+            raise CorruptCheckpointError(file, "missing (the checkpoint recorded it at save time)")
+        data = file.read_bytes()
+        if len(data) != want.get("bytes"):
+            raise CorruptCheckpointError(file, f"has {len(data)} bytes, the checkpoint recorded {want.get('bytes')}")
+        if hashlib.sha256(data).hexdigest() != want.get("sha256"):
+            raise CorruptCheckpointError(file, "differs from what was saved (sha256 mismatch)")
+
+
+def check_dist_dir(dist_dir: Path) -> None:
+    """Validate a dist_checkpointing directory (ours or Megatron-LM's) before megatron reads it."""
+    dist_dir = Path(dist_dir)
+    meta = _load_json(dist_dir / MCORE_METADATA)
+    for key, want in BACKENDS.items():
+        if meta.get(key, want) != want:
+            raise CorruptCheckpointError(dist_dir / MCORE_METADATA, f"names {key} {meta.get(key)!r}; only "
+                                         f"{want!r} checkpoints (dist_checkpointing's default) are read")
+    _check_shards(dist_dir, read_dcp_metadata(dist_dir))
+    common = dist_dir / COMMON_FILE
+    if not common.is_file():
+        raise CorruptCheckpointError(common, "missing (dist_checkpointing writes it with every checkpoint)")
+    try:
+        torch.load(common, weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CorruptCheckpointError(common, f"does not load as plain data ({type(err).__name__})") from None
+
+
+# (the saved trainer state, the checkpoint directory) -> None, or ValueError: what the caller needs is not there
+StateCheck = Callable[[dict, Path], None]
+
+
+def check_checkpoint(path: Path, step: int | None = None, *, state_check: StateCheck | None = None) -> dict:
     """Validate the checkpoint directory `path` before anything loads it; returns its trainer state
-    file's content. CorruptCheckpointError naming the first bad file otherwise."""
+    file's content. CorruptCheckpointError naming the first bad file otherwise.
+
+    state_check: called with the saved trainer state (the caller's dict) and `path`; a ValueError
+    it raises (a key the caller needs is missing, a file of its own is damaged) makes the
+    checkpoint unloadable with that message (naming trainer_state.json unless it names a file).
+    """
     if not (path / COMPLETE).is_file():
         raise CorruptCheckpointError(path / COMPLETE, "missing: the save did not finish")
     saved = _load_json(path / STATE_FILE)
     if not isinstance(saved.get("step"), int) or (step is not None and saved["step"] != step):
         raise CorruptCheckpointError(path / STATE_FILE, f"records step {saved.get('step')!r}, the directory "
                                      f"name says {step}")
-    dist_dir = path / DIST_DIR
-    _load_json(dist_dir / MCORE_METADATA)
-    _check_shards(dist_dir, read_dcp_metadata(dist_dir))
-    common = dist_dir / COMMON_FILE
-    if common.is_file():
+    check_dist_dir(path / DIST_DIR)
+    _check_extra_files(path, saved)
+    if state_check is not None:
         try:
-            torch.load(common, weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise CorruptCheckpointError(common, f"does not load as plain data ({type(err).__name__})") from None
+            state_check(saved.get("trainer_state") if isinstance(saved.get("trainer_state"), dict) else {}, path)
+        except ValueError as err:
+            raise CorruptCheckpointError(path / STATE_FILE, str(err)) from None
     # RNG files are optional (checkpoints written by the conversion tool have none; a rank without
     # one keeps its RNG), but every one present must load.
     rng_files = sorted((path / RNG_DIR).glob("rank_*.pt")) if (path / RNG_DIR).is_dir() else []

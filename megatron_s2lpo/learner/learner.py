@@ -14,6 +14,7 @@ reduced the same way).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -453,16 +454,19 @@ class Learner:
         Returns the committed checkpoint or None. Collective; a no-op with synchronous saves."""
         return self._async_saves.finish(blocking=blocking) if self._async_saves is not None else None
 
-    def load(self, path: str | Path, *, load_optimizer: bool = True) -> ckpt.LoadedState:
+    def load(self, path: str | Path, *, load_optimizer: bool = True,
+             state_check: Callable[[dict, Path], None] | None = None) -> ckpt.LoadedState:
         """Load a checkpoint (directory or root -> latest complete), resharding as needed.
 
-        load_optimizer=False loads the weights only (fresh optimizer state and LR schedule)."""
+        load_optimizer=False loads the weights only (fresh optimizer state and LR schedule).
+        state_check: what the saved trainer state must hold (a checkpoint without it is skipped)."""
         self._require_onloaded("load a checkpoint")
         self.finish_saves(blocking=True)  # a save still being written commits first
         self.sync_params()  # a pending gather must not overwrite the loaded weights later
         loaded = ckpt.load_checkpoint(path, model_chunks=self.model,
                                       optimizer=self.optimizer if load_optimizer else None,
-                                      scheduler=self.scheduler if load_optimizer else None)
+                                      scheduler=self.scheduler if load_optimizer else None,
+                                      state_check=state_check)
         if not load_optimizer:  # weights only: fp32 main copies (bf16 / fp8) must follow them
             self.optimizer.reload_model_params()
         self.step = int(loaded.trainer_state.get("learner_step", loaded.step))

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from .cpu_shims import apply_cpu_shims
-from ..utils.ports import free_port
 
 _OWNS_PROCESS_GROUP = False  # whether init_parallel created the default process group
 
@@ -78,8 +77,9 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1, timeout=timeout)
+        # One process needs no rendezvous: an in-memory store. (torch's TCPStore behind a
+        # tcp://127.0.0.1 init listens on every interface, where anyone could set and get keys.)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     _OWNS_PROCESS_GROUP = True
 
 

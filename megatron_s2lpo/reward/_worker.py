@@ -10,6 +10,14 @@ nothing is ever unpickled on either side. The parent waits at most `timeout_s` f
 otherwise SIGKILLs the child. SIGKILL is the only interruption that also reaches sympy inside a
 long C call (a big-integer power), which a signal.alarm timeout cannot; it works from any thread.
 
+Stop signals belong to the parent: SIGTERM, SIGINT, SIGHUP and SIGUSR1 sent to the whole process
+group (Ctrl-C, `scancel`, a preempting scheduler) would otherwise kill every worker mid-call while
+the trainer finishes its step. The child is started with them blocked (the mask is inherited
+through fork and exec) and ignores them before unblocking, so none of them can reach it at any
+moment of its life; it ends on EOF, on SIGKILL from the parent, or when the parent dies. A worker
+that still dies of a signal it did not cause (`DIED` with `stopped_from_outside()`) has said
+nothing about its completion, which the scorer then never scores as 0.0.
+
 Ownership: a WorkerProcess is driven by one thread at a time. Other threads may only call
 `interrupt()` (a signal, safe at any moment); `kill()` closes the pipes and must come from the
 owner or after the owner has stopped.
@@ -34,6 +42,8 @@ from collections.abc import Callable
 # not parse), which the parent reports as 0.0 and counts as an error.
 ScoreFn = Callable[[str, str], "float | None"]
 
+# Signals the parent handles (or that end the whole job), never the workers'.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _READY = "ready"
 _START_FAILED = "start-failed"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -102,12 +112,14 @@ def serve(score_fn: ScoreFn, argv: list[str] | None = None) -> None:
     proto_in, proto_out = os.dup(0), os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    # Ctrl-C, scancel and a cluster's stop request reach the whole process group or job step; the
+    # parent decides when workers stop. Blocked since the fork (WorkerProcess), so ignoring them
+    # before unblocking leaves no moment at which one could kill this process.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if not _die_with_parent(parent_pid):
         return  # the parent died before the death signal was armed
-    # Ctrl-C reaches the whole process group, and a cluster's stop request (SIGUSR1) the whole
-    # job step; the parent decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         score_fn("1", "1")  # imports the scoring library and warms its caches before the first deadline
     except Exception:  # noqa: BLE001 -- reported to the parent, which raises WorkerStartError
@@ -147,9 +159,14 @@ class WorkerProcess:
 
     def __init__(self, module: str, name: str) -> None:
         self.name = name
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", module, "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=None, env=_child_env(), bufsize=0, close_fds=True)
+        # the child inherits this thread's signal mask: stop signals stay blocked until it ignores them
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", module, "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=None, env=_child_env(), bufsize=0, close_fds=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._pid: int = self._process.pid
         self._in = self._process.stdin.fileno()  # type: ignore[union-attr]
         self._out = self._process.stdout.fileno()  # type: ignore[union-attr]
@@ -225,6 +242,17 @@ class WorkerProcess:
         except (EOFError, OSError, ValueError):
             return CallStatus.DIED, None
         return CallStatus(status), payload
+
+    def stopped_from_outside(self, wait_s: float = 1.0) -> bool:
+        """After a DIED call: True if a stop signal ended the child (not the parent's SIGKILL, not a
+        crash of its own), i.e. its death says nothing about the completion it was scoring."""
+        if self._killed:
+            return False
+        try:
+            code = self._process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return code is not None and -code in STOP_SIGNALS
 
     def interrupt(self) -> None:
         """SIGKILL the child without touching the pipes; safe from any thread at any time."""

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 5.0
 _MATH_DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _MAX_WARNED_TRUTHS = 1000
+_MAX_OUTSIDE_STOPS = 3  # workers killed by a stop signal from outside before a batch gives up (no reward)
 # Every open scorer, closed at interpreter exit so that no worker process outlives the interpreter.
 _open_scorers: weakref.WeakSet = weakref.WeakSet()
 
@@ -144,6 +145,10 @@ class ScorerStats:
 
 class ScorerClosedError(RuntimeError):
     """The scorer was closed (or broke) before this batch was scored."""
+
+
+class WorkersStoppedError(RuntimeError):
+    """Stop signals from outside kept killing the workers scoring a batch (it fails, unscored)."""
 
 
 class _Batch:
@@ -391,6 +396,9 @@ class MathScorer:
                     break
                 try:
                     reward = self._score_item(slot, item)
+                except WorkersStoppedError as err:
+                    item.batch.fail(err)  # no reward at all rather than a wrong one; the slot goes on
+                    continue
                 except BaseException as err:
                     item.batch.fail(ScorerClosedError("MathScorer was closed") if self._closed else err)
                     raise
@@ -431,7 +439,8 @@ class MathScorer:
         return min(self.timeout_s, item.batch.deadline - time.monotonic())
 
     def _score_item(self, slot: int, item: _Item) -> float:
-        for _ in range(2):  # a worker that dies unexpectedly gets one retry on a fresh worker
+        deaths = outside = 0
+        while deaths < 2:  # a worker that dies unexpectedly gets one retry on a fresh worker
             timeout_s = self._call_timeout(item)
             if timeout_s <= 0:
                 return self._past_deadline(item)
@@ -444,10 +453,19 @@ class MathScorer:
                 self._count("num_errors")
                 self._warn_unscored(item, status, payload)
                 return 0.0
+            # A stop signal from outside says nothing about the completion: never scored 0.0 for it.
+            stopped = status is CallStatus.DIED and worker.stopped_from_outside()
             # TIMEOUT or DIED: the worker is unusable; kill, reap and replace it.
             self._retire(slot, restart=True)
             if self._closed:
                 raise ScorerClosedError("MathScorer was closed")
+            if stopped:
+                outside += 1
+                if outside > _MAX_OUTSIDE_STOPS:
+                    raise WorkersStoppedError(f"MathScorer: {outside} workers in a row were killed by a stop signal "
+                                              "sent from outside while scoring a completion; it is not scored")
+                continue
+            deaths += 1
             if status is CallStatus.TIMEOUT:
                 if timeout_s < self.timeout_s:  # cut by the batch's deadline, not its own limit
                     return self._past_deadline(item)

@@ -71,6 +71,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -81,6 +82,7 @@ import torch
 from ..types import FinishReason
 from .engine import Completion, GenerateRequest, parse_weight_version
 from .scoring import ScoreRequest, TokenScores
+from .validation import MAX_LOGPROB, is_token_id
 
 T = TypeVar("T")
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
@@ -152,7 +154,10 @@ def parse_generate_output(out: Any, req: GenerateRequest, *, url: str, rid: str 
     meta = out["meta_info"]
     if meta.get("id", rid) != rid:
         raise EngineRequestError(f"{where}: the answer is for request {meta['id']!r}")
-    token_ids = [int(t) for t in out["output_ids"]]
+    token_ids = list(out["output_ids"]) if isinstance(out["output_ids"], list) else None
+    bad = next((t for t in token_ids if not is_token_id(t)), None) if token_ids is not None else out["output_ids"]
+    if bad is not None:  # int() would truncate 7.9 to another token
+        raise EngineRequestError(f"{where}: output_ids holds {_excerpt(bad)}, not a list of integer token ids")
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else reason
     if kind not in _FINISH:
@@ -167,10 +172,13 @@ def parse_generate_output(out: Any, req: GenerateRequest, *, url: str, rid: str 
                 f"{where}: {len(token_ids)} output_ids but output_token_logprobs is "
                 f"{_excerpt(triples)}; the server must honour return_logprob")
         for i, (_logprob, token, *_rest) in enumerate(triples):
-            if int(token) != token_ids[i]:
+            if not is_token_id(token) or token != token_ids[i]:
                 raise EngineRequestError(f"{where}: log-prob {i} is for token {token}, "
                                          f"output_ids[{i}] is {token_ids[i]}")
-        logprobs = [float(t[0]) for t in triples]
+        if any(not isinstance(t[0], (int, float)) or isinstance(t[0], bool) for t in triples):
+            raise EngineRequestError(f"{where}: output_token_logprobs holds a log-prob that is not a number: "
+                                     f"{_excerpt(triples)}")
+        logprobs = [float(t[0]) for t in triples]  # their range is checked with the rollout (validation.py)
     else:
         logprobs = [0.0] * len(token_ids)
     routed = None
@@ -239,6 +247,9 @@ def parse_score_output(out: Any, req: ScoreRequest, *, url: str, rid: str | None
         if not isinstance(entry[0], (int, float)):
             raise EngineRequestError(f"{where}: input_token_logprobs[{j}] (response token "
                                      f"{j - 1}) has no log-prob: {_excerpt(entry)}")
+        if not math.isfinite(entry[0]) or entry[0] > MAX_LOGPROB:
+            raise EngineRequestError(f"{where}: input_token_logprobs[{j}] has the log-prob {entry[0]!r}, not a "
+                                     "finite number <= 0")
         logprobs.append(float(entry[0]))
     top_ids = top_logprobs = None
     if req.top_k:

@@ -5,7 +5,9 @@ one replica (or the configured `launch_command` prefix, e.g. the SGLang-protocol
 used on CPU). `ServerProcess` owns the process: start in its own session (SGLang forks
 scheduler and detokenizer children, which are stopped with it), log to a file, report exit,
 restart, stop. A log file it created itself (no `log_path`) is temporary and removed by
-`stop(remove_log=True)`; runs pass a path under their output directory instead.
+`stop(remove_log=True)`; runs pass a path under their output directory instead. The API key
+never reaches the log or an error message: the logged command is redacted, and a server given a
+key runs under `utils.redact`, which filters SGLang's own output (it logs its arguments).
 
 Flags (SGLang 0.5.23 `server_args.py` / `arg_groups/fields/*.py`): `--port` of the replica,
 `--base-gpu-id` (its first GPU: replica i starts at base_gpu_id + i * tp_size, so replicas on
@@ -32,6 +34,7 @@ from collections.abc import Awaitable, Callable
 
 from ..config.rollout import EngineConfig
 from ..utils.process_group import log_tail, stop_group
+from ..utils.redact import filtered_launch, redact_command
 from .sglang_python import sglang_python
 
 # --device cpu: SGLang's generic device path (its own CPU engine needs a CPU build of sgl_kernel that
@@ -121,11 +124,12 @@ class ServerProcess:
     def start(self) -> None:
         assert not self.alive(), "start() on a running server"
         log = open(self.log_path, "ab")
-        log.write(f"\n==== start {self.num_starts + 1}: {' '.join(self.command)}\n".encode())
+        log.write(f"\n==== start {self.num_starts + 1}: {' '.join(redact_command(self.command))}\n".encode())
         log.flush()
+        argv, env = filtered_launch(self.command, self.env)  # the key: in the environment, out of the log
         try:
-            self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self.env,
+            self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env,
                                           start_new_session=True)
         finally:
             log.close()  # the child holds its own descriptor
@@ -158,7 +162,7 @@ class ServerProcess:
                     pass
 
     def describe(self) -> str:
-        return f"`{' '.join(self.command)}` (log {self.log_path})"
+        return f"`{' '.join(redact_command(self.command))}` (log {self.log_path})"
 
 
 async def wait_healthy(

@@ -209,10 +209,15 @@ class TrainerParts:
                        shard_bytes=self.config.sync.bucket_bytes, hf_config_dir=self.learner_dir or None)
         return out_dir
 
-    def close(self) -> None:
+    def close(self, *, abandon: bool = False) -> None:
+        """Close every part. abandon (a stop signal repeated: stop now): the engines and the scorer
+        first, so that a collection stuck on them fails instead of being waited for."""
         # the pipeline first: a collection in flight ends before the engines it uses close
-        for part in (self.pipeline, self.collector, self.prefetcher, self.sync, self.learner_engine,
-                     self.explorer_engine, self.teacher_engine, self.scorer, self.writer):
+        parts = [self.pipeline, self.collector, self.prefetcher, self.sync, self.learner_engine,
+                 self.explorer_engine, self.teacher_engine, self.scorer, self.writer]
+        if abandon:
+            parts = parts[4:8] + parts[:4] + parts[8:]
+        for part in parts:
             if part is not None:
                 part.close()
 

@@ -27,7 +27,9 @@ Multi-stage pipelines (`stages:`) run this loop once per stage (stages.py); run.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,11 +43,14 @@ from megatron_s2lpo.config import RunConfig
 from megatron_s2lpo.rollout.engine import derive_seed
 from megatron_s2lpo.trainer.build import (TrainerParts, build_trainer, eval_sampling, learner_temperature, mix_settings,
                                           sample_scores)
+from megatron_s2lpo.trainer.config_changes import (CONFIG_KEY, check_resume_config, reapply_optimizer_settings,
+                                                   record_changes, snapshot)
 from megatron_s2lpo.trainer.metrics import (behaviour_mismatch, importance_metrics, json_safe, mean_dicts,
                                             mismatch_metrics, pods_counts, rollout_counts, source_metrics,
                                             staleness_metrics)
-from megatron_s2lpo.trainer.run_dir import check_run_dir
-from megatron_s2lpo.trainer.stop_signal import RunStopped, received_signal, stop_requested
+from megatron_s2lpo.trainer.pipeline import PENDING_FILE
+from megatron_s2lpo.trainer.run_dir import check_trainer_state, hold_run_dir, is_launch_rank0, resume_point
+from megatron_s2lpo.trainer.stop_signal import RunInterrupted, RunStopped, received_signal, stop_requested
 from megatron_s2lpo.types import SOURCE_CODES, Source
 
 COUNTERS = ("rollout_tokens/explorer", "rollout_tokens/learner", "rollout_flops/explorer", "rollout_flops/learner")
@@ -60,10 +65,17 @@ def loss_config(cfg: RunConfig) -> PolicyLossConfig:
 
 def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]]:
     """(last completed step, cumulative counters, that step's metrics) from the newest loadable
-    checkpoint (run_dir.check_run_dir has made sure there is one), and the rollouts it holds for
-    the next step (pipeline.py)."""
-    loaded = parts.learner.load(parts.checkpoint_root)
+    checkpoint (run_dir.resume_point has made sure there is one), and the rollouts it holds for
+    the next step (pipeline.py: checked like an engine's answer; a damaged file makes the load skip
+    to the checkpoint before)."""
+    def resumable(state: dict, checkpoint: Path) -> None:
+        check_trainer_state(state, checkpoint)
+        if (checkpoint / PENDING_FILE).is_file():
+            parts.pipeline.read_pending(checkpoint / PENDING_FILE)
+
+    loaded = parts.learner.load(parts.checkpoint_root, state_check=resumable)
     state = loaded.trainer_state
+    reapply_optimizer_settings(parts.learner, parts.config, state, loaded.scheduler_state)  # accepted changes
     parts.sampler.load_state_dict(state["sampler"])
     if parts.prefetcher is not None:
         parts.prefetcher.load_state_dict(state.get("explorer_store", {}))
@@ -76,15 +88,54 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]
 
 def run_training(cfg: RunConfig, *, export_dir: str | None = None) -> None:
     """Run the single run `cfg` (no `stages:`; run.py dispatches those to stages.py). export_dir:
-    afterwards write the trained policy there as a Hugging Face directory (atomically)."""
-    resuming = check_run_dir(cfg.run.output_dir, resume=cfg.run.resume)  # refuses to start over on a used run
-    parts = build_trainer(cfg)
-    try:
-        _loop(parts, resuming)
-        if export_dir:
-            parts.export_hf(export_dir)
-    finally:
+    afterwards write the trained policy there as a Hugging Face directory (atomically).
+
+    One run per output directory at a time (run_dir.hold_run_dir); a resume refuses config changes
+    that change what the run computes unless accepted (config_changes.py)."""
+    with hold_run_dir(cfg.run.output_dir) as lock:
+        checkpoint = _resume_point(cfg)  # before anything is built
+        lock.record_holder()  # allowed: a refused run has rewritten nothing
+        parts = build_trainer(cfg)
+        try:
+            _loop(parts, checkpoint is not None)
+            if export_dir:
+                parts.export_hf(export_dir)
+        except RunInterrupted:
+            _close_within(parts, CLOSE_AFTER_INTERRUPT_S)
+            raise
+        except BaseException:
+            parts.close()
+            raise
         parts.close()
+
+
+def _resume_point(cfg: RunConfig) -> Path | None:
+    """The checkpoint the run continues from (None: it starts at step 1), once the run directory may
+    be used so (run_dir.resume_point) and the config changes nothing it may not (config_changes.py);
+    accepted changes are recorded."""
+    checkpoint = resume_point(cfg.run.output_dir, resume=cfg.run.resume)  # refuses to start over on a used run
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text()).get("trainer_state", {})
+        accepted = check_resume_config(cfg, checkpoint, state)
+        if is_launch_rank0():
+            record_changes(cfg.run.output_dir, checkpoint, accepted)
+    return checkpoint
+
+
+CLOSE_AFTER_INTERRUPT_S = 30.0
+
+
+def _close_within(parts: TrainerParts, timeout_s: float) -> None:
+    """Close the parts of an interrupted run, waiting at most `timeout_s` (a part stuck on a vanished
+    peer must not keep the process alive; the caller exits without joining leftover threads)."""
+    import threading
+
+    closer = threading.Thread(target=parts.close, kwargs={"abandon": True}, name="close-interrupted", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        print(f"closing the run's engines did not finish within {timeout_s:.0f} s; exiting without waiting",
+              flush=True)
 
 
 def importance_correction(cfg: RunConfig) -> tuple[float | None, tuple[int, ...] | None]:
@@ -352,7 +403,8 @@ def _save(parts: TrainerParts, step: int, cumulative: dict[str, float], metrics:
 
     state = {"step": step, "sampler": parts.sampler.state_dict(), "cumulative": dict(cumulative),
              "explorer_store": parts.prefetcher.state_dict() if parts.prefetcher is not None else {},
-             "metrics": {k: json_safe(v) for k, v in metrics.items()}}
+             "metrics": {k: json_safe(v) for k, v in metrics.items()},
+             CONFIG_KEY: snapshot(parts.config)}  # what a resume compares its config with
     parts.learner.save(parts.checkpoint_root, step=step, trainer_state=state, wait=wait,
                        extra_files=parts.pipeline.checkpoint_files())  # the next step's rollouts, if ahead
     if parts.is_driver:

@@ -46,6 +46,7 @@ groups' collection time hidden behind the learner's work; 0 at staleness 0).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -61,6 +62,7 @@ from megatron_s2lpo.config.algo import DynamicSamplingConfig
 from megatron_s2lpo.reward.overlong import OverlongShaping
 from megatron_s2lpo.rollout import GroupCollector
 from megatron_s2lpo.rollout.engine import Completion, GenerateRequest
+from megatron_s2lpo.rollout.validation import AnswerRules, InvalidAnswerError, check_rollouts
 from megatron_s2lpo.trainer.dynamic_sampling import Collected, ScoredRound, collect_step
 from megatron_s2lpo.types import FinishReason, Group, Prompt, Rollout, Source
 
@@ -267,7 +269,7 @@ class RolloutPipeline:
         def read() -> int | None:
             if not path.is_file():
                 return None
-            loaded.append(decode_groups(path.read_bytes(), {p.prompt_id: p for p in self.prompts}, where=str(path)))
+            loaded.append(self.read_pending(path))
             return loaded[0][0]
 
         saved_step = run_on_driver(read, self.groups)
@@ -283,6 +285,17 @@ class RolloutPipeline:
         pending = _Collection(saved_step)  # collected before the restart: no timing of its own
         pending.future.set_result(self._read_pending(loaded[0], Path(checkpoint)) if self.is_driver else None)
         self._next = pending
+
+    def read_pending(self, path: Path) -> tuple[int, list[Group], float, float]:
+        """The pending rollouts file `path` decoded and checked like an engine's answer (rank 0:
+        the collector's rules); ValueError naming the file otherwise."""
+        rules = self.stage.collector.rules if self.stage is not None and self.stage.collector is not None else None
+        if rules is not None:  # collected one step ahead, whatever this run's staleness (resume() says)
+            rules = dataclasses.replace(rules, max_staleness=1)
+        decoded = decode_groups(path.read_bytes(), {p.prompt_id: p for p in self.prompts}, where=str(path),
+                                rules=rules)
+        self._read_pending(decoded, path.parent)  # their metrics file, if any, must read too
+        return decoded
 
     @staticmethod
     def _read_pending(loaded: tuple, checkpoint: Path) -> Collected:
@@ -375,42 +388,97 @@ def encode_groups(step: int, groups: list[Group], rollout_s: float, reward_s: fl
                  "routed_experts": torch.cat(routed) if routed else torch.zeros(0, dtype=torch.int16)})
 
 
-def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str) -> tuple[int, list[Group], float, float]:
-    """(step, groups, rollout seconds, reward seconds) of `encode_groups`' bytes; a damaged file or
-    one naming prompts the dataset does not have is a ValueError naming `where`."""
+_COLUMNS = {"prompt_ids": torch.int64, "response_ids": torch.int64, "response_logprobs": torch.float64,
+            "loss_mask": torch.int64}
+
+
+def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str,
+                  rules: AnswerRules | None = None) -> tuple[int, list[Group], float, float]:
+    """(step, groups, rollout seconds, reward seconds) of `encode_groups`' bytes.
+
+    The file is read as strictly as an engine's answer: a damaged file, columns of other dtypes or
+    lengths than the metadata says, prompts the dataset does not have or other prompt tokens than
+    the dataset's, and (with `rules`) every check of rollout/validation.py (token ids in the
+    vocabulary, log-probs finite and <= 0, 0/1 loss masks, learner weight versions the step
+    allows) are a ValueError naming `where`."""
     from safetensors.torch import load
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{where} is damaged ({problem}); remove its checkpoint directory to resume from the "
+                          "one before")
 
     try:
         tensors = load(data)
         meta = json.loads(bytes(tensors["meta"].tolist()).decode())
-        columns = {name: tensors[name].tolist() for name in ("prompt_ids", "response_ids", "response_logprobs",
-                                                                "loss_mask")}
-        routed = tensors.get("routed_experts", torch.zeros(0, dtype=torch.int16))
+        wrong = [f"{name} is {tensors[name].dtype}" for name, dtype in _COLUMNS.items()
+                 if tensors[name].dtype != dtype or tensors[name].dim() != 1]
+        routed = tensors.get("routed_experts", torch.zeros(0, dtype=torch.int16))  # absent in older files
+        if routed.dtype != torch.int16 or routed.dim() != 1:
+            wrong.append(f"routed_experts is {routed.dtype} of {routed.dim()} dimensions")
+        if wrong or tensors["meta"].dtype != torch.uint8:
+            raise ValueError(", ".join(wrong) or "meta is not bytes")
+        columns = {name: tensors[name].tolist() for name in _COLUMNS}
+        step, groups_meta = meta["step"], meta["groups"]
+        rollout_s, reward_s = float(meta["rollout_s"]), float(meta["reward_s"])
+        if not isinstance(step, int) or isinstance(step, bool) or not isinstance(groups_meta, list):
+            raise ValueError(f"step {step!r}")
     except Exception as err:  # noqa: BLE001 - any damage reads the same to the user
-        raise ValueError(f"{where} is damaged ({type(err).__name__}: {err}); remove its checkpoint directory "
-                         "to resume from the one before") from None
+        raise bad(f"{type(err).__name__}: {err}") from None
     offsets = {"prompt": 0, "response": 0, "routed": 0}
     groups = []
-    for group in meta["groups"]:
-        prompt = prompts.get(group["prompt_id"])
+    for group in groups_meta:
+        prompt_id = group.get("prompt_id") if isinstance(group, dict) else group
+        prompt = prompts.get(prompt_id) if isinstance(prompt_id, str) else None
         if prompt is None:
-            raise ValueError(f"{where} holds rollouts of prompt {group['prompt_id']!r}, which the run's dataset "
-                             "does not have; resume with the data the run started with")
-        rollouts = []
-        for prompt_id, index, source, finish, version, text, reward, n_prompt, n_response, *width in group["rollouts"]:
-            p, r = offsets["prompt"], offsets["response"]
-            offsets["prompt"], offsets["response"] = p + n_prompt, r + n_response
-            routes = None
-            if width and width[0]:  # files written before routing was recorded have no width
-                size = (n_prompt + n_response - 1) * width[0]
-                routes = routed[offsets["routed"]:offsets["routed"] + size].view(-1, width[0]).clone()
-                offsets["routed"] += size
-            rollouts.append(Rollout(prompt_id=prompt_id, sample_index=index, source=Source(source),
-                                    prompt_ids=columns["prompt_ids"][p:p + n_prompt],
-                                    response_ids=columns["response_ids"][r:r + n_response],
-                                    response_logprobs=columns["response_logprobs"][r:r + n_response],
-                                    finish_reason=FinishReason(finish), weight_version=version, text=text,
-                                    loss_mask=columns["loss_mask"][r:r + n_response], reward=reward,
-                                    routed_experts=routes))
+            raise ValueError(f"{where} holds rollouts of prompt {prompt_id!r}, which the run's dataset does not "
+                             "have; resume with the data the run started with")
+        try:
+            rollouts = [_decode_rollout(row, columns, routed, offsets) for row in group["rollouts"]]
+        except (ValueError, TypeError, KeyError) as err:
+            raise bad(f"a rollout of prompt {prompt.prompt_id!r}: {err}") from None
+        for r in rollouts:
+            if r.prompt_id != prompt.prompt_id or r.prompt_ids != list(prompt.token_ids or []):
+                raise bad(f"a rollout of prompt {prompt.prompt_id!r} names prompt {r.prompt_id!r} or other prompt "
+                          "tokens than the dataset's")
         groups.append(Group(prompt=prompt, rollouts=rollouts))
-    return meta["step"], groups, meta["rollout_s"], meta["reward_s"]
+    if offsets["prompt"] != len(columns["prompt_ids"]) or offsets["response"] != len(columns["response_ids"]):
+        raise bad(f"the metadata accounts for {offsets['prompt']} prompt and {offsets['response']} response tokens, "
+                  f"the file holds {len(columns['prompt_ids'])} and {len(columns['response_ids'])}")
+    if offsets["routed"] != len(routed):
+        raise bad(f"the metadata accounts for {offsets['routed']} routed experts, the file holds {len(routed)}")
+    if rules is not None:
+        try:
+            check_rollouts((r for g in groups for r in g.rollouts), rules, step=step, engine=where,
+                           check_versions=False)
+            check_rollouts((r for g in groups for r in g.rollouts if r.source is Source.LEARNER), rules, step=step,
+                           engine=where, check_versions=True)
+        except InvalidAnswerError as err:
+            raise bad(str(err)) from None
+    return step, groups, rollout_s, reward_s
+
+
+def _decode_rollout(row: list, columns: dict[str, list], routed: torch.Tensor, offsets: dict[str, int]) -> Rollout:
+    """One rollout of the metadata row `row`, its tokens taken from `columns` and its routed experts
+    from `routed` at `offsets` (advanced)."""
+    prompt_id, index, source, finish, version, text, reward, n_prompt, n_response, *width = row
+    counts = (index, version, n_prompt, n_response, *width)
+    if (any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in counts) or not isinstance(text, str)
+            or len(width) > 1):
+        raise ValueError(f"index, version, lengths and routing width must be integers >= 0, got {counts}")
+    p, r = offsets["prompt"], offsets["response"]
+    offsets["prompt"], offsets["response"] = p + n_prompt, r + n_response
+    if offsets["prompt"] > len(columns["prompt_ids"]) or offsets["response"] > len(columns["response_ids"]):
+        raise ValueError("its tokens run past the end of the file's columns")
+    routes = None
+    if width and width[0]:  # files written before routing was recorded have no width
+        start, size = offsets["routed"], max(n_prompt + n_response - 1, 0) * width[0]
+        offsets["routed"] = start + size
+        if offsets["routed"] > len(routed):
+            raise ValueError("its routed experts run past the end of the file's routed_experts")
+        routes = routed[start:start + size].view(-1, width[0]).clone()
+    return Rollout(prompt_id=str(prompt_id), sample_index=index, source=Source(source),
+                   prompt_ids=columns["prompt_ids"][p:p + n_prompt],
+                   response_ids=columns["response_ids"][r:r + n_response],
+                   response_logprobs=columns["response_logprobs"][r:r + n_response],
+                   finish_reason=FinishReason(finish), weight_version=version, text=text,
+                   loss_mask=columns["loss_mask"][r:r + n_response], reward=reward, routed_experts=routes)

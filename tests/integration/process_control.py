@@ -76,20 +76,27 @@ def kill_after_checkpoint(command: list[str], cwd: Path, latest: Path, *, what: 
 
 
 def signal_after_lines(command: list[str], cwd: Path, path: Path, *, num_lines: int, sig: int,
-                       timeout_s: float) -> tuple[int, str]:
+                       timeout_s: float, group: bool = False, delay_s: float = 0.0) -> tuple[int, str]:
     """Run `command` in its own session, send `sig` to it once `path` (a metrics.jsonl) holds
     `num_lines` lines, i.e. while the next step runs, and wait for it to exit.
 
+    group: send `sig` to the whole process group (what a shell's Ctrl-C, `scancel` or a preempting
+    scheduler does: the reward workers get it too), not the trainer alone. delay_s: wait that long
+    after the lines are there (a point inside the next step).
     Returns (exit status, output). The whole group is SIGKILLed if it outlives `timeout_s`."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout_s
-            while not (path.is_file() and len(path.read_text().splitlines()) >= num_lines):
+            while num_lines > 0 and not (path.is_file() and len(path.read_text().splitlines()) >= num_lines):
                 assert proc.poll() is None, f"the run ended before writing {num_lines} lines to {path}"
                 assert time.monotonic() < deadline, f"no {num_lines} lines in {path} within {timeout_s:.0f} s"
                 time.sleep(0.02)
-            proc.send_signal(sig)  # the trainer itself (the group leader), as `kill -USR1 <pid>` would
+            time.sleep(delay_s)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)  # the trainer itself (the group leader), as `kill -USR1 <pid>` would
             proc.wait(max(1.0, deadline - time.monotonic()))
         finally:
             if proc.poll() is None:

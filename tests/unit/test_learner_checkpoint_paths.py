@@ -39,6 +39,7 @@ def _write_dist(dist_dir: Path, items: dict) -> None:
     metadata = Metadata(state_dict_metadata={fqn: BytesStorageMetadata() for fqn in items}, storage_data=storage)
     (dist_dir / ".metadata").write_bytes(pickle.dumps(metadata))
     (dist_dir / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    (dist_dir / "common.pt").write_bytes(_saved({}))  # megatron's non-sharded state, always written
 
 
 def _saved(obj) -> bytes:

@@ -16,6 +16,14 @@ from megatron_s2lpo.trainer.run_dir import check_run_dir, run_traces
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _trainer_checkpoint(root: Path, step: int) -> Path:
+    """A checkpoint as the trainer saves one: its trainer state holds the sampler and counters."""
+    path = _fake_checkpoint(root, step)
+    state = {"step": step, "sampler": {"epoch": 0, "position": 4 * step}, "cumulative": {}}
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "trainer_state": state}))
+    return path
+
+
 def _metrics(out: Path, steps) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/all": 0.5}) + "\n" for s in steps))
@@ -49,7 +57,7 @@ def test_resume_without_a_loadable_checkpoint_refuses_and_changes_nothing(tmp_pa
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     for step in (2, 4):
-        _fake_checkpoint(ckpts, step)
+        _trainer_checkpoint(ckpts, step)
     (ckpts / "latest").write_text("step_00000004\n")
     _metrics(out, range(1, 6))
     assert check_run_dir(out, resume=True) is True  # continues from step 4
