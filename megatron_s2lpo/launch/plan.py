@@ -40,9 +40,15 @@ from .memory import check_launch_memory
 
 LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"
 REPLICA_PORT_STRIDE = 100  # replica i of a role listens on the role's port + i * stride
-# Node-local copy of the resolved config written by the trainer script (one per job and node).
-EMBEDDED_CONFIG_PATH = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.yaml"
+# Node-local copy of the resolved config written by the trainer script: a fresh file per task
+# (mktemp: several emulated or real nodes may share a /tmp), removed when the script ends.
+CONFIG_VAR = "S2LPO_CONFIG"
+EMBEDDED_CONFIG_PATH = "${" + CONFIG_VAR + "}"
+CONFIG_TEMPLATE = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.XXXXXX"
 CONFIG_EOF = "S2LPO_CONFIG_EOF"
+# Set by the trainer script's SIGTERM trap: the job is being cancelled or preempted.
+TERM_FLAG = "s2lpo_terminated"
+_STOP_IF_TERMINATED = f'if [ -n "${{{TERM_FLAG}:-}}" ]; then echo "s2lpo: terminated before the trainer started" >&2; exit 143; fi'
 # Servers placed on other nodes listen on every interface, so each job gets a random key that
 # every server it launches requires and the trainer sends. Made when the job starts (the sbatch
 # script's setup), it is written nowhere: scripts and dry runs show only the variable's name.
@@ -87,6 +93,9 @@ class ClusterLayout:
     # start finds none and starts fresh.
     resume: bool = True
     python: str = "python"  # the trainer's interpreter inside the container / on the node
+    # Shell lines every task script (trainer and servers) runs first: outside a container, the
+    # activation of the environment the job runs in (`--venv`); "" in the image.
+    activate: str = ""
     # The servers' interpreter; "" = the SGLang interpreter rule (rollout/sglang_python.py),
     # resolved on the node: the image keeps SGLang in its own environment (Dockerfile).
     server_python: str = ""
@@ -139,6 +148,7 @@ class LaunchPlan:
     trainer_script: str  # bash: wait for every server's /health, then torchrun the trainer
     env: dict[str, str] = field(default_factory=dict)
     setup_lines: list[str] = field(default_factory=list)  # run once per job before any task (API key)
+    activate: str = ""  # first lines of every task script (ClusterLayout.activate)
 
     def group(self, name: str) -> NodeGroup:
         return next(g for g in self.groups if g.name == name)
@@ -255,7 +265,7 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
     return LaunchPlan(groups=groups, servers=servers, learner_nodes=learner_nodes, learner_procs_per_node=procs,
                       colocated=colocated and _needs_server(learner_engine),
                       trainer_overrides=overrides, trainer_script=script, env=dict(DEFAULT_ENV),
-                      setup_lines=[API_KEY_SETUP] if servers and not one_machine else [])
+                      setup_lines=[API_KEY_SETUP] if servers and not one_machine else [], activate=layout.activate)
 
 
 def _sync_transport(cfg: RunConfig, overrides: list[str]) -> str:
@@ -325,30 +335,47 @@ def trainer_script(config_path: str, user_overrides: list[str], generated: list[
     with the trainer's own status otherwise.
     """
     # The stop request reaches every process of the job step; the trainer processes take it,
-    # this shell and torchrun (whose default for SIGUSR1 is to die) ignore it.
-    lines = ["set -euo pipefail", "trap '' USR1"]
+    # this shell and torchrun (whose default for SIGUSR1 is to die) ignore it. SIGTERM (scancel,
+    # preemption) also reaches the trainer, which checkpoints its step: this shell must outlive
+    # it rather than die at once (a trap, unlike '', leaves the children's SIGTERM as it was),
+    # and once asked to stop it starts nothing new.
+    lines = ["set -euo pipefail", "trap '' USR1", f"trap '{TERM_FLAG}=1' TERM"]
+    if layout.activate:
+        lines.append(layout.activate)
+    # torchrun reports a worker's non-zero exit as its own 1: the trainer writes this marker instead
+    lines.append(f'export {STOP_MARKER_ENV}="${{TMPDIR:-/tmp}}/s2lpo-stopped-${{SLURM_JOB_ID:-local}}-$$"')
+    cleanup = [f'"${STOP_MARKER_ENV}"']
     if config_text is not None:
         assert CONFIG_EOF not in config_text
         config_path = EMBEDDED_CONFIG_PATH
-        lines += [f'mkdir -p "$(dirname "{config_path}")"',
-                  f"cat > \"{config_path}\" <<'{CONFIG_EOF}'", config_text.rstrip("\n"), CONFIG_EOF]
+        lines.append(f'{CONFIG_VAR}="$(mktemp "{CONFIG_TEMPLATE}")"')
+        cleanup.insert(0, f'"${CONFIG_VAR}"')
+    # nothing of the job stays in the node's /tmp, however the script ends (TERM is trapped above)
+    lines.append(f"trap 'rm -f {' '.join(cleanup)}' EXIT")
+    if config_text is not None:
+        lines += [f"cat > \"{config_path}\" <<'{CONFIG_EOF}'", config_text.rstrip("\n"), CONFIG_EOF]
     config_args = [_expandable(config_path) if config_text is not None else shlex.quote(config_path)]
     config_args += [shlex.quote(o) for o in user_overrides]
+    python = shlex.quote(layout.python)
     if layout.resume:  # a chained job after the last step: done before waiting for the servers
-        lines.append(f"if {layout.python} -m megatron_s2lpo.launch.run_state {' '.join(config_args)}; then exit 0; fi")
+        lines.append(f"if {python} -m megatron_s2lpo.launch.run_state {' '.join(config_args)}; then exit 0; fi")
+        lines.append(_STOP_IF_TERMINATED)
     if servers:
         hosts = ",".join(dict.fromkeys(_url_host(url) for s in servers for url in (s.urls or [s.url])))
         lines.append(f'export NO_PROXY="${{NO_PROXY:+$NO_PROXY,}}{hosts}" no_proxy="${{no_proxy:+$no_proxy,}}{hosts}"')
         urls = " ".join(_expandable(url) for s in servers for url in (s.urls or [s.url]))
-        lines.append(f"{layout.python} -m megatron_s2lpo.launch.wait_healthy "
+        lines.append(f"{python} -m megatron_s2lpo.launch.wait_healthy "
                      f"--timeout-s {layout.health_timeout_s:g} {urls}")
+        lines.append(_STOP_IF_TERMINATED)
     args = ["-m", "megatron_s2lpo.cli", "train", *config_args, *(_expandable(o) for o in generated)]
     if learner_nodes * procs_per_node == 1:
-        command = f"{layout.python} " + " ".join(args)
+        command = f"{python} " + " ".join(args)
     else:
         node_rank = "${SLURM_NODEID:-0}" if learner_nodes > 1 else "0"
-        command = (f"torchrun --nnodes {learner_nodes} --nproc-per-node {procs_per_node} "
-                   f"--node-rank {node_rank} --master-addr {_expandable(master_host)} "
+        # torch's launcher through the named interpreter: a bare `torchrun` is whatever PATH holds
+        # on the node (nothing at sites that start jobs with --export=NONE outside a container)
+        command = (f"{python} -m torch.distributed.run --nnodes {learner_nodes} "
+                   f"--nproc-per-node {procs_per_node} --node-rank {node_rank} --master-addr {_expandable(master_host)} "
                    f"--master-port {layout.torchrun_port} " + " ".join(args))
     return "\n".join(lines + _run_trainer(command)) + "\n"
 
@@ -356,8 +383,6 @@ def trainer_script(config_path: str, user_overrides: list[str], generated: list[
 def _run_trainer(command: str) -> list[str]:
     """Run the trainer and map "stopped on request" (stop_signal.py) to success."""
     return [
-        # torchrun reports a worker's non-zero exit as its own 1: the trainer writes this marker
-        f'export {STOP_MARKER_ENV}="${{TMPDIR:-/tmp}}/s2lpo-stopped-${{SLURM_JOB_ID:-local}}-$$"',
         f'rm -f "${STOP_MARKER_ENV}"',
         "status=0",
         f"{command} || status=$?",
@@ -379,13 +404,15 @@ def _quote(arg: str) -> str:
     return _expandable(arg) if "${" in arg else shlex.quote(arg)
 
 
-def server_script(server: ServerTask) -> str:
+def server_script(server: ServerTask, activate: str = "") -> str:
     """One server: exec it. Several replicas: start each in the background and wait for all (a
-    replica that exits leaves the others serving; the trainer stops sending to it)."""
+    replica that exits leaves the others serving; the trainer stops sending to it). `activate`:
+    the environment's activation lines (LaunchPlan.activate), first."""
     commands = server.commands or [server.command]
+    prelude = [activate] if activate else []
     if len(commands) == 1:
-        return "set -euo pipefail\nexec " + " ".join(_quote(a) for a in commands[0]) + "\n"
-    lines = ["set -uo pipefail", "trap 'kill 0' TERM INT"]
+        return "\n".join(["set -euo pipefail", *prelude, "exec " + " ".join(_quote(a) for a in commands[0])]) + "\n"
+    lines = ["set -uo pipefail", *prelude, "trap 'kill 0' TERM INT"]
     lines += [" ".join(_quote(a) for a in command) + " &" for command in commands]
     lines.append("wait")
     return "\n".join(lines) + "\n"

@@ -118,14 +118,16 @@ def test_trainer_script_waits_for_every_server_then_torchruns():
     gate = next(i for i, line in enumerate(lines) if "megatron_s2lpo.launch.wait_healthy" in line)
     run = lines.index(_trainer_line(plan.trainer_script))
     finished = next(i for i, line in enumerate(lines) if "megatron_s2lpo.launch.run_state" in line)
-    assert lines[:2] == ["set -euo pipefail", "trap '' USR1"]
+    assert lines[:3] == ["set -euo pipefail", "trap '' USR1", "trap 's2lpo_terminated=1' TERM"]
     assert finished < gate < run  # a chained job after the last step ends before waiting for servers
     assert '"http://${S2LPO_LEARNER_SERVER_HOST}:30000" "http://${S2LPO_EXPLORER_HOST}:30001"' in lines[gate]
     assert "--timeout-s 1800" in lines[gate]
     args = _trainer_args(plan.trainer_script)
-    assert args[:10] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank",
-                         "${SLURM_NODEID:-0}", "--master-addr", '"${S2LPO_LEARNER_HOST}"', "--master-port"]
-    assert args[11:15] == ["-m", "megatron_s2lpo.cli", "train", f'"{EMBEDDED_CONFIG_PATH}"']
+    # torch's launcher through the named interpreter, never a bare `torchrun` from the node's PATH
+    assert args[:12] == ["python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8",
+                         "--node-rank", "${SLURM_NODEID:-0}", "--master-addr", '"${S2LPO_LEARNER_HOST}"',
+                         "--master-port"]
+    assert args[13:17] == ["-m", "megatron_s2lpo.cli", "train", f'"{EMBEDDED_CONFIG_PATH}"']
     assert _trainer_line(plan.trainer_script).endswith('"run.resume=true" || status=$?')
 
 
@@ -137,13 +139,14 @@ def test_embedded_config_round_trips_and_bash_expands_the_overrides(tmp_path):
     assert load_config(str(path)).to_dict() == cfg.to_dict()
     assert load_config(str(path)).algo.t_mix == 77
     # Let bash expand the generated arguments with hosts set, exactly as srun would.
-    last = _trainer_line(plan.trainer_script).replace("torchrun", "printf '%s\\n'", 1).split(" || ")[0]
+    last = _trainer_line(plan.trainer_script).replace("python -m torch.distributed.run", "printf '%s\\n'", 1)
+    last = last.split(" || ")[0]
     env = {**os.environ, "S2LPO_LEARNER_HOST": "n1", "S2LPO_LEARNER_SERVER_HOST": "n3",
-           "S2LPO_EXPLORER_HOST": "n4", "SLURM_NODEID": "1", "SLURM_JOB_ID": "77", "TMPDIR": "/t"}
+           "S2LPO_EXPLORER_HOST": "n4", "SLURM_NODEID": "1", "S2LPO_CONFIG": "/t/s2lpo-config-77.Ab12Cd"}
     out = subprocess.run(["bash", "-c", last], env=env, capture_output=True, text=True, check=True).stdout.split("\n")
     assert "--node-rank" in out and out[out.index("--node-rank") + 1] == "1"
     assert out[out.index("--master-addr") + 1] == "n1"
-    assert "/t/s2lpo-config-77.yaml" in out
+    assert "/t/s2lpo-config-77.Ab12Cd" in out
     for expected in ("rollout.learner.url=http://n3:30000", "sync.master_address=n1",
                      "rollout.explorer.url=http://n4:30001"):
         assert expected in out
