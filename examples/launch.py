@@ -203,30 +203,77 @@ def job_environment(venv: str, python: str) -> dict[str, str]:
     return out
 
 
-def build(args: argparse.Namespace):
-    """(experiment, plan) for the parsed command line."""
-    from megatron_s2lpo.config import load_config
-    from megatron_s2lpo.launch.experiment import (build_docker_experiment, build_local_experiment,
-                                                  build_slurm_experiment)
-    from megatron_s2lpo.launch.plan import ClusterLayout
-
-    path = recipe_path(args.recipe)
-    mounts = [m for m in args.mounts.split(",") if m]
+def _layout_kwargs(args: argparse.Namespace) -> dict:
     common = dict(colocate_learner_server=args.colocate, resume=not args.no_resume, gpu_memory_gb=args.gpu_memory_gb,
                   allow_over_budget=args.allow_over_budget)
     if args.trainer_provides is not None:
         common["trainer_provides"] = tuple(x for x in args.trainer_provides.split(",") if x)
     if args.sglang_python:
         common["server_python"] = args.sglang_python
+    return common
+
+
+def _slurm_layout(args: argparse.Namespace, name: str):
+    from megatron_s2lpo.launch.plan import ClusterLayout
+
+    nodes = args.nodes or RECIPE_NODES.get(name, 0)
+    if not nodes:
+        raise ValueError(f"--nodes is required for recipe {name!r} (no default node count)")
+    return ClusterLayout(num_nodes=nodes, gpus_per_node=args.gpus_per_node, torchrun_port=args.torchrun_port,
+                         **_layout_kwargs(args), **job_environment(args.venv, args.python))
+
+
+def check(args: argparse.Namespace) -> int:
+    """`--check`: what the launch needs from this site, one line per finding (launch/doctor.py)."""
+    from megatron_s2lpo.config import load_config
+    from megatron_s2lpo.launch.doctor import check_site
+    from megatron_s2lpo.launch.plan import plan_launch, slurm_host
+
+    path = recipe_path(args.recipe)
+    name = os.path.splitext(os.path.basename(path))[0]
+    cfg = load_config(path, args.overrides)
+    layout = _slurm_layout(args, name)
+    plan = plan_launch(cfg, path, layout, host=slurm_host, user_overrides=args.overrides)
+    if args.ssh_host:
+        import nemo_run as run
+
+        tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir)
+
+        def runner(command):
+            result = tunnel.run(command, hide=True, warn=True)
+            return result.return_code, result.stdout + result.stderr
+    else:
+        def runner(command):
+            try:
+                proc = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                return 124, f"no answer within 600 s: {command[:80]}"
+            return proc.returncode, proc.stdout + proc.stderr
+    step_minutes = args.step_time if args.step_time is not None else RECIPE_STEP_MINUTES.get(name, 0)
+    findings = check_site(cfg, plan, partition=args.partition, time=args.time, container_image=args.container_image,
+                          mounts=[m for m in args.mounts.split(",") if m], python=layout.python,
+                          server_python=layout.server_python, signal_lead_s=args.signal_lead,
+                          step_time_s=60.0 * step_minutes, startup_s=args.startup_time, run=runner)
+    for finding in findings:
+        print(finding.line())
+    failed = sum(f.status == "FAIL" for f in findings)
+    print(f"launch --check: {failed} problem(s)" if failed else "launch --check: nothing in the way")
+    return 1 if failed else 0
+
+
+def build(args: argparse.Namespace):
+    """(experiment, plan) for the parsed command line."""
+    from megatron_s2lpo.config import load_config
+    from megatron_s2lpo.launch.experiment import (build_docker_experiment, build_local_experiment,
+                                                  build_slurm_experiment)
+
+    path = recipe_path(args.recipe)
+    mounts = [m for m in args.mounts.split(",") if m]
+    common = _layout_kwargs(args)
     if args.executor == "slurm":
         name = os.path.splitext(os.path.basename(path))[0]
-        nodes = args.nodes or RECIPE_NODES.get(name, 0)
-        if not nodes:
-            raise ValueError(f"--nodes is required for recipe {name!r} (no default node count)")
         opts = _slurm_options(args, name, mounts)
-        layout = ClusterLayout(num_nodes=nodes, gpus_per_node=args.gpus_per_node, torchrun_port=args.torchrun_port,
-                               **common,
-                               **job_environment(args.venv, args.python))
+        layout = _slurm_layout(args, name)
         return build_slurm_experiment(load_config(path, args.overrides), path, layout, opts, title=args.title,
                                       user_overrides=args.overrides)
     if args.executor == "local":
@@ -242,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, parser)
     from megatron_s2lpo.launch.walltime import LaunchWarning
 
+    if args.check:
+        try:
+            return check(args)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore")  # third-party deprecation noise of the NeMo-Run import
         warnings.simplefilter("always", LaunchWarning)
