@@ -239,8 +239,9 @@ def wait_no_processes(job_id: str, timeout_s: float = 60) -> list[str]:
 @pytest.mark.timeout(900)
 def test_two_nodes_under_torchrun_both_stop_on_the_signal_and_resume(slurm_cluster, tmp_path):
     out = tmp_path / "run"
-    num_steps = 80
-    overrides = [*TINY_OVERRIDES, f"run.num_steps={num_steps}", f"run.output_dir={out}"]
+    num_steps = 60  # a quarter of the tiny recipe's batch: two ranks on a shared machine are slow
+    overrides = [*TINY_OVERRIDES, "data.prompts_per_step=4", "algo.group_size=4", f"run.num_steps={num_steps}",
+                 f"run.output_dir={out}"]
     ids = launch(slurm_cluster, tmp_path, "--nodes", "2", "--torchrun-port", str(free_port()), "--time", "00:10:00",
                  "--signal-lead", str(SIGNAL_LEAD_S), "--max-chained-jobs", "1", overrides=overrides)
     near_walltime(slurm_cluster, ids[0], out)
@@ -253,7 +254,7 @@ def test_two_nodes_under_torchrun_both_stop_on_the_signal_and_resume(slurm_clust
     # both ranks (one per node) took the request; they agreed on the step, which is checkpointed
     assert logs.count("SIGUSR1: finishing the current step") == 2, logs[-3000:]
     assert checkpoint_step(out) == stopped[-1]
-    second = wait_job(slurm_cluster, ids[1], 400)
+    second = wait_job(slurm_cluster, ids[1], 600)
     assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0"), sbatch_log(second)[-3000:]
     assert steps(out) == list(range(1, num_steps + 1)) and checkpoint_step(out) == num_steps
     print(f"\nslurm tier: 2 nodes x torchrun: walltime signal -> job end {stop_figures(first):.0f} s")
@@ -314,3 +315,41 @@ def test_a_server_that_dies_ends_the_job_with_its_error_and_no_stray_process(slu
     # a server failure may pass on another try: requeued once, then given up
     assert info["Restarts"] == "1" and log.count("requeueing the job") == 1
     assert not wait_no_processes(ids[0])
+
+
+# ------------------------------------------------------------------ the preflight
+
+def check(cluster, tmp_path: Path, *args: str, overrides: list[str] = ()) -> tuple[int, str]:
+    command = [PYTHON, str(REPO / "examples" / "launch.py"), "--recipe", TINY, "--executor", "slurm", "--nodes", "1",
+               "--account", "s2lpo", "--partition", "batch", "--gpus-per-node", "0", "--check", *args,
+               f"run.output_dir={tmp_path / 'run'}", *overrides]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, **cluster.env}, stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_check_reports_what_the_launch_needs_from_this_site(slurm_cluster, tmp_path):
+    rc, out = check(slurm_cluster, tmp_path, "--venv", VENV, "--step-time", "0.5")
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert any(re.match(r"ok +sinfo: slurm-wlm 22\.05", x) for x in lines), out
+    assert any(re.match(r"ok +partition: batch is up, 3 nodes", x) for x in lines), out
+    assert any(re.match(r"ok +time limit: partition 20:00", x) for x in lines), out
+    assert any(re.match(r"ok +pyxis: absent", x) for x in lines), out
+    assert any(re.match(r"ok +gpus: 8 per node \(gres gpu:8\)", x) for x in lines), out
+    assert any(re.match(rf"(ok|warn) +environment: {re.escape(VENV)}/bin/python: megatron-core 0\.16\.1", x)
+               for x in lines), out
+    # what this site cannot give, each with its fix
+    rc, out = check(slurm_cluster, tmp_path, "--container-image", "registry.example.com/s2lpo:0.1.0",
+                    "--gpus-per-node", "16", "--time", "00:30:00",
+                    overrides=[f"data.train_path={tmp_path / 'missing.parquet'}"])
+    assert rc == 1
+    for expected in (r"FAIL pyxis: srun has no --container-image: this Slurm has no pyxis -> run without a "
+                     r"container: drop --container-image and name the environment with --venv DIR",
+                     r"FAIL gpus: the nodes have 8 GPU\(s\) each .* -> pass --gpus-per-node 8",
+                     r"FAIL time limit: --time 00:30:00 is longer than the partition's 20:00 -> pass --time 20:00",
+                     r"FAIL paths: data.train_path=\S+missing.parquet is under none of the --mounts"):
+        assert re.search(expected, out), (expected, out)
+    rc, out = check(slurm_cluster, tmp_path, "--venv", VENV, "--step-time", "4", overrides=["run.save_every=3"])
+    assert rc == 1 and re.search(r"FAIL time limit: .*lower run.save_every to 1", out), out
