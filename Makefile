@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 # are built once); 2 matches the CI machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo bridge test test-unit test-distributed test-slurm bench clean
+.PHONY: install sglang-env demo bridge test test-unit test-distributed test-slurm bench clean
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required; set PYTHON=python3.11")'
@@ -20,7 +20,13 @@ $(STAMP): setup.py
 	$(PY) tests/contract/sglang_env.py  # SGLang 0.5.23's wheel, unpacked for the contract tier
 	touch $(STAMP)
 
-install: $(STAMP)
+# The real SGLang 0.5.23 servers of the test suite run from their own pinned environment,
+# .venv-sglang (tools/sglang_env.py: CPU torch 2.13.0, SGLang's requirements, two source fixes);
+# a second run only checks its stamp.
+sglang-env: $(STAMP)
+	$(PY) tools/sglang_env.py
+
+install: $(STAMP) sglang-env
 
 demo: $(STAMP)
 	$(PY) examples/s2lpo_demo.py
@@ -29,14 +35,14 @@ demo: $(STAMP)
 bridge: $(STAMP)
 	$(PY) -m megatron_s2lpo.cli train examples/tiny_bridge_cpu.yaml run.output_dir=runs/tiny_bridge_cpu/$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+test: $(STAMP) sglang-env
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/slurm
 	$(MAKE) test-slurm
 
 # The Slurm tier: a real Slurm 22.05 with three emulated nodes (tests/slurm/emulated_slurm.py
 # installs and starts it); it needs root and apt, as CI has, and skips with the reason otherwise.
 # -s: it prints its figures (stop signal -> job end, chained resume, setup time).
-test-slurm: $(STAMP)
+test-slurm: $(STAMP) sglang-env
 	$(PY) -m pytest tests/slurm -s
 
 test-unit: $(STAMP)
@@ -49,4 +55,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/algo_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-sglang build *.egg-info

@@ -20,6 +20,12 @@ SGLang's `SchedulerWeightUpdaterManager` and model-runner `WeightUpdater` (the m
 `load_weights` writes into the tiny model), and builds /generate answers with SGLang's
 `api_types.GenerateResponse` (tests/contract/sglang_backend.py).
 
+Version followed: SGLang 0.5.23, read in its wheel and checked against the real 0.5.23 server
+running on this CPU (tests/real_sglang/test_real_server.py, December 2026): a POST body without
+`Content-Type: application/json` is refused with 400; an unknown top-level JSON field is ignored
+(contract mode records it as a violation of our client, then ignores it too); an unknown field
+inside sampling_params is refused with 400 naming it; a POST without a body is accepted.
+
 Reproduced from SGLang (sglang/srt/entrypoints/http_server.py, managers/io_struct.py):
   - POST /generate with input_ids (one prompt or a batch), text (with a tokenizer),
     sampling_params (temperature, top_p, top_k, max_new_tokens, stop, stop_token_ids,
@@ -487,6 +493,19 @@ async def auth(request: web.Request, handler):
     return await handler(request)
 
 
+@web.middleware
+async def json_only(request: web.Request, handler):
+    """SGLang 0.5.23 (checked on the real server) refuses a POST body sent without
+    `Content-Type: application/json` with 400, even a valid one (FastAPI then hands the route raw
+    bytes); a POST without a body is accepted. The test server's own /_test routes are exempt."""
+    if request.method == "POST" and request.can_read_body and request.content_type != "application/json" \
+            and not request.path.startswith("/_test"):
+        await request.read()
+        return _error(f"1 validation error: POST {request.path}: Input should be a dictionary (the body was sent "
+                      f"as {request.content_type or 'no content type'}, not application/json)")
+    return await handler(request)
+
+
 WEIGHT_ROUTES = {  # route -> ProtocolWeights / contract backend method
     "/begin_weight_update": "begin", "/end_weight_update": "end",
     "/update_weights_from_tensor": "update_from_tensor", "/init_weights_update_group": "init_group",
@@ -496,7 +515,7 @@ WEIGHT_ROUTES = {  # route -> ProtocolWeights / contract backend method
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[auth], client_max_size=256 * 1024 * 1024)
+    app = web.Application(middlewares=[auth, json_only], client_max_size=256 * 1024 * 1024)
     app["state"] = state
     r = app.router
     r.add_post("/generate", generate)

@@ -12,6 +12,9 @@ from .base import check
 from .model import ModelArch
 
 ENGINE_BACKENDS = ("local", "sglang")
+# How launched SGLang servers run: "" (GPUs, SGLang's defaults) or "cpu" (SGLang 0.5.23 on a machine
+# without a GPU; the flags are in rollout/sglang_server.py, CPU_PROFILE_ARGS).
+ENGINE_PROFILES = ("", "cpu")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,7 +66,11 @@ class EngineConfig:
     # --enable-deterministic-inference: the same request (prompt, sampling params, sampling_seed)
     # gives the same tokens whatever else the server batches with it (docs/rollout.md).
     deterministic: bool = False
-    extra_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
+    extra_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server (last: they win)
+    # "cpu": launched servers run on the CPU (rollout/sglang_server.py CPU_PROFILE_ARGS: --device cpu,
+    # torch-native attention and sampling, fp32, small KV cache, --sleep-on-idle; each replica's threads
+    # bound to core (base_gpu_id + i) mod cores). "": GPUs. Only launched servers use it.
+    profile: Literal["", "cpu"] = ""
     # Program that takes sglang.launch_server's flags; empty: `<python> -m sglang.launch_server`.
     # CPU demos and tests point it at `python tests/protocol_server.py`.
     launch_command: list[str] = field(default_factory=list)
@@ -75,6 +82,9 @@ class EngineConfig:
     # and the request is resubmitted with a fresh rid. Set it above the longest generation.
     hang_timeout_s: float = 600.0
     request_timeout_s: float = 600.0  # HTTP timeout of every other call (weight updates, memory, info)
+    # Attached servers only (launched ones are restarted): how long a request waits while every
+    # replica is down (no answer to /health) before generation fails, instead of waiting forever.
+    unavailable_timeout_s: float = 300.0
     max_retries: int = 3  # per request: 5xx / broken answers, and hangs or replica losses
     log_dir: str = ""  # launched servers' logs; empty: <run.output_dir>/logs (temporary files outside a run)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -94,10 +104,16 @@ class EngineConfig:
         check(self.max_concurrency >= 1, f"engine max_concurrency must be >= 1, got {self.max_concurrency}")
         check(self.request_timeout_s > 0, f"engine request_timeout_s must be > 0, got {self.request_timeout_s}")
         check(self.hang_timeout_s > 0, f"engine hang_timeout_s must be > 0, got {self.hang_timeout_s}")
+        check(self.unavailable_timeout_s > 0,
+              f"engine unavailable_timeout_s must be > 0, got {self.unavailable_timeout_s}")
         check(self.max_retries >= 0, f"engine max_retries must be >= 0, got {self.max_retries}")
         check(self.startup_timeout_s > 0,
               f"engine startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         check(self.max_restarts >= 0, f"engine max_restarts must be >= 0, got {self.max_restarts}")
+        check(self.profile in ENGINE_PROFILES, f"engine profile must be one of {ENGINE_PROFILES}, got {self.profile!r}")
+        check(not (self.profile == "cpu" and self.deterministic),
+              "engine profile cpu with deterministic: true: SGLang 0.5.23 refuses --enable-deterministic-inference "
+              "with the torch_native attention backend the CPU profile uses; set deterministic: false")
         check(self.attached or is_loopback(self.host) or bool(self.api_key or self.api_key_env),
               f"engine host {self.host!r} makes a launched SGLang server reachable from other machines; "
               "set api_key (or api_key_env) so it refuses unauthenticated calls, or keep host 127.0.0.1")

@@ -357,7 +357,10 @@ class SGLangClient:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self._semaphore:
-                async with session.request(method, self.url + path, json=payload, timeout=timeout) as resp:
+                # SGLang 0.5.23 answers 400 to a POST body without Content-Type: application/json
+                # (seen on the real server), so every POST carries a JSON body, `{}` at least.
+                sent = payload if payload is not None or method == "GET" else {}
+                async with session.request(method, self.url + path, json=sent, timeout=timeout) as resp:
                     body = await resp.read()
                     status, ctype = resp.status, resp.content_type
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:

@@ -104,6 +104,7 @@ class SGLangEngine:
         self._changed: asyncio.Condition | None = None
         self._broken: str | None = None  # why generation is refused (a failed weight update)
         self._offloaded = False
+        self.num_resubmitted = 0  # requests aborted by a weight-update pause and sent again
         try:
             self._loop.run(self._start())
         except BaseException:
@@ -196,7 +197,14 @@ class SGLangEngine:
 
     async def _acquire(self) -> Replica:
         """The replica on the engine's weight version with the fewest requests in flight (waits
-        while generation is paused and while replicas restart)."""
+        while generation is paused and while replicas restart).
+
+        Attached replicas cannot be restarted: when every replica still in the pool is an attached
+        server that does not answer /health, a request waits at most `cfg.unavailable_timeout_s`
+        for one to come back, then fails naming each replica (launched replicas end their restart
+        within startup_timeout_s, back or out of the pool, so they need no deadline here)."""
+        loop = asyncio.get_running_loop()
+        down_since: float | None = None
         while True:
             await self._running.wait()
             if self._broken:
@@ -214,6 +222,17 @@ class SGLangEngine:
                     f"every replica of engine {self.name} serves other weights than version {self._version} "
                     f"({ {r.name: r.version for r in self.replicas if r.live} }): restarted servers lose weights "
                     "pushed as tensors; sync the weights again before generating")
+            if all(r.failed or (r.process is None and not r.healthy) for r in self.replicas):
+                down_since = loop.time() if down_since is None else down_since
+                if loop.time() - down_since > self.cfg.unavailable_timeout_s:
+                    raise EngineRequestError(
+                        f"no replica of engine {self.name} answered /health for {self.cfg.unavailable_timeout_s:g} s "
+                        "(engine unavailable_timeout_s): " + "; ".join(
+                            f"{r.describe()}: {r.failed or 'attached, not answering /health'}" for r in self.replicas)
+                        + "; restart the attached server(s) and resume the run, or launch them from the recipe "
+                        "(no url) so that the engine restarts them")
+            else:
+                down_since = None
             async with self._changed:  # a replica restarting or coming back
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=0.5)
@@ -246,12 +265,14 @@ class SGLangEngine:
                 continue
             except RequestAborted:
                 if self._epoch != epoch or not self._running.is_set():
+                    self.num_resubmitted += 1
                     continue  # aborted by our weight-update pause
                 raise
             finally:
                 replica.outstanding -= 1
             if op == "generate" and result.finish_reason is FinishReason.ABORT and (
                     self._epoch != epoch or not self._running.is_set()):
+                self.num_resubmitted += 1
                 continue
             return result
 

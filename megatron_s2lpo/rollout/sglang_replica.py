@@ -24,7 +24,7 @@ from typing import Any
 from ..config.rollout import EngineConfig
 from .engine import parse_weight_version
 from .sglang_client import EngineRequestError, SGLangClient
-from .sglang_server import ServerProcess, build_launch_command, wait_healthy
+from .sglang_server import ServerProcess, build_launch_command, launch_env, wait_healthy
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ class Replica:
         self.url = url
         self.process: ServerProcess | None = None
         if not cfg.attached:
-            self.process = ServerProcess(build_launch_command(cfg, replica=index, seed=seed), log_path=log_path)
+            self.process = ServerProcess(build_launch_command(cfg, replica=index, seed=seed, name=engine_name),
+                                         log_path=log_path,
+                                         env=launch_env(cfg))
         self.client = SGLangClient(url, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
                                    request_timeout_s=cfg.request_timeout_s, hang_timeout_s=cfg.hang_timeout_s,
                                    max_retries=cfg.max_retries, backoff_s=backoff_s, recover=self.recover_if_dead)

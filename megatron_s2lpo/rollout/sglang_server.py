@@ -12,6 +12,13 @@ Flags (SGLang 0.5.23 `server_args.py` / `arg_groups/fields/*.py`): `--port` of t
 one node never share a GPU), `--random-seed` (run seed + replica index: replicas do not draw
 the same random stream for requests without a sampling_seed), `--enable-deterministic-inference`
 (`EngineConfig.deterministic`; SGLang honours a request's `sampling_seed` only with it).
+
+The CPU profile (`EngineConfig.profile: cpu`) is the ONE place that says how SGLang 0.5.23 runs on
+a machine without a GPU (measured December 2026; the environment is `make install`'s
+.venv-sglang, tools/sglang_env.py): CPU_PROFILE_ARGS, and per replica the environment variable
+SGLANG_CPU_OMP_THREADS_BIND (`launch_env`), one '|' entry per device index, which SGLang reads at
+the replica's --base-gpu-id (without it a second server on one machine asserts "NUMA index 1 out
+of range"). Tests, benchmarks and the README use the profile; none copies its flags.
 """
 
 from __future__ import annotations
@@ -27,16 +34,31 @@ from ..config.rollout import EngineConfig
 from ..utils.process_group import log_tail, stop_group
 from .sglang_python import sglang_python
 
+# --device cpu: SGLang's generic device path (its own CPU engine needs a CPU build of sgl_kernel that
+# is not on PyPI); torch_native attention and the pytorch sampler are its kernels without CUDA;
+# no CUDA graphs; fp32 (log-probs then equal a Hugging Face recomputation to about 5e-7);
+# --sleep-on-idle, else an idle scheduler spins a whole core. A small KV cache: a CPU server
+# serves tiny models and a few dozen requests at once (extra_args come after and override).
+# --enable-deterministic-inference is refused with torch_native (config/rollout.py says so).
+CPU_PROFILE_ARGS = [
+    "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+    "--disable-cuda-graph", "--dtype", "float32", "--sleep-on-idle",
+    "--max-total-tokens", "16384", "--max-running-requests", "64",
+]
+CPU_MEM_FRACTION = 0.05  # --mem-fraction-static of the CPU profile (in place of mem_fraction)
+CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+
 
 def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replica: int = 0,
-                         seed: int | None = None) -> list[str]:
+                         seed: int | None = None, name: str = "engine") -> list[str]:
     """Replica `replica`'s command line (flags of sglang.launch_server, SGLang 0.5.23).
 
     python defaults to the SGLang interpreter of this process (rollout/sglang_python.py); seed:
-    the run's seed; the replica gets --random-seed seed + replica (None: SGLang's own)."""
+    the run's seed; the replica gets --random-seed seed + replica (None: SGLang's own); name: the
+    engine's (rollout.<name>) for errors."""
     if not cfg.model_path:
-        raise ValueError("engine model_path is empty: set the HF checkpoint directory the server "
-                         "loads, or engine url to attach to a running server")
+        raise ValueError(f"rollout.{name}.model_path is empty: set the HF checkpoint directory its server "
+                         f"loads (or init_arch in a recipe), or rollout.{name}.url to attach to a running server")
     if not 0 <= replica < cfg.replicas:
         raise ValueError(f"replica {replica} does not exist: the engine has replicas={cfg.replicas}")
     prefix = list(cfg.launch_command) or [python or sglang_python(), "-m", "sglang.launch_server"]
@@ -47,8 +69,10 @@ def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replic
         "--tp-size", str(cfg.tp_size),
         "--dp-size", str(cfg.dp_size),
         "--base-gpu-id", str(cfg.base_gpu_id + replica * cfg.tp_size * cfg.dp_size),
-        "--mem-fraction-static", str(cfg.mem_fraction),
+        "--mem-fraction-static", str(CPU_MEM_FRACTION if cfg.profile == "cpu" else cfg.mem_fraction),
     ]
+    if cfg.profile == "cpu":
+        args += CPU_PROFILE_ARGS
     if seed is not None:
         args += ["--random-seed", str(seed + replica)]
     if cfg.deterministic:
@@ -58,6 +82,21 @@ def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replic
     if cfg.enable_memory_saver:
         args.append("--enable-memory-saver")
     return prefix + args + list(cfg.extra_args)
+
+
+def launch_env(cfg: EngineConfig, *, cores: list[int] | None = None) -> dict[str, str] | None:
+    """The environment of a launched replica: None (inherit this process's) except for the CPU
+    profile, which binds device index d (a replica's --base-gpu-id) to core d mod the number of
+    cores this process may use (`cores`), e.g. `0|1|0|1`: two servers on two cores get one each.
+    A binding already in the environment wins."""
+    if cfg.profile != "cpu":
+        return None
+    env = dict(os.environ)
+    if not env.get(CPU_THREADS_BIND_ENV):
+        cores = cores or sorted(os.sched_getaffinity(0))
+        num_devices = cfg.base_gpu_id + cfg.replicas * cfg.tp_size * cfg.dp_size
+        env[CPU_THREADS_BIND_ENV] = "|".join(str(cores[d % len(cores)]) for d in range(num_devices))
+    return env
 
 
 class ServerProcess:

@@ -361,8 +361,10 @@ def test_one_rule_picks_the_sglang_interpreter(tmp_path, monkeypatch):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
-    assert sglang_python({}) == sys.executable
-    assert sglang_python({SGLANG_PYTHON_ENV: str(fake)}) == str(fake)
+    assert sglang_python({}, project_env=str(tmp_path / "absent")) == sys.executable
+    # the project's own environment (make install builds .venv-sglang) comes before the trainer's
+    assert sglang_python({}, project_env=str(fake)) == str(fake)
+    assert sglang_python({SGLANG_PYTHON_ENV: str(fake)}, project_env="/nope") == str(fake)
     with pytest.raises(ValueError, match="S2LPO_SGLANG_PYTHON='/nope/python' is not an executable"):
         sglang_python({SGLANG_PYTHON_ENV: "/nope/python"})
     # servers the trainer launches itself use the same rule (rollout/sglang_engine.py)
@@ -370,7 +372,7 @@ def test_one_rule_picks_the_sglang_interpreter(tmp_path, monkeypatch):
     monkeypatch.setenv(SGLANG_PYTHON_ENV, str(fake))
     assert build_launch_command(cfg.rollout.explorer)[:3] == [str(fake), "-m", "sglang.launch_server"]
     monkeypatch.delenv(SGLANG_PYTHON_ENV)
-    assert build_launch_command(cfg.rollout.explorer)[0] == sys.executable
+    assert build_launch_command(cfg.rollout.explorer)[0] == sglang_python({})
     # ... and the launch plan writes it for the node, falling back to the trainer's interpreter there
     _, plan = _plan(python="/opt/py/bin/python")
     assert plan.servers[0].command[0] == sglang_python_expr("/opt/py/bin/python") == \

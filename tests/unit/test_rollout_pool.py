@@ -152,3 +152,27 @@ def test_a_replica_with_another_tp_size_than_the_update_group_expects(tmp_path):
     finally:
         for proc in procs:
             proc.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_request_fails_in_bounded_time_when_the_only_attached_server_is_gone(tmp_path):
+    """Attached servers are never restarted: with every replica down, generation fails after
+    unavailable_timeout_s naming the replica (it used to wait forever). Checked on the real
+    server in tests/real_sglang/test_faults_real.py."""
+    port = free_ports(1)[0]
+    server = ServerProcess(SERVER + ["--noop", "--port", str(port)], log_path=str(tmp_path / "server.log"))
+    server.start()
+    engine = None
+    try:
+        engine = SGLangEngine(EngineConfig(backend="sglang", url=f"http://127.0.0.1:{port}", startup_timeout_s=60,
+                                           unavailable_timeout_s=2.0, max_retries=1), name="only", backoff_s=0.05)
+        engine.generate(requests(1, "up"))
+        os.killpg(os.getpgid(server.pid), signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(Exception, match=rf"(?s)unavailable_timeout_s.*replica only\[0\] at http://127.0.0.1:{port}"):
+            engine.generate(requests(2, "down"))
+        assert time.monotonic() - start < 30
+    finally:
+        if engine is not None:
+            engine.close()
+        server.stop()

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -32,7 +31,7 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 def admin(url: str, path: str, body: dict | None = None, key: str = KEY):
     """A raw HTTP call (no retries) to the test server's own routes."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, headers={"Authorization": f"Bearer {key}"})
+    req = urllib.request.Request(url + path, data=data, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"null")
 
@@ -287,14 +286,25 @@ def test_server_that_exits_at_startup_reports_its_log(tmp_path):
         SGLangEngine(cfg, log_path=str(tmp_path / "server.log"))
 
 
-def test_server_that_never_gets_healthy_times_out_with_its_log_and_temporary_logs_go(tmp_path):
+def test_server_that_never_gets_healthy_times_out_with_its_log_and_temporary_logs_go(monkeypatch):
+    from megatron_s2lpo.rollout import sglang_replica
+
+    created = []  # this engine's own server processes (other workers create temporary logs too)
+
+    class Recorded(sglang_replica.ServerProcess):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(sglang_replica, "ServerProcess", Recorded)
     cfg = EngineConfig(backend="sglang", model_path="m", port=free_port(), startup_timeout_s=1.0,
                        launch_command=[sys.executable, "-c",
                                        "import time; print('still booting', flush=True); time.sleep(60)"])
-    before = set(Path(tempfile.gettempdir()).glob("sglang-server-*.log"))
     with pytest.raises(TimeoutError, match="(?s)not healthy within 1 s.*still booting"):
         SGLangEngine(cfg)
-    assert set(Path(tempfile.gettempdir()).glob("sglang-server-*.log")) == before  # removed on close
+    (process,) = created
+    assert process.temporary_log and os.path.basename(process.log_path).startswith("sglang-server-")
+    assert not os.path.exists(process.log_path)  # removed on close
 
 
 # ----- simulated decode time (--latency-ms-per-token) -----
