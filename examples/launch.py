@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "else the recipe's stated one)")
     slurm.add_argument("--torchrun-port", type=int, default=29500, help="the learner's torchrun rendezvous port "
                        "on its first node")
+    slurm.add_argument("--server-ports", default="30000,30001,30002", metavar="LEARNER,EXPLORER,TEACHER",
+                       help="the SGLang servers' ports on their nodes (replica i: + 100 i)")
     slurm.add_argument("--job-dir", default="", help="shared directory for the sbatch script and logs")
     slurm.add_argument("--ssh-host", default="")
     slurm.add_argument("--ssh-user", default="")
@@ -219,7 +221,12 @@ def _slurm_layout(args: argparse.Namespace, name: str):
     nodes = args.nodes or RECIPE_NODES.get(name, 0)
     if not nodes:
         raise ValueError(f"--nodes is required for recipe {name!r} (no default node count)")
+    try:
+        learner_port, explorer_port, teacher_port = (int(p) for p in args.server_ports.split(","))
+    except ValueError as err:
+        raise ValueError(f"--server-ports {args.server_ports!r} must be three ports: LEARNER,EXPLORER,TEACHER") from err
     return ClusterLayout(num_nodes=nodes, gpus_per_node=args.gpus_per_node, torchrun_port=args.torchrun_port,
+                         learner_port=learner_port, explorer_port=explorer_port, teacher_port=teacher_port,
                          **_layout_kwargs(args), **job_environment(args.venv, args.python))
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from ..config import EngineConfig, RunConfig
 from ..rollout.sglang_python import sglang_python_expr
-from ..rollout.sglang_server import build_launch_command
+from ..rollout.sglang_server import CPU_THREADS_BIND_ENV, build_launch_command, launch_env
 from ..trainer.stop_signal import CONTINUE_EXIT_CODE, STOP_MARKER_ENV
 from .memory import check_launch_memory
 
@@ -135,6 +135,7 @@ class ServerTask:
     url: str  # replica 0 as the trainer reaches it (host may be a shell expression)
     commands: list[list[str]] = field(default_factory=list)  # every replica's command line
     urls: list[str] = field(default_factory=list)  # every replica's URL
+    env: dict[str, str] = field(default_factory=dict)  # exported before the servers start, unless set
 
 
 @dataclass(kw_only=True, slots=True)
@@ -188,8 +189,11 @@ def _server_task(engine: EngineConfig, name: str, group: str, port: int, host: s
     commands = [build_launch_command(server, python=python, replica=i, seed=cfg.run.seed)
                 for i in range(engine.replicas)]
     urls = [f"http://{host}:{p}" for p in ports]
+    # the CPU profile binds each replica's threads (sglang_server.launch_env), device i -> core i
+    env = launch_env(server, cores=list(range(num_gpus or 1))) or {}
+    env = {CPU_THREADS_BIND_ENV: env[CPU_THREADS_BIND_ENV]} if CPU_THREADS_BIND_ENV in env else {}
     return ServerTask(name=f"{name}_server", group=group, num_gpus=num_gpus, command=commands[0], url=urls[0],
-                      commands=commands, urls=urls)
+                      commands=commands, urls=urls, env=env)
 
 
 def _url_override(name: str, server: ServerTask) -> str:
@@ -410,6 +414,7 @@ def server_script(server: ServerTask, activate: str = "") -> str:
     the environment's activation lines (LaunchPlan.activate), first."""
     commands = server.commands or [server.command]
     prelude = [activate] if activate else []
+    prelude += [f'export {k}="${{{k}:-{v}}}"' for k, v in server.env.items()]
     if len(commands) == 1:
         return "\n".join(["set -euo pipefail", *prelude, "exec " + " ".join(_quote(a) for a in commands[0])]) + "\n"
     lines = ["set -uo pipefail", *prelude, "trap 'kill 0' TERM INT"]

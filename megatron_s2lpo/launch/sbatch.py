@@ -123,4 +123,8 @@ def job_end_trap(task_names: list[str], max_retries: int) -> str:
         "  fi",
         "}",
         "trap s2lpo_end EXIT",
+        "# NeMo-Run's loop stops the other sruns with kill -9; a killed srun makes Slurm SIGKILL its",
+        "# tasks at once (no checkpoint, no cleanup, a server's children orphaned). SIGTERM instead:",
+        "# srun passes it on, and Slurm sends SIGKILL only KillWait later.",
+        'kill() { if [ "${1:-}" = "-9" ]; then shift; command kill -TERM "$@"; else command kill "$@"; fi; }',
     ])

@@ -18,6 +18,8 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,8 @@ import pytest
 from megatron_s2lpo.learner.checkpoint import STATE_FILE, latest_checkpoint
 from megatron_s2lpo.trainer.metrics import read_metrics
 from megatron_s2lpo.trainer.run_dir import CHECKPOINT_SUBDIR
-from megatron_s2lpo.utils.ports import free_port
+from megatron_s2lpo.config import load_config
+from megatron_s2lpo.utils.ports import free_port, free_ports
 from tests.integration.process_control import without_timing
 
 pytestmark = [pytest.mark.slow]
@@ -57,8 +60,10 @@ def launch(cluster, tmp_path: Path, *args: str, overrides: list[str], timeout_s:
 
 
 def job_info(cluster, job_id: str) -> dict[str, str]:
+    """scontrol's fields of the job (of a heterogeneous job: its first component, which runs the
+    batch script)."""
     out = cluster.run("scontrol", "show", "job", "--oneliner", job_id).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0] if out else ""))
 
 
 def wait_job(cluster, job_id: str, timeout_s: float, *, on_poll=None) -> dict[str, str]:
@@ -294,7 +299,7 @@ def test_a_usage_error_fails_the_job_once_even_with_retries(slurm_cluster, tmp_p
     log = sbatch_log(info)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), log[-3000:]
     assert "status 2 is a usage or configuration error: not requeued" in log
-    assert str(missing) in log  # the trainer's own error, quoted from its log in the job's output
+    assert "s2lpo train: error:" in log  # the trainer's own error, quoted from its log in the job's output
     assert not wait_no_processes(ids[0])
 
 
@@ -330,7 +335,7 @@ def check(cluster, tmp_path: Path, *args: str, overrides: list[str] = ()) -> tup
 
 @pytest.mark.timeout(300)
 def test_check_reports_what_the_launch_needs_from_this_site(slurm_cluster, tmp_path):
-    rc, out = check(slurm_cluster, tmp_path, "--venv", VENV, "--step-time", "0.5")
+    rc, out = check(slurm_cluster, tmp_path, "--venv", VENV, "--step-time", "0.5", overrides=["run.save_every=5"])
     assert rc == 0, out
     lines = out.splitlines()
     assert any(re.match(r"ok +sinfo: slurm-wlm 22\.05", x) for x in lines), out
@@ -353,3 +358,79 @@ def test_check_reports_what_the_launch_needs_from_this_site(slurm_cluster, tmp_p
         assert re.search(expected, out), (expected, out)
     rc, out = check(slurm_cluster, tmp_path, "--venv", VENV, "--step-time", "4", overrides=["run.save_every=3"])
     assert rc == 1 and re.search(r"FAIL time limit: .*lower run.save_every to 1", out), out
+
+
+# ------------------------------------------------------------------ the S2L-PO layout, real SGLang
+
+def _tiny_models(root: Path) -> dict[str, str]:
+    """The tiny recipe's learner and explorer as HF directories (the servers load them at start)."""
+    from megatron_s2lpo.config.model import ModelArch
+    from megatron_s2lpo.data.tokenizer import build_synthetic_tokenizer
+    from megatron_s2lpo.rollout import LocalEngine
+
+    cfg = load_config(TINY)
+    tok = build_synthetic_tokenizer()
+    out = {}
+    for name in ("learner", "explorer"):
+        engine = getattr(cfg.rollout, name)
+        arch = engine.init_arch if isinstance(engine.init_arch, ModelArch) else ModelArch(**engine.init_arch)
+        out[name] = str(root / name)
+        LocalEngine.from_arch(arch, tokenizer=tok, init_seed=engine.init_seed).save_pretrained(out[name])
+    return out
+
+
+def _unauthenticated_generate(url: str) -> int:
+    request = urllib.request.Request(f"{url}/generate", data=b'{"text": "1+1=", "sampling_params": {}}',
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.timeout(1500)
+def test_the_s2lpo_layout_with_real_sglang_servers_stops_on_the_walltime_and_resumes(slurm_cluster, tmp_path):
+    """Trainer, learner server and explorer server each on an emulated node of their own (one
+    heterogeneous job), the servers real SGLang 0.5.23 on CPU behind the job's key; a few S2L-PO
+    steps, the walltime stop, and the chained job resumes with fresh servers."""
+    from megatron_s2lpo.rollout.sglang_python import sglang_python
+
+    out = tmp_path / "run"
+    models = _tiny_models(tmp_path / "models")
+    num_steps = 40
+    ports = free_ports(3)
+    overrides = [*TINY_OVERRIDES, "data.prompts_per_step=4", "algo.group_size=4", f"algo.t_mix={num_steps // 2}",
+                 f"run.num_steps={num_steps}", f"run.output_dir={out}", "sync.parity_every=5"]
+    for name in ("learner", "explorer"):
+        overrides += [f"rollout.{name}.backend=sglang", f"rollout.{name}.profile=cpu",
+                      f"rollout.{name}.model_path={models[name]}", f"rollout.{name}.init_arch=null",
+                      f"rollout.{name}.init_sft_steps=0"]
+    ids = launch(slurm_cluster, tmp_path, "--nodes", "3", "--time", "00:15:00", "--signal-lead", str(SIGNAL_LEAD_S),
+                 "--max-chained-jobs", "1", "--sglang-python", sglang_python(),
+                 "--server-ports", ",".join(map(str, ports)), overrides=overrides)
+    deadline = time.monotonic() + 600
+    while len(steps(out)) < 1:
+        assert job_info(slurm_cluster, ids[0]).get("JobState") in ("PENDING", "RUNNING"), \
+            sbatch_log(job_info(slurm_cluster, ids[0]))[-3000:]
+        assert time.monotonic() < deadline, "no first step within 600 s"
+        time.sleep(1)
+    # three components, three nodes; each server requires the job's key
+    components = [job_info(slurm_cluster, str(int(ids[0]) + i)) for i in range(3)]
+    assert [c.get("HetJobOffset") for c in components] == ["0", "1", "2"]
+    assert len({c["NodeList"] for c in components}) == 3, [c["NodeList"] for c in components]
+    for component, port in zip(components[1:], ports):
+        assert _unauthenticated_generate(f"http://{component['NodeList']}:{port}") == 401
+    near_walltime(slurm_cluster, ids[0], out, after_steps=2, timeout_s=600)
+    first = wait_job(slurm_cluster, ids[0], 300)
+    stopped = steps(out)
+    assert (first["JobState"], first["ExitCode"]) == ("COMPLETED", "0:0"), sbatch_log(first)[-3000:]
+    assert 2 <= len(stopped) < num_steps and checkpoint_step(out) == stopped[-1]
+    assert not wait_no_processes(ids[0])  # the servers went with the job
+    second = wait_job(slurm_cluster, ids[1], 900)
+    assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0"), sbatch_log(second)[-3000:]
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, num_steps + 1))
+    assert records[0]["G_w"] > 0 and records[-1]["G_w"] == 0  # the explorer's share annealed away
+    assert all(r["weight_version"] == r["step"] for r in records)  # every update reached the learner server
+    print(f"\nslurm tier: S2L-PO with real SGLang servers: walltime signal -> job end {stop_figures(first):.0f} s")

@@ -152,3 +152,15 @@ def test_sigterm_before_the_trainer_starts_ends_the_script_without_starting_it(t
     assert proc.returncode == 143 and "terminated before the trainer started" in err
     assert not (tmp_path / "trainer-started").exists()
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_cpu_profile_server_binds_its_threads_unless_the_site_does():
+    """SGLang 0.5.23 on CPU reads SGLANG_CPU_OMP_THREADS_BIND at the replica's --base-gpu-id."""
+    from megatron_s2lpo.launch.plan import server_script
+
+    cfg = load_config(TINY, ["run.output_dir=/r", "rollout.explorer.backend=sglang", "rollout.explorer.profile=cpu",
+                             "rollout.explorer.model_path=/m/explorer", "rollout.explorer.init_arch=null"])
+    plan = plan_launch(cfg, TINY, ClusterLayout(num_nodes=2, gpus_per_node=0, python=f"{VENV}/bin/python"))
+    script = server_script(plan.servers[0], plan.activate)
+    assert 'export SGLANG_CPU_OMP_THREADS_BIND="${SGLANG_CPU_OMP_THREADS_BIND:-0}"' in script.splitlines()
+    assert "--device cpu" in script and f'"${{S2LPO_SGLANG_PYTHON:-{VENV}/bin/python}}"' in script
