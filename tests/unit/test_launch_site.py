@@ -164,3 +164,19 @@ def test_a_cpu_profile_server_binds_its_threads_unless_the_site_does():
     script = server_script(plan.servers[0], plan.activate)
     assert 'export SGLANG_CPU_OMP_THREADS_BIND="${SGLANG_CPU_OMP_THREADS_BIND:-0}"' in script.splitlines()
     assert "--device cpu" in script and f'"${{S2LPO_SGLANG_PYTHON:-{VENV}/bin/python}}"' in script
+
+
+def test_the_batch_shell_stops_the_other_sruns_with_sigterm(tmp_path):
+    """NeMo-Run's loop runs `kill -9 <srun>`; a SIGKILLed srun gets its tasks SIGKILLed at once."""
+    from megatron_s2lpo.launch.sbatch import job_end_trap
+
+    child = tmp_path / "srun.sh"
+    child.write_text(f'trap "echo term > {tmp_path}/got; exit 0" TERM\ntouch {tmp_path}/ready\n'
+                     "while true; do sleep 0.05; done\n")
+    script = (f"{job_end_trap(['trainer'], max_retries=0)}\nbash {child} & other_pid=$!\n"
+              f"while [ ! -e {tmp_path}/ready ]; do sleep 0.05; done\n"
+              'kill -9 "$other_pid"\nwait "$other_pid"\n')
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": os.environ["PATH"]})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "got").read_text() == "term\n"
