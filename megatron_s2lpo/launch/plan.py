@@ -40,11 +40,18 @@ from .memory import check_launch_memory
 
 LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"
 REPLICA_PORT_STRIDE = 100  # replica i of a role listens on the role's port + i * stride
-# Node-local copy of the resolved config written by the trainer script: a fresh file per task
-# (mktemp: several emulated or real nodes may share a /tmp), removed when the script ends.
+# The resolved config as the trainer script writes it. In a Slurm job: beside the job's scripts
+# and logs (the task's working directory is NeMo-Run's job directory, shared storage), one file
+# per node, kept with the job's record: nothing is left on the nodes, even when Slurm SIGKILLs
+# the task. Elsewhere (one machine): a fresh temporary file, removed when the script ends.
 CONFIG_VAR = "S2LPO_CONFIG"
 EMBEDDED_CONFIG_PATH = "${" + CONFIG_VAR + "}"
-CONFIG_TEMPLATE = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.XXXXXX"
+# Where: the task's working directory in a Slurm job, else $TMPDIR; then the stop marker of the
+# trainer (stop_signal.py) and the config file.
+_WORK_DIR_LINE = 'if [ -n "${SLURM_JOB_ID:-}" ]; then s2lpo_dir="$PWD"; else s2lpo_dir="${TMPDIR:-/tmp}"; fi'
+_MARKER_LINE = (f'export {STOP_MARKER_ENV}="$s2lpo_dir/s2lpo-stopped-${{SLURM_JOB_ID:-local}}-${{SLURM_NODEID:-0}}-$$"')
+_CONFIG_LINE = (f'if [ -n "${{SLURM_JOB_ID:-}}" ]; then {CONFIG_VAR}="$s2lpo_dir/s2lpo-config-${{SLURM_JOB_ID}}-'
+                f'${{SLURM_NODEID:-0}}.yaml"; else {CONFIG_VAR}="$(mktemp "$s2lpo_dir/s2lpo-config.XXXXXX")"; fi')
 CONFIG_EOF = "S2LPO_CONFIG_EOF"
 # Set by the trainer script's SIGTERM trap: the job is being cancelled or preempted.
 TERM_FLAG = "s2lpo_terminated"
@@ -347,15 +354,15 @@ def trainer_script(config_path: str, user_overrides: list[str], generated: list[
     if layout.activate:
         lines.append(layout.activate)
     # torchrun reports a worker's non-zero exit as its own 1: the trainer writes this marker instead
-    lines.append(f'export {STOP_MARKER_ENV}="${{TMPDIR:-/tmp}}/s2lpo-stopped-${{SLURM_JOB_ID:-local}}-$$"')
-    cleanup = [f'"${STOP_MARKER_ENV}"']
+    lines += [_WORK_DIR_LINE, _MARKER_LINE]
+    cleanup = f'rm -f "${STOP_MARKER_ENV}"'
     if config_text is not None:
         assert CONFIG_EOF not in config_text
         config_path = EMBEDDED_CONFIG_PATH
-        lines.append(f'{CONFIG_VAR}="$(mktemp "{CONFIG_TEMPLATE}")"')
-        cleanup.insert(0, f'"${CONFIG_VAR}"')
-    # nothing of the job stays in the node's /tmp, however the script ends (TERM is trapped above)
-    lines.append(f"trap 'rm -f {' '.join(cleanup)}' EXIT")
+        lines.append(_CONFIG_LINE)
+        cleanup += f'; [ -n "${{SLURM_JOB_ID:-}}" ] || rm -f "${CONFIG_VAR}"'  # a job keeps its record
+    # nothing stays in the node's $TMPDIR, however the script ends (TERM is trapped above)
+    lines.append(f"trap '{cleanup}' EXIT")
     if config_text is not None:
         lines += [f"cat > \"{config_path}\" <<'{CONFIG_EOF}'", config_text.rstrip("\n"), CONFIG_EOF]
     config_args = [_expandable(config_path) if config_text is not None else shlex.quote(config_path)]

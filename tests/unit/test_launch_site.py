@@ -120,18 +120,25 @@ def _trainer_script(tmp_path, stub_body: str) -> tuple[str, dict]:
     stub.chmod(0o755)
     cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}"])
     plan = plan_launch(cfg, TINY, ClusterLayout(num_nodes=1, gpus_per_node=0, python=str(stub)), host=local_host)
-    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path / "tmp"), "SLURM_JOB_ID": "9"}
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path / "tmp"), "SLURM_JOB_ID": "9", "SLURM_NODEID": "1"}
     (tmp_path / "tmp").mkdir()
+    (tmp_path / "job").mkdir()  # the task's working directory: NeMo-Run's job directory
     return plan.trainer_script, env
 
 
-def test_the_trainer_script_leaves_nothing_in_the_nodes_tmp(tmp_path):
+@pytest.mark.parametrize("in_slurm", [True, False])
+def test_the_trainer_script_leaves_nothing_in_the_nodes_tmp(tmp_path, in_slurm):
     script, env = _trainer_script(tmp_path, f'[ "$2" = megatron_s2lpo.launch.run_state ] && exit 1\n'
                                             f'cp "$4" {tmp_path}/seen.yaml; exit 3\n')
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+    if not in_slurm:
+        del env["SLURM_JOB_ID"]
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env,
+                          cwd=tmp_path / "job")
     assert proc.returncode == 3
-    assert "tiny_cpu" in (tmp_path / "seen.yaml").read_text()  # the trainer read the resolved config ...
-    assert os.listdir(tmp_path / "tmp") == []  # ... which is gone with the script, as is the stop marker
+    assert "tiny_cpu" in (tmp_path / "seen.yaml").read_text()  # the trainer read the resolved config
+    assert os.listdir(tmp_path / "tmp") == []  # nothing in $TMPDIR, the stop marker neither
+    # a job keeps the config it ran with beside its scripts, one per node; one machine keeps nothing
+    assert os.listdir(tmp_path / "job") == (["s2lpo-config-9-1.yaml"] if in_slurm else [])
 
 
 def test_sigterm_before_the_trainer_starts_ends_the_script_without_starting_it(tmp_path):
@@ -140,7 +147,7 @@ def test_sigterm_before_the_trainer_starts_ends_the_script_without_starting_it(t
                                             f'  touch {tmp_path}/checking; sleep 5; exit 1\nfi\n'
                                             f'touch {tmp_path}/trainer-started\n')
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, cwd=tmp_path / "job")
     try:
         while not (tmp_path / "checking").exists():
             assert proc.poll() is None
