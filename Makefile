@@ -21,10 +21,11 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # The real SGLang 0.5.23 servers of the test suite run from their own pinned environment,
-# .venv-sglang (tools/sglang_env.py: CPU torch 2.13.0, SGLang's requirements, two source fixes);
-# a second run only checks its stamp.
-sglang-env: $(STAMP)
-	$(PY) tools/sglang_env.py
+# .venv-sglang (tools/sglang_env.py, standard library only: CPU torch 2.13.0, SGLang's
+# requirements, two source fixes); a second run only checks its stamp. It does not need .venv:
+# `make -j2 install` builds both at once.
+sglang-env:
+	$(PYTHON) tools/sglang_env.py
 
 install: $(STAMP) sglang-env
 

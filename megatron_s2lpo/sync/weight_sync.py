@@ -148,8 +148,12 @@ class WeightSync:
         flat = TRANSPORTS[self.transport_name].flat
         return self.exporter.flat_buckets() if flat else self.exporter.buckets()
 
-    def sync(self, version: int) -> SyncResult:
-        """Export, push, verify the version, and every `parity_every` syncs check parity."""
+    def sync(self, version: int, *, resume: bool = False) -> SyncResult:
+        """Export, push, verify the version, and every `parity_every` syncs check parity.
+
+        resume: the first push after a resume. The engine may then report a LATER version than
+        `version` (attached servers that a run updated past its last checkpoint keep that
+        version): the checkpoint's weights replace those, under the checkpoint's version."""
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ValueError(f"weight version must be an integer >= 1 (0 is the initial weights), got {version!r}")
         if self.version is not None and version <= self.version:
@@ -163,7 +167,7 @@ class WeightSync:
         def push() -> SyncResult:
             try:
                 before = int(self.engine.weight_version)
-                if version <= before:
+                if version <= before and not resume:
                     raise ValueError(f"weight version {version} does not increase: "
                                      f"{describe_engine(self.engine)} already reports {before}")
                 self.engine.onload()  # a colocated server takes back the memory it freed for training

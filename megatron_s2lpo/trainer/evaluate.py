@@ -7,23 +7,28 @@ eval: for every model directory, k seeded samples of every held-out prompt (the 
 held-out split, or data.eval_paths) with the learner's sampling settings, scored by
 math-verify; writes `passk.csv` (model, k, pass_at_k, avg_at_k_pass1) with the unbiased pass@k
 for k = 1..K, and `passk.png` when matplotlib is importable.
+
+Both commands use the recipe's engines as the trainer builds them: `eval` samples with
+`rollout.learner` (`local`: in process; `sglang` launched: one server pool per model directory,
+its logs in <run.output_dir>/logs; `sglang` attached: the running server loads each model
+directory in turn with /update_weights_from_disk, so give eval a server of its own), `explore`
+with `rollout.explorer` (launched servers load its model_path or the model built from
+init_arch; attached ones serve what they hold).
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 
 from megatron_s2lpo.algo.passk import avg_at_k_pass1, pass_at_k_curve
-from megatron_s2lpo.trainer.build import build_prompts, build_tokenizer, materialize_model, sample_scores
 from megatron_s2lpo.config import RunConfig
+from megatron_s2lpo.trainer.build import _engine, build_prompts, build_tokenizer, materialize_model, sample_scores
 
 
 def evaluate_models(cfg: RunConfig, model_dirs: list[str], *, k: int, out_dir: str | None = None) -> dict:
     """{"avg_at_k": {model: value}, "curves": {model: [pass@1..pass@k]}, "files": [paths]}."""
     from megatron_s2lpo.reward import MathScorer
-    from megatron_s2lpo.rollout import LocalEngine
 
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
@@ -38,14 +43,40 @@ def evaluate_models(cfg: RunConfig, model_dirs: list[str], *, k: int, out_dir: s
     out_dir = out_dir or os.path.join(cfg.run.output_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     result: dict = {"avg_at_k": {}, "curves": {}, "files": []}
-    with MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs()) as scorer:
-        for path in model_dirs:
-            engine = LocalEngine.from_pretrained(path, tokenizer=tokenizer, seed=cfg.run.seed)
-            scores = sample_scores(engine, heldout, k, cfg.rollout.learner.sampling, scorer, cfg.run.seed)
+    learner = cfg.rollout.learner
+    attached = _engine(learner, "", tokenizer, "eval", cfg.run.seed, _logs(cfg)) if learner.attached else None
+    try:
+        with MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs()) as scorer:
+            for path in model_dirs:
+                scores = _model_scores(cfg, attached, path, tokenizer, heldout, k, scorer)
+                name = os.path.normpath(path)
+                result["avg_at_k"][name] = avg_at_k_pass1(scores)
+                result["curves"][name] = pass_at_k_curve([int(sum(s)) for s in scores], k, k)
+    finally:
+        if attached is not None:
+            attached.close()
+    return _write(result, out_dir)
+
+
+def _logs(cfg: RunConfig) -> str:
+    return os.path.join(cfg.run.output_dir, "logs")  # launched servers' logs, as in a training run
+
+
+def _model_scores(cfg: RunConfig, attached, path: str, tokenizer, heldout, k: int, scorer):
+    """k scored samples per held-out prompt from model directory `path`, on the recipe's learner engine."""
+    if attached is not None:  # the running server loads the model (its own path: the server reads it)
+        attached.update_weights_from_disk(os.path.abspath(path), attached.weight_version + 1)
+        engine = attached
+    else:
+        engine = _engine(cfg.rollout.learner, path, tokenizer, "eval", cfg.run.seed, _logs(cfg))
+    try:
+        return sample_scores(engine, heldout, k, cfg.rollout.learner.sampling, scorer, cfg.run.seed)
+    finally:
+        if engine is not attached:
             engine.close()
-            name = os.path.normpath(path)
-            result["avg_at_k"][name] = avg_at_k_pass1(scores)
-            result["curves"][name] = pass_at_k_curve([int(sum(s)) for s in scores], k, k)
+
+
+def _write(result: dict, out_dir: str) -> dict:
     csv_path = os.path.join(out_dir, "passk.csv")
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -83,7 +114,7 @@ def _plot(curves: dict[str, list[float]], path: str) -> str | None:
 
 def explore(cfg: RunConfig, *, num_samples: int = 0) -> dict:
     """Fill `rollout.explorer_store` with `num_samples` explorer samples of every train prompt."""
-    from megatron_s2lpo.rollout import build_engine, fill_store
+    from megatron_s2lpo.rollout import fill_store
 
     if not cfg.rollout.explorer_store:
         raise ValueError("rollout.explorer_store is empty: say where the explorer store goes, e.g. "
@@ -91,9 +122,8 @@ def explore(cfg: RunConfig, *, num_samples: int = 0) -> dict:
     tokenizer = build_tokenizer(cfg)
     train, _ = build_prompts(cfg, tokenizer)
     explorer = cfg.rollout.explorer
-    path = materialize_model(explorer, "explorer", cfg, tokenizer) if explorer.backend == "local" else ""
-    engine = build_engine(dataclasses.replace(explorer, model_path=path), tokenizer=tokenizer, name="explorer",
-                          seed=cfg.run.seed)
+    path = materialize_model(explorer, "explorer", cfg, tokenizer) if not explorer.attached else ""
+    engine = _engine(explorer, path, tokenizer, "explorer", cfg.run.seed, _logs(cfg))
     try:
         return fill_store(engine, train, num_samples or cfg.algo.group_size, explorer.sampling,
                           cfg.rollout.explorer_store, explorer_model=path or explorer.url or ",".join(explorer.urls),

@@ -67,7 +67,7 @@ def resume(parts: TrainerParts) -> tuple[int, dict[str, float], dict[str, float]
         parts.prefetcher.load_state_dict(state.get("explorer_store", {}))
     step = int(state["step"])
     parts.pipeline.resume(loaded.path, step)
-    parts.sync.sync(version=step)  # the fresh engine gets the checkpoint's weights
+    parts.sync.sync(version=step, resume=True)  # the engine gets the checkpoint's weights, also over later ones
     parts.sync.num_syncs = step  # parity checks every sync.parity_every steps, as without the restart
     return step, state["cumulative"], state.get("metrics") or {}
 
