@@ -197,7 +197,7 @@ def _server_task(engine: EngineConfig, name: str, group: str, port: int, host: s
                 for i in range(engine.replicas)]
     urls = [f"http://{host}:{p}" for p in ports]
     # the CPU profile binds each replica's threads (sglang_server.launch_env), device i -> core i
-    env = launch_env(server, cores=list(range(num_gpus or 1))) or {}
+    env = launch_env(server, cores=list(range(engine.base_gpu_id + (num_gpus or 1)))) or {}
     env = {CPU_THREADS_BIND_ENV: env[CPU_THREADS_BIND_ENV]} if CPU_THREADS_BIND_ENV in env else {}
     return ServerTask(name=f"{name}_server", group=group, num_gpus=num_gpus, command=commands[0], url=urls[0],
                       commands=commands, urls=urls, env=env)

@@ -166,10 +166,13 @@ def test_a_cpu_profile_server_binds_its_threads_unless_the_site_does():
     from megatron_s2lpo.launch.plan import server_script
 
     cfg = load_config(TINY, ["run.output_dir=/r", "rollout.explorer.backend=sglang", "rollout.explorer.profile=cpu",
-                             "rollout.explorer.model_path=/m/explorer", "rollout.explorer.init_arch=null"])
+                             "rollout.explorer.model_path=/m/explorer", "rollout.explorer.init_arch=null",
+                             "rollout.explorer.base_gpu_id=1"])
     plan = plan_launch(cfg, TINY, ClusterLayout(num_nodes=2, gpus_per_node=0, python=f"{VENV}/bin/python"))
     script = server_script(plan.servers[0], plan.activate)
-    assert 'export SGLANG_CPU_OMP_THREADS_BIND="${SGLANG_CPU_OMP_THREADS_BIND:-0}"' in script.splitlines()
+    # device i on core i: the replica at --base-gpu-id 1 runs on core 1
+    assert 'export SGLANG_CPU_OMP_THREADS_BIND="${SGLANG_CPU_OMP_THREADS_BIND:-0|1}"' in script.splitlines()
+    assert "--base-gpu-id 1" in script
     assert "--device cpu" in script and f'"${{S2LPO_SGLANG_PYTHON:-{VENV}/bin/python}}"' in script
 
 
