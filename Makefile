@@ -18,6 +18,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	$(PY) tests/contract/sglang_env.py  # SGLang 0.5.23's wheel, unpacked for the contract tier
+	$(PY) tests/contract/verl_env.py  # verl's wheel, unpacked: its DAPO reward manager is the overlong reference
 	touch $(STAMP)
 
 # The real SGLang 0.5.23 servers of the test suite run from their own pinned environment,

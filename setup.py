@@ -59,6 +59,10 @@ EXTRAS_REQUIRE = {
         # (fetched by `make install`); these are the pure-Python / CPU requirements of the modules it
         # loads, pinned. None of them requests another torch.
         *SGLANG_CONTRACT,
+        # verl's own DAPO reward manager runs in a contract test (tests/contract/verl_env.py); its
+        # package imports tensordict (pure Python; it accepts torch 2.13.0) and ray (from nemo-run).
+        "tensordict==0.15.3",
+        "pyvers==0.2.3",
     ],
     "gpu": [
         "transformer-engine[pytorch]==2.20.2",

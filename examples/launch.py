@@ -17,7 +17,7 @@
 Before anything is written or submitted the recipe is sized for the GPUs (megatron_s2lpo/planner,
 `s2lpo plan`); one that would not fit is refused with what to change (`--allow-over-budget`
 launches it anyway). `--recipe` is a name under examples/ (`qwen3_8b_explorer_1p7b`, `qwen3_8b_explorer_4b`,
-`qwen3_14b_explorer_4b`, `tiny_cpu`) or a YAML path; trailing `section.field=value` arguments
+`qwen3_14b_explorer_4b`, `qwen3_8b_explorer_1p7b_dapo`, `tiny_cpu`) or a YAML path; trailing `section.field=value` arguments
 override it. The layout (which nodes run the learner, its SGLang server, the explorer's) is
 derived from the recipe: see megatron_s2lpo/launch/plan.py and docs/cluster.md. Missing Slurm
 settings, a recipe that does not fit the nodes, a run.save_every that does not fit in the job's
@@ -35,10 +35,12 @@ import warnings
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 # Node counts the recipes were sized for (stated in each YAML's header; docs/cluster.md).
-RECIPE_NODES = {"qwen3_8b_explorer_1p7b": 4, "qwen3_8b_explorer_4b": 4, "qwen3_14b_explorer_4b": 6}
+RECIPE_NODES = {"qwen3_8b_explorer_1p7b": 4, "qwen3_8b_explorer_4b": 4, "qwen3_14b_explorer_4b": 6,
+                "qwen3_8b_explorer_1p7b_dapo": 4}
 # Stated minutes per step, the slowest phase (after T_mix: the learner server generates every
 # sample); docs/cluster.md "Expected step time". A measured one from an earlier job wins.
-RECIPE_STEP_MINUTES = {"qwen3_8b_explorer_1p7b": 23, "qwen3_8b_explorer_4b": 23, "qwen3_14b_explorer_4b": 35}
+RECIPE_STEP_MINUTES = {"qwen3_8b_explorer_1p7b": 23, "qwen3_8b_explorer_4b": 23, "qwen3_14b_explorer_4b": 35,
+                       "qwen3_8b_explorer_1p7b_dapo": 55}  # one dynamic-sampling round of 3 x the rollouts
 
 
 def recipe_path(recipe: str) -> str:

@@ -3,6 +3,7 @@
 schedule    explorer share alpha_i and the (explorer, learner) split of every group (S2L-PO)
 advantages  group-relative GRPO advantages over the combined group
 pods        PODS down-sampling selectors (max variance, max reward, random)
+group_filter  DAPO dynamic sampling's filter: which groups' rewards vary
 passk       pass@k / avg@k evaluation metrics
 losses      PPO-clip policy loss (clip-higher, dual clip, truncated IS, KL, entropy)
 distill     forward-KL warmup and on-policy distillation (dense advantages or a direct loss)
@@ -19,6 +20,7 @@ from megatron_s2lpo.algo.losses import (
     policy_loss,
     truncated_importance_weights,
 )
+from megatron_s2lpo.algo.group_filter import FILTER_METRICS, filter_values, informative_groups
 from megatron_s2lpo.algo.passk import avg_at_k_pass1, pass_at_k, pass_at_k_curve
 from megatron_s2lpo.algo.pods import (
     SELECTORS,
@@ -39,6 +41,7 @@ from megatron_s2lpo.algo.schedule import (
 
 __all__ = [
     "AGGREGATIONS",
+    "FILTER_METRICS",
     "KL_ESTIMATORS",
     "OPD_MODES",
     "ROUNDINGS",
@@ -48,8 +51,10 @@ __all__ = [
     "PolicyLossConfig",
     "avg_at_k_pass1",
     "explorer_share",
+    "filter_values",
     "forward_kl_loss",
     "group_advantages",
+    "informative_groups",
     "kl_penalty",
     "loss_normalizer",
     "max_reward_indices",

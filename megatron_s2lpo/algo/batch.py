@@ -73,6 +73,12 @@ def mini_batch_rows(num_seqs: int, num_mini_batches: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(num_mini_batches)]
 
 
+def trainable_mini_batches(batch: TrainBatch, num_mini_batches: int) -> list[list[int]]:
+    """`mini_batch_rows` without the mini-batches that hold no loss token (every row masked out,
+    e.g. all truncated under reward.overlong.mask_truncated): they have nothing to train on."""
+    return [rows for rows in mini_batch_rows(batch.num_seqs, num_mini_batches) if bool(batch.loss_mask[rows].any())]
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of `values` where `mask` is 1 (NaN for an empty mask)."""
     total = mask.sum()

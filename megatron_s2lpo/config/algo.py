@@ -23,6 +23,9 @@ OLD_LOGPROB_MODES = ("behaviour", "recompute")
 METHODS = ("grpo", "forward_kl", "opd")
 OPD_MODES = ("advantage", "loss")
 TEMPERATURE_SCHEDULES = ("constant", "linear")
+# what dynamic sampling compares within a group: the reward the advantages use, the verifier's
+# score before reward shaping, or its accuracy (score >= 1)
+FILTER_METRICS = ("accuracy", "reward", "score")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +46,29 @@ class PodsConfig:
     @property
     def enabled(self) -> bool:
         return self.n > 0
+
+
+@dataclass(kw_only=True, slots=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling: train only on groups whose `metric` varies, over-sampling prompts.
+
+    Each round draws `oversample` sampler batches of data.prompts_per_step prompts, collects and
+    scores their groups (explorer and learner samples together) and keeps the groups whose
+    `metric` is not the same for every sample; rounds go on until data.prompts_per_step groups
+    are kept or `max_rounds` rounds ran (then the step trains on the groups it has; with none,
+    on its first round's groups). docs/training.md, "Dynamic sampling".
+    """
+
+    enabled: bool = False
+    metric: str = "accuracy"  # verl's algorithm.filter_groups.metric=acc (the DAPO recipe)
+    max_rounds: int = 10  # verl's algorithm.filter_groups.max_num_gen_batches (the DAPO recipe)
+    oversample: int = 1  # sampler batches per round (verl's data.gen_batch_size / data.train_batch_size)
+
+    def __post_init__(self) -> None:
+        check(self.metric in FILTER_METRICS,
+              f"algo.dynamic_sampling.metric must be one of {FILTER_METRICS}, got {self.metric!r}")
+        check(self.max_rounds >= 1, f"algo.dynamic_sampling.max_rounds must be >= 1, got {self.max_rounds}")
+        check(self.oversample >= 1, f"algo.dynamic_sampling.oversample must be >= 1, got {self.oversample}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -126,6 +152,7 @@ class AlgoConfig:
     pods: PodsConfig = field(default_factory=PodsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     temperature: TemperatureScheduleConfig = field(default_factory=TemperatureScheduleConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, f"algo.method must be one of {METHODS}, got {self.method!r}")
@@ -163,6 +190,12 @@ class AlgoConfig:
         check(self.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
         check(self.mini_batches_per_step >= 1,
               f"algo.mini_batches_per_step must be >= 1, got {self.mini_batches_per_step}")
+        check(self.method == "grpo" or not self.dynamic_sampling.enabled,
+              f"algo.dynamic_sampling filters groups by reward, which algo.method={self.method} does not train "
+              "on; set algo.dynamic_sampling.enabled=false")
+        check(not self.dynamic_sampling.enabled or self.num_generated_per_prompt >= 2,
+              "algo.dynamic_sampling compares the samples of a group: it needs algo.group_size (algo.pods.n "
+              f"with PODS) >= 2, got {self.num_generated_per_prompt}")
         if self.pods.enabled:
             check(self.pods.m == self.group_size,
                   f"algo.pods.m ({self.pods.m}) must equal algo.group_size ({self.group_size}): "

@@ -84,9 +84,22 @@ class RunConfig:
               f"algo.method={self.algo.method} needs the teacher: set rollout.teacher.model_path, "
               "rollout.teacher.url or rollout.teacher.init_arch")
         self._check_pipeline()
+        self._check_overlong()
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")
+
+    def overlong_max_tokens(self) -> int:
+        """The response length reward.overlong measures against (its max_response_tokens, or the
+        learner's sampling max_new_tokens)."""
+        return self.reward.overlong.max_response_tokens or self.rollout.learner.sampling.max_new_tokens
+
+    def _check_overlong(self) -> None:
+        overlong = self.reward.overlong
+        check(overlong.buffer_tokens <= self.overlong_max_tokens(),
+              f"reward.overlong.buffer_tokens={overlong.buffer_tokens} is longer than the response limit it ends "
+              f"at ({self.overlong_max_tokens()} tokens: reward.overlong.max_response_tokens, or "
+              "rollout.learner.sampling.max_new_tokens when 0); shorten the buffer")
 
     def _check_pipeline(self) -> None:
         """run.max_staleness=1 needs the importance correction and engines on their own GPUs."""

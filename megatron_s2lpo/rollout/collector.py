@@ -18,7 +18,9 @@ log-probs, and the learner's samples drawn with the weight version the step expe
 
 Seeds: sample j of source s for the k-th prompt of step i is drawn with
 derive_seed(seed, i, s, k, prompt_id, j), so runs are reproducible per step and a resumed run
-samples the same as an uninterrupted one (given the same weights).
+samples the same as an uninterrupted one (given the same weights). A step whose prompts come in
+several rounds (dynamic sampling) passes `first_index`, the number of its prompts collected
+before: k counts the step's prompts over all its rounds, so no two samples share a seed.
 """
 
 from __future__ import annotations
@@ -88,22 +90,23 @@ class GroupCollector:
         return split_group(step, self.group_size, self.t_mix, schedule=self.schedule,
                            rounding=self.rounding, constant_share=self.constant_share)
 
-    def prefetch(self, step: int, prompts: list[Prompt]) -> None:
+    def prefetch(self, step: int, prompts: list[Prompt], *, first_index: int = 0) -> None:
         """Start loading the explorer share of a step (no-op without a prefetcher).
 
         Steps go to the prefetcher in increasing order; one already submitted with the same
         prompts is a no-op."""
         num_explorer, _ = self.split(step)
         if self.prefetcher is not None and num_explorer:
-            self.prefetcher.submit(step, prompts, num_explorer)
+            self.prefetcher.submit(step, prompts, num_explorer, first_index=first_index)
 
     def collect(self, prompts: list[Prompt], step: int, upcoming: Sequence[list[Prompt]] = (),
-                temperature: float | None = None) -> list[Group]:
+                temperature: float | None = None, *, first_index: int = 0) -> list[Group]:
         """One Group per prompt (same order), explorer samples first.
 
         `upcoming`: the prompts of steps step+1, step+2, ... whose explorer samples the
         prefetcher (if any) starts loading now, after this step's. `temperature`: the learner's
-        sampling temperature this step (None: its sampling config's).
+        sampling temperature this step (None: its sampling config's). `first_index`: the step's
+        prompts collected before these (module docstring).
         """
         num_explorer, num_learner = self.split(step)
         for prompt in prompts:
@@ -112,16 +115,19 @@ class GroupCollector:
             raise ValueError(f"step {step} needs {num_explorer} explorer samples per prompt "
                              f"(t_mix={self.t_mix}) but the collector has no explorer engine and "
                              "no explorer store; configure rollout.explorer or rollout.explorer_store")
-        self.prefetch(step, prompts)
+        if upcoming and first_index:
+            raise ValueError("explorer samples of later steps are prefetched with a step's first prompts only "
+                             f"(first_index=0), got first_index={first_index}")
+        self.prefetch(step, prompts, first_index=first_index)
         for ahead, future_prompts in enumerate(upcoming, start=1):
             self.prefetch(step + ahead, future_prompts)
         explorer_job = learner_job = None
         if num_explorer:
-            explorer_job = self._pool.submit(self._explorer_rollouts, prompts, step, num_explorer)
+            explorer_job = self._pool.submit(self._explorer_rollouts, prompts, step, num_explorer, first_index)
         if num_learner:
             sampling = self.sampling if temperature is None else replace(self.sampling, temperature=temperature)
             learner_job = self._pool.submit(self._learner_rollouts, prompts, step, num_learner,
-                                            num_explorer, sampling)
+                                            num_explorer, sampling, first_index)
         # Wait for both before raising, so no job outlives a failed step.
         errors, results = [], {}
         for name, job in (("explorer", explorer_job), ("learner", learner_job)):
@@ -141,30 +147,31 @@ class GroupCollector:
         self._pool.shutdown(wait=True)
 
     def _requests(self, prompts: list[Prompt], step: int, source: Source, num: int,
-                  sampling: SamplingConfig) -> list[GenerateRequest]:
+                  sampling: SamplingConfig, first_index: int) -> list[GenerateRequest]:
         """num requests per prompt, prompt-major, with per-sample seeds."""
         return [
             GenerateRequest.from_sampling(
                 f"s{step}/{source.value}/{k}/{prompt.prompt_id}/{j}", prompt_token_ids(prompt), sampling,
                 seed=derive_seed(self.seed, step, source.value, k, prompt.prompt_id, j))
-            for k, prompt in enumerate(prompts) for j in range(num)
+            for k, prompt in enumerate(prompts, start=first_index) for j in range(num)
         ]
 
     def _learner_rollouts(self, prompts: list[Prompt], step: int, num: int, offset: int,
-                          sampling: SamplingConfig) -> list[list[Rollout]]:
-        requests = self._requests(prompts, step, Source.LEARNER, num, sampling)
+                          sampling: SamplingConfig, first_index: int) -> list[list[Rollout]]:
+        requests = self._requests(prompts, step, Source.LEARNER, num, sampling, first_index)
         comps = self.learner.generate(requests)
         out = [[comps[k * num + j].to_rollout(prompt_id=prompt.prompt_id, sample_index=offset + j,
                                               source=Source.LEARNER)
                 for j in range(num)] for k, prompt in enumerate(prompts)]
         return self._checked(out, step, Source.LEARNER)
 
-    def _explorer_rollouts(self, prompts: list[Prompt], step: int, num: int) -> list[list[Rollout]]:
+    def _explorer_rollouts(self, prompts: list[Prompt], step: int, num: int,
+                           first_index: int) -> list[list[Rollout]]:
         if self.prefetcher is not None:
-            samples = self.prefetcher.get(step, prompts, num)
+            samples = self.prefetcher.get(step, prompts, num, first_index=first_index)
             out = [[s.to_rollout(sample_index=j) for j, s in enumerate(group)] for group in samples]
         else:
-            requests = self._requests(prompts, step, Source.EXPLORER, num, self.explorer_sampling)
+            requests = self._requests(prompts, step, Source.EXPLORER, num, self.explorer_sampling, first_index)
             comps = self.explorer.generate(requests)  # type: ignore[union-attr]
             out = [[comps[k * num + j].to_rollout(prompt_id=prompt.prompt_id, sample_index=j,
                                                   source=Source.EXPLORER)

@@ -9,7 +9,9 @@ schedules, in a background worker, the takes from the store and (for prompts the
 serve) live generation by the explorer engine; `get(step, ...)` returns the result, waiting
 only if it is not ready. Steps must be submitted in increasing order (anything else is a
 ValueError): the worker runs them in that order, so the store cursor moves the same way in
-every run. `state_dict()` is the store cursor as of the last step handed out by `get`, so a
+every run. A step that collects its prompts in several rounds (dynamic sampling) submits each
+round with `first_index`, the number of the step's prompts before it: (step, first_index) is
+the order. `state_dict()` is the store cursor as of the last step handed out by `get`, so a
 resumed run takes the same samples.
 """
 
@@ -98,43 +100,49 @@ class ExplorerPrefetcher:
         self.num_from_store = 0
         self.num_live = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explorer-prefetch")
-        self._pending: dict[int, tuple[list[str], int, Future]] = {}
-        self._snapshots: dict[int, dict] = {}  # step -> store cursor before that step's takes
-        self._last_submitted = 0
+        self._pending: dict[tuple[int, int], tuple[list[str], int, Future]] = {}
+        # (step, first_index) -> store cursor before its takes
+        self._snapshots: dict[tuple[int, int], dict] = {}
+        self._last_submitted = (0, 0)
         self._lock = threading.Lock()
 
-    def submit(self, step: int, prompts: list[Prompt], num_per_prompt: int) -> None:
-        """Schedule the explorer samples of `step` (no-op if already scheduled identically)."""
-        key = [p.prompt_id for p in prompts]
+    def submit(self, step: int, prompts: list[Prompt], num_per_prompt: int, *, first_index: int = 0) -> None:
+        """Schedule the explorer samples of `step` (no-op if already scheduled identically);
+        `first_index`: the step's prompts collected before these (module docstring)."""
+        ids = [p.prompt_id for p in prompts]
+        key = (step, first_index)
+        where = f"step {step}" + (f" from prompt {first_index}" if first_index else "")
         with self._lock:
-            if step in self._pending:
-                old_key, old_num, _ = self._pending[step]
-                if old_key != key or old_num != num_per_prompt:
-                    raise ValueError(f"explorer prefetch for step {step} was submitted with other "
-                                     f"prompts or counts ({len(old_key)} prompts x {old_num}, now "
-                                     f"{len(key)} x {num_per_prompt})")
+            if key in self._pending:
+                old_ids, old_num, _ = self._pending[key]
+                if old_ids != ids or old_num != num_per_prompt:
+                    raise ValueError(f"explorer prefetch for {where} was submitted with other "
+                                     f"prompts or counts ({len(old_ids)} prompts x {old_num}, now "
+                                     f"{len(ids)} x {num_per_prompt})")
                 return
-            if step <= self._last_submitted:
-                raise ValueError(f"explorer prefetch: step {step} was already submitted; submit steps "
-                                 f"in increasing order (last submitted: {self._last_submitted})")
-            future = self._pool.submit(self._load, step, list(prompts), num_per_prompt)
-            self._pending[step] = (key, num_per_prompt, future)
-            self._last_submitted = step
+            if key <= self._last_submitted:
+                raise ValueError(f"explorer prefetch: {where} was already submitted; submit steps "
+                                 f"in increasing order (last submitted: step {self._last_submitted[0]})")
+            future = self._pool.submit(self._load, key, list(prompts), num_per_prompt)
+            self._pending[key] = (ids, num_per_prompt, future)
+            self._last_submitted = key
 
-    def get(self, step: int, prompts: list[Prompt], num_per_prompt: int) -> list[list[ExplorerSample]]:
+    def get(self, step: int, prompts: list[Prompt], num_per_prompt: int, *,
+            first_index: int = 0) -> list[list[ExplorerSample]]:
         """`num_per_prompt` explorer samples for each prompt of `step`, aligned with `prompts`."""
-        self.submit(step, prompts, num_per_prompt)
-        future = self._pending[step][2]
+        self.submit(step, prompts, num_per_prompt, first_index=first_index)
+        key = (step, first_index)
+        future = self._pending[key][2]
         try:
             return future.result()
         finally:
             with self._lock:
-                del self._pending[step]
-                self._snapshots.pop(step, None)
+                del self._pending[key]
+                self._snapshots.pop(key, None)
 
     def pending_steps(self) -> list[int]:
         with self._lock:
-            return sorted(self._pending)
+            return sorted({step for step, _ in self._pending})
 
     def state_dict(self) -> dict:
         """The store cursor after the last step handed out by `get` (for checkpoints)."""
@@ -154,13 +162,13 @@ class ExplorerPrefetcher:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _load(self, step: int, prompts: list[Prompt], num: int) -> list[list[ExplorerSample]]:
+    def _load(self, key: tuple[int, int], prompts: list[Prompt], num: int) -> list[list[ExplorerSample]]:
         with self._lock:
             snapshot = self.reader.state_dict() if self.reader is not None else None
             if snapshot is not None:
-                self._snapshots[step] = snapshot
+                self._snapshots[key] = snapshot
         try:
-            return self._take_or_generate(step, prompts, num)
+            return self._take_or_generate(*key, prompts, num)
         except BaseException:
             if snapshot is not None:  # leave the cursor as if this step never ran
                 self.reader.load_state_dict(snapshot)
@@ -178,11 +186,12 @@ class ExplorerPrefetcher:
                     "template, tokenizer or dataset version; refill it with `s2lpo explore` for this recipe")
         return samples
 
-    def _take_or_generate(self, step: int, prompts: list[Prompt], num: int) -> list[list[ExplorerSample]]:
+    def _take_or_generate(self, step: int, first_index: int, prompts: list[Prompt],
+                          num: int) -> list[list[ExplorerSample]]:
         results: list[list[ExplorerSample]] = []
         requests: list[GenerateRequest] = []
         slots: list[int] = []
-        for k, prompt in enumerate(prompts):
+        for k, prompt in enumerate(prompts, start=first_index):
             have = 0 if self.reader is None else min(num, self.reader.num_available(prompt.prompt_id))
             results.append(self._check_stored(prompt, self.reader.take(prompt.prompt_id, have)) if have else [])
             self.num_from_store += have
@@ -197,7 +206,7 @@ class ExplorerPrefetcher:
                 requests.append(GenerateRequest.from_sampling(
                     f"explorer/s{step}/{k}/{prompt.prompt_id}/{j}", prompt_token_ids(prompt),
                     self.sampling, seed=seed))
-                slots.append(k)
+                slots.append(k - first_index)
         if requests:
             for k, req, comp in zip(slots, requests, self.engine.generate(requests), strict=True):
                 results[k].append(ExplorerSample.from_completion(

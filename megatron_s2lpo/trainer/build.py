@@ -24,6 +24,7 @@ import torch
 
 from megatron_s2lpo.config import EngineConfig, ModelArch, RunConfig
 from megatron_s2lpo.data import PromptSampler, load_prompts, make_arithmetic_prompts, tokenize_prompts
+from megatron_s2lpo.reward.overlong import OverlongShaping
 from megatron_s2lpo.trainer.metrics import MetricsWriter
 from megatron_s2lpo.trainer.pipeline import RolloutPipeline, RolloutStage, ScoringEngine
 from megatron_s2lpo.trainer.run_dir import CHECKPOINT_SUBDIR
@@ -238,7 +239,9 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     if groups.rank == 0:
         _check_server_ports(cfg, rollout, uses_explorer)
         scorer = MathScorer(num_workers=cfg.run.reward_workers, **cfg.reward.scorer_kwargs())
-        stage = RolloutStage(None, scorer)
+        shaping = OverlongShaping(cfg.reward.overlong, cfg.overlong_max_tokens()) if cfg.reward.overlong.enabled \
+            else None
+        stage = RolloutStage(None, scorer, shaping)
         logs = os.path.join(cfg.run.output_dir, "logs")  # launched servers' logs belong to the run
         learner_engine = _engine(rollout.learner, learner_path, tokenizer, "learner", cfg.run.seed, logs)
         if explorer_path or (uses_explorer and rollout.explorer.attached):
@@ -265,7 +268,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     pipeline = RolloutPipeline(stage=stage, sampler=sampler, prompts=train, groups=groups, sync=sync,
                                max_staleness=cfg.run.max_staleness, num_steps=cfg.run.num_steps,
                                prefetch_steps=cfg.rollout.prefetch_steps,
-                               temperature=lambda step: learner_temperature(cfg, step))
+                               temperature=lambda step: learner_temperature(cfg, step),
+                               dynamic=cfg.algo.dynamic_sampling)
     return TrainerParts(
         config=cfg, tokenizer=tokenizer, train_prompts=train, heldout_prompts=heldout, sampler=sampler,
         learner=learner, sync=sync, pipeline=pipeline, collector=collector, learner_engine=learner_engine,

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from megatron_s2lpo.algo.advantages import group_advantages
-from megatron_s2lpo.algo.batch import build_train_batch, masked_mean, mini_batch_rows, pods_downsample, take_rows
+from megatron_s2lpo.algo.batch import (build_train_batch, masked_mean, pods_downsample, take_rows,
+                                       trainable_mini_batches)
 from megatron_s2lpo.algo.losses import PolicyLossConfig
 from megatron_s2lpo.algo.schedule import schedule_share
 from megatron_s2lpo.config import RunConfig
@@ -148,7 +149,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         # rank 0 collects, every rank receives; with run.max_staleness=1 collected during step i-1)
         g_explorer, g_learner = _split(parts, step)
         groups = pipeline.next_batch(step)
-        counts = rollout_counts(groups, params)
+        counts = rollout_counts(groups, params, pipeline.discarded_tokens())
         # 3. PODS: keep m of n per prompt, chosen over both sources
         if algo.pods.enabled:
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "pods", step))
@@ -174,7 +175,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
                                       temperature=temperature, is_threshold=is_threshold, is_sources=is_sources,
                                       objective=train_objective, distill_coef=distill.opd_coef)
                    for _ in range(algo.ppo_epochs)
-                   for rows in mini_batch_rows(batch.num_seqs, algo.mini_batches_per_step)]
+                   for rows in trainable_mini_batches(batch, algo.mini_batches_per_step)]
         # 7. the learner's engine gets the new weights (version = step)
         t3 = time.perf_counter()
         synced = pipeline.push_weights(step)

@@ -12,6 +12,8 @@ Per source s in (explorer, learner), over the samples trained on this step:
   the group), advantage/s (mean sequence advantage), logp_mismatch/s (mean |learner old
   log-prob - behaviour log-prob| over response tokens), rollout_tokens/s (prompt + response
   tokens generated or read this step) and rollout_flops/s (2 x params x tokens).
+dynamic/* (algo.dynamic_sampling) and overlong/* (reward.overlong) come from the rollout
+pipeline (trainer/dynamic_sampling.py, reward/overlong.py; docs/training.md).
 """
 
 from __future__ import annotations
@@ -109,12 +111,14 @@ class MetricsWriter:
 # ----------------------------------------------------------------------------- per-step values
 
 
-def rollout_counts(groups: list[Group], params: dict[Source, int]) -> dict[str, float]:
-    """rollout_tokens/s and rollout_flops/s of every generated sample (before PODS)."""
+def rollout_counts(groups: list[Group], params: dict[Source, int],
+                   discarded: dict[Source, float] | None = None) -> dict[str, float]:
+    """rollout_tokens/s and rollout_flops/s of every generated sample (before PODS), `discarded`
+    tokens per source included (samples generated but not handed to the step: dynamic sampling)."""
     out: dict[str, float] = {}
     for source in Source:
         tokens = sum(len(r.prompt_ids) + len(r.response_ids) for g in groups for r in g.rollouts
-                     if r.source is source)
+                     if r.source is source) + (discarded or {}).get(source, 0.0)
         out[f"rollout_tokens/{source.value}"] = float(tokens)
         out[f"rollout_flops/{source.value}"] = 2.0 * params[source] * tokens
     return out

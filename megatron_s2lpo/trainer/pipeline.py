@@ -7,6 +7,8 @@
 
 run.max_staleness=0: next_batch(i) draws step i's prompts and collects their groups (the learner's
 engine holds version i-1, every learner sample is on-policy), then push_weights(i) syncs version i.
+With algo.dynamic_sampling a step's collection runs in rounds that draw more prompts until it has
+its informative groups (dynamic_sampling.py); either way it is one collection of the step.
 
 run.max_staleness=1: next_batch(i) hands over step i's groups, collected while step i-1 trained,
 and starts collecting step i+1's in a background thread with the weights the engines hold
@@ -47,7 +49,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +57,15 @@ from typing import Any
 
 import torch
 
+from megatron_s2lpo.config.algo import DynamicSamplingConfig
+from megatron_s2lpo.reward.overlong import OverlongShaping
 from megatron_s2lpo.rollout import GroupCollector
 from megatron_s2lpo.rollout.engine import Completion, GenerateRequest
+from megatron_s2lpo.trainer.dynamic_sampling import Collected, ScoredRound, collect_step
 from megatron_s2lpo.types import FinishReason, Group, Prompt, Rollout, Source
 
 PENDING_FILE = "pending_rollouts.safetensors"
+PENDING_STATS_FILE = "pending_rollouts_stats.json"  # their dynamic-sampling and overlong metrics
 
 
 class ScoringEngine:
@@ -83,11 +89,13 @@ class ScoringEngine:
 
 
 class RolloutStage:
-    """Rank 0: collect a step's groups from both sources and score them (one step at a time)."""
+    """Rank 0: collect groups from both sources and score them (one collection at a time);
+    `shaping` (reward/overlong.py) then shapes the rewards."""
 
-    def __init__(self, collector: GroupCollector | None, scorer: Any) -> None:
+    def __init__(self, collector: GroupCollector | None, scorer: Any, shaping: OverlongShaping | None = None) -> None:
         self.collector = collector
         self.scorer = scorer
+        self.shaping = shaping
         self._truths: dict[tuple, str] = {}
         self._pending: dict[tuple, tuple[Any, int]] = {}
 
@@ -100,13 +108,14 @@ class RolloutStage:
         for index, (p, r, _) in enumerate(items):
             self._pending[(tuple(p), tuple(r))] = (future, index)
 
-    def collect(self, step: int, prompts: list[Prompt], upcoming: list[list[Prompt]],
-                temperature: float | None) -> tuple[list[Group], float, float]:
-        """(groups with rewards, rollout seconds, extra seconds waiting for rewards)."""
+    def collect(self, step: int, prompts: list[Prompt], upcoming: Sequence[list[Prompt]],
+                temperature: float | None, *, first_index: int = 0) -> ScoredRound:
+        """The groups of `prompts` with rewards, the verifier's scores, rollout seconds and the
+        extra seconds waiting for rewards; `first_index` as in GroupCollector.collect."""
         self._truths = {tuple(p.token_ids): p.ground_truth for p in prompts}
         self._pending = {}
         start = time.perf_counter()
-        groups = self.collector.collect(prompts, step, upcoming, temperature)
+        groups = self.collector.collect(prompts, step, upcoming, temperature, first_index=first_index)
         self.collector.learner.offload()  # a colocated server frees its GPUs for training
         rollout_s = time.perf_counter() - start
         rollouts = [r for g in groups for r in g.rollouts]
@@ -114,7 +123,10 @@ class RolloutStage:
         for r in rollouts:
             future, index = self._pending[(tuple(r.prompt_ids), tuple(r.response_ids))]
             r.reward = float(future.result()[index])
-        return groups, rollout_s, time.perf_counter() - start - rollout_s
+        scores = [g.rewards() for g in groups]
+        counts = self.shaping.apply(rollouts) if self.shaping is not None else {}
+        return ScoredRound(groups=groups, scores=scores, rollout_s=rollout_s,
+                           reward_s=time.perf_counter() - start - rollout_s, counts=counts)
 
 
 @dataclass(slots=True)
@@ -136,9 +148,10 @@ class RolloutPipeline:
 
     def __init__(self, *, stage: RolloutStage | None, sampler: Any, prompts: list[Prompt], groups: Any,
                  sync: Any, max_staleness: int, num_steps: int, prefetch_steps: int,
-                 temperature: Callable[[int], float]) -> None:
+                 temperature: Callable[[int], float], dynamic: DynamicSamplingConfig | None = None) -> None:
         self.stage = stage  # None on ranks other than 0
         self.sampler = sampler
+        self.dynamic = dynamic or DynamicSamplingConfig()  # rounds per step (dynamic_sampling.py)
         self.prompts = prompts
         self.groups = groups
         self.sync = sync
@@ -151,6 +164,7 @@ class RolloutPipeline:
         self._next: _Collection | None = None  # the step being collected ahead
         self._last_done: float | None = None
         self._metrics: dict[str, float] = {}
+        self._discarded: dict[str, float] = {}
 
     @property
     def is_driver(self) -> bool:
@@ -168,7 +182,9 @@ class RolloutPipeline:
         start = time.perf_counter()  # at staleness 0 the collection runs inside _launch
         current = current or self._launch(step)
         self._next = None
-        groups, rollout_s, reward_s = run_on_driver(lambda: current.future.result(), self.groups)
+        outcome: Collected = run_on_driver(lambda: current.future.result(), self.groups)
+        if outcome.sampler_state is not None:  # the step's extra rounds drew prompts on rank 0
+            self.sampler.load_state_dict(outcome.sampler_state)
         waited = time.perf_counter() - start
         current.blocked += waited
         self._last_done = current.done
@@ -180,11 +196,18 @@ class RolloutPipeline:
         idle = launched.launched - idle_from if launched is not None and idle_from is not None else 0.0
         seconds = current.seconds()
         self._metrics = {
-            "time/rollout": rollout_s, "time/reward": reward_s, "time/wait_rollout": waited,
+            "time/rollout": outcome.rollout_s, "time/reward": outcome.reward_s, "time/wait_rollout": waited,
             "time/wait_train": idle if math.isfinite(idle) else 0.0,
             "time/overlap": min(1.0, max(0.0, 1.0 - current.blocked / seconds)) if seconds > 0 else math.nan,
+            **outcome.metrics,
         }
-        return groups
+        self._discarded = dict(outcome.discarded_tokens)
+        return outcome.groups
+
+    def discarded_tokens(self) -> dict[Source, float]:
+        """Tokens the last step generated but does not train on (dynamic sampling), per source:
+        they count in its rollout tokens and FLOPs (metrics.rollout_counts)."""
+        return {source: self._discarded.get(source.value, 0.0) for source in Source}
 
     def push_weights(self, step: int) -> Any:
         """The learner's engine gets version `step` (every rank); with a step collected ahead,
@@ -223,8 +246,12 @@ class RolloutPipeline:
         if not pending.future.done():
             raise RuntimeError(f"step {pending.step}'s rollouts are still being collected; checkpoint after "
                                "push_weights, which waits for them")
-        groups, rollout_s, reward_s = pending.future.result()
-        return {PENDING_FILE: encode_groups(pending.step, groups, rollout_s, reward_s)}
+        outcome: Collected = pending.future.result()
+        files = {PENDING_FILE: encode_groups(pending.step, outcome.groups, outcome.rollout_s, outcome.reward_s)}
+        if outcome.metrics or outcome.discarded_tokens:
+            stats = {"step": pending.step, "metrics": outcome.metrics, "discarded_tokens": outcome.discarded_tokens}
+            files[PENDING_STATS_FILE] = json.dumps(stats, sort_keys=True).encode()
+        return files
 
     def resume(self, checkpoint: str | Path, step: int) -> None:
         """After loading the checkpoint of `step`: the groups it holds for step+1, if any (every rank)."""
@@ -250,8 +277,28 @@ class RolloutPipeline:
             raise ValueError(f"{path} holds the rollouts of step {saved_step}, but its checkpoint is step {step}; "
                              "the checkpoint directory is inconsistent: remove it to resume from an earlier one")
         pending = _Collection(saved_step)  # collected before the restart: no timing of its own
-        pending.future.set_result(loaded[0][1:] if self.is_driver else None)
+        pending.future.set_result(self._read_pending(loaded[0], Path(checkpoint)) if self.is_driver else None)
         self._next = pending
+
+    @staticmethod
+    def _read_pending(loaded: tuple, checkpoint: Path) -> Collected:
+        """The pending groups of a checkpoint with their metrics, if it saved any (rank 0)."""
+        step, groups, rollout_s, reward_s = loaded
+        outcome = Collected(groups=groups, rollout_s=rollout_s, reward_s=reward_s)
+        path = checkpoint / PENDING_STATS_FILE
+        if path.is_file():
+            try:
+                stats = json.loads(path.read_text())
+                outcome.metrics = {str(k): float(v) for k, v in stats["metrics"].items()}
+                outcome.discarded_tokens = {str(k): float(v) for k, v in stats["discarded_tokens"].items()}
+                saved = int(stats["step"])
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); remove its checkpoint directory "
+                                 "to resume from the one before") from None
+            if saved != step:
+                raise ValueError(f"{path} describes step {saved}'s rollouts but {PENDING_FILE} holds step {step}'s; "
+                                 "the checkpoint directory is inconsistent: remove it to resume from an earlier one")
+        return outcome
 
     def close(self) -> None:
         """Wait for a collection in flight (its engines close after it), dropping its outcome."""
@@ -267,14 +314,21 @@ class RolloutPipeline:
         if not self.is_driver:
             collection.future.set_result(None)
             return collection
-        ahead = copy.deepcopy(self.sampler) if self.prefetch_steps and self.stage.collector.prefetcher else None
+        # a step's later prompts depend on its rounds under dynamic sampling: no look-ahead then
+        ahead = copy.deepcopy(self.sampler) if self.prefetch_steps and self.stage.collector.prefetcher \
+            and not self.dynamic.enabled else None
         upcoming = [[self.prompts[i] for i in ahead.next_batch()] for _ in range(self.prefetch_steps)] \
             if ahead is not None else []
         temperature = self.temperature(step)
 
+        def draw() -> list[Prompt]:
+            return [self.prompts[i] for i in self.sampler.next_batch()]
+
         def work() -> None:
             try:
-                outcome = self.stage.collect(step, prompts, upcoming, temperature)
+                outcome = collect_step(self.stage, step, prompts, draw, temperature, upcoming, self.dynamic)
+                if self.dynamic.enabled:  # every rank's sampler takes this state (next_batch)
+                    outcome.sampler_state = self.sampler.state_dict()
             except BaseException as err:  # noqa: BLE001 - handed to the loop through the future
                 collection.done = time.perf_counter()
                 collection.future.set_exception(err)

@@ -97,3 +97,47 @@ def signal_after_lines(command: list[str], cwd: Path, path: Path, *, num_lines: 
                 proc.wait()
         out.seek(0)
         return proc.returncode, out.read()
+
+
+def kill_on_output(command: list[str], cwd: Path, pattern: str, *, timeout_s: float) -> tuple[str, str]:
+    """Run `command` in its own session and SIGKILL its whole group as soon as a line of its
+    standard output matches the regular expression `pattern` (the trainer prints and flushes a
+    line as each phase begins). Returns (the matching line, the output up to it); fails if the run
+    ends or `timeout_s` passes first."""
+    import queue
+    import re
+    import threading
+
+    regex = re.compile(pattern)
+    lines: queue.Queue = queue.Queue()
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no output line matching {pattern!r} within {timeout_s:.0f} s") from None
+            assert line is not None, (f"the run ended before printing a line matching {pattern!r}:\n"
+                                      + "".join(seen[-40:]))
+            if regex.search(line):
+                os.killpg(proc.pid, signal.SIGKILL)
+                return line.strip(), "".join(seen)
+            seen.append(line)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        reader.join(timeout=10)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron_s2lpo.config import ModelArch, SamplingConfig, load_config
+from megatron_s2lpo.config.algo import DynamicSamplingConfig
 from megatron_s2lpo.data import PromptSampler, build_synthetic_tokenizer, make_arithmetic_prompts, tokenize_prompts
 from megatron_s2lpo.rollout import GroupCollector, LocalEngine
 from megatron_s2lpo.rollout.validation import AnswerRules
@@ -74,7 +75,7 @@ class Groups:
     world_size = 1
 
 
-def make_pipeline(max_staleness: int, *, num_steps: int = NUM_STEPS):
+def make_pipeline(max_staleness: int, *, num_steps: int = NUM_STEPS, dynamic: DynamicSamplingConfig | None = None):
     tokenizer = build_synthetic_tokenizer()
     cfg = load_config(None, ["data.synthetic.num_train=12"])
     prompts = tokenize_prompts(make_arithmetic_prompts(cfg.data.synthetic, split="train", num_prompts=12), tokenizer)
@@ -90,7 +91,7 @@ def make_pipeline(max_staleness: int, *, num_steps: int = NUM_STEPS):
     sync = CountingSync(engine)
     pipeline = RolloutPipeline(stage=stage, sampler=PromptSampler(len(prompts), 3, seed=1), prompts=prompts,
                                groups=Groups(), sync=sync, max_staleness=max_staleness, num_steps=num_steps,
-                               prefetch_steps=0, temperature=lambda step: 1.0)
+                               prefetch_steps=0, temperature=lambda step: 1.0, dynamic=dynamic)
     return pipeline, engine, sync, prompts
 
 
@@ -261,3 +262,95 @@ def test_every_stage_of_a_staged_recipe_runs_its_own_pipeline() -> None:
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "examples" / "tiny_bridge_cpu.yaml"),
                       ["run.max_staleness=1"])
     assert [stage_run_config(cfg, i).run.max_staleness for i in range(len(cfg.stages))] == [1] * len(cfg.stages)
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+
+DYNAMIC = DynamicSamplingConfig(enabled=True, metric="reward", max_rounds=3)
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_dynamic_sampling_rounds_resume_from_the_sampler_state(max_staleness: int, tmp_path: Path) -> None:
+    """The rounds draw their prompts from the run's sampler: a pipeline restored from the state a
+    checkpoint of step 2 saves (the sampler, and one step ahead step 3's groups with their
+    dynamic-sampling metrics) collects steps 3 and 4 exactly as the uninterrupted one did."""
+    from megatron_s2lpo.trainer.pipeline import PENDING_STATS_FILE
+
+    pipeline, _, _, _ = make_pipeline(max_staleness, dynamic=DYNAMIC)
+    try:
+        first = run_steps(pipeline, 1, 2)
+        files, state = pipeline.checkpoint_files(), pipeline.sampler.state_dict()
+        expected = run_steps(pipeline, 3, 4)
+    finally:
+        pipeline.close()
+    rounds = [m["dynamic/rounds"] for _, _, m in first + expected]
+    assert max(rounds) > 1 and any(m["dynamic/cap_hit"] for _, _, m in first + expected)  # over-sampled, capped
+    assert pipeline.sampler.epoch * 4 + pipeline.sampler.position // 3 == sum(rounds)  # a batch per round
+    assert sorted(files) == ([PENDING_FILE, PENDING_STATS_FILE] if max_staleness else [])
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    resumed, _, sync, _ = make_pipeline(max_staleness, dynamic=DYNAMIC)
+    try:
+        sync.sync(2)  # the checkpoint's weights, as trainer.loop.resume pushes them
+        resumed.sampler.load_state_dict(state)
+        resumed.resume(tmp_path, 2)
+        got = run_steps(resumed, 3, 4)
+    finally:
+        resumed.close()
+    for (step, groups, metrics), (_, want_groups, want_metrics) in zip(got, expected, strict=True):
+        assert groups == want_groups, step
+        assert without_timing(metrics) == without_timing(want_metrics), step
+    if max_staleness:  # a damaged metrics file of the step ahead is refused, naming it
+        (tmp_path / PENDING_STATS_FILE).write_text('{"step": 3, "metrics": [1]}')
+        damaged, _, _, _ = make_pipeline(max_staleness, dynamic=DYNAMIC)
+        with pytest.raises(ValueError, match=f"{PENDING_STATS_FILE} is damaged"):
+            damaged.resume(tmp_path, 2)
+        damaged.close()
+
+
+def test_over_sampled_explorer_samples_come_from_the_store_then_the_explorer(tmp_path: Path) -> None:
+    """Every round's explorer share goes through the prefetcher: stored samples while the store has
+    them, the live explorer for the rest, each sample of the step with its own seed; everything
+    generated and not trained on is counted."""
+    from megatron_s2lpo.rollout import ExplorerPrefetcher, StoreReader, fill_store
+    from megatron_s2lpo.trainer.dynamic_sampling import collect_step
+
+    class Constant(LengthScorer):
+        def submit(self, texts, truths):
+            future: Future = Future()
+            future.set_result([1.0] * len(texts))  # every group uniform: every round runs
+            return future
+
+    pipeline, engine, _, prompts = make_pipeline(0)
+    pipeline.close()
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=4)
+    fill_store(engine, prompts[:4], 2, sampling, str(tmp_path), seed=3)  # 2 stored samples of 4 prompts
+    requests = []
+    live = RecordingEngine(engine.model, tokenizer=engine.tokenizer, seed=1)
+    live.calls, live.called = [], threading.Condition()
+    real = live.generate
+    live.generate = lambda batch: requests.extend(r.request_id for r in batch) or real(batch)
+    prefetcher = ExplorerPrefetcher(reader=StoreReader(str(tmp_path)), engine=live, sampling=sampling, seed=4)
+    stage = RolloutStage(None, Constant())
+    stage.collector = GroupCollector(learner=ScoringEngine(engine, stage), sampling=sampling, group_size=4, t_mix=3,
+                                     prefetcher=prefetcher, seed=5)  # step 2: 2 explorer + 2 learner samples
+    batches = iter([prompts[3:6], prompts[6:9]])
+    try:
+        got = collect_step(stage, 2, prompts[:3], lambda: next(batches), 1.0, (), DYNAMIC)
+    finally:
+        stage.collector.close()
+        prefetcher.close()
+    assert got.metrics["dynamic/rounds"] == 3 and got.metrics["dynamic/filtered_mixed"] == 9
+    assert [g.prompt.prompt_id for g in got.groups] == [p.prompt_id for p in prompts[:3]]  # no informative group
+    assert prefetcher.num_from_store == 4 * 2 and prefetcher.num_live == 5 * 2
+    # the live explorer served prompts 4..8 of the step (k over all rounds), two samples each
+    assert sorted(requests) == sorted(f"explorer/s2/{k}/{prompts[k].prompt_id}/{j}" for k in range(4, 9)
+                                      for j in range(2))
+    generated = 9 * 4 * (len(prompts[0].token_ids) + 4)  # at most 4 response tokens each
+    assert 0 < got.discarded_tokens["explorer"] and 0 < got.discarded_tokens["learner"]
+    assert got.discarded_tokens["explorer"] + got.discarded_tokens["learner"] <= generated * 2 / 3
