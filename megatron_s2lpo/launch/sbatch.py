@@ -3,7 +3,8 @@
 - exported values are quoted (NeMo-Run 0.11.1 writes `export KEY=value` as given);
 - the batch shell passes Slurm's early SIGUSR1 (`--signal=B:USR1@<lead>`) to the trainer's srun,
   which hands it to every process of the trainer's step (srun forwards SIGUSR1; slurmstepd
-  signals the step's whole process container), and the trainer stops after a checkpoint;
+  signals the step's whole process container), and the trainer stops after a checkpoint; the
+  shell's sleeps are interruptible, so the trap runs when the signal arrives;
 - raw `--sbatch-arg`s become `#SBATCH` lines, refusing the ones the launcher sets itself.
 """
 
@@ -51,6 +52,20 @@ def parse_sbatch_args(args: list[str]) -> dict[str, str | bool]:
     return out
 
 
+# NeMo-Run's batch script waits for its sruns in a loop that sleeps this long between looks
+# (`monitor_group_job_wait_time`, 60 s by default) and again before it stops the other tasks
+# once one has ended: the job ends at most twice the period after the trainer (walltime.py
+# budgets it in the signal's lead). Between the sruns' starts it waits `STAGGER_S`.
+MONITOR_PERIOD_S = 2
+STAGGER_S = 2
+# bash runs a trap only once the command in the foreground has ended, and NeMo-Run's loop
+# sleeps in the foreground: Slurm's stop signal would wait for the current sleep. A sleep in
+# the background that the shell waits for is cut short by a trapped signal (`wait` returns at
+# once), so the trap runs when the signal arrives; the sleep itself is then ended.
+INTERRUPTIBLE_SLEEP = (
+    'sleep() { command sleep "$@" & local s=$!; wait "$s"; local rc=$?; command kill "$s" 2>/dev/null; '
+    'return "$rc"; }')
+
 def stop_signal_trap(trainer_index: int) -> str:
     """Batch-shell lines: on SIGUSR1 (Slurm's early warning), signal the trainer's srun, and again
     every RESEND_S seconds while it runs.
@@ -65,6 +80,8 @@ def stop_signal_trap(trainer_index: int) -> str:
     return "\n".join([
         "# Slurm signals this shell ahead of the time limit (--signal=B:USR1@...): the trainer finishes",
         "# its step, checkpoints it and exits; the job ends, and a chained job resumes the run.",
+        "# The loop's sleeps wait in the background, so the trap runs when the signal arrives.",
+        INTERRUPTIBLE_SLEEP,
         "s2lpo_stop_trainer() {",
         '  echo "s2lpo: time limit near: asking the trainer to checkpoint and stop at $(date +%Y-%m-%dT%H:%M:%S)"',
         f'  local trainer="${{pids[{trainer_index}]}}"',
@@ -74,13 +91,6 @@ def stop_signal_trap(trainer_index: int) -> str:
     ])
 
 
-# NeMo-Run's batch script waits for its sruns in a loop that sleeps this long between looks
-# (`monitor_group_job_wait_time`, 60 s by default) and again before it stops the other tasks
-# once one has ended. A trap in the batch shell runs only between two commands, so the stop
-# signal waits for the current sleep too: the period is paid up to three times (walltime.py
-# budgets it in the signal's lead). Between the sruns' starts it waits `STAGGER_S`.
-MONITOR_PERIOD_S = 5
-STAGGER_S = 2
 # Exit statuses that the same job would meet again: a usage or configuration error (the
 # trainer's ValueError / FileNotFoundError, argparse). Requeueing them only burns allocations.
 DETERMINISTIC_EXIT_CODES = (2,)

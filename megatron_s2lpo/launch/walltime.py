@@ -27,10 +27,10 @@ MAX_SIGNAL_LEAD_S = 65535
 # shorter than SHORT_JOB_S gets a quarter of its time: a smoke test of a small model).
 STARTUP_S = 600
 SHORT_JOB_S = 4 * STARTUP_S
-# What the batch script adds between Slurm's signal and the job's end: its trap waits for the
-# monitor loop's current sleep, and the loop notices the trainer's exit and waits once more
-# before it ends the job (sbatch.MONITOR_PERIOD_S).
-JOB_END_S = 3 * MONITOR_PERIOD_S
+# What the batch script adds between the trainer's exit and the job's end: the monitor loop
+# notices the exit and waits once more before it ends the job (sbatch.MONITOR_PERIOD_S; its trap
+# itself runs when the signal arrives, sbatch.INTERRUPTIBLE_SLEEP).
+JOB_END_S = 2 * MONITOR_PERIOD_S
 # A checkpoint of an 8B learner with its optimizer state: a few minutes on shared storage.
 SAVE_ALLOWANCE_S = 600
 _UNLIMITED = {"unlimited", "infinite", "none", "n/a"}
