@@ -168,8 +168,12 @@ def _needs_server(engine: EngineConfig) -> bool:
 
 def _server_cfg(engine: EngineConfig, port: int, *, memory_saver: bool, one_machine: bool) -> EngineConfig:
     # On a cluster listen on every interface (the trainer is on another node), behind the job's
-    # key; on one machine only on loopback. A configured launch_command is kept.
-    host = {"host": "127.0.0.1"} if one_machine else {"host": "0.0.0.0", "api_key": "${" + API_KEY_VAR + "}"}
+    # key, which SGLang reads from the job's environment (not from its command line, which every
+    # user of the node can read: sglang_server.API_KEY_ENV); a configured launch_command is kept
+    # and gets the key as --api-key. On one machine only on loopback.
+    key = ({"api_key": "${" + API_KEY_VAR + "}"} if engine.launch_command else
+           {"api_key": "", "api_key_env": API_KEY_VAR})
+    host = {"host": "127.0.0.1"} if one_machine else {"host": "0.0.0.0", **key}
     return dataclasses.replace(engine, port=port, enable_memory_saver=engine.enable_memory_saver or memory_saver,
                                **host)
 
@@ -191,13 +195,20 @@ def _server_task(engine: EngineConfig, name: str, group: str, port: int, host: s
                  cfg: RunConfig, python: str, *, memory_saver: bool, one_machine: bool) -> ServerTask:
     """The role's servers: replica i on port + i * stride and its own GPUs (--base-gpu-id i*tp*dp)."""
     ports = [port + i * REPLICA_PORT_STRIDE for i in range(engine.replicas)]
-    server = _server_cfg(dataclasses.replace(engine, ports=ports), port, memory_saver=memory_saver,
-                         one_machine=one_machine)
+    # A recipe's base_gpu_id places a server beside another on one machine; on a node of its own
+    # every GPU of the node is the server's, so its devices start at 0. The CPU profile still
+    # binds the recipe's cores there: device d -> core base_gpu_id + d (the emulated nodes of the
+    # Slurm tier share one machine's cores).
+    own_node = not one_machine and group != LEARNER
+    first_core = engine.base_gpu_id if own_node else 0
+    server = _server_cfg(dataclasses.replace(engine, ports=ports, base_gpu_id=0 if own_node else engine.base_gpu_id),
+                         port, memory_saver=memory_saver, one_machine=one_machine)
     commands = [build_launch_command(server, python=python, replica=i, seed=cfg.run.seed)
                 for i in range(engine.replicas)]
     urls = [f"http://{host}:{p}" for p in ports]
-    # the CPU profile binds each replica's threads (sglang_server.launch_env), device i -> core i
-    env = launch_env(server, cores=list(range(engine.base_gpu_id + (num_gpus or 1)))) or {}
+    # the CPU profile binds each replica's threads (sglang_server.launch_env), device d -> core d
+    cores = list(range(first_core, engine.base_gpu_id + (num_gpus or 1)))
+    env = launch_env(server, cores=cores) or {}
     env = {CPU_THREADS_BIND_ENV: env[CPU_THREADS_BIND_ENV]} if CPU_THREADS_BIND_ENV in env else {}
     return ServerTask(name=f"{name}_server", group=group, num_gpus=num_gpus, command=commands[0], url=urls[0],
                       commands=commands, urls=urls, env=env)

@@ -6,6 +6,7 @@ import dataclasses
 import http.server
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -58,23 +59,24 @@ def test_separate_servers_take_one_node_each_and_get_nccl_rendezvous():
     # Server commands are exactly the engine's own launch command, on all interfaces, behind the job's key.
     learner, explorer = plan.servers
     expected = build_launch_command(dataclasses.replace(cfg.rollout.learner, host="0.0.0.0",
-                                                        api_key="${S2LPO_API_KEY}"),
+                                                        api_key_env="S2LPO_API_KEY"),
                                     python="${S2LPO_SGLANG_PYTHON:-python}", seed=cfg.run.seed)
     assert learner.command == expected
-    assert explorer.command[:3] == ["${S2LPO_SGLANG_PYTHON:-python}", "-m", "sglang.launch_server"]
+    # the server reads the job's key from its environment (sglang_server.API_KEY_ENV), not argv
+    assert explorer.command[:2] == ["${S2LPO_SGLANG_PYTHON:-python}", "-c"]
+    assert 'os.environ["S2LPO_API_KEY"]' in explorer.command[2] and "sglang.launch_server" in explorer.command[2]
     flags = dict(zip(explorer.command[3::2], explorer.command[4::2]))
     assert flags == {"--model-path": "/models/Qwen3-1.7B-Base", "--host": "0.0.0.0", "--port": "30001",
                      "--tp-size": "1", "--dp-size": "8", "--base-gpu-id": "0", "--mem-fraction-static": "0.85",
-                     "--random-seed": str(cfg.run.seed), "--api-key": "${S2LPO_API_KEY}"}
+                     "--random-seed": str(cfg.run.seed)}
     line = server_script(explorer).splitlines()[-1]
-    assert line == ('exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(explorer.command[1:-1])
-                    + ' "${S2LPO_API_KEY}"')
+    assert line == ('exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(shlex.quote(a) for a in explorer.command[1:]))
     # bash runs the image's SGLang interpreter when the variable is set, `python` otherwise
     for env, python in (({"S2LPO_SGLANG_PYTHON": "/opt/sglang/bin/python"}, "/opt/sglang/bin/python"), ({}, "python")):
         echo = line.replace("exec ", "printf '%s\\n' ", 1)
         out = subprocess.run(["bash", "-c", echo], env={"PATH": os.environ["PATH"], "S2LPO_API_KEY": "k1", **env},
                              capture_output=True, text=True, check=True).stdout.split("\n")
-        assert out[:3] == [python, "-m", "sglang.launch_server"] and out[out.index("--api-key") + 1] == "k1"
+        assert out[:3] == [python, "-c", explorer.command[2]] and "k1" not in out
 
 
 def test_cluster_servers_require_the_jobs_key_and_one_machine_servers_stay_on_loopback():
@@ -86,7 +88,7 @@ def test_cluster_servers_require_the_jobs_key_and_one_machine_servers_stay_on_lo
     assert len(keys) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)
     for server in plan.servers:  # every server binding all interfaces requires the key
         flags = dict(zip(server.command[3::2], server.command[4::2]))
-        assert flags["--host"] == "0.0.0.0" and flags["--api-key"] == "${S2LPO_API_KEY}"
+        assert flags["--host"] == "0.0.0.0" and 'os.environ["S2LPO_API_KEY"]' in server.command[2]
     # the trainer reads the key from its environment: no key on its command line or in its config
     os.environ["S2LPO_API_KEY"] = "job-key"
     try:

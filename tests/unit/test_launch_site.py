@@ -70,7 +70,7 @@ def test_the_monitor_loop_looks_every_few_seconds(tmp_path):
     """NeMo-Run's default (60 s) delayed the stop trap and the job's end by minutes."""
     rendered, _ = _render(tmp_path)
     loop = rendered.sbatch[rendered.sbatch.index("all_done=false"):]
-    assert re.findall(r"sleep (\d+)", loop) == ["5", "5"]
+    assert re.findall(r"sleep (\d+)", loop) == ["2", "2"]
 
 
 def test_a_smoke_test_job_is_not_refused_for_the_ten_minute_start_allowance(tmp_path):
@@ -170,10 +170,29 @@ def test_a_cpu_profile_server_binds_its_threads_unless_the_site_does():
                              "rollout.explorer.base_gpu_id=1"])
     plan = plan_launch(cfg, TINY, ClusterLayout(num_nodes=2, gpus_per_node=0, python=f"{VENV}/bin/python"))
     script = server_script(plan.servers[0], plan.activate)
-    # device i on core i: the replica at --base-gpu-id 1 runs on core 1
+    # on a node of its own the server's devices start at 0 (below); device 0 keeps the recipe's core 1
+    assert 'export SGLANG_CPU_OMP_THREADS_BIND="${SGLANG_CPU_OMP_THREADS_BIND:-1}"' in script.splitlines()
+    assert "--base-gpu-id 0" in script
+    assert "--device cpu" in script and f'"${{S2LPO_SGLANG_PYTHON:-{VENV}/bin/python}}"' in script
+    # on one machine, beside the learner's server, it runs at --base-gpu-id 1: device 1 -> core 1
+    local = plan_launch(cfg, TINY, ClusterLayout(num_nodes=1, gpus_per_node=0, python=f"{VENV}/bin/python"),
+                        host=local_host, one_machine=True, embed_config=False)
+    script = server_script(local.servers[0], local.activate)
     assert 'export SGLANG_CPU_OMP_THREADS_BIND="${SGLANG_CPU_OMP_THREADS_BIND:-0|1}"' in script.splitlines()
     assert "--base-gpu-id 1" in script
-    assert "--device cpu" in script and f'"${{S2LPO_SGLANG_PYTHON:-{VENV}/bin/python}}"' in script
+
+
+@pytest.mark.parametrize("replicas", [1, 8])
+def test_a_server_on_a_node_of_its_own_starts_at_gpu_0(replicas):
+    """A recipe's base_gpu_id places a server beside another on one machine; on a node of its own
+    every GPU of the node is the server's (base_gpu_id 1 with 8 replicas would ask for GPU 8)."""
+    cfg = load_config(TINY, ["run.output_dir=/r", "rollout.explorer.backend=sglang", "rollout.explorer.model_path=/m",
+                             "rollout.explorer.init_arch=null", "rollout.explorer.profile=",
+                             "rollout.explorer.base_gpu_id=1", f"rollout.explorer.replicas={replicas}"])
+    plan = plan_launch(cfg, TINY, ClusterLayout(num_nodes=2, gpus_per_node=8, python=f"{VENV}/bin/python",
+                                                allow_over_budget=True))
+    gpu_ids = [int(c[c.index("--base-gpu-id") + 1]) for c in plan.servers[0].commands]
+    assert gpu_ids == list(range(replicas)) and plan.servers[0].num_gpus == replicas
 
 
 def test_the_batch_shell_stops_the_other_sruns_with_sigterm(tmp_path):

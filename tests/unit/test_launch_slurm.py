@@ -128,14 +128,19 @@ def test_recipe_renders_a_heterogeneous_job(tmp_path, recipe):
     explorer_model = cfg.rollout.explorer.model_path
     # every replica in the role's one task: its own port (+100 per replica) and GPUs, then `wait`
     tp = cfg.rollout.learner.tp_size
+    # SGLang reads the job's key from the environment (sglang_server.API_KEY_ENV), not argv
+    launcher = ('"${S2LPO_SGLANG_PYTHON:-python}" -c \'import os, runpy, sys; sys.argv += ["--api-key", '
+                'os.environ["S2LPO_API_KEY"]]; runpy.run_module("sglang.launch_server", run_name="__main__", '
+                'alter_sys=True)\'')
     for i in range(cfg.rollout.learner.replicas):
-        assert (f'"${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {learner_model}'
+        assert (f'{launcher} --model-path {learner_model}'
                 f" --host 0.0.0.0 --port {30000 + 100 * i} --tp-size {tp} --dp-size 1 --base-gpu-id {i * tp}"
-                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} --api-key \"${{S2LPO_API_KEY}}\" &\n") in learner_server
+                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} &\n") in learner_server
     for i in range(cfg.rollout.explorer.replicas):
-        assert (f'"${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {explorer_model}'
+        assert (f'{launcher} --model-path {explorer_model}'
                 f" --host 0.0.0.0 --port {30001 + 100 * i} --tp-size 1 --dp-size 1 --base-gpu-id {i}"
-                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} --api-key \"${{S2LPO_API_KEY}}\" &\n") in explorer_server
+                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} &\n") in explorer_server
+    assert "${S2LPO_API_KEY}" not in learner_server + explorer_server  # the key is not on the command line
     assert learner_server.endswith("\nwait\n") and explorer_server.endswith("\nwait\n")
     learner_urls = ",".join(f"http://${{S2LPO_LEARNER_SERVER_HOST}}:{30000 + 100 * i}"
                             for i in range(cfg.rollout.learner.replicas))
@@ -197,12 +202,14 @@ def test_user_options_reach_the_job(tmp_path):
 
 
 def test_the_batch_shell_hands_slurms_early_signal_to_the_trainers_srun(tmp_path):
-    """The sbatch's own trap, run by bash: SIGUSR1 to the batch shell reaches pids[<trainer>] only."""
+    """The sbatch's own trap, run by bash: SIGUSR1 to the batch shell reaches pids[<trainer>] only,
+    and at once, although the shell is inside a long sleep (as in NeMo-Run's monitor loop): a
+    foreground sleep would hold the trap back for an hour here."""
     rendered, _ = _render(tmp_path, "qwen3_8b_explorer_1p7b", ["sync.transport=tensor",
                                                                "rollout.learner.mem_fraction=0.3"],
                           nodes=3, layout={"trainer_provides": ("cuda", "sglang")})
     sbatch = rendered.sbatch
-    trap = sbatch[sbatch.index("s2lpo_stop_trainer() {"):sbatch.index("trap s2lpo_stop_trainer USR1")]
+    trap = sbatch[sbatch.index("sleep() {"):sbatch.index("trap s2lpo_stop_trainer USR1")]
     assert 'local trainer="${pids[1]}"' in trap  # the colocated server is task 0, the trainer task 1
     child = tmp_path / "srun.sh"  # stands in for an srun: records a SIGUSR1 it receives
     child.write_text(f'trap "echo got-usr1 > {tmp_path}/$1; exit 0" USR1\ntouch {tmp_path}/$1.ready\n'
@@ -211,7 +218,8 @@ def test_the_batch_shell_hands_slurms_early_signal_to_the_trainers_srun(tmp_path
               f"bash {child} server & pids[0]=$!\n"
               f"bash {child} trainer & pids[1]=$!\n"
               f"while [ ! -e {tmp_path}/server.ready ] || [ ! -e {tmp_path}/trainer.ready ]; do sleep 0.05; done\n"
-              "kill -USR1 $$\n"
+              "( command sleep 0.5; kill -USR1 $$ ) &\n"
+              "sleep 3600\n"
               "wait ${pids[1]}\n"
               "kill ${pids[0]}\n")
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -357,7 +365,7 @@ def test_examples_launch_dryrun_prints_the_sbatch_script(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert out.count("#SBATCH hetjob") == 4 and "--container-image IMG" in out  # the job and its chained copy
     assert "#SBATCH --time=2-00:00:00" in out and "# ---- chained job 1" in out
-    assert '-m sglang.launch_server --model-path /models/Qwen3-1.7B-Base' in out
+    assert 'run_module("sglang.launch_server", run_name="__main__", alter_sys=True)\' --model-path /models/Qwen3-1.7B-Base' in out
     with pytest.raises(SystemExit):
         launch.parse_args(["--recipe", "x", "--bogus"])
     with pytest.raises(FileNotFoundError, match="qwen3_8b_explorer_1p7b"):
