@@ -58,9 +58,12 @@ TERM_FLAG = "s2lpo_terminated"
 _STOP_IF_TERMINATED = f'if [ -n "${{{TERM_FLAG}:-}}" ]; then echo "s2lpo: terminated before the trainer started" >&2; exit 143; fi'
 # Servers placed on other nodes listen on every interface, so each job gets a random key that
 # every server it launches requires and the trainer sends. Made when the job starts (the sbatch
-# script's setup), it is written nowhere: scripts and dry runs show only the variable's name.
+# script's setup), it is written nowhere: scripts and dry runs show only the variable's name,
+# and the shell's trace (NeMo-Run's script runs under `set -x`) is off while it is made.
 API_KEY_VAR = "S2LPO_API_KEY"
-API_KEY_SETUP = (f'export {API_KEY_VAR}="${{{API_KEY_VAR}:-$(od -An -N32 -tx1 /dev/urandom | tr -d \' \\n\')}}"')
+API_KEY_SETUP = ('{ s2lpo_xtrace="${-//[^x]/}"; set +x; } 2>/dev/null; '
+                 f'export {API_KEY_VAR}="${{{API_KEY_VAR}:-$(od -An -N32 -tx1 /dev/urandom | tr -d \' \\n\')}}"; '
+                 '[ -z "$s2lpo_xtrace" ] || set -x')
 DEFAULT_ENV = {
     "NCCL_DEBUG": "WARN",
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",

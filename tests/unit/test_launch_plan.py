@@ -86,6 +86,11 @@ def test_cluster_servers_require_the_jobs_key_and_one_machine_servers_stay_on_lo
     keys = {subprocess.run(["bash", "-c", API_KEY_SETUP + '; printf %s "$S2LPO_API_KEY"'], capture_output=True,
                            text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout for _ in range(2)}
     assert len(keys) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)
+    # NeMo-Run's batch script runs under `set -evx`: the trace must not print the key into the job's log
+    traced = subprocess.run(["bash", "-c", "set -evx\n" + API_KEY_SETUP + '\necho "x=$-" >&2\n{ set +x; } 2>/dev/null\nprintf %s "$S2LPO_API_KEY"'],
+                            capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]})
+    assert re.fullmatch(r"[0-9a-f]{64}", traced.stdout) and traced.stdout not in traced.stderr
+    assert "x=" in traced.stderr and "x" in traced.stderr.split("x=")[-1]  # tracing is on again after it
     for server in plan.servers:  # every server binding all interfaces requires the key
         flags = dict(zip(server.command[3::2], server.command[4::2]))
         assert flags["--host"] == "0.0.0.0" and 'os.environ["S2LPO_API_KEY"]' in server.command[2]
