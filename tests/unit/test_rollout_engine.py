@@ -137,14 +137,16 @@ def test_launch_command():
         build_launch_command(EngineConfig())
 
 
-FAKE_LAUNCH_SERVER = """import json, multiprocessing, sys
+FAKE_LAUNCH_SERVER = """import json, logging, multiprocessing, sys
 
 
 def child(queue):
     queue.put("spawned child ran")
 
 
-if __name__ == "__main__":  # as SGLang's server, it starts its workers with the spawn method
+if __name__ == "__main__":  # as SGLang's server: it logs its arguments and spawns its workers
+    logging.basicConfig(level=logging.INFO, force=True)
+    logging.getLogger("sglang.srt.entrypoints.engine").info("server_args=%s", {"api_key": sys.argv[-1]})
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=child, args=(queue,))
@@ -186,6 +188,7 @@ def test_a_launched_server_reads_its_key_from_the_environment_not_its_command_li
     seen = json.loads(proc.stdout)
     assert seen["argv"][:2] == ["--model-path", "/m"] and seen["argv"][-2:] == ["--api-key", key]
     assert key not in seen["cmdline"] and seen["child"] == "spawned child ran"
+    assert "server_args={'api_key': '<redacted>'}" in proc.stderr and key not in proc.stderr
 
 
 def test_engine_config_new_fields_are_validated():
