@@ -23,12 +23,13 @@ $(STAMP): setup.py
 
 # The real SGLang 0.5.23 servers of the test suite run from their own pinned environment,
 # .venv-sglang (tools/sglang_env.py, standard library only: CPU torch 2.13.0, SGLang's
-# requirements, two source fixes); a second run only checks its stamp. It does not need .venv:
-# `make -j2 install` builds both at once.
+# requirements, two source fixes); a second run only checks its stamp. It does not need .venv,
+# so `install` builds both at once (most of either build is waiting for downloads).
 sglang-env:
 	$(PYTHON) tools/sglang_env.py
 
-install: $(STAMP) sglang-env
+install:
+	$(MAKE) --no-print-directory -j2 $(STAMP) sglang-env
 
 demo: $(STAMP)
 	$(PY) examples/s2lpo_demo.py
@@ -37,14 +38,14 @@ demo: $(STAMP)
 bridge: $(STAMP)
 	$(PY) -m megatron_s2lpo.cli train examples/tiny_bridge_cpu.yaml run.output_dir=runs/tiny_bridge_cpu/$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP) sglang-env
+test: install
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/slurm
-	$(MAKE) test-slurm
+	$(MAKE) --no-print-directory test-slurm
 
 # The Slurm tier: a real Slurm 22.05 with three emulated nodes (tests/slurm/emulated_slurm.py
 # installs and starts it); it needs root and apt, as CI has, and skips with the reason otherwise.
 # -s: it prints its figures (stop signal -> job end, chained resume, setup time).
-test-slurm: $(STAMP) sglang-env
+test-slurm: install
 	$(PY) -m pytest tests/slurm -s
 
 test-unit: $(STAMP)

@@ -42,6 +42,10 @@ medians over the steps after the first `--skip-steps` (pooled over the repeats):
   ratios   staleness-1 step / max(G, T) (target <= 1.15: the pipeline hides the shorter side)
            and staleness-1 step / staleness-0 step (target <= 0.65), next to G + T;
   and the staleness-1 run's `time/overlap`, `time/wait_rollout` and `time/wait_train` where logged.
+`--real`: the learner's rollouts come from a REAL SGLang 0.5.23 server on this CPU instead (the
+trainer launches it from .venv-sglang with the recipe's `profile: cpu`; no simulated latency and
+no calibration: generation is the real server's own compute, on the same 2 cores as training):
+    flock /tmp/s2lpo-heavy.lock .venv/bin/python benchmarks/pipeline_bench.py --real --steps 6
 A trainer without `run.max_staleness` runs the staleness-0 half (its only mode) and reports the
 staleness-1 half as not available, naming the config error.
 """
@@ -64,7 +68,7 @@ sys.path.insert(0, ROOT)
 
 from megatron_s2lpo.config import load_config  # noqa: E402
 from megatron_s2lpo.trainer.metrics import read_metrics  # noqa: E402
-from megatron_s2lpo.utils.ports import free_port  # noqa: E402
+from megatron_s2lpo.utils.ports import server_ports  # noqa: E402
 
 RECIPE = os.path.join("examples", "tiny_cpu.yaml")
 SERVER = os.path.join("tests", "protocol_server.py")
@@ -77,12 +81,15 @@ class ModeUnavailable(Exception):
     """The trainer refused the config of a mode (e.g. it has no run.max_staleness)."""
 
 
-def run_overrides(*, latency_ms: float, steps: int, model_path: str, init_sft_steps: int) -> list[str]:
+def run_overrides(*, latency_ms: float, steps: int, model_path: str, init_sft_steps: int,
+                  real: bool = False) -> list[str]:
     """The recipe's overrides shared by every run of the bench (see the module docstring)."""
     server = [sys.executable, SERVER, "--latency-ms-per-token", f"{latency_ms:g}"]
     overrides = [f"run.num_steps={steps}", "run.save_every=0", "run.eval_every=0", "algo.t_mix=0",
-                 "rollout.learner.backend=sglang", f"rollout.learner.port={free_port()}",
-                 f"rollout.learner.launch_command={json.dumps(server)}", "rollout.learner.startup_timeout_s=300"]
+                 "rollout.learner.backend=sglang", f"rollout.learner.port={server_ports(1)[0]}",
+                 "rollout.learner.startup_timeout_s=900"]
+    if not real:  # the protocol server with simulated decode time; else the recipe's real server
+        overrides.append(f"rollout.learner.launch_command={json.dumps(server)}")
     if model_path:
         return overrides + [f"rollout.learner.model_path={model_path}"]
     return overrides + [f"rollout.learner.init_sft_steps={init_sft_steps}"]
@@ -169,7 +176,7 @@ def run_modes(args: argparse.Namespace, root: str, latency_ms: float, model_path
             if staleness in errors:
                 continue
             overrides = run_overrides(latency_ms=latency_ms, steps=args.steps, model_path=model_path,
-                                      init_sft_steps=args.init_sft_steps)
+                                      init_sft_steps=args.init_sft_steps, real=args.real)
             name = f"staleness{staleness}-r{repeat}"
             try:
                 records[staleness] += train(name, overrides + staleness_override(staleness, overrides), root, args)
@@ -226,6 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainer-threads", type=int, default=1,
                    help="the trainer's torch threads (OMP_NUM_THREADS; the server computes with 1)")
     p.add_argument("--timeout-s", type=float, default=900, help="limit per run")
+    p.add_argument("--real", action="store_true", help="a real SGLang server (CPU profile) serves the learner")
     args = p.parse_args(argv)
     if args.steps <= args.skip_steps:
         p.error(f"--steps ({args.steps}) must be larger than --skip-steps ({args.skip_steps})")
@@ -246,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     root = os.path.abspath(args.out_dir) if args.out_dir else tempfile.mkdtemp(prefix="pipeline-bench-")
     os.makedirs(root, exist_ok=True)
     max_new_tokens = load_config(os.path.join(ROOT, RECIPE)).rollout.learner.sampling.max_new_tokens
-    print(f"pipeline bench: {RECIPE} with algo.t_mix=0, the learner's rollouts from {SERVER} over HTTP; "
+    source = "a real SGLang 0.5.23 server (CPU profile)" if args.real else SERVER
+    print(f"pipeline bench: {RECIPE} with algo.t_mix=0, the learner's rollouts from {source} over HTTP; "
           f"runs in {root}", flush=True)
     try:
         calibration, model_path = None, ""
-        latency_ms = args.latency_ms_per_token
+        latency_ms = 0.0 if args.real else args.latency_ms_per_token
         if latency_ms is None:
             latency_ms, model_path, calibration = calibrate(args, root, max_new_tokens)
             print(f"  -> {latency_ms:.1f} ms/token x {max_new_tokens} tokens", flush=True)

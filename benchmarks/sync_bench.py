@@ -5,6 +5,13 @@
     python benchmarks/sync_bench.py --distributed    # distributed over gloo into 1, 2, 4 replicas
     python benchmarks/sync_bench.py --distributed --quick
     python benchmarks/sync_bench.py --tensor-ipc     # GPU only: CUDA IPC into a second process
+    flock /tmp/s2lpo-heavy.lock python benchmarks/sync_bench.py --real   # disk vs distributed, real SGLang
+
+--real: `WeightSync` with the disk and the distributed (gloo) transports, alternating, into ONE
+real SGLang 0.5.23 server on this CPU (launched with `profile: cpu` from .venv-sglang) serving an
+fp32 Qwen3-shaped model of about 0.2 GB (hidden 1024, 12 layers, the synthetic vocabulary);
+every push is a whole sync (export, push, every replica's version checked, no parity). Seconds
+per GB of each and the ratio disk / distributed, in one run.
 
 --distributed: the `distributed` transport (one update group over the trainer and every replica,
 one broadcast per bucket, sync/distributed.py) pushes `--gb` GB of bf16 tensors in buckets of
@@ -253,6 +260,60 @@ def distributed_bench(args: argparse.Namespace) -> None:
         print(f"{n:>8} | {raw / gb:>8.3f} | {best / gb:>14.3f} | {raw / best:>13.2f}")
 
 
+def real_server_bench(args: argparse.Namespace) -> None:
+    """disk vs distributed (gloo) WeightSync into one real SGLang server (module docstring, --real)."""
+    from types import SimpleNamespace
+
+    from megatron_s2lpo.config.rollout import EngineConfig
+    from megatron_s2lpo.config.sync import SyncConfig
+    from megatron_s2lpo.data.tokenizer import build_synthetic_tokenizer
+    from megatron_s2lpo.rollout import LocalEngine, SGLangEngine
+    from megatron_s2lpo.sync.exporter import StateDictExporter
+    from megatron_s2lpo.sync.weight_sync import WeightSync
+    from megatron_s2lpo.utils.ports import server_ports
+
+    tok = build_synthetic_tokenizer()
+    arch = ModelArch(family="qwen3", vocab_size=len(tok), hidden_size=1024, ffn_hidden_size=1024, num_layers=12,
+                     num_attention_heads=8, num_query_groups=4, head_dim=128, qk_layernorm=True,
+                     tie_word_embeddings=False, max_position_embeddings=256)
+    root = tempfile.mkdtemp(prefix="sync_bench_real_")
+    try:
+        model = LocalEngine.from_arch(arch, tokenizer=tok, init_seed=0).model
+        model.save_pretrained(os.path.join(root, "model"))
+        tok.save_pretrained(os.path.join(root, "model"))
+        state = model.state_dict()
+        num_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        engine = SGLangEngine(EngineConfig(backend="sglang", model_path=os.path.join(root, "model"), profile="cpu",
+                                           port=server_ports(1)[0], startup_timeout_s=900), name="bench")
+        one_rank = SimpleNamespace(rank=0, world_size=1, dp_rank=0)
+        syncs = {name: WeightSync(None, one_rank, arch, engine,
+                                  SyncConfig(transport=name, disk_dir=os.path.join(root, "sync"), disk_keep=1,
+                                             group_backend="gloo", master_address="127.0.0.1", parity_every=0,
+                                             bucket_bytes=args.bucket_mb << 20),
+                                  exporter=StateDictExporter(state, args.bucket_mb << 20))
+                 for name in ("disk", "distributed")}
+        times: dict[str, list[float]] = {"disk": [], "distributed": []}
+        version = 0
+        try:
+            for _ in range(args.repeats + 1):  # alternating; the first round also builds the group
+                for name, sync in syncs.items():
+                    version += 1
+                    times[name].append(sync.sync(version).seconds)
+        finally:
+            for sync in syncs.values():
+                sync.close()
+            engine.close()
+        gb = num_bytes / 1e9
+        disk, dist = min(times["disk"][1:]), min(times["distributed"][1:])
+        print(f"{gb:.3f} GB fp32 into one real SGLang 0.5.23 server (CPU profile), best of {args.repeats}")
+        print(f"{'transport':>11} | {'s/GB':>6} | rounds (s)")
+        for name, best in (("disk", disk), ("distributed", dist)):
+            print(f"{name:>11} | {best / gb:>6.2f} | {' '.join(f'{t:.3f}' for t in times[name])}")
+        print(f"ratio disk / distributed: {disk / dist:.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, for a smoke run")
@@ -262,7 +323,11 @@ def main() -> None:
     parser.add_argument("--distributed", action="store_true", help="distributed over gloo into 1, 2, 4 replicas")
     parser.add_argument("--tensor-ipc", action="store_true", help="GPU: CUDA IPC into a second process")
     parser.add_argument("--gb", type=float, default=1.0, help="--distributed / --tensor-ipc: GB per sync")
+    parser.add_argument("--real", action="store_true", help="disk vs distributed into a real SGLang server (CPU)")
     args = parser.parse_args()
+    if args.real:
+        real_server_bench(args)
+        return
     if args.distributed:
         distributed_bench(args)
         return

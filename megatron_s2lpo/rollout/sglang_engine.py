@@ -464,8 +464,11 @@ class SGLangEngine:
         return {r.name: parse_weight_version(i.get("weight_version"), where=r.describe()) for r, i in zip(live, infos)}
 
     def replica_engine(self, index: int) -> "ReplicaView":
-        """A generate-only view of replica `index` (the weight-parity check samples one replica)."""
-        return ReplicaView(self, self.replicas[index % len(self.replicas)])
+        """A generate-only view of the `index`-th live replica, modulo their number (the weight-parity
+        check rotates over the replicas; one that is down, e.g. an attached server that died and was
+        left out of the last update, is skipped)."""
+        live = self.live_replicas() or self.replicas
+        return ReplicaView(self, live[index % len(live)])
 
     # ----- memory (colocated servers) -----
 

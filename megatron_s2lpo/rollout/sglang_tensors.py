@@ -123,6 +123,42 @@ class PackBuffer:
         return self._buffer[:num_bytes]
 
 
+def check_flattened(flat: torch.Tensor, metadata: list) -> None:
+    """ValueError unless `flat` is exactly the bytes `metadata` describes, as SGLang rebuilds them.
+
+    The server trusts the metadata: on the tensor route a bucket whose bytes do not match it fails
+    to rebuild inside the scheduler and the whole server exits; on the distributed route the
+    metadata sizes the receive buffer of the one broadcast. So every payload is checked before it
+    is sent: one uint8 buffer, tensors back to back from byte 0 in metadata order, each `numel`
+    (bytes) = its shape's elements x its dtype's size, each offset aligned to its dtype, names
+    unique, and the last tensor ending at the buffer's end."""
+    if flat.dtype != torch.uint8 or flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError(f"a flattened bucket is one contiguous uint8 vector, got {flat.dtype} of shape "
+                         f"{tuple(flat.shape)}")
+    if not metadata:
+        raise ValueError("a flattened bucket needs metadata for at least one tensor")
+    offset, names = 0, set()
+    for m in metadata:
+        where = f"flattened bucket tensor {m.name!r}"
+        if m.name in names:
+            raise ValueError(f"{where} appears twice in the bucket's metadata")
+        names.add(m.name)
+        if not isinstance(m.dtype, torch.dtype) or any(int(d) < 0 for d in m.shape):
+            raise ValueError(f"{where}: dtype {m.dtype!r} / shape {tuple(m.shape)} is not a tensor's")
+        size = torch.Size(m.shape).numel() * m.dtype.itemsize
+        if m.start_idx != offset or m.end_idx - m.start_idx != size or m.numel != size:
+            raise ValueError(f"{where}: metadata says bytes [{m.start_idx}, {m.end_idx}) numel {m.numel}, but a "
+                             f"{m.dtype} tensor of shape {tuple(m.shape)} right after the previous one takes "
+                             f"[{offset}, {offset + size})")
+        if offset % m.dtype.itemsize:
+            raise ValueError(f"{where}: byte offset {offset} is not a multiple of its dtype's size "
+                             f"{m.dtype.itemsize} (SGLang refuses it)")
+        offset += size
+    if offset != flat.numel():
+        raise ValueError(f"the flattened bucket holds {flat.numel()} bytes but its metadata describes {offset} "
+                         "(truncated or padded); SGLang would fail to rebuild it")
+
+
 def unpack_bucket(flat: torch.Tensor, metadata: list) -> list[tuple[str, torch.Tensor]]:
     """The tensors of a packed bucket (views into `flat`), as FlattenedTensorBucket rebuilds them."""
     return [(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in metadata]
@@ -182,9 +218,10 @@ def serialize_per_rank(flat: torch.Tensor, metadata: list, num_ranks: int, *,
     """`serialized_named_tensors` of a flattened bucket for a server with `num_ranks` TP ranks.
 
     CUDA tensors only, unless `cpu_sharing="file_system"` (CPU tests: shared-memory files that a
-    process on the same machine opens by name)."""
+    process on the same machine opens by name). The payload is checked first (`check_flattened`)."""
     if not flat.is_cuda and cpu_sharing != "file_system":
         raise ValueError("the tensor weight update passes CUDA IPC handles and needs CUDA tensors "
                          f"(got a {flat.device} bucket); use sync.transport=disk without CUDA")
+    check_flattened(flat, metadata)
     payload = {"flattened_tensor": flat, "metadata": metadata}
     return [serialize(payload, cpu_sharing=None if flat.is_cuda else cpu_sharing) for _ in range(num_ranks)]

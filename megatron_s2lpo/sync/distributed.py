@@ -221,8 +221,9 @@ class DistributedTransport:
         Every bucket flushes the server's cache (flush_cache=true): buckets are consumed as they
         come, so the last one is not known in advance, and flushing an already flushed, idle
         cache costs nothing (generation is paused)."""
-        from megatron_s2lpo.rollout.sglang_tensors import FLATTENED_BUCKET
+        from megatron_s2lpo.rollout.sglang_tensors import FLATTENED_BUCKET, check_flattened
 
+        check_flattened(flat, metadata)  # the announced sizes are the receive buffer of the broadcast
         answers = self.engine.submit_update_weights_from_distributed(
             [r for r, _ in self.members], names=[m.name for m in metadata],
             dtypes=[str(m.dtype).removeprefix("torch.") for m in metadata], shapes=[list(m.shape) for m in metadata],

@@ -13,6 +13,10 @@ What runs where:
   - the outcome (a `SyncResult` or the driver's error) is broadcast, so every rank returns the
     same result or raises the same error.
 
+Every bucket is checked against the learner's architecture before it is sent (bucket_rules.py:
+HF names, shapes, floating dtypes): a malformed bucket can take a real SGLang server down or be
+skipped by it while it reports the new version, so it never leaves the trainer.
+
 Version protocol: `sync(version)` needs an integer greater than the last synced version and
 than the engine's current one. The transport sends it with the weights; afterwards the
 engine's `weight_version` and, for an SGLang engine, EVERY replica's `/model_info`
@@ -36,6 +40,7 @@ from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.sync import SyncConfig
 
 from .base import TransportContext
+from .bucket_rules import BucketRules
 from .collective import run_on_driver
 from .errors import WeightVersionError
 from .exporter import Bucket, Exporter, MegatronExporter
@@ -127,6 +132,7 @@ class WeightSync:
         self.num_syncs = 0
         self.num_parity_checks = 0  # picks the replica of the next check
         self._transport: Any = None
+        self.rules = BucketRules.from_arch(arch)  # every bucket is checked before it is sent (bucket_rules.py)
         context = TransportContext(arch=arch, hf_config_dir=hf_config_dir)
         self.transport_name = run_on_driver(lambda: self._open_transport(transport, context), groups)
 
@@ -172,7 +178,7 @@ class WeightSync:
                                      f"{describe_engine(self.engine)} already reports {before}")
                 self.engine.onload()  # a colocated server takes back the memory it freed for training
                 with _paused(self.engine):  # every replica verified before generation continues
-                    stats = self._transport.push(buckets, version)
+                    stats = self._transport.push(self.rules.checked(buckets), version)
                     verify_version(self.engine, version)
             finally:
                 for _ in buckets:  # after a failure, finish the export the other ranks are in

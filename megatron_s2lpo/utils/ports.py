@@ -23,3 +23,32 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 def free_port(host: str = "127.0.0.1") -> int:
     """One port of `free_ports`."""
     return free_ports(1, host)[0]
+
+
+def server_ports(n: int, host: str = "127.0.0.1", *, low: int = 20000) -> list[int]:
+    """`n` distinct free ports BELOW the kernel's ephemeral range, for servers that bind late.
+
+    A real SGLang server binds its port only after loading its model (a minute on a busy CPU);
+    a port from the ephemeral range (`free_ports`) may meanwhile be taken by any outgoing
+    connection on the machine (seen: "address already in use"). Ports below the range are
+    never handed out by the kernel; they are chosen at random from [low, start of the range)."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            start = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 32768  # Linux's default range starts there
+    if start - low < 4 * n:
+        return free_ports(n, host)  # no room below the range: the ordinary way
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(low, start)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports

@@ -50,6 +50,8 @@ def run(tmp_path_factory) -> dict:
                f"rollout.learner.ports=[{ports[0]}, {ports[1]}]",
                f"rollout.learner.launch_command=[{sys.executable}, tests/protocol_server.py, --delay-s, '0.5']",
                "rollout.learner.startup_timeout_s=180", "rollout.learner.deterministic=true",
+               # The stand-in takes GPU flags: the recipe's CPU profile refuses deterministic inference.
+               'rollout.learner.profile=""',
                "sync.transport=distributed", "sync.group_backend=gloo", "sync.master_address=127.0.0.1",
                "sync.group_timeout_s=60", "sync.parity_every=1"]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

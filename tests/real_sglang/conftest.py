@@ -20,7 +20,7 @@ import pytest
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.rollout import EngineConfig
 from megatron_s2lpo.rollout.sglang_python import PROJECT_SGLANG_PYTHON, sglang_python
-from megatron_s2lpo.utils.ports import free_ports
+from megatron_s2lpo.utils.ports import server_ports
 
 STARTUP_TIMEOUT_S = 600.0  # a loaded 2-core machine takes up to 2 minutes per server
 
@@ -37,7 +37,7 @@ def real_engine_config(model_path: str = "", **overrides) -> EngineConfig:
     overrides.setdefault("request_timeout_s", 120.0)
     overrides.setdefault("hang_timeout_s", 120.0)
     if not (overrides.get("url") or overrides.get("urls")):
-        overrides.setdefault("ports", free_ports(overrides.get("replicas", 1)))
+        overrides.setdefault("ports", server_ports(overrides.get("replicas", 1)))
     return EngineConfig(backend="sglang", model_path=model_path, profile="cpu", **overrides)
 
 
@@ -85,3 +85,26 @@ def learner_pool(sglang_env, model_dirs, tmp_path_factory):
     yield engine
     engine.close()
     shutil.rmtree(logs, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def explorer_server(sglang_env, model_dirs, tmp_path_factory):
+    """One real explorer server (the frozen explorer's model), launched once by the project's engine."""
+    from megatron_s2lpo.rollout import SGLangEngine
+
+    logs = tmp_path_factory.mktemp("explorer-logs")
+    engine = SGLangEngine(real_engine_config(model_dirs["explorer"]), name="explorer", log_dir=str(logs), seed=11)
+    yield engine
+    engine.close()
+    shutil.rmtree(logs, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_learner_pool(learner_pool, model_dirs):
+    """The learner pool at its initial weights and version 0, also after the test changed them."""
+    def reset() -> None:
+        learner_pool.update_weights_from_disk(model_dirs["learner"], 0)
+
+    reset()
+    yield learner_pool
+    reset()

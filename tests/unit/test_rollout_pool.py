@@ -176,3 +176,31 @@ def test_a_request_fails_in_bounded_time_when_the_only_attached_server_is_gone(t
         if engine is not None:
             engine.close()
         server.stop()
+
+
+@pytest.mark.timeout(90)
+def test_an_attached_replica_that_died_is_left_out_of_generation_and_of_the_parity_rotation(tmp_path):
+    """Two attached servers, one killed: its requests go to the other, and the weight-parity check,
+    which rotates over the replicas, samples a live one (it used to post to the dead server and
+    fail the run's sync)."""
+    ports = free_ports(2)
+    servers = [ServerProcess(SERVER + ["--noop", "--port", str(p)], log_path=str(tmp_path / f"s{p}.log"))
+               for p in ports]
+    engine = None
+    try:
+        for server in servers:
+            server.start()
+        engine = SGLangEngine(EngineConfig(backend="sglang", urls=[f"http://127.0.0.1:{p}" for p in ports],
+                                           startup_timeout_s=60, max_retries=2), name="two", backoff_s=0.05)
+        assert [engine.replica_engine(i).name for i in range(2)] == ["two[0]", "two[1]"]
+        os.killpg(os.getpgid(servers[1].pid), signal.SIGKILL)
+        assert len(engine.generate(requests(8, "after"))) == 8  # replica 1's share rerouted
+        assert not engine.replicas[1].live
+        views = [engine.replica_engine(i) for i in range(2)]
+        assert [v.name for v in views] == ["two[0]", "two[0]"]
+        assert len(views[1].generate(requests(2, "parity"))) == 2
+    finally:
+        if engine is not None:
+            engine.close()
+        for server in servers:
+            server.stop()

@@ -413,3 +413,18 @@ def test_latency_flag_in_noop_mode_in_process():
         if "loop" in box:
             box["loop"].call_soon_threadsafe(box["stop"].set)
         thread.join(30)
+
+
+def test_server_ports_lie_below_the_ephemeral_range_and_are_free():
+    """A real SGLang server binds its port a minute after launch; the kernel never hands out a
+    port below its ephemeral range to an outgoing connection meanwhile."""
+    import socket
+
+    from megatron_s2lpo.utils.ports import server_ports
+
+    start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = server_ports(8)
+    assert len(set(ports)) == 8 and all(20000 <= p < start for p in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

@@ -218,6 +218,39 @@ def test_flattened_buckets_are_aligned_and_rebuild_bit_exact():
     assert pack_bucket(gapped)[0].data_ptr() != buffer.data_ptr()  # a gap: packed into a copy
 
 
+def test_a_flattened_bucket_that_does_not_match_its_metadata_is_never_serialized():
+    """Real SGLang 0.5.23 rebuilds a tensor-route bucket from its metadata inside the scheduler
+    without a guard: a truncated buffer or wrong metadata makes the whole server exit."""
+    from megatron_s2lpo.rollout.sglang_tensors import check_flattened, pack_bucket, serialize_per_rank
+
+    def packed():
+        return pack_bucket([("a", torch.randn(4, 2)), ("b", torch.randn(3, dtype=torch.float64))])
+
+    flat, metadata = packed()
+    check_flattened(flat, metadata)
+    assert len(serialize_per_rank(flat, metadata, 2, cpu_sharing="file_system")) == 2
+    with pytest.raises(ValueError, match="holds 48 bytes but its metadata describes 56"):
+        serialize_per_rank(flat[:-8], metadata, 1, cpu_sharing="file_system")  # truncated
+    with pytest.raises(ValueError, match="holds 64 bytes"):
+        check_flattened(torch.cat([flat, flat[:8]]), metadata)  # padded
+    for field, value, match in (("shape", torch.Size([4, 3]), "takes"), ("numel", 7, "numel 7"),
+                                ("start_idx", 8, r"bytes \[8,"), ("name", "b", "appears twice"),
+                                ("dtype", "float32", "is not a tensor's")):
+        flat, metadata = packed()
+        setattr(metadata[1], field, value)
+        with pytest.raises(ValueError, match=match):
+            serialize_per_rank(flat, metadata, 1, cpu_sharing="file_system")
+    flat, metadata = packed()
+    with pytest.raises(ValueError, match="contiguous uint8"):
+        check_flattened(flat.view(torch.float32), metadata)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        check_flattened(flat, [])
+    unaligned = [SimpleNamespace(name="c", shape=torch.Size([1]), dtype=torch.bfloat16, start_idx=0, end_idx=2, numel=2),
+                 SimpleNamespace(name="d", shape=torch.Size([]), dtype=torch.float32, start_idx=2, end_idx=6, numel=4)]
+    with pytest.raises(ValueError, match="byte offset 2 is not a multiple of its dtype's size 4"):
+        check_flattened(torch.zeros(6, dtype=torch.uint8), unaligned)
+
+
 # ----- the distributed transport over gloo into protocol-server replicas (real HTTP, real gloo) -----
 
 SERVER = [sys.executable, str(Path(__file__).resolve().parents[1] / "protocol_server.py")]

@@ -190,6 +190,44 @@ def test_multi_bucket_push_flushes_only_after_the_last_bucket():
     assert result.parity.mean_abs_diff < 1e-5
 
 
+@pytest.mark.parametrize("bad, match", [
+    (("model.no_such.weight", torch.ones(4)), "is not a tensor of the learner's qwen3 architecture"),
+    (("model.layers.9.self_attn.q_proj.weight", torch.ones(32, 32)), "is not a tensor of"),  # no layer 9
+    (("model.norm.weight", torch.ones(7)), r"has shape \(7,\), expected \(32,\)"),
+    (("model.embed_tokens.weight", torch.ones(256, 32)), r"expected \(128, 32\)"),  # megatron's padded vocab
+    (("model.norm.weight", torch.ones(32, dtype=torch.int64)), "dtype torch.int64"),
+    (("model.layers.0.mlp.down_proj.weight_scale_inv", torch.ones(1, 1, dtype=torch.bfloat16)), "float32 matrix"),
+])
+def test_a_malformed_bucket_is_refused_before_the_engine_sees_it(bad, match):
+    """Names, shapes and dtypes the learner's architecture does not have: the real SGLang server
+    exits on some (tensor route) and skips others while reporting the new version."""
+    model = learner_model(1)
+    engine = RecordingEngine(LocalEngine.from_arch(ARCH, init_seed=2))
+    named = [bad, *model.state_dict().items()]  # the bad tensor is in the first bucket
+    sync = WeightSync(None, ONE_RANK, ARCH, engine, SyncConfig(parity_every=0),
+                      exporter=StateDictExporter(named, 1 << 20))
+    with pytest.raises(ValueError, match=match) as info:
+        sync.sync(1)
+    assert "weight bucket 0, tensor " + repr(bad[0]) in str(info.value)
+    assert engine.calls == [] and engine.weight_version == 0  # nothing was sent
+
+
+def test_bucket_rules_accept_other_float_dtypes_and_block_fp8_scales_and_refuse_duplicates():
+    from megatron_s2lpo.sync.bucket_rules import BucketRules
+
+    rules = BucketRules.from_arch(ARCH)
+    weights = learner_model(1).state_dict()
+    rules.check([(n, t.to(torch.bfloat16)) for n, t in weights.items()])  # a bf16 learner into an fp32 server
+    rules.check([("model.layers.0.mlp.down_proj.weight", weights["model.layers.0.mlp.down_proj.weight"]
+                  .to(torch.float8_e4m3fn)), ("model.layers.0.mlp.down_proj.weight_scale_inv", torch.ones(1, 1))])
+    with pytest.raises(ValueError, match="not a tensor of"):  # a norm has no block scales
+        rules.check([("model.norm.weight_scale_inv", torch.ones(1, 1))])
+    with pytest.raises(ValueError, match="weight bucket 3, tensor 'model.norm.weight' appears twice"):
+        rules.check([("model.norm.weight", weights["model.norm.weight"])] * 2, 3)
+    with pytest.raises(ValueError, match="bucket 0 is empty"):
+        rules.check([])
+
+
 def test_parity_runs_every_n_syncs():
     model, engine = learner_model(1), LocalEngine.from_arch(ARCH, init_seed=2)
     sync = make_sync(model, engine, parity_every=2)
