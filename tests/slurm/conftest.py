@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,12 +41,28 @@ def slurm_cluster():
     cluster.start()
     up = time.monotonic()
     print(f"\nslurm tier: install {installed - start:.1f} s, cluster up in {up - installed:.1f} s")
+    previous = _stop_on_sigterm()
     try:
         yield cluster
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         problems = cluster.stop()
         leftovers = sorted(_tmp_leftovers() - before)
         print(f"slurm tier: cluster stopped {'cleanly' if not problems else 'with problems'}")
         assert not problems, problems
         assert not leftovers, f"files a job left in {tempfile.gettempdir()}: {leftovers}"
         assert not cluster.root.exists(), f"{cluster.root} was not removed"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm():
+    """A tier ended by SIGTERM (`timeout`, a CI job cancelled) still stops its cluster: the signal
+    interrupts pytest as Ctrl-C does, which tears the fixtures down (the default action would
+    leave the daemons running and the nodes in /etc/hosts). Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)

@@ -44,11 +44,19 @@ NODE_MEMORY_MB = 8000
 PARTITION = "batch"
 PARTITION_MAX_TIME = "00:20:00"
 KILL_WAIT_S = 30  # scancel / time limit: SIGTERM, then SIGKILL this much later (Slurm's default)
+# A requeued job waits the step credentials' lifetime before it starts again (AuthInfo
+# cred_expire, slurm.conf(5)): 120 s by default, which only the tier's requeue test would wait.
+REQUEUE_HOLD_S = 30
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_BEGIN, HOSTS_END = "# s2lpo emulated slurm nodes: begin", "# s2lpo emulated slurm nodes: end"
 # Debian keeps the packages it downloads here unless told otherwise: a second install on a
 # machine whose apt cache was cleaned still finds them.
 APT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "s2lpo" / "apt"
+# Debian's packages start their own services as they install (munge, and slurmd / slurmctld with
+# the system's configuration) where an init system runs; the emulated cluster runs daemons of its
+# own, so the install asks invoke-rc.d not to (policy-rc.d(8): exit 101), unless the machine has
+# a policy already.
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
 
 
 def node_names(num_nodes: int = NUM_NODES) -> list[str]:
@@ -92,11 +100,20 @@ def install(log=print) -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", f"Dir::Cache::archives={APT_CACHE}",
                *PACKAGES]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:  # a fresh machine has no package lists yet
-        log("emulated_slurm: apt-get update")
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env, timeout=900, check=False)
+    added_policy = not POLICY_RC.exists()
+    if added_policy:
+        POLICY_RC.write_text("#!/bin/sh\n# written by the emulated Slurm's install while it runs\nexit 101\n")
+        POLICY_RC.chmod(0o755)
+    try:
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode != 0:  # a fresh machine has no package lists yet
+            log("emulated_slurm: apt-get update")
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env, timeout=900,
+                           check=False)
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    finally:
+        if added_policy:
+            POLICY_RC.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return f"installed {' '.join(PACKAGES)} (slurmctld {_package_version('slurmctld')})"
@@ -186,7 +203,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r / 'munge' / 'munge.socket'}
+AuthInfo=socket={r / 'munge' / 'munge.socket'},cred_expire={REQUEUE_HOLD_S}
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}/%n
 SlurmctldPidFile={r / 'slurmctld.pid'}
