@@ -18,8 +18,10 @@
 # the trainer's torch loads, and the build fails unless torch.cuda.nccl.version() and the loaded
 # library agree in both (megatron_s2lpo/launch/nccl_check.py; no GPU needed at build time).
 # Versions equal setup.py's (tests/unit/test_launch_dockerfile.py checks them); megatron-core is
-# the release CI tests.
-FROM nvcr.io/nvidia/pytorch:25.10-py3
+# the release CI tests. The GPU version set (megatron_s2lpo/utils/versions.py): NGC PyTorch 25.11
+# (torch 2.10, CUDA 13.0, Transformer Engine 2.9) + megatron-core 0.16.1, whose declared TE range
+# (>=2.9, <2.12) holds the image's TE; the build fails unless the installed versions are that set.
+FROM nvcr.io/nvidia/pytorch:25.11-py3
 
 # root by default, as the NGC images run: DockerExecutor writes logs into host-owned job
 # directories and checkpoints into host volumes; pyxis runs the container as the submitting user.
@@ -58,6 +60,9 @@ RUN python -m pip install \
         "matplotlib==3.11.2" \
         "nemo-run==0.11.1" \
         "leptonai<0.47"
+# The image's Transformer Engine must be the version set's and inside megatron-core's declared range.
+COPY megatron_s2lpo/utils/versions.py /opt/s2lpo-build/versions.py
+RUN python /opt/s2lpo-build/versions.py
 
 # Server side: SGLang with its own pinned torch in a separate environment (the constraints above
 # are the system Python's, not this environment's, so PIP_CONSTRAINT is cleared for it). The

@@ -65,7 +65,9 @@ EXTRAS_REQUIRE = {
         "pyvers==0.2.3",
     ],
     "gpu": [
-        "transformer-engine[pytorch]==2.20.2",
+        # the version set of the image (megatron_s2lpo/utils/versions.py): NGC PyTorch 25.11 ships
+        # TE 2.9, inside megatron-core 0.16.1's declared range (>=2.9, <2.12)
+        "transformer-engine[pytorch]==2.9.0",
         "sglang==0.5.23",
     ],
 }

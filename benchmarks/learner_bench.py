@@ -7,12 +7,16 @@
         --head-dim 128 --vocab 151936 --num-seqs 64 --max-len 2048 --median-response 512 \\
         --micro-batch-tokens 8192 --logprob-chunk-tokens 1024 --use-te false
     torchrun --nproc-per-node 2 benchmarks/learner_bench.py --tp 2     # tensor / pipeline parallel
+    # 4 GPUs: FP8 blockwise with sequence parallel (packs aligned to 128 x TP tokens)
+    torchrun --nproc-per-node 4 benchmarks/learner_bench.py --tp 4 --sequence-parallel --precision fp8 --use-te true
 
 packing   the same learner and weights train on one batch whose lengths look like RL rollouts
           (a prompt of 32-160 tokens and a log-normal response: most short, a long tail up to
           --max-len): right-padded micro-batches (`learner.pack_sequences=false`) against THD
           packs (true). Prints tokens/s of real tokens, MFU, padding share, micro-batches and
           peak memory of a step for each, and their ratios.
+attention the learner's first-layer core attention alone, forward + backward over the step's
+          micro-batches in each layout (where the packed CPU path loops over sequences)
 logprobs  peak memory of the old-log-prob pass over the same batch: every position's logits at
           once (`all_tokens`, one chunk: what the learner computed before) against the response
           tokens in chunks of --logprob-chunk-tokens; and the training pass with one chunk
@@ -33,14 +37,16 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds  # noqa: E402  (the matmul peak)
 
 from megatron_s2lpo.algo.losses import PolicyLossConfig  # noqa: E402
 from megatron_s2lpo.config.learner import LearnerConfig, OptimConfig  # noqa: E402
@@ -68,9 +74,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--fp8-recipe", default="blockwise", choices=["blockwise", "tensorwise"])
+    p.add_argument("--sequence-parallel", action="store_true", help="TE spec, TP > 1")
     p.add_argument("--use-te", default="auto", choices=["auto", "true", "false"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--mode", default="all", choices=["all", "packing", "logprobs"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--mode", default="all", choices=["all", "packing", "attention", "logprobs"])
     p.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring it")
     return p.parse_args()
 
@@ -130,30 +138,89 @@ def _barrier() -> None:
 
 def bench_packing(learner, batch: TrainBatch, arch: ModelArch, peak: float, repeats: int) -> dict:
     """Padded vs packed micro-batches of the same batch on the same learner (a train step each:
-    forward, backward and the optimizer step; the tiny lr keeps the weights where they were)."""
+    forward, backward and the optimizer step; the tiny lr keeps the weights where they were).
+
+    The layouts alternate (padded, packed, padded, ...) after one warm-up step each, so load
+    from other work on a shared machine falls on both alike; medians of `repeats` steps each."""
     loss, device, world = PolicyLossConfig(), learner.groups.device, learner.groups.world_size
     lens = [int(n) for n in batch.seq_lens]
     flops, tokens = train_flops(arch, lens), sum(lens)
+    layouts = {"padded": False, "packed": True}
+
+    def step(packed: bool) -> float:
+        learner.config.pack_sequences = packed
+        _barrier()
+        start = time.perf_counter()
+        learner.train_step(batch, loss_config=loss)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for packed in layouts.values():
+        step(packed)  # warm-up: allocator growth, first-call imports
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(repeats):
+        for name, packed in layouts.items():
+            times[name].append(step(packed))
     out = {}
-    for packed in (False, True):
+    for name, packed in layouts.items():
         learner.config.pack_sequences = packed
         micro = learner._local_micro_batches(batch, learner.config.micro_batch_tokens)
         model_tokens = sum(m.input_shape[0] * m.input_shape[1] for m in micro)
-
-        def step():
-            learner.train_step(batch, loss_config=loss)
-            _sync(device)
-
-        _barrier()
-        seconds = median_seconds(step, repeats=repeats, warmup=1)
-        name = "packed" if packed else "padded"
+        seconds = statistics.median(times[name])
         out[name] = {"step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                      "mfu": round(flops / seconds / world / peak, 4), "micro_batches": len(micro),
                      "padding_share": round(1 - tokens / (model_tokens * learner.groups.dp_size), 3),
-                     "peak_mb": round(peak_bytes(step, device) / 1e6, 1)}
+                     "step_s_all": [round(t, 3) for t in times[name]],
+                     "peak_mb": round(peak_bytes(lambda: step(packed), device) / 1e6, 1)}
     out["packed_over_padded_tokens_per_s"] = round(out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"], 2)
     out["packed_over_padded_peak_memory"] = round(out["packed"]["peak_mb"] / out["padded"]["peak_mb"], 2)
     return out
+
+
+def bench_attention(learner, batch: TrainBatch, repeats: int) -> dict:
+    """The packed path's attention against the padded path's: the learner's own first-layer core
+    attention (megatron's DotProductAttention on padded rows; with THD packs the local spec's
+    packed core, attention.py), forward + backward over every micro-batch of a step in each
+    layout, random q / k / v of the micro-batches' shapes, the layouts alternating."""
+    from collections import Counter
+
+    from megatron_s2lpo.learner.attention import attention_kernel
+    from megatron_s2lpo.learner.model import unwrap_model
+    from megatron_s2lpo.learner.step import packed_seq_params
+
+    core = unwrap_model(learner.model[0]).decoder.layers[0].self_attention.core_attention
+    heads, groups = core.num_attention_heads_per_partition, core.num_query_groups_per_partition
+    head_dim, device = core.hidden_size_per_attention_head, learner.groups.device
+    dtype = next(learner.model[0].parameters()).dtype
+    layouts = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        learner.config.pack_sequences = packed
+        layouts[name] = learner._local_micro_batches(batch, learner.config.micro_batch_tokens)
+
+    def run(micro_batches) -> float:
+        start = time.perf_counter()
+        for m in micro_batches:
+            rows, length = m.input_shape
+            shape = (length, rows) if m.packed is None else (length,)
+            q, k, v = (torch.randn(*shape, n, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for n in (heads, groups, groups))
+            kwargs = {} if m.packed is None else {"packed_seq_params": packed_seq_params(m.packed, device)}
+            core(q, k, v, None, **kwargs).float().sum().backward()
+        _sync(device)
+        return time.perf_counter() - start
+
+    for micro in layouts.values():
+        run(micro)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(repeats):
+        for name, micro in layouts.items():
+            times[name].append(run(micro))
+    kernels = Counter(attention_kernel(torch.empty(0, device=device, dtype=dtype),
+                                       (m.packed.cu_seqlens[1:] - m.packed.cu_seqlens[:-1]).tolist())
+                      for m in layouts["packed"])
+    out = {name: round(statistics.median(t), 4) for name, t in times.items()}
+    return {"one_layer_fwd_bwd_s": out, "packed_over_padded_time": round(out["packed"] / out["padded"], 2),
+            "packed_kernels": dict(kernels)}
 
 
 def bench_logprobs(learner, batch: TrainBatch, chunk: int) -> dict:
@@ -194,7 +261,8 @@ def main() -> None:
                      head_dim=args.head_dim, qk_layernorm=args.family == "qwen3",
                      add_qkv_bias=args.family == "qwen2", max_position_embeddings=max(args.max_len, 4096))
     config = LearnerConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, precision=precision,
-                           use_te=use_te, micro_batch_tokens=args.micro_batch_tokens, seq_length_multiple=1,
+                           fp8_recipe=args.fp8_recipe, sequence_parallel=args.sequence_parallel, use_te=use_te,
+                           micro_batch_tokens=args.micro_batch_tokens, seq_length_multiple=1,
                            logprob_chunk_tokens=args.logprob_chunk_tokens, recompute_granularity=args.recompute,
                            optim=OptimConfig(lr=1e-7))
     groups = init_parallel(args.tp, args.pp)
@@ -213,6 +281,8 @@ def main() -> None:
               "peak": "given" if args.peak_tflops else f"measured {dtype} matmul"}
     if args.mode in ("all", "packing"):
         result["packing"] = bench_packing(learner, batch, arch, peak, args.repeats)
+    if args.mode in ("all", "attention"):
+        result["attention"] = bench_attention(learner, batch, args.repeats)
     if args.mode in ("all", "logprobs"):
         result["logprobs"] = bench_logprobs(learner, batch, args.logprob_chunk_tokens)
     if groups.rank == 0:

@@ -85,7 +85,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     config, overrides = split_recipe(args.config, args.overrides)
     report = check_fits(load_config(config, overrides), args.gpu_memory_gb, num_learner_gpus=args.learner_gpus,
-                        gpus_per_node=args.gpus_per_node, backend=CPU if args.device == "cpu" else GPU)
+                        gpus_per_node=args.gpus_per_node, backend=CPU if args.device == "cpu" else GPU,
+                        host_memory_gb=args.host_memory_gb)
     sys.stdout.write(report.text())
     return 0 if report.fits else 1
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learner-gpus", type=int, default=None,
                    help="GPUs of the learner (sets data parallel); default: one node of --gpus-per-node")
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--host-memory-gb", type=float, default=None,
+                   help="host memory of a learner node; the learner's is always reported, checked against this")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="gpu: TE spec with fused attention (default); cpu: the local spec as it runs on a CPU")
     p.set_defaults(func=_cmd_plan)

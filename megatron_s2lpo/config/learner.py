@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import check
 from .rollout import EngineConfig
@@ -21,12 +22,74 @@ FP8_FORMATS = ("hybrid", "e4m3")  # megatron TransformerConfig.fp8
 # Float8BlockScaling (Hopper), mxfp8 = MXFP8BlockScaling and nvfp4 = NVFP4BlockScaling (Blackwell).
 FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8", "nvfp4")
 BLACKWELL_RECIPES = ("mxfp8", "nvfp4")
-# Token-dimension alignment TE's quantized GEMMs need (transformer_engine get_align_size_for_quantization).
-QUANT_ALIGNMENT = {"tensorwise": 16, "blockwise": 16, "mxfp8": 32, "nvfp4": 128}
+# Rows (tokens) each quantized GEMM input must be a multiple of, on the rank that runs the GEMM:
+# megatron-core's own padding unit (fp8_utils.get_fp8_align_size: 16, mxfp8 32; fp4_utils: nvfp4
+# 128), which covers Transformer Engine's assert (8 rows, learner/fp8_rules.py), and for blockwise
+# the 128-row tiles TE needs to all-gather FP8 under sequence parallel (else it refuses or, in the
+# backward, gathers in BF16). Peers pad the same way (NeMo-RL 16 x TP, 128 x TP for blockwise).
+FP8_ROW_ALIGNMENT = {"tensorwise": 16, "blockwise": 128, "mxfp8": 32, "nvfp4": 128}
 RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of megatron's selective recompute
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+# TransformerConfig fields the learner sets itself: learner.transformer_overrides may not name them
+# (the learner option to use instead, or where the value comes from).
+LEARNER_MANAGED_FIELDS = {
+    **{name: "the model's config.json (rollout.learner.model_path / init_arch)" for name in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+        "normalization", "layernorm_epsilon", "gated_linear_unit", "activation_func", "add_bias_linear",
+        "add_qkv_bias", "qk_layernorm", "rotary_interleaved")},
+    "tensor_model_parallel_size": "learner.tensor_parallel_size",
+    "pipeline_model_parallel_size": "learner.pipeline_parallel_size",
+    "virtual_pipeline_model_parallel_size": "learner.virtual_pipeline_parallel_size",
+    "sequence_parallel": "learner.sequence_parallel", "context_parallel_size": "learner.context_parallel_size",
+    **{name: "learner.precision / fp8_format / fp8_recipe" for name in (
+        "fp8", "fp8_recipe", "fp4", "fp4_recipe", "bf16", "fp16", "params_dtype", "pipeline_dtype")},
+    **{name: f"learner.{name}" for name in (
+        "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+        "gradient_accumulation_fusion")},
+    **{name: "the learner (it must match how the learner feeds the model; hidden_dropout / attention_dropout "
+       "are 0 for RL log-probs)" for name in ("use_cpu_initialization", "variable_seq_lengths", "batch_p2p_comm",
+                                              "batch_p2p_sync", "hidden_dropout", "attention_dropout",
+                                              "finalize_model_grads_func", "grad_scale_func", "no_sync_func",
+                                              "grad_sync_func", "param_sync_func")},
+}
+# megatron-core's DistributedOptimizer checkpoint formats the learner offers (optimizer/distrib_optimizer.py):
+# dp_reshardable: every DP rank writes its own shard, no gather, loads into any DP size at the same TP / PP;
+# fully_reshardable: gathers each TP shard's fp32 params and Adam moments on the DP ranks, loads into any layout.
+# (fully_sharded_model_space, which would do both, raises "flattened_range is not supported" in 0.16.1.)
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenAlignment:
+    """What the learner pads to (`token_alignment`).
+
+    sequence  every sequence of a pack is padded to a multiple of this (its padding follows it)
+    pack      every micro-batch's token count per row (a pack's total; a padded row's length) is
+              a multiple of this: the last sequence's padding grows to reach it
+    """
+
+    sequence: int
+    pack: int
+
+
+def token_alignment(*, seq_length_multiple: int = 1, tensor_parallel_size: int = 1, sequence_parallel: bool = False,
+                    context_parallel_size: int = 1, precision: str = "fp32", fp8_recipe: str = "tensorwise"
+                    ) -> TokenAlignment:
+    """The padding a recipe needs, in one place.
+
+    A sequence: `seq_length_multiple`, and 2 x CP with context parallelism (megatron splits every
+    THD sequence into 2 x CP load-balanced chunks). A pack's tokens are split over CP ranks, and
+    over TP ranks with sequence parallel, before the column-parallel GEMMs; under FP8 each rank's
+    share must be a multiple of the recipe's row alignment (FP8_ROW_ALIGNMENT), so the pack total
+    is a multiple of CP x (TP with SP) x that alignment (and of the sequence multiple).
+    """
+    cp = context_parallel_size
+    sequence = math.lcm(seq_length_multiple, 2 * cp if cp > 1 else 1)
+    shards = cp * (tensor_parallel_size if sequence_parallel else 1)
+    rows = FP8_ROW_ALIGNMENT[fp8_recipe] if precision == "fp8" else 1
+    return TokenAlignment(sequence=sequence, pack=math.lcm(sequence, shards * rows))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,6 +138,21 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """How the learner writes checkpoints (learner/checkpoint.py, docs/learner.md)."""
+
+    optimizer_sharding: str = "dp_reshardable"  # distributed optimizer state: one of OPTIMIZER_SHARDINGS
+    # write in a forked process while training continues; committed (renamed, `latest` moved) once
+    # every rank's write is done, so a load never sees a partial save
+    async_save: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.optimizer_sharding in OPTIMIZER_SHARDINGS,
+              f"learner.checkpoint.optimizer_sharding must be one of {OPTIMIZER_SHARDINGS}, "
+              f"got {self.optimizer_sharding!r}")
+
+
+@dataclass(kw_only=True, slots=True)
 class LearnerConfig:
     """Megatron learner: model parallelism, precision, micro-batching, memory, optimizer."""
 
@@ -84,8 +162,11 @@ class LearnerConfig:
     sequence_parallel: bool = False  # shard norms/activations over TP ranks (TE spec, TP > 1)
     context_parallel_size: int = 1  # split long sequences over ranks (TE spec + packed sequences)
     precision: str = "fp32"  # fp32 everywhere on CPU; bf16 / fp8 need CUDA (+ Transformer Engine)
-    fp8_format: str = "hybrid"  # e4m3 forward, e5m2 backward (nvfp4 uses e4m3 scales regardless)
-    fp8_recipe: str = "tensorwise"
+    # blockwise (1 x 128 activation tiles, 128 x 128 weight blocks): a token quantizes the same in
+    # any pack, so old log-probs and training agree on-policy (docs/learner.md, "FP8 fit for RL")
+    fp8_recipe: str = "blockwise"
+    fp8_format: str = "e4m3"  # e4m3 everywhere (peers' blockwise choice) | hybrid: e5m2 gradients
+    fp8_fp32_scales: bool = True  # blockwise: fp32 scales, not powers of 2 (NVTE_FP8_BLOCK_SCALING_FP32_SCALES)
     use_te: bool | None = None  # Transformer Engine layer spec; None = when CUDA and TE are present
     pack_sequences: bool = True  # THD packing of whole sequences (False: right-padded rows)
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (sequences are never split)
@@ -99,11 +180,21 @@ class LearnerConfig:
     overlap_grad_reduce: bool = False  # DP gradient reduce overlapped with the backward (bucketed)
     overlap_param_gather: bool = False  # distributed optimizer: param all-gather overlapped with forward
     gradient_accumulation_fusion: bool = False  # fused wgrad GEMM into main_grad (CUDA + Apex/TE)
+    # gradients accumulated over a mini-batch's micro-batches and reduced over DP in fp32 (false:
+    # in the parameter dtype, half the buffer and traffic, bf16 sums over many packs)
+    grad_reduce_in_fp32: bool = True
+    # GPU: PyTorch's expandable segments (every pack has another shape); null: on unless
+    # sync.transport=tensor, whose CUDA IPC cannot share them (resolved by RunConfig)
+    expandable_segments: bool | None = None
+    # any other megatron-core TransformerConfig field, e.g. {fp8_param: true, num_layers_at_start_in_bf16: 1};
+    # checked against megatron's own fields when the learner is built (docs/learner.md)
+    transformer_overrides: dict[str, Any] = field(default_factory=dict)
     ref_offload: bool = True  # keep the reference model in host memory between its passes (GPU)
     seed: int = 1234
     load: str = ""  # megatron dist checkpoint to initialise from ("" = random / HF weights)
     ref_load: str = ""  # reference model checkpoint ("" = a copy of the initial policy)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         self._check_layout()
@@ -159,6 +250,12 @@ class LearnerConfig:
               f"learner.logprob_chunk_tokens must be >= 0 (0 = one chunk), got {self.logprob_chunk_tokens}")
         check(self.seq_length_multiple >= 1,
               f"learner.seq_length_multiple must be >= 1, got {self.seq_length_multiple}")
+        pack = self.token_alignment.pack  # the precision and recipe are valid here (_check_precision)
+        for name, tokens in (("micro_batch_tokens", self.micro_batch_tokens),
+                             ("logprob_micro_batch_tokens", self.logprob_tokens)):
+            check(tokens >= pack,
+                  f"learner.{name}={tokens} is smaller than one pack's alignment ({pack} tokens: every "
+                  "micro-batch is padded to a multiple of it under this TP / SP / CP / fp8 recipe); raise it")
 
     def _check_memory_options(self) -> None:
         check(self.recompute_granularity in RECOMPUTE_GRANULARITIES,
@@ -175,6 +272,12 @@ class LearnerConfig:
         check(not self.overlap_param_gather or (self.optim.use_distributed_optimizer and self.overlap_grad_reduce),
               "learner.overlap_param_gather needs learner.optim.use_distributed_optimizer=true and "
               "learner.overlap_grad_reduce=true (megatron overlaps the distributed optimizer's all-gather)")
+        for name, value in self.transformer_overrides.items():
+            check(name not in LEARNER_MANAGED_FIELDS,
+                  f"learner.transformer_overrides.{name}: the learner sets {name} itself; use "
+                  f"{LEARNER_MANAGED_FIELDS.get(name)} instead")
+            check(value is None or isinstance(value, (bool, int, float, str, list)),
+                  f"learner.transformer_overrides.{name} must be a number, string, boolean or list, got {value!r}")
 
     @property
     def effective_vpp_size(self) -> int | None:
@@ -187,17 +290,12 @@ class LearnerConfig:
         return self.logprob_micro_batch_tokens or self.micro_batch_tokens
 
     @property
-    def sequence_multiple(self) -> int:
-        """What every sequence's length is padded to: seq_length_multiple, TE's quantized-GEMM
-        alignment under fp8, 2 x CP (load-balanced causal halves) and TP with sequence parallel."""
-        multiple = self.seq_length_multiple
-        if self.precision == "fp8":
-            multiple = math.lcm(multiple, QUANT_ALIGNMENT[self.fp8_recipe])
-        if self.context_parallel_size > 1:
-            multiple = math.lcm(multiple, 2 * self.context_parallel_size)
-        if self.sequence_parallel:
-            multiple = math.lcm(multiple, self.tensor_parallel_size)
-        return multiple
+    def token_alignment(self) -> TokenAlignment:
+        """What sequences and packs are padded to under this recipe (`token_alignment`)."""
+        return token_alignment(seq_length_multiple=self.seq_length_multiple,
+                               tensor_parallel_size=self.tensor_parallel_size, sequence_parallel=self.sequence_parallel,
+                               context_parallel_size=self.context_parallel_size, precision=self.precision,
+                               fp8_recipe=self.fp8_recipe)
 
 
 _SGLANG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}

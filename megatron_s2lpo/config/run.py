@@ -3,6 +3,7 @@ and optionally `models` + `stages` for a multi-stage pipeline (config/stages.py)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -88,6 +89,18 @@ class RunConfig:
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "
               "(the local engine is synced through the disk path's bucket stream)")
+        check(not (self.learner.expandable_segments and self.sync.transport == "tensor"),
+              "learner.expandable_segments=true with sync.transport=tensor: CUDA IPC cannot share tensors that live "
+              "in expandable segments (the server fails importing them, pidfd_getfd: Operation not permitted in "
+              "containers); set learner.expandable_segments=null (auto) or false, or use sync.transport=distributed")
+
+    def resolved_learner(self) -> LearnerConfig:
+        """learner with its automatic choices made: expandable_segments null -> on unless
+        sync.transport=tensor (kept null in the config itself, so a launcher's transport override
+        still decides)."""
+        if self.learner.expandable_segments is not None:
+            return self.learner
+        return dataclasses.replace(self.learner, expandable_segments=self.sync.transport != "tensor")
 
     def overlong_max_tokens(self) -> int:
         """The response length reward.overlong measures against (its max_response_tokens, or the

@@ -9,17 +9,23 @@ megatron's own code unchanged.
 Kernels, in order of preference (`packed_attention`):
   varlen   torch.nn.attention.varlen.varlen_attn (FlashAttention, CUDA, bf16 / fp16): one call,
            cost sum(L_i^2), no mask tensor;
+  grouped  the pack's sequences sorted by length into groups whose padded square
+           (n x L_max^2) costs at most GROUP_WASTE x their sum(L_i^2); one batched
+           scaled_dot_product_attention(is_causal=True) per group on the sequences laid out as
+           padded rows (padding follows each sequence, so causal attention never reads it):
+           a few calls per pack, each wide enough for the CPU's threads (the default off CUDA);
   masked   scaled_dot_product_attention over the whole pack with a block-diagonal causal
-           mask: one call, cost T^2 (chosen when the sequences fill most of that square);
+           mask: one call, cost T^2;
   split    scaled_dot_product_attention(is_causal=True) per sequence: cost sum(L_i^2) plus a
-           call per sequence (chosen when one big square would be mostly masked out).
-All three compute the same softmax(q k^T * scale) v; GQA groups are expanded by the kernel
+           call per sequence (one thread's worth of work per call on a CPU).
+All compute the same softmax(q k^T * scale) v; GQA groups are expanded by the kernel
 (`enable_gqa`), as megatron's `repeat_interleave` does.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from typing import Any
 
 import torch
@@ -37,12 +43,55 @@ def _varlen_kernel() -> Any | None:
     return varlen_attn
 
 
+GROUP_WASTE = 1.5  # a group's padded square may cost this much more than its sequences' squares
+
+
 def attention_kernel(query: Tensor, seq_lens: list[int]) -> str:
     """Which kernel `packed_attention` uses for THD `query` with these (padded) sequence lengths."""
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None:
         return "varlen"
-    total = sum(seq_lens)
-    return "masked" if total * total <= 2 * sum(n * n for n in seq_lens) else "split"
+    return "grouped"
+
+
+def length_groups(seq_lens: list[int], waste: float = GROUP_WASTE) -> list[list[int]]:
+    """Sequence positions grouped longest first: a group grows while n x L_max^2 stays within
+    `waste` x sum(L_i^2) of its members (L_max: its first, longest).
+
+    >>> length_groups([300, 290, 12, 11, 10, 9, 280])
+    [[0, 1, 6, 2], [3, 4, 5]]
+    """
+    order = sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i))
+    groups: list[list[int]] = []
+    exact = 0
+    for i in order:
+        n = seq_lens[i]
+        if groups and (len(groups[-1]) + 1) * seq_lens[groups[-1][0]] ** 2 <= waste * (exact + n * n):
+            groups[-1].append(i)
+            exact += n * n
+        else:
+            groups.append([i])
+            exact = n * n
+    return groups
+
+
+def _grouped_attention(query: Tensor, key: Tensor, value: Tensor, seq_lens: list[int], *, scale: float,
+                       gqa: bool) -> Tensor:
+    """One batched causal SDPA per `length_groups` group (module docstring)."""
+    starts = [0, *itertools.accumulate(seq_lens)][:-1]
+    pieces, positions = [], []
+    for group in length_groups(seq_lens):
+        longest = seq_lens[group[0]]
+        offsets = torch.arange(longest, device=query.device)
+        start = torch.tensor([starts[i] for i in group], device=query.device).unsqueeze(1)
+        length = torch.tensor([seq_lens[i] for i in group], device=query.device).unsqueeze(1)
+        valid = offsets.unsqueeze(0) < length  # (n, L_max)
+        index = torch.where(valid, start + offsets, start)  # padding rows read the sequence's first token
+        rows = [t[index].permute(0, 2, 1, 3) for t in (query, key, value)]  # (n, heads, L_max, D)
+        out = F.scaled_dot_product_attention(*rows, is_causal=True, scale=scale, enable_gqa=gqa)
+        pieces.append(out.permute(0, 2, 1, 3)[valid])  # (tokens of the group, heads, D)
+        positions.append(index[valid])
+    order = torch.cat(positions).argsort()
+    return torch.cat(pieces)[order]
 
 
 def block_causal_mask(seq_lens: list[int], device: torch.device | None = None) -> Tensor:
@@ -58,8 +107,8 @@ def packed_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tens
     """Causal attention within each packed sequence.
 
     query (T, Hq, D), key / value (T, Hkv, D) with Hq a multiple of Hkv, cu_seqlens (n + 1,)
-    int boundaries (cu_seqlens[-1] == T). Returns (T, Hq, D). kernel: force "varlen" / "masked"
-    / "split" (tests); None picks as `attention_kernel` does.
+    int boundaries (cu_seqlens[-1] == T). Returns (T, Hq, D). kernel: force "varlen" / "grouped"
+    / "masked" / "split" (tests, benchmarks); None picks as `attention_kernel` does.
     """
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     if sum(seq_lens) != query.shape[0]:
@@ -75,8 +124,10 @@ def packed_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tens
         out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
                                              attn_mask=mask, scale=scale, enable_gqa=gqa)  # (Hq, T, D)
         return out.transpose(0, 1)
+    if kernel == "grouped":
+        return _grouped_attention(query, key, value, seq_lens, scale=scale, gqa=gqa)
     if kernel != "split":
-        raise ValueError(f"unknown attention kernel {kernel!r}; choose varlen, masked or split")
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose varlen, grouped, masked or split")
     pieces = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                              is_causal=True, scale=scale, enable_gqa=gqa).transpose(0, 1)
               for q, k, v in zip(query.split(seq_lens), key.split(seq_lens), value.split(seq_lens))]

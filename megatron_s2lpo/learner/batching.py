@@ -2,7 +2,8 @@
 
 Two layouts (`learner.pack_sequences`):
   packed (THD)  whole sequences back to back in ONE row of at most `max_tokens` tokens, each
-                padded only to `multiple` (first-fit decreasing bin packing, `bin_pack`); the
+                padded only to `multiple` (first-fit decreasing bin packing, `bin_pack`), the
+                pack's total to `pack_multiple` (the last sequence's padding grows); the
                 model sees (1, T) tokens with megatron's `PackedSeqParams` (cu_seqlens) so
                 attention stays within each sequence and RoPE restarts at every sequence.
   padded        as many whole sequences as fit in `max_tokens` once right-padded to a common
@@ -24,10 +25,12 @@ Pure torch (no megatron): unit-tested in tests/unit/test_learner_batching.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 
+from megatron_s2lpo.config.learner import TokenAlignment
 from megatron_s2lpo.types import TrainBatch
 
 Tensor = torch.Tensor
@@ -203,21 +206,47 @@ def _take_optional(values: Tensor | None, rows: Tensor, length: int) -> Tensor |
 
 
 def make_micro_batches(
-    batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1, packed: bool = False
+    batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1, pack_multiple: int = 1,
+    packed: bool = False
 ) -> list[MicroBatch]:
     """Group `rows` of `batch` into token-budget micro-batches: right-padded rows
-    (`pack_sequences`) or, with `packed`, THD packs (`bin_pack`) that also carry `PackedRows`."""
+    (`pack_sequences`) or, with `packed`, THD packs (`bin_pack`) that also carry `PackedRows`.
+
+    multiple: every sequence of a pack is padded to it. pack_multiple: a pack's total (a padded
+    micro-batch's row length) is padded to it, the last sequence's padding growing
+    (config.learner.token_alignment: what sequence parallel, CP and the FP8 recipe need). Packs
+    stay within `max_tokens` rounded down to pack_multiple."""
     seq_lens = [int(batch.seq_lens[r]) for r in rows]
+    budget = max_tokens - max_tokens % pack_multiple
+    if budget < 1:
+        raise ValueError(f"learner.micro_batch_tokens={max_tokens} is smaller than the pack alignment {pack_multiple}")
+    # padded rows: each row's length is what the model's sequence dimension is split by
+    row_multiple = multiple if packed else math.lcm(multiple, pack_multiple)
     grouping = bin_pack if packed else pack_sequences
     micro_batches = []
-    for group in grouping(seq_lens, max_tokens, multiple):
+    for group in grouping(seq_lens, budget, row_multiple):
         index = torch.tensor([rows[g] for g in group], dtype=torch.long)
-        length = round_up(max(max(seq_lens[g] for g in group), 1), multiple)
+        length = round_up(max(max(seq_lens[g] for g in group), 1), row_multiple)
         micro = _loss_layout(batch, index, length)
         if packed:
-            micro.packed = _pack(micro.tokens, [seq_lens[g] for g in group], multiple)
+            pack = _pack(micro.tokens, [seq_lens[g] for g in group], multiple)
+            micro.packed = _grow_pack(pack, round_up(pack.num_tokens, pack_multiple))
         micro_batches.append(micro)
     return micro_batches
+
+
+def rank_micro_batches(batch: TrainBatch, *, dp_rank: int, dp_size: int, max_tokens: int, alignment: TokenAlignment,
+                       packed: bool, uniform_multiple_of: int | None = None) -> list[MicroBatch]:
+    """The micro-batches data-parallel rank `dp_rank` runs: its token-balanced share of the rows
+    (`split_rows_for_data_parallel`), grouped within `max_tokens` and padded to `alignment`
+    (config.learner.token_alignment). uniform_multiple_of: the interleaved pipeline's one shape
+    and a count that is a multiple of it (`uniform_micro_batches`)."""
+    rows = split_rows_for_data_parallel([int(n) for n in batch.seq_lens], dp_size)[dp_rank]
+    micro = make_micro_batches(batch, rows, max_tokens=max_tokens, multiple=alignment.sequence,
+                               pack_multiple=alignment.pack, packed=packed)
+    if uniform_multiple_of is not None:
+        micro = uniform_micro_batches(micro, multiple_of=uniform_multiple_of)
+    return micro
 
 
 def _loss_layout(batch: TrainBatch, index: Tensor, length: int) -> MicroBatch:
@@ -254,6 +283,8 @@ def _grow_pack(packed: PackedRows, num_tokens: int) -> PackedRows:
     extra = num_tokens - packed.num_tokens
     if extra < 0:
         raise ValueError(f"cannot shrink a pack of {packed.num_tokens} tokens to {num_tokens}")
+    if extra == 0:
+        return packed
     cu_seqlens = packed.cu_seqlens.clone()
     cu_seqlens[-1] = num_tokens
     last_start = int(packed.cu_seqlens[-2])

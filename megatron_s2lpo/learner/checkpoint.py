@@ -16,8 +16,17 @@ directory to `<name>/` and then replaces `latest` atomically (write `latest.tmp`
 `os.replace`). A crash at any point leaves the previous checkpoint and pointer untouched; the
 stale `.tmp-*` directory is ignored by loads and removed by the next save of that step.
 
-dist_checkpointing stores every tensor under its global (unsharded) key, so a checkpoint saved
-with one TP/PP/DP layout loads into another. The optimizer state is stored "fully reshardable".
+dist_checkpointing stores every model tensor under its global (unsharded) key, so the weights of a
+checkpoint saved with one TP/PP/DP layout load into another. The distributed optimizer's state is
+stored `dp_reshardable` by default (learner.checkpoint.optimizer_sharding): each DP rank writes its
+own shard, nothing is gathered, and it loads into any DP size at the TP / PP / VPP it was saved
+with (another layout is refused by name; load the weights only or save `fully_reshardable`, which
+gathers every TP shard's fp32 params and Adam moments on the DP ranks and loads anywhere).
+
+Asynchronous saves (learner.checkpoint.async_save, checkpoint_async.py): the tensors are staged to
+host memory and written by a forked process while training continues; the commit above (COMPLETE,
+rename, `latest`) runs only once every rank's write has finished, so a kill at any moment leaves
+the previous checkpoint as the one a load picks.
 
 Loads validate first (checkpoint_files.check_checkpoint: files present and as long as their
 metadata says, metadata and trainer state readable, RNG files loadable as plain data, nothing
@@ -38,14 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megatron_s2lpo.utils.files import write_atomic
 from megatron_s2lpo.utils.procs import barrier, on_any_rank
 
 from .checkpoint_files import (COMPLETE, DIST_DIR, RNG_DIR, STATE_FILE, CheckpointSaveError, CorruptCheckpointError,
-                               check_checkpoint, describe_save_failure, in_process_write_results, read_rng_file,
-                               rng_state, set_rng_state, write_rng_file)
+                               check_checkpoint, describe_save_failure, read_rng_file, rng_state, set_rng_state,
+                               write_results_queue, write_rng_file)
 from .model import unwrap_model
 
 __all__ = ["CheckpointSaveError", "CorruptCheckpointError", "LoadedState", "latest_checkpoint", "load_checkpoint",
@@ -58,12 +68,16 @@ LATEST = "latest"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
-def sharded_metadata() -> dict:
-    """Megatron's sharded-state-dict options: optimizer state loadable by any DP size.
+DEFAULT_SHARDING = "dp_reshardable"
+LEGACY_SHARDING = "fully_reshardable"  # what checkpoints without a recorded sharding used
+
+
+def sharded_metadata(optimizer_sharding: str = DEFAULT_SHARDING) -> dict:
+    """Megatron's sharded-state-dict options (module docstring for the optimizer sharding).
 
     A fresh dict per call: megatron adds the current DP process group to it in place.
     """
-    return {"distrib_optim_sharding_type": "fully_reshardable", "singleton_local_shards": False,
+    return {"distrib_optim_sharding_type": optimizer_sharding, "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True}
 
 
@@ -105,11 +119,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def sharded_state(model_chunks: list[Any], optimizer: Any | None, *, is_loading: bool) -> dict:
+def sharded_state(model_chunks: list[Any], optimizer: Any | None, *, is_loading: bool,
+                  optimizer_sharding: str = DEFAULT_SHARDING) -> dict:
     """The sharded state dict saved by dist_checkpointing: model chunk(s) and optimizer."""
     # Bare GPTModels: keys without wrapper prefixes, the same for DDP-wrapped and frozen models.
     model_chunks = [unwrap_model(chunk) for chunk in model_chunks]
-    metadata = sharded_metadata()
+    metadata = sharded_metadata(optimizer_sharding)
     state: dict = {}
     if len(model_chunks) == 1:
         state["model"] = model_chunks[0].sharded_state_dict(metadata=metadata)
@@ -139,6 +154,13 @@ def _is_distributed(optimizer: Any | None) -> bool:
     return any(isinstance(opt, DistributedOptimizer) for opt in inner)
 
 
+def model_layout(model_chunks: list[Any]) -> dict[str, int | None]:
+    """TP / PP / VPP sizes of the model (what a dp_reshardable optimizer state is tied to)."""
+    config = unwrap_model(model_chunks[0]).config
+    return {"tp": config.tensor_model_parallel_size, "pp": config.pipeline_model_parallel_size,
+            "vpp": config.virtual_pipeline_model_parallel_size}
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -148,13 +170,18 @@ def save_checkpoint(
     scheduler: Any | None = None,
     trainer_state: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
+    optimizer_sharding: str = DEFAULT_SHARDING,
+    async_saves: Any = None,
 ) -> Path:
     """Save a checkpoint of `step` under `root` atomically (module docstring); collective.
 
     trainer_state: JSON-serialisable state of the caller (sampler position, algorithm schedule
     position, ...), returned by `load_checkpoint`. extra_files: {file name: contents} that rank 0
     writes into the checkpoint directory before it is marked complete (the caller reads them from
-    `LoadedState.path`). Returns the final directory.
+    `LoadedState.path`). optimizer_sharding: the distributed optimizer's format (module docstring).
+    async_saves: a `checkpoint_async.AsyncSaves` to write in the background (the commit happens in
+    its `finish`; nothing may be in flight in it). Returns the final directory (with async_saves:
+    where the checkpoint will be once committed).
     """
     from megatron.core import dist_checkpointing
 
@@ -165,6 +192,7 @@ def save_checkpoint(
         optimizer = None  # a fresh optimizer is restored by not loading any state
     state_text = json.dumps({"step": step, "trainer_state": trainer_state or {}, "optimizer": optimizer is not None,
                              "distributed_optimizer": _is_distributed(optimizer),
+                             "optimizer_sharding": optimizer_sharding, "layout": model_layout(model_chunks),
                              "scheduler": scheduler.state_dict() if scheduler is not None else None},
                             indent=1, sort_keys=True)  # fails early (before any I/O) if not JSON
     if _rank() == 0:
@@ -174,17 +202,27 @@ def save_checkpoint(
         (tmp / DIST_DIR).mkdir(parents=True)
         (tmp / RNG_DIR).mkdir()
     barrier()
-    in_process_write_results()
+    write_results_queue(cross_process=async_saves is not None)
+    request = None
     try:  # megatron raises a failed write on every rank
-        dist_checkpointing.save(sharded_state(model_chunks, optimizer, is_loading=False), str(tmp / DIST_DIR),
-                                content_metadata=sharded_metadata())
+        request = dist_checkpointing.save(
+            sharded_state(model_chunks, optimizer, is_loading=False, optimizer_sharding=optimizer_sharding),
+            str(tmp / DIST_DIR), content_metadata=sharded_metadata(optimizer_sharding),
+            async_sharded_save=async_saves is not None)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # torch's CheckpointException derives from BaseException
         _abandon_save(tmp, step, err)
     _agree_or_abandon(tmp, step, lambda: write_rng_file(tmp / RNG_DIR / f"rank_{_rank():05d}.pt"))
-    _agree_or_abandon(tmp, step, (lambda: _commit(root, tmp, final, state_text, extra_files or {}))
-                      if _rank() == 0 else None)
+
+    def commit() -> None:  # every rank, once every rank's shards are written
+        _agree_or_abandon(tmp, step, (lambda: _commit(root, tmp, final, state_text, extra_files or {}))
+                          if _rank() == 0 else None)
+
+    if request is None:
+        commit()
+    else:
+        async_saves.schedule(request, commit=commit, tmp=tmp, step=step, final=final)
     return final
 
 
@@ -368,14 +406,21 @@ def load_checkpoint(
             f"checkpoint {ckpt} holds {'distributed' if saved['distributed_optimizer'] else 'plain'} optimizer "
             "state, which the current optimizer cannot read: set learner.optim.use_distributed_optimizer="
             f"{str(saved['distributed_optimizer']).lower()}, or load the weights only (load_optimizer=False)")
-    loaded = dist_checkpointing.load(sharded_state(model_chunks, optimizer, is_loading=True), str(ckpt / DIST_DIR))
+    sharding = saved.get("optimizer_sharding", LEGACY_SHARDING)
+    if optimizer is not None and saved.get("distributed_optimizer") and sharding == "dp_reshardable":
+        _check_same_layout(ckpt, saved.get("layout"), model_layout(model_chunks))
+    loaded = dist_checkpointing.load(sharded_state(model_chunks, optimizer, is_loading=True,
+                                                   optimizer_sharding=sharding), str(ckpt / DIST_DIR))
     if len(model_chunks) == 1:
         model_chunks[0].load_state_dict(loaded["model"], strict=True)
     else:
         for index, chunk in enumerate(model_chunks):
             chunk.load_state_dict(loaded[f"model{index}"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # megatron-core 0.16.1's load_parameter_state_from_dp_reshardable copies into the fp32
+        # params without no_grad (its fs_model_space twin has it): an fp32 model fails there
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and saved.get("scheduler") is not None:
         scheduler.num_steps = 0  # megatron's load_state_dict ADDS the saved step count
         scheduler.load_state_dict(saved["scheduler"])
@@ -385,6 +430,19 @@ def load_checkpoint(
     barrier()
     return LoadedState(path=ckpt, step=int(saved["step"]), trainer_state=saved.get("trainer_state") or {},
                        scheduler_state=saved.get("scheduler"))
+
+
+def _check_same_layout(ckpt: Path, saved: dict | None, current: dict) -> None:
+    """A dp_reshardable optimizer state loads only at the TP / PP / VPP it was saved with."""
+    if saved is not None and saved != current:
+        names = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "vpp": "virtual_pipeline_parallel_size"}
+        diff = ", ".join(f"learner.{names[k]}: saved {saved.get(k)}, now {current.get(k)}"
+                         for k in names if saved.get(k) != current.get(k))
+        raise ValueError(
+            f"checkpoint {ckpt} holds dp_reshardable optimizer state, which loads into any data-parallel size "
+            f"but only at the model-parallel layout it was saved with ({diff}): resume with that layout, load the "
+            "weights only (load_optimizer=False), or save with learner.checkpoint.optimizer_sharding="
+            "fully_reshardable to move a run between layouts")
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:

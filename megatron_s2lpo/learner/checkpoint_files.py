@@ -20,6 +20,7 @@ import enum
 import errno
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import queue
@@ -228,22 +229,23 @@ def check_checkpoint(path: Path, step: int | None = None) -> dict:
 # ----------------------------------------------------------------------------- saving
 
 
-def in_process_write_results() -> None:
-    """Make megatron's sync save collect its writers' results in this process.
+def write_results_queue(*, cross_process: bool) -> None:
+    """Give megatron's checkpoint writer a results queue that starts no helper process.
 
     megatron-core's FileSystemWriterAsync passes results through a queue of a `spawn`
     multiprocessing Manager, started on the first save and kept for the life of the process. That
     server process (a fresh interpreter importing the caller's main module, about 330 MB) and the
     resource tracker it starts outlive a trainer killed with SIGKILL, forever. In the synchronous
     save every put and get of that queue happens in this process (the forked writers report to a
-    queue of their own), so a plain queue.Queue does the same work with no helper process at all.
+    queue of their own), so a plain queue.Queue does the same work. An asynchronous save writes
+    in a process megatron forks, which reports through the queue: a `fork`-context
+    multiprocessing.Queue (a pipe, inherited by the fork) carries that, again without a server.
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    if getattr(filesystem_async, "_results_queue", False) is None:
-        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._results_queue = multiprocessing.get_context("fork").Queue() if cross_process else queue.Queue()
 
 
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

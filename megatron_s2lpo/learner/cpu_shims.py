@@ -217,9 +217,11 @@ def _fix_torch_adam_step_in_distributed_optimizer() -> None:
     optimizer (the state a checkpoint is loaded into); (2) restores it by handing ONE tensor to
     every parameter, which torch's Adam then increments once per parameter per step; (3) copies
     the reshardable (param, exp_avg, exp_avg_sq) shards into every key of a parameter's state,
-    `step` included, failing on the missing key. The replacements (1) create the state torch's
-    first step would create (step 0, zero moments: the same first update), (2) give each
-    parameter its own copy, (3) set `step` aside during the copy.
+    `step` included, failing on the missing key (fully_reshardable), or copies back the LIVE
+    `step` tensor that the dp_reshardable format passes through unsaved, undoing the restored
+    one. The replacements (1) create the state torch's first step would create (step 0, zero
+    moments: the same first update), (2) give each parameter its own copy, (3) keep the `step`
+    restored from the saved param groups and copy only the tensors.
     """
     distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
     set_states, load_state_dict = distrib._set_main_param_and_optimizer_states, distrib.load_state_dict
@@ -239,8 +241,9 @@ def _fix_torch_adam_step_in_distributed_optimizer() -> None:
 
     @functools.wraps(set_states)
     def set_states_keeping_step(self: Any, model_param: Any, tensors: dict) -> None:
-        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             return set_states(self, model_param, tensors)
+        tensors = {key: value for key, value in tensors.items() if key != "step"}
         group_index, group_order = self.model_param_group_index_map[model_param]
         state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
         step = state.pop("step", None)

@@ -27,8 +27,10 @@ from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.types import TrainBatch
 
 from . import checkpoint as ckpt
-from .batching import MicroBatch, make_micro_batches, scatter_rows, split_rows_for_data_parallel, uniform_micro_batches
-from .model import build_model_chunks, unwrap_model
+from .checkpoint_async import AsyncSaves
+from .batching import MicroBatch, rank_micro_batches, scatter_rows
+from .fp8_rules import check_input_shapes, gemm_shapes
+from .model import apply_fp8_scale_environment, build_model_chunks, unwrap_model
 from .offload import StorageOffloader, ddp_buffers, module_tensors, optimizer_tensors
 from .optimizer import build_optimizer, build_scheduler, wrap_for_training, zero_grads
 from .parallel import ParallelGroups, init_parallel
@@ -51,6 +53,8 @@ class Learner:
     ) -> None:
         self.arch = arch
         self.config = config
+        if config.precision == "fp8" and config.fp8_recipe == "blockwise":
+            apply_fp8_scale_environment(config.fp8_fp32_scales)  # before megatron imports TE
         self.groups = groups or init_parallel(
             config.tensor_parallel_size, config.pipeline_parallel_size,
             config.effective_vpp_size, seed=config.seed)
@@ -66,8 +70,13 @@ class Learner:
                 "into this learner's data path yet (it needs TE's THD split of every sequence over the CP ranks); "
                 "keep it 1 and raise learner.micro_batch_tokens to the longest prompt + response, with "
                 "learner.recompute_granularity=full if activations do not fit")
+        if config.expandable_segments and torch.cuda.is_available():
+            # packs differ in shape every micro-batch; segments that grow in place keep the caching
+            # allocator from fragmenting (set before the model's first allocation)
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         build = dict(precision=config.precision, use_te=config.use_te, fp8_format=config.fp8_format,
-                     fp8_recipe=config.fp8_recipe, sequence_parallel=config.sequence_parallel)
+                     fp8_recipe=config.fp8_recipe, sequence_parallel=config.sequence_parallel,
+                     transformer_overrides=config.transformer_overrides)
         model_kwargs = dict(build, recompute_granularity=config.recompute_granularity,
                             recompute_method=config.recompute_method,
                             recompute_num_layers=config.recompute_num_layers,
@@ -76,12 +85,18 @@ class Learner:
         self.model = wrap_for_training(build_model_chunks(arch, self.groups, **model_kwargs),
                                        use_distributed_optimizer=config.optim.use_distributed_optimizer,
                                        overlap_grad_reduce=config.overlap_grad_reduce,
-                                       overlap_param_gather=config.overlap_param_gather)
+                                       overlap_param_gather=config.overlap_param_gather,
+                                       grad_reduce_in_fp32=config.grad_reduce_in_fp32)
         self.optimizer = build_optimizer(self.model, config.optim, precision=config.precision)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.step = 0  # optimizer steps taken
+        self.alignment = config.token_alignment  # what sequences and packs are padded to
+        self._fp8_shapes = None if config.precision != "fp8" else gemm_shapes(
+            hidden_size=arch.hidden_size, q_dim=arch.num_attention_heads * arch.head_dim,
+            ffn_hidden_size=arch.ffn_hidden_size, tp=self.groups.tp_size)
         self._params_pending = False  # overlap_param_gather: updated shards not yet all-gathered
         self._offloader: StorageOffloader | None = None
+        self._async_saves = AsyncSaves() if config.checkpoint.async_save else None
         self.reference = None
         if with_reference:
             self.reference = ReferenceModel(arch, self.groups, offload=config.ref_offload, **build)
@@ -175,13 +190,16 @@ class Learner:
     # ------------------------------------------------------------------ batches
 
     def _local_micro_batches(self, batch: TrainBatch, max_tokens: int) -> list[MicroBatch]:
-        """This DP rank's share of `batch` as token-budget micro-batches."""
-        seq_lens = [int(n) for n in batch.seq_lens]
-        rows = split_rows_for_data_parallel(seq_lens, self.groups.dp_size)[self.groups.dp_rank]
-        micro = make_micro_batches(batch, rows, max_tokens=max_tokens, multiple=self.config.sequence_multiple,
-                                   packed=self.config.pack_sequences)
-        if self.groups.vpp_size is not None:  # interleaved schedule: one shape, a multiple of PP
-            micro = uniform_micro_batches(micro, multiple_of=self.groups.pp_size)
+        """This DP rank's share of `batch` as token-budget micro-batches (batching.rank_micro_batches)."""
+        g = self.groups
+        micro = rank_micro_batches(batch, dp_rank=g.dp_rank, dp_size=g.dp_size, max_tokens=max_tokens,
+                                   alignment=self.alignment, packed=self.config.pack_sequences,
+                                   uniform_multiple_of=g.pp_size if g.vpp_size is not None else None)
+        if self._fp8_shapes is not None:  # TE's own rule, checked here rather than raised inside a layer
+            c = self.config
+            check_input_shapes([m.input_shape for m in micro], self._fp8_shapes, c.fp8_recipe,
+                               tp=c.tensor_parallel_size, sequence_parallel=c.sequence_parallel,
+                               cp=c.context_parallel_size)
         return micro
 
     def _gather_rows(self, values: Tensor) -> Tensor:
@@ -261,6 +279,7 @@ class Learner:
         on-policy distillation loss against batch.teacher_logprobs, weighted by distill_coef); see
         algo/distill.py. Metric `loss` is the loss before the update.
         """
+        self.finish_saves(blocking=False)  # commits a finished asynchronous save (every rank trains)
         metrics = self.compute_gradients(batch, loss_config=loss_config, temperature=temperature,
                                          is_threshold=is_threshold, is_sources=is_sources, objective=objective,
                                          distill_coef=distill_coef)
@@ -326,21 +345,36 @@ class Learner:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, root: str | Path, *, step: int | None = None, trainer_state: dict | None = None,
-             extra_files: dict[str, bytes] | None = None) -> Path:
+             extra_files: dict[str, bytes] | None = None, wait: bool = False) -> Path:
         """Atomic dist checkpoint of policy + optimizer + LR schedule + RNG (+ trainer_state, and
-        extra_files {name: bytes} written by rank 0 into the checkpoint directory)."""
+        extra_files {name: bytes} written by rank 0 into the checkpoint directory).
+
+        With learner.checkpoint.async_save the shards are written in the background and the
+        checkpoint is committed by a later `finish_saves` (each train_step polls; `wait=True`, the
+        next save and a load wait for it); the returned path exists once it is committed."""
         self._require_onloaded("save a checkpoint")
+        self.finish_saves(blocking=True)  # one save in flight at a time
         self.sync_params()
         state = {"learner_step": self.step, **(trainer_state or {})}
-        return ckpt.save_checkpoint(root, self.step if step is None else step, model_chunks=self.model,
+        path = ckpt.save_checkpoint(root, self.step if step is None else step, model_chunks=self.model,
                                     optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
-                                    extra_files=extra_files)
+                                    extra_files=extra_files, optimizer_sharding=self.config.checkpoint.optimizer_sharding,
+                                    async_saves=self._async_saves)
+        if wait:
+            self.finish_saves(blocking=True)
+        return path
+
+    def finish_saves(self, *, blocking: bool = True) -> Path | None:
+        """Commit a pending asynchronous save once every rank has written it (blocking: wait).
+        Returns the committed checkpoint or None. Collective; a no-op with synchronous saves."""
+        return self._async_saves.finish(blocking=blocking) if self._async_saves is not None else None
 
     def load(self, path: str | Path, *, load_optimizer: bool = True) -> ckpt.LoadedState:
         """Load a checkpoint (directory or root -> latest complete), resharding as needed.
 
         load_optimizer=False loads the weights only (fresh optimizer state and LR schedule)."""
         self._require_onloaded("load a checkpoint")
+        self.finish_saves(blocking=True)  # a save still being written commits first
         self.sync_params()  # a pending gather must not overwrite the loaded weights later
         loaded = ckpt.load_checkpoint(path, model_chunks=self.model,
                                       optimizer=self.optimizer if load_optimizer else None,

@@ -40,6 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
 
 from megatron_s2lpo.config.learner import BLACKWELL_RECIPES
 from megatron_s2lpo.config.model import ModelArch
@@ -75,6 +79,11 @@ def _resolve_use_te(use_te: bool | None, precision: str) -> bool:
                          "transformer_engine); use precision fp32 or bf16 without it")
     if precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"learner.precision={precision!r} needs CUDA; use learner.precision=fp32 on CPU")
+    if use_te:
+        from megatron_s2lpo.utils.versions import installed_problems
+
+        for problem in installed_problems():  # the image's build refuses these; elsewhere: say so
+            logger.warning("Transformer Engine / megatron-core versions: %s", problem)
     return use_te
 
 
@@ -122,6 +131,29 @@ def _check_fp8_device(recipe: str) -> None:
         raise ValueError(error)
 
 
+FP32_SCALES_ENV = "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"
+
+
+def apply_fp8_scale_environment(fp32_scales: bool) -> None:
+    """Make Transformer Engine's blockwise recipe use fp32 (or power-of-2) scales.
+
+    TE reads NVTE_FP8_BLOCK_SCALING_FP32_SCALES once, when it defines `Float8BlockScaling`
+    (transformer_engine/common/recipe/__init__.py:332 in 2.9.0, a class attribute), so it must be
+    set before anything imports TE; if TE was imported already with the other value, refuse.
+    """
+    want = "1" if fp32_scales else "0"
+    recipe = sys.modules.get("transformer_engine.common.recipe")
+    if recipe is None:
+        os.environ[FP32_SCALES_ENV] = want
+        return
+    if bool(recipe.Float8BlockScaling.use_f32_scales) != fp32_scales:
+        raise ValueError(
+            f"learner.fp8_fp32_scales={str(fp32_scales).lower()} but Transformer Engine was imported before the "
+            f"learner with {FP32_SCALES_ENV}={os.environ.get(FP32_SCALES_ENV, 'unset')} (it reads the variable once, "
+            f"at import): export {FP32_SCALES_ENV}={want} in the trainer's environment, or set "
+            f"learner.fp8_fp32_scales={str(not fp32_scales).lower()}")
+
+
 def rope_scaling_factor(arch: ModelArch) -> float | None:
     """The llama3 RoPE scaling factor megatron applies, or None; ValueError if megatron cannot express it."""
     if arch.rope_scaling is None:
@@ -142,14 +174,15 @@ def transformer_config(
     *,
     precision: str = "fp32",
     use_te: bool = False,
-    fp8_format: str = "hybrid",
-    fp8_recipe: str = "tensorwise",
+    fp8_format: str = "e4m3",
+    fp8_recipe: str = "blockwise",
     recompute_granularity: str | None = None,
     recompute_method: str = "uniform",
     recompute_num_layers: int = 1,
     recompute_modules: list[str] | None = None,
     sequence_parallel: bool = False,
     gradient_accumulation_fusion: bool = False,
+    transformer_overrides: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Any:
     """The megatron `TransformerConfig` of `arch` under the layout of `groups` (see module doc).
@@ -157,7 +190,8 @@ def transformer_config(
     use_te: whether the layers will use the Transformer Engine spec (enables TE's fused RoPE).
     fp8_recipe: tensorwise / blockwise / mxfp8 (megatron fp8_recipe) or nvfp4 (megatron fp4).
     recompute_modules: selective recompute's modules (None / []: megatron's default core_attn).
-    overrides: any other TransformerConfig field.
+    transformer_overrides: learner.transformer_overrides, checked by `check_transformer_overrides`.
+    overrides: any other TransformerConfig field (internal callers and tests).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -220,7 +254,33 @@ def transformer_config(
     if precision == "fp8":
         kwargs.update(_low_precision_kwargs(fp8_format, fp8_recipe))
     kwargs.update(overrides)
+    if transformer_overrides:
+        kwargs.update(check_transformer_overrides(transformer_overrides))
     return TransformerConfig(**kwargs)
+
+
+def check_transformer_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """learner.transformer_overrides against megatron-core's own TransformerConfig fields (this
+    installed release's): an unknown name raises ValueError with the closest field names; one the
+    learner sets itself names the learner option (config.learner.LEARNER_MANAGED_FIELDS)."""
+    import dataclasses
+    import difflib
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_s2lpo.config.learner import LEARNER_MANAGED_FIELDS
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    for name in overrides:
+        if name in LEARNER_MANAGED_FIELDS:
+            raise ValueError(f"learner.transformer_overrides.{name}: the learner sets {name} itself; use "
+                             f"{LEARNER_MANAGED_FIELDS[name]} instead")
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"learner.transformer_overrides.{name} is not a field of megatron-core's "
+                             f"TransformerConfig (megatron.core.transformer.transformer_config){hint}")
+    return dict(overrides)
 
 
 def _check_divisible(arch: ModelArch, groups: ParallelGroups) -> None:

@@ -21,7 +21,7 @@ from megatron_s2lpo.config.learner import OptimConfig
 
 
 def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False,
-                      overlap_param_gather: bool = False) -> list[Any]:
+                      overlap_param_gather: bool = False, grad_reduce_in_fp32: bool = True) -> list[Any]:
     """Wrap bare GPTModel chunks in (Float16Module and) megatron DDP; sets the schedule hooks.
 
     overlap_grad_reduce: bucketed DP reduce launched during the backward (megatron's no_sync /
@@ -33,7 +33,7 @@ def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, ove
 
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,

@@ -1,7 +1,9 @@
 """Memory planner: will a recipe fit its GPUs? Pure arithmetic over the config (no torch).
 
 estimate  per-GPU memory items of the learner (weights, grads, optimizer, activations, log-prob
-          buffers, reference, overhead) and the formulas behind them
+          buffers, reference, weight-sync buffer, checkpoint save, CUDA context, NCCL, workspaces)
+          and the formulas behind them
+host      the host memory of a learner node (pinned reference, checkpoint staging, offload)
 report    check_fits(cfg, gpu_memory_gb) -> PlanReport: the learner, every SGLang server's
           KV-cache room, problems and what to change (`s2lpo plan`, the launcher)
 archs     model architectures by name when a checkpoint's config.json is not readable

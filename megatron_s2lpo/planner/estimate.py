@@ -17,18 +17,29 @@ submitted. Every term is one thing megatron or the learner allocates:
                with the fp32 softmax buffers (16 bytes per logit in the backward), plus the
                output-layer and embedding weight-gradient temporaries
   reference    the frozen reference model's weights, on the device only during its pass with
-               learner.ref_offload
-  overhead     CUDA context, NCCL and TE workspaces (a fixed amount) and allocator fragmentation
-               (a share of the dynamic part); 0 on the CPU
+               learner.ref_offload (then pinned host memory: planner/host.py)
+  weight sync  the flat buffer the weight sync packs HF tensors into (min(sync.bucket_bytes, the
+               model), at least the largest tensor; kept between syncs) and, while a sync runs, the
+               largest tensor gathered over TP (its shards and the concatenation)
+  checkpoint   what a save allocates on the device: nothing for dp_reshardable (each rank's shards
+               are views, staged to host memory), one DDP bucket all-gathered over DP in fp32 for
+               fully_reshardable (the whole buffer without overlap_grad_reduce)
+  fixed        CUDA context, NCCL communicators (one per parallel group the rank uses), cuBLAS / TE
+               workspaces: assumptions until a GPU run measures them (benchmarks/gpu_learner_check.py)
+  fragment.    the caching allocator's loss, a share of the training step's dynamic memory
 
-The peak of a training step is weights + grads + optimizer + activations + the largest
-transient at the start of the backward (the log-prob chunk's buffers or, for kernels that keep
-softmax probabilities, the attention backward). The reference pass (no grad) can be the peak
-when the reference is not offloaded.
+The peak is the largest of four phases, each on top of the resident items (weights, grads,
+optimizer, a resident reference, the weight-sync buffer, fixed, fragmentation): the training step
+(activations + the largest transient at the start of the backward: the log-prob chunk's buffers
+or, for kernels that keep softmax probabilities, the attention backward), the reference pass
+(the reference's weights + the no-grad log-prob buffers), a checkpoint save and a weight sync.
 
 The per-token activation counts come from reading what megatron-core 0.16's layers save:
   gpu (TE spec, FlashAttention / cuDNN fused attention, bf16): 4h (two norm inputs and outputs)
-      + 3q (qk-norm input, RoPE output, attention output) + 3kv + 3f (SwiGLU input 2f, fc2 input f)
+      + 3q (qk-norm input, RoPE output, attention output) + 3kv + 3f (SwiGLU input 2f, fc2 input f).
+      Selective recompute of core_attn saves none of it here: the checkpoint keeps the fused
+      kernel's inputs (q, k, v) and linear_proj keeps its output, so it only adds an attention
+      forward (the planner says so and suggests full recompute)
   cpu (local spec, fp32, torch's math SDPA): 6h + 7q + 5kv + 5f, and the softmax probabilities
       heads x L^2 per sequence; the softmax backward holds about 10 such tensors at once
       (counted with torch.autograd.graph.saved_tensors_hooks and torch's profiler, torch 2.13)
@@ -59,14 +70,24 @@ class Backend:
     act_f: float
     saves_attention_probs: bool  # the attention kernel keeps heads x L^2 probabilities
     attention_backward_probs: float  # probability-sized tensors alive in the softmax backward
-    overhead_bytes: int
+    cuda_context_bytes: float  # the CUDA context and torch's kernels (lazy loading)
+    nccl_bytes_per_group: float  # one NCCL communicator's buffers
+    workspace_bytes: float  # cuBLAS / cuBLASLt / TE workspaces
     fragmentation: float  # share of the dynamic memory lost to the caching allocator
+
+    def fixed_bytes(self, cfg: LearnerConfig, dp_size: int) -> dict[str, float]:
+        groups = sum((cfg.tensor_parallel_size > 1, dp_size > 1, cfg.context_parallel_size > 1,
+                      2 * (cfg.pipeline_parallel_size > 1)))  # PP: the pipeline and the embedding group
+        return {"cuda context": self.cuda_context_bytes, "nccl": groups * self.nccl_bytes_per_group,
+                "workspaces": self.workspace_bytes}
 
 
 GPU = Backend(name="gpu", act_h=4, act_q=3, act_kv=3, act_f=3, saves_attention_probs=False,
-              attention_backward_probs=0, overhead_bytes=3 * GIB, fragmentation=0.10)
+              attention_backward_probs=0, cuda_context_bytes=0.6 * GIB, nccl_bytes_per_group=0.5 * GIB,
+              workspace_bytes=0.5 * GIB, fragmentation=0.10)
 CPU = Backend(name="cpu", act_h=6, act_q=7, act_kv=5, act_f=5, saves_attention_probs=True,
-              attention_backward_probs=10, overhead_bytes=0, fragmentation=0.0)
+              attention_backward_probs=10, cuda_context_bytes=0, nccl_bytes_per_group=0, workspace_bytes=0,
+              fragmentation=0.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -82,11 +103,16 @@ class LearnerMemory:
 
     items: tuple[Item, ...]
     peak: float  # bytes
-    peak_phase: str  # "training step" or "reference pass"
+    peak_phase: str  # the phase of the peak (`phases`)
     stage: str  # which pipeline stage is the largest
+    phases: tuple[tuple[str, float], ...] = ()  # (phase, its peak): training step, reference pass, ...
 
     def item(self, name: str) -> float:
-        return next(i.bytes for i in self.items if i.name == name)
+        """Bytes of item `name` (0 when it is not on this rank, e.g. a checkpoint save that allocates nothing)."""
+        return next((i.bytes for i in self.items if i.name == name), 0.0)
+
+    def phase(self, name: str) -> float:
+        return dict(self.phases)[name]
 
 
 def layer_params(arch: ModelArch) -> tuple[int, int]:
@@ -123,8 +149,8 @@ def _per_token_layer_bytes(arch: ModelArch, cfg: LearnerConfig, backend: Backend
     terms = {"h": backend.act_h * h_share, "q": backend.act_q * q_dim / tp, "kv": backend.act_kv * kv_dim / tp,
              "f": backend.act_f * arch.ffn_hidden_size / tp}
     modules = set(cfg.recompute_modules or ["core_attn"]) if cfg.recompute_granularity == "selective" else set()
-    if "core_attn" in modules:
-        terms["q"] -= q_dim / tp  # the attention output is recomputed
+    if "core_attn" in modules and backend.saves_attention_probs:
+        terms["q"] -= q_dim / tp  # the math kernel's output is recomputed (the fused kernel's is kept: docstring)
     if "mlp" in modules:
         terms["f"] = 0.0
         terms["h"] -= h_share  # only the MLP's input is kept
@@ -179,49 +205,87 @@ def head_bytes(arch: ModelArch, cfg: LearnerConfig, backend: Backend) -> tuple[f
 
 
 def estimate_learner(arch: ModelArch, cfg: LearnerConfig, *, dp_size: int, max_seq_len: int,
-                     with_reference: bool, backend: Backend = GPU) -> LearnerMemory:
-    """The memory of the busiest learner rank (module docstring)."""
-    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
-    d = DTYPE_BYTES[cfg.precision]
+                     with_reference: bool, backend: Backend = GPU, sync_bucket_bytes: int = 0) -> LearnerMemory:
+    """The memory of the busiest learner rank (module docstring). sync_bucket_bytes: the weight
+    sync's bucket (sync.bucket_bytes; 0: no weight sync from this learner)."""
     best: LearnerMemory | None = None
-    for stage in sorted({0, pp - 1}):
-        params, linear = stage_params(arch, tp, pp, stage)
-        weights = params * d + (2 * linear if cfg.precision == "fp8" else 0)
-        grads = params * 4
-        opt_per_param = (0 if cfg.precision == "fp32" else 4) + 8
-        optim = params * opt_per_param / (dp_size * cfg.context_parallel_size if cfg.optim.use_distributed_optimizer
-                                          else 1)
-        if cfg.optim.cpu_offload:
-            optim *= 1 - cfg.optim.cpu_offload_fraction
-        acts, attn_transient = activation_bytes(arch, cfg, backend, max_seq_len)
-        if stage != 0:  # the last stage keeps one micro-batch of its own layers
-            acts = acts / pp
-        head_train, head_no_grad = head_bytes(arch, cfg, backend) if stage == pp - 1 else (0.0, 0.0)
-        transient = max(head_train, attn_transient)
-        reference = params * d if with_reference else 0.0
-        resident_ref = 0.0 if cfg.ref_offload else reference
-        static = weights + grads + optim + resident_ref
-        dynamic = acts + transient
-        overhead = backend.overhead_bytes + backend.fragmentation * dynamic
-        train_peak = static + dynamic + overhead
-        ref_peak = static + (reference - resident_ref) + head_no_grad + overhead
-        peak, phase = (train_peak, "training step") if train_peak >= ref_peak else (ref_peak, "reference pass")
-        items = (
-            Item(name="weights", bytes=weights, note=f"{params / 1e6:,.0f}M params on this rank"),
-            Item(name="grads", bytes=grads, note="fp32 DDP buffer"),
-            Item(name="optimizer", bytes=optim, note=_optim_note(cfg, dp_size)),
-            Item(name="activations", bytes=acts, note=_act_note(cfg)),
-            Item(name="log-prob buffers", bytes=transient if stage == pp - 1 else attn_transient,
-                 note=f"chunks of {cfg.logprob_chunk_tokens or cfg.micro_batch_tokens} rows"),
-            Item(name="reference", bytes=reference, note="host memory, on the device for its pass"
-                 if cfg.ref_offload else "resident on the device") if with_reference else None,
-            Item(name="overhead", bytes=overhead, note="CUDA/NCCL/TE workspaces + fragmentation"),
-        )
-        estimate = LearnerMemory(items=tuple(i for i in items if i is not None), peak=peak, peak_phase=phase,
-                                 stage="first" if stage == 0 else "last")
+    for stage in sorted({0, cfg.pipeline_parallel_size - 1}):
+        estimate = _stage_estimate(arch, cfg, stage, dp_size=dp_size, max_seq_len=max_seq_len,
+                                   with_reference=with_reference, backend=backend, sync_bucket_bytes=sync_bucket_bytes)
         if best is None or estimate.peak > best.peak:
             best = estimate
     return best
+
+
+def _stage_estimate(arch: ModelArch, cfg: LearnerConfig, stage: int, *, dp_size: int, max_seq_len: int,
+                    with_reference: bool, backend: Backend, sync_bucket_bytes: int) -> LearnerMemory:
+    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    d = DTYPE_BYTES[cfg.precision]
+    params, linear = stage_params(arch, tp, pp, stage)
+    weights = params * d + (2 * linear if cfg.precision == "fp8" else 0)
+    grads = params * (4 if cfg.grad_reduce_in_fp32 or cfg.precision == "fp32" else d)
+    optim = optimizer_bytes(params, cfg, dp_size)
+    acts, attn_transient = activation_bytes(arch, cfg, backend, max_seq_len)
+    if stage != 0:  # the last stage keeps one micro-batch of its own layers
+        acts = acts / pp
+    head_train, head_no_grad = head_bytes(arch, cfg, backend) if stage == pp - 1 else (0.0, 0.0)
+    transient = max(head_train, attn_transient)
+    reference = params * d if with_reference else 0.0
+    resident_ref = 0.0 if cfg.ref_offload else reference
+    sync_buffer, sync_gather = sync_bytes(arch, sync_bucket_bytes) if backend.name == "gpu" else (0.0, 0.0)
+    save = checkpoint_device_bytes(params, cfg, dp_size) if backend.name == "gpu" else 0.0
+    fixed = backend.fixed_bytes(cfg, dp_size)
+    fragmentation = backend.fragmentation * (acts + transient)
+    resident = weights + grads + optim + resident_ref + sync_buffer + sum(fixed.values()) + fragmentation
+    phases = (("training step", resident + acts + transient),
+              ("reference pass", resident + (reference - resident_ref) + head_no_grad),
+              ("checkpoint save", resident + save), ("weight sync", resident + sync_gather))
+    phase, peak = max(phases, key=lambda item: item[1])
+    items = (
+        Item(name="weights", bytes=weights, note=f"{params / 1e6:,.0f}M params on this rank"),
+        Item(name="grads", bytes=grads, note=f"{'fp32' if grads == params * 4 else 'bf16'} DDP buffer"),
+        Item(name="optimizer", bytes=optim, note=_optim_note(cfg, dp_size)),
+        Item(name="activations", bytes=acts, note=_act_note(cfg)),
+        Item(name="log-prob buffers", bytes=transient if stage == pp - 1 else attn_transient,
+             note=f"chunks of {cfg.logprob_chunk_tokens or cfg.micro_batch_tokens} rows"),
+        Item(name="reference", bytes=reference, note="host memory, on the device for its pass"
+             if cfg.ref_offload else "resident on the device") if with_reference else None,
+        Item(name="weight-sync buffer", bytes=sync_buffer,
+             note=f"kept between syncs; a sync gathers +{sync_gather / GIB:.2f} GB (largest tensor over TP)")
+        if sync_buffer else None,
+        Item(name="checkpoint save", bytes=save, note=f"{cfg.checkpoint.optimizer_sharding}, during a save"),
+        *(Item(name=name, bytes=value, note="assumption until measured") for name, value in fixed.items()),
+        Item(name="fragmentation", bytes=fragmentation, note=f"{backend.fragmentation:.0%} of the step's dynamic memory"),
+    )
+    return LearnerMemory(items=tuple(i for i in items if i is not None and (i.bytes or i.name == "activations")),
+                         peak=peak, peak_phase=phase, stage="first" if stage == 0 else "last", phases=phases)
+
+
+def optimizer_bytes(params: float, cfg: LearnerConfig, dp_size: int, *, on_host: bool = False) -> float:
+    """fp32 main weights (bf16 / fp8) + Adam's moments of this rank, on the device (on_host: the
+    share optim.cpu_offload moves to the host)."""
+    per_param = (0 if cfg.precision == "fp32" else 4) + 8
+    total = params * per_param / (dp_size * cfg.context_parallel_size if cfg.optim.use_distributed_optimizer else 1)
+    share = cfg.optim.cpu_offload_fraction if cfg.optim.cpu_offload else 0.0
+    return total * (share if on_host else 1 - share)
+
+
+def sync_bytes(arch: ModelArch, bucket_bytes: int) -> tuple[float, float]:
+    """(flat bucket kept between syncs, largest HF tensor gathered over TP while syncing), bf16.
+    The buffer is min(bucket, the model) but at least the largest tensor (convert/export.py)."""
+    if not bucket_bytes:
+        return 0.0, 0.0
+    largest = arch.vocab_size * arch.hidden_size * 2  # the embedding / output layer
+    return max(min(bucket_bytes, arch.num_params() * 2), largest), 2 * largest  # shards + concatenation
+
+
+def checkpoint_device_bytes(params: float, cfg: LearnerConfig, dp_size: int) -> float:
+    """What a checkpoint save allocates on the device (module docstring)."""
+    if not cfg.optim.use_distributed_optimizer or cfg.checkpoint.optimizer_sharding == "dp_reshardable":
+        return 0.0
+    # megatron DDP buckets: one bucket without overlap, else max(40M, 1M x DP) elements (distributed/)
+    bucket = params if not cfg.overlap_grad_reduce else min(params, max(40e6, 1e6 * dp_size))
+    return bucket * 4 * (1 + 1 / dp_size)  # all-gathered fp32 world bucket + the local shard sent
 
 
 def _optim_note(cfg: LearnerConfig, dp_size: int) -> str:

@@ -21,6 +21,7 @@ from megatron_s2lpo.config.model import ModelArch
 
 from .archs import resolve_arch
 from .estimate import GIB, GPU, Backend, LearnerMemory, estimate_learner, with_changes
+from .host import HostMemory, estimate_host
 
 MARGIN = 0.05  # a recipe fits when its peak leaves this share of the GPU free
 
@@ -45,8 +46,10 @@ class RunPlan:
     learner: LearnerMemory
     servers: list[ServerMemory]
     gpu_memory: float  # bytes
+    host: HostMemory | None = None  # host memory of a learner node
     problems: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # valid but wasteful choices
 
     @property
     def fits(self) -> bool:
@@ -70,25 +73,56 @@ class PlanReport:
 
 
 def check_fits(cfg: RunConfig, gpu_memory_gb: float = 80.0, *, num_learner_gpus: int | None = None,
-               gpus_per_node: int = 8, colocated: bool | None = None, backend: Backend = GPU) -> PlanReport:
+               gpus_per_node: int = 8, colocated: bool | None = None, backend: Backend = GPU,
+               host_memory_gb: float | None = None) -> PlanReport:
     """Plan every run of `cfg` (each stage of a staged recipe) on GPUs of `gpu_memory_gb`.
 
     num_learner_gpus: the learner's GPUs (sets DP; the launcher passes its layout's count);
     None: one node of `gpus_per_node`. colocated: whether the learner's SGLang server shares the
     learner's GPUs (None: when sync.transport=tensor, as the launcher decides by default).
+    host_memory_gb: a learner node's host memory; the learner's host memory (planner/host.py) is
+    always reported and, given this, checked against it.
     """
     if gpu_memory_gb <= 0:
         raise ValueError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
+    if host_memory_gb is not None and host_memory_gb <= 0:
+        raise ValueError(f"--host-memory-gb must be > 0, got {host_memory_gb}")
+    configs = runs_of(cfg)
+    learner_gpus = num_learner_gpus or gpus_per_node
+    plans = [_plan_run(title, run_cfg, gpu_memory_gb * GIB, learner_gpus, backend,
+                       run_cfg.sync.transport == "tensor" if colocated is None else colocated)
+             for title, run_cfg in configs]
+    for plan, (_, run_cfg) in zip(plans, configs):
+        _plan_host(plan, run_cfg, learner_gpus, gpus_per_node, host_memory_gb, backend)
+    return PlanReport(runs=plans)
+
+
+def runs_of(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """(title, config) of every run of `cfg`: each stage of a staged recipe, else the run itself."""
     if cfg.stages:
         from megatron_s2lpo.config.stages import stage_run_config
 
-        runs = [(f"stage {s.name}", stage_run_config(cfg, i)) for i, s in enumerate(cfg.stages)]
-    else:
-        runs = [(cfg.run.name, cfg)]
-    learner_gpus = num_learner_gpus or gpus_per_node
-    return PlanReport(runs=[_plan_run(title, run_cfg, gpu_memory_gb * GIB, learner_gpus, backend,
-                                      run_cfg.sync.transport == "tensor" if colocated is None else colocated)
-                            for title, run_cfg in runs])
+        return [(f"stage {s.name}", stage_run_config(cfg, i)) for i, s in enumerate(cfg.stages)]
+    return [(cfg.run.name, cfg)]
+
+
+def _plan_host(run: RunPlan, cfg: RunConfig, learner_gpus: int, gpus_per_node: int,
+               host_memory_gb: float | None, backend: Backend) -> None:
+    """The learner node's host memory, and notes on wasteful recompute choices."""
+    lc = cfg.learner
+    dp = learner_gpus // (lc.tensor_parallel_size * lc.pipeline_parallel_size * lc.context_parallel_size)
+    run.host = estimate_host(run.arch, lc, dp_size=dp, with_reference=cfg.algo.kl_coef > 0,
+                             ranks_per_node=min(gpus_per_node, learner_gpus),
+                             colocated=cfg.sync.transport == "tensor")
+    if host_memory_gb is not None and run.host.per_node > 0.9 * host_memory_gb * GIB:
+        run.problems.append(f"the learner needs {run.host.per_node / GIB:.0f} GB of host memory per node, more than "
+                            f"90% of {host_memory_gb:.0f} GB ({run.host.text()})")
+    selective = lc.recompute_granularity == "selective" and "core_attn" in (lc.recompute_modules or ["core_attn"])
+    if selective and backend.name == "gpu" and lc.use_te is not False:
+        run.notes.append("learner.recompute_granularity=selective recomputes core_attn, which saves no memory with "
+                         "Transformer Engine's fused attention (its inputs q, k, v stay saved for the recompute and "
+                         "its output stays saved by linear_proj) and costs one more attention forward per layer: use "
+                         "recompute_granularity=full if activations do not fit, else none")
 
 
 def _used_servers(cfg: RunConfig) -> list[tuple[str, EngineConfig]]:
@@ -118,9 +152,11 @@ def _plan_run(title: str, cfg: RunConfig, gpu_memory: float, learner_gpus: int, 
     max_seq_len = _max_seq_len(cfg)
     with_reference = cfg.algo.kl_coef > 0
 
+    sync_bucket = cfg.sync.bucket_bytes if cfg.rollout.learner.backend == "sglang" else 0
+
     def estimate(learner_cfg) -> LearnerMemory:
         return estimate_learner(arch, learner_cfg, dp_size=dp, max_seq_len=max_seq_len,
-                                with_reference=with_reference, backend=backend)
+                                with_reference=with_reference, backend=backend, sync_bucket_bytes=sync_bucket)
 
     learner = estimate(lc)
     layout = (f"TP={lc.tensor_parallel_size}{' SP' if lc.sequence_parallel else ''} PP={lc.pipeline_parallel_size} "
@@ -149,7 +185,8 @@ def _plan_run(title: str, cfg: RunConfig, gpu_memory: float, learner_gpus: int, 
 
 def _colocated_learner_bytes(learner: LearnerMemory, backend: Backend) -> float:
     """What the learner keeps on a GPU it shares with its rollout server while the server runs."""
-    return sum(learner.item(n) for n in ("weights", "grads", "optimizer")) + backend.overhead_bytes
+    kept = ("weights", "grads", "optimizer", "cuda context", "nccl", "workspaces")
+    return sum(i.bytes for i in learner.items if i.name in kept)
 
 
 def _server(name: str, engine: EngineConfig, arch: ModelArch, gpu_memory: float, max_seq_len: int,
@@ -241,9 +278,13 @@ def _run_text(run: RunPlan) -> str:
     spare = run.gpu_memory - lm.peak
     out.append(f"    {'peak':<18}{lm.peak / GIB:8.2f} GB   {lm.peak_phase}, of {run.gpu_memory / GIB:.0f} GB "
                + (f"({spare / GIB:.1f} GB spare)" if spare >= 0 else f"({-spare / GIB:.1f} GB over)"))
+    out.append("    phases: " + ", ".join(f"{name} {value / GIB:.1f}" for name, value in lm.phases))
+    if run.host is not None:
+        out.append(f"  {run.host.text()}")
     for server in run.servers:
         out.append(f"  {server.name}: {server.num_gpus} GPU(s), weights {server.weights_per_gpu / GIB:.1f} GB/GPU, "
                    f"KV cache {server.kv_cache_per_gpu / GIB:.1f} GB/GPU = {server.kv_tokens} tokens")
+    out += [f"  note: {n}" for n in run.notes]
     out.append("  fits" if run.fits else "  DOES NOT FIT:")
     out += [f"    - {p}" for p in run.problems]
     if run.advice:

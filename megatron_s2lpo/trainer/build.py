@@ -221,7 +221,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     train, heldout = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(train), cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     algo, rollout = cfg.algo, cfg.rollout
-    learner = Learner(model_arch(rollout.learner, "learner"), cfg.learner, with_reference=algo.kl_coef > 0)
+    learner = Learner(model_arch(rollout.learner, "learner"), cfg.resolved_learner(), with_reference=algo.kl_coef > 0)
     groups = learner.groups
     learner_path = _learner_dir(cfg, tokenizer)  # rank 0 writes it when built from code
     if algo.method == "forward_kl":  # the teacher samples every group, through the explorer slot

@@ -204,8 +204,8 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
                         "time/other": (t5 - t0) - flow["time/wait_rollout"] - (t3 - t1) - flow["time/sync"]})
         stopping = stop_requested() and step < cfg.run.num_steps  # every rank agrees
         save = step == cfg.run.num_steps or (cfg.run.save_every and step % cfg.run.save_every == 0)
-        if save or stopping:
-            _save(parts, step, cumulative, metrics)  # the step's metrics travel with its checkpoint
+        if save or stopping:  # the step's metrics travel with its checkpoint; the last one is committed now
+            _save(parts, step, cumulative, metrics, wait=stopping or step == cfg.run.num_steps)
         t7 = time.perf_counter()
         metrics.update({"time/checkpoint": t7 - t6, "time/step": t7 - t0})
         if parts.writer is not None:
@@ -279,15 +279,17 @@ def _heldout_accuracy(parts: TrainerParts, step: int) -> float:
     return avg_at_k_pass1(scores)
 
 
-def _save(parts: TrainerParts, step: int, cumulative: dict[str, float], metrics: dict[str, float]) -> None:
+def _save(parts: TrainerParts, step: int, cumulative: dict[str, float], metrics: dict[str, float], *,
+          wait: bool) -> None:
     """Checkpoint `step` with the trainer's state and the step's metrics (all but time/checkpoint
-    and time/step), which a resume logs if the run died before writing them."""
+    and time/step), which a resume logs if the run died before writing them. With asynchronous
+    saves (learner.checkpoint.async_save) `wait` commits it before returning."""
     from megatron_s2lpo.learner.checkpoint import prune_checkpoints
 
     state = {"step": step, "sampler": parts.sampler.state_dict(), "cumulative": dict(cumulative),
              "explorer_store": parts.prefetcher.state_dict() if parts.prefetcher is not None else {},
              "metrics": {k: json_safe(v) for k, v in metrics.items()}}
-    parts.learner.save(parts.checkpoint_root, step=step, trainer_state=state,
+    parts.learner.save(parts.checkpoint_root, step=step, trainer_state=state, wait=wait,
                        extra_files=parts.pipeline.checkpoint_files())  # the next step's rollouts, if ahead
     if parts.is_driver:
         prune_checkpoints(parts.checkpoint_root, parts.config.run.keep_checkpoints)

@@ -25,9 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "distributed: starts 2 gloo processes with real megatron-core (slow)")
 
 
-def run_checks(script: str, timeout: float) -> dict[str, dict]:
-    """Run scripts/<script> on 2 ranks; the CHECK records of both ranks (a failure on any rank wins)."""
-    outputs = run_distributed(SCRIPTS / script, nprocs=2, timeout=timeout)
+def run_checks(script: str, timeout: float, nprocs: int = 2) -> dict[str, dict]:
+    """Run scripts/<script> on `nprocs` ranks; the CHECK records of all ranks (a failure on any rank wins)."""
+    outputs = run_distributed(SCRIPTS / script, nprocs=nprocs, timeout=timeout)
     checks: dict[str, dict] = {}
     for output in outputs:
         for name, record in parse_checks(output).items():

@@ -4,9 +4,9 @@ memory planner. Skipped without CUDA; tests needing Transformer Engine skip with
     python -m pytest tests/gpu/test_learner_scale_cuda.py -s      # -s prints the measured figures
 
 Covered: the local spec's packed attention core uses FlashAttention varlen in bf16 and packed =
-padded within bf16 noise; TE's THD attention packed = padded; FP8 current-scaling recipes give
-the same log-probs in two passes of the same weights (ratio 1 on-policy) and refuse Blackwell
-recipes elsewhere; offload() releases the GPU memory it tracks and training continues
+padded within bf16 noise; TE's THD attention packed = padded; FP8 recipes refuse Blackwell
+recipes elsewhere; FP8 blockwise keeps the ratio at 1 on-policy across different packs (tensorwise
+printed); offload() releases the GPU memory it tracks and training continues
 identically; the planner's GPU estimate of a step's peak next to torch.cuda.max_memory_allocated.
 """
 
@@ -86,21 +86,29 @@ def test_te_attention_takes_thd_packs(groups):
 
 @needs_te
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
-def test_fp8_current_scaling_is_on_policy(groups, recipe):
+def test_fp8_on_policy_ratio_across_packs(groups, recipe):
+    """Old log-probs over the whole batch in large packs, the loss over a mini-batch in training
+    packs, the same weights: blockwise (a token's scales are its own) keeps the ratio at 1 and
+    clips nothing; tensorwise (one scale per pack) is printed, not asserted (docs/learner.md)."""
+    from megatron_s2lpo.algo.batch import take_rows
     from megatron_s2lpo.learner.model import fp8_support_error
 
     error = fp8_support_error(recipe, torch.cuda.get_device_capability(), torch.version.cuda)
     if error:
         pytest.skip(error)
-    learner = learner_for(groups, precision="fp8", use_te=True, fp8_recipe=recipe)
+    learner = learner_for(groups, precision="fp8", use_te=True, fp8_recipe=recipe, micro_batch_tokens=512,
+                          logprob_micro_batch_tokens=2048)
     batch = make_batch()
     first = learner.compute_logprobs(batch, 1.0)
     batch.old_logprobs = learner.compute_logprobs(batch, 1.0)
-    metrics = learner.compute_gradients(batch, loss_config=PolicyLossConfig())
-    print(f"fp8 {recipe}: two passes max |dlogp| {float((first - batch.old_logprobs).abs().max()):.2e}, "
-          f"first-pass clip fraction {metrics.get('clip_frac')}")
-    assert float((first - batch.old_logprobs).abs().max()) < 1e-3  # current scaling: same scales each pass
-    assert metrics.get("clip_frac", 0.0) == 0.0
+    mini = take_rows(batch, [0, 2, 4, 6])
+    metrics = learner.compute_gradients(mini, loss_config=PolicyLossConfig())
+    same_packs = float((first - batch.old_logprobs).abs().max())
+    print(f"fp8 {recipe}: two passes in the same packs max |dlogp| {same_packs:.2e}; mini-batch in training "
+          f"packs: ratio max {metrics.get('ratio_max'):.4f}, clip fraction {metrics.get('clip_frac')}")
+    assert same_packs < 1e-3
+    if recipe == "blockwise":
+        assert metrics.get("clip_frac", 0.0) == 0.0 and abs(metrics["ratio_max"] - 1) < 0.05
 
 
 @needs_te
@@ -146,7 +154,8 @@ def test_planner_estimate_next_to_max_memory_allocated(groups):
     learner.train_step(batch, loss_config=PolicyLossConfig())
     measured = torch.cuda.max_memory_allocated()
     estimate = estimate_learner(ARCH, learner.config, dp_size=1, max_seq_len=1024, with_reference=False, backend=GPU)
-    without_overhead = estimate.peak - estimate.item("overhead")
-    print(f"planner: estimate {without_overhead / 2**20:.1f} MiB (+ overhead {estimate.item('overhead') / 2**20:.0f}), "
+    overhead = sum(estimate.item(name) for name in ("cuda context", "nccl", "workspaces", "fragmentation"))
+    without_overhead = estimate.phase("training step") - overhead  # what torch's allocator counts
+    print(f"planner: estimate {without_overhead / 2**20:.1f} MiB (+ overhead {overhead / 2**20:.0f}), "
           f"measured max_memory_allocated {measured / 2**20:.1f} MiB, static {static / 2**20:.1f} MiB")
     assert 0.75 < without_overhead / measured < 1.25

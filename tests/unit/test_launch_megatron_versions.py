@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
+from wheel_sources import wheel_sources
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "0.19.2"
@@ -43,31 +43,10 @@ if __name__ == "__main__":
 """
 
 
-def _megatron_core_sources(version: str) -> Path:
-    cache = Path(os.environ.get("S2LPO_WHEEL_CACHE", Path.home() / ".cache" / "megatron_s2lpo" / "wheels"))
-    sources = cache / f"megatron_core-{version}"
-    if (sources / "megatron" / "core" / "__init__.py").is_file():
-        return sources
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = list(cache.glob(f"megatron_core-{version}-*.whl"))
-    if not wheels:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary=:all:",
-                               "--python-version", "3.12", "-d", str(cache), f"megatron-core=={version}"],
-                              capture_output=True, text=True, timeout=120)
-        wheels = list(cache.glob(f"megatron_core-{version}-*.whl"))
-        if proc.returncode or not wheels:
-            pytest.skip(f"could not download megatron-core {version} (needs PyPI): {proc.stderr[-500:]}")
-    tmp = cache / f".tmp-{os.getpid()}"
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        wheel.extractall(tmp, [n for n in wheel.namelist() if n.startswith("megatron/") and n.endswith(".py")])
-    os.replace(tmp, sources)
-    return sources
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cpu_shims_run_the_learner_on_megatron_core_0_19():
-    sources = _megatron_core_sources(VERSION)
+    sources = wheel_sources("megatron-core", VERSION, "megatron/", python_version="3.12")
     env = {**os.environ, "PYTHONPATH": f"{sources}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(version=VERSION)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)

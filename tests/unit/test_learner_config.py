@@ -89,15 +89,6 @@ def test_memory_and_precision_options_are_validated(kwargs, message):
         from_dict(LearnerConfig, kwargs, "learner")
 
 
-def test_sequence_multiple_follows_fp8_cp_and_sp():
-    assert LearnerConfig().sequence_multiple == 8
-    assert LearnerConfig(precision="fp8", fp8_recipe="tensorwise").sequence_multiple == 16
-    assert LearnerConfig(precision="fp8", fp8_recipe="mxfp8").sequence_multiple == 32
-    assert LearnerConfig(precision="fp8", fp8_recipe="nvfp4", seq_length_multiple=1).sequence_multiple == 128
-    assert LearnerConfig(context_parallel_size=4, seq_length_multiple=1).sequence_multiple == 8
-    assert LearnerConfig(tensor_parallel_size=3, sequence_parallel=True, seq_length_multiple=4).sequence_multiple == 12
-
-
 def test_fp8_recipes_follow_transformer_engines_hardware_rules():
     from megatron_s2lpo.learner.model import fp8_support_error
 
@@ -146,3 +137,73 @@ def test_engine_precision_and_the_default_importance_correction():
     assert importance_correction(load_config(None, [*sglang, "learner.precision=bf16",
                                                     "algo.precision_correction=true"])) == (2.0, learner_rows)
     assert importance_correction(load_config(None, ["algo.old_logprob=behaviour", "algo.is_threshold=3"])) == (3.0, None)
+
+
+def test_transformer_overrides_reach_megatron_and_unknown_fields_name_a_suggestion():
+    """learner.transformer_overrides: checked against megatron-core's own TransformerConfig fields
+    (the installed 0.16.1), applied to the config the learner builds."""
+    from megatron_s2lpo.config.model import ModelArch
+    from megatron_s2lpo.learner.model import check_transformer_overrides, transformer_config
+    from megatron_s2lpo.learner.parallel import ParallelGroups
+
+    assert check_transformer_overrides({"fp8_param": True, "tp_comm_overlap": True, "cpu_offloading": False}) == \
+        {"fp8_param": True, "tp_comm_overlap": True, "cpu_offloading": False}  # model-parallel fields too
+    with pytest.raises(ValueError, match=r"learner.transformer_overrides.fp8_params is not a field of megatron-core's "
+                                         r"TransformerConfig .*did you mean fp8_param\b"):
+        check_transformer_overrides({"fp8_params": True})
+    with pytest.raises(ValueError, match="learner.transformer_overrides.sequence_parallel: the learner sets "
+                                         "sequence_parallel itself; use learner.sequence_parallel instead"):
+        check_transformer_overrides({"sequence_parallel": True})
+    arch = ModelArch(family="qwen3", vocab_size=300, hidden_size=64, ffn_hidden_size=96, num_layers=2,
+                     num_attention_heads=4, num_query_groups=2, head_dim=16, qk_layernorm=True)
+    groups = ParallelGroups(tp_group=None, pp_group=None, dp_group=None, dp_group_gloo=None, embedding_group=None,
+                            tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, dp_rank=0, dp_size=1, vpp_size=None,
+                            rank=0, world_size=1, device=__import__("torch").device("cpu"))
+    config = transformer_config(arch, groups, transformer_overrides={"init_method_std": 0.0123})
+    assert config.init_method_std == 0.0123
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tensor_model_parallel_size": 2}, "use learner.tensor_parallel_size instead"),
+    ({"hidden_size": 128}, r"the model's config.json"),
+    ({"fp8": "e4m3"}, "learner.precision / fp8_format / fp8_recipe"),
+    ({"cuda_graph_impl": {"a": 1}}, "must be a number, string, boolean or list"),
+])
+def test_transformer_overrides_are_checked_when_the_config_loads(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(LearnerConfig, {"transformer_overrides": overrides}, "learner")
+    cfg = from_dict(LearnerConfig, apply_overrides({}, ["transformer_overrides.fp8_param=true"]), "learner")
+    assert cfg.transformer_overrides == {"fp8_param": True}
+
+
+def test_expandable_segments_are_refused_with_cuda_ipc_weight_sync():
+    from megatron_s2lpo.config import load_config
+
+    tensor = ["sync.transport=tensor", "rollout.learner.backend=sglang", "rollout.learner.model_path=/m"]
+    with pytest.raises(ValueError, match="learner.expandable_segments=true with sync.transport=tensor"):
+        load_config("examples/tiny_cpu.yaml", ["learner.expandable_segments=true", *tensor])
+    assert load_config("examples/tiny_cpu.yaml", tensor).resolved_learner().expandable_segments is False  # auto
+    recipe = load_config("examples/qwen3_8b_explorer_1p7b.yaml")
+    assert recipe.learner.expandable_segments is None and recipe.resolved_learner().expandable_segments is True
+    # the config keeps null, so a launcher that colocates (sync.transport=tensor) still gets it off
+    colocated = load_config("examples/qwen3_8b_explorer_1p7b.yaml", ["sync.transport=tensor"])
+    assert colocated.resolved_learner().expandable_segments is False
+
+
+def test_every_gpu_recipe_overlaps_communication_and_saves_without_gathering():
+    """The GPU recipes (examples/qwen3_*.yaml, the DAPO variant included): DP reduce and param
+    gather overlapped, no recompute (selective core_attn saves nothing with TE's attention),
+    asynchronous dp_reshardable checkpoints, expandable segments resolved on."""
+    from pathlib import Path
+
+    from megatron_s2lpo.config import load_config
+
+    recipes = sorted(Path("examples").glob("qwen3_*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        config = load_config(str(path))
+        lc = config.learner
+        assert lc.optim.use_distributed_optimizer and lc.overlap_grad_reduce and lc.overlap_param_gather, path
+        assert lc.recompute_granularity == "none", path
+        assert lc.checkpoint.async_save and lc.checkpoint.optimizer_sharding == "dp_reshardable", path
+        assert config.resolved_learner().expandable_segments is True, path

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from megatron_s2lpo.learner.attention import attention_kernel, block_causal_mask, packed_attention
+from megatron_s2lpo.learner.attention import attention_kernel, block_causal_mask, length_groups, packed_attention
 from megatron_s2lpo.learner.batching import bin_pack, make_micro_batches, random_batch, round_up, uniform_micro_batches
 from megatron_s2lpo.learner.logprobs import chunked_logprobs, token_logprobs, token_topk_logprobs
 
@@ -97,10 +97,11 @@ def _reference_attention(q, k, v, seq_lens, scale):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("kernel", ["masked", "split"])
-def test_packed_attention_kernels_match_per_sequence_attention(kernel):
+@pytest.mark.parametrize("kernel, seq_lens", [("masked", [5, 1, 9, 3]), ("split", [5, 1, 9, 3]),
+                                              ("grouped", [5, 1, 9, 3]), ("grouped", [40, 3, 38, 2, 9, 37, 1])])
+def test_packed_attention_kernels_match_per_sequence_attention(kernel, seq_lens):
     torch.manual_seed(0)
-    seq_lens, heads, groups, dim = [5, 1, 9, 3], 4, 2, 8
+    heads, groups, dim = 4, 2, 8
     total = sum(seq_lens)
     q = torch.randn(total, heads, dim, requires_grad=True)
     k = torch.randn(total, groups, dim, requires_grad=True)
@@ -112,13 +113,14 @@ def test_packed_attention_kernels_match_per_sequence_attention(kernel):
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     ref = torch.autograd.grad(want, (q, k, v), grad.double())
-    assert max(float((a.double() - b).abs().max()) for a, b in zip(got, ref)) < 1e-6
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(got, ref)) < 5e-6  # fp32 sums over 40 keys
 
 
 def test_attention_kernel_choice_mask_and_errors():
     cpu = torch.zeros(1, 2, 4)
-    assert attention_kernel(cpu, [100, 100]) == "masked"  # the square is half full: one call
-    assert attention_kernel(cpu, [10] * 20) == "split"  # one big square would be 95 % masked
+    assert attention_kernel(cpu, [100, 100]) == attention_kernel(cpu, [10] * 20) == "grouped"  # off CUDA
+    assert length_groups([300, 290, 12, 11, 10, 9, 280]) == [[0, 1, 6, 2], [3, 4, 5]]  # long ones batched
+    assert length_groups([7] * 5) == [[0, 1, 2, 3, 4]]
     assert block_causal_mask([2, 1]).tolist() == [[True, False, False], [True, True, False], [False, False, True]]
     with pytest.raises(ValueError, match="cu_seqlens cover 3 tokens"):
         packed_attention(torch.zeros(4, 1, 2), torch.zeros(4, 1, 2), torch.zeros(4, 1, 2),

@@ -100,9 +100,10 @@ def test_the_old_14b_settings_do_not_fit_and_the_advice_says_what_to_change():
 def test_problems_name_the_field_and_the_numbers():
     long = check_fits(_recipe("qwen3_8b_explorer_1p7b", "learner.micro_batch_tokens=4096"), 80, num_learner_gpus=16)
     assert any("learner.micro_batch_tokens=4096" in p and "5120" in p for p in long.problems)
-    colocated = check_fits(_recipe("qwen3_8b_explorer_1p7b", "sync.transport=tensor"), 80, num_learner_gpus=16)
+    tensor = ("sync.transport=tensor",)
+    colocated = check_fits(_recipe("qwen3_8b_explorer_1p7b", *tensor), 80, num_learner_gpus=16)
     assert any("rollout.learner.mem_fraction" in p for p in colocated.problems)
-    assert check_fits(_recipe("qwen3_8b_explorer_1p7b", "sync.transport=tensor", "rollout.learner.mem_fraction=0.5"),
+    assert check_fits(_recipe("qwen3_8b_explorer_1p7b", *tensor, "rollout.learner.mem_fraction=0.5"),
                       80, num_learner_gpus=16).fits
     with pytest.raises(ValueError, match="rollout.learner: cannot size the model at '/models/MyModel'"):
         check_fits(_recipe("qwen3_8b_explorer_1p7b", "rollout.learner.model_path=/models/MyModel"), 80)
@@ -166,3 +167,67 @@ def test_launcher_refuses_an_over_budget_recipe_unless_allowed():
     assert plan_launch(load_config(recipe), recipe, ClusterLayout(num_nodes=6)).learner_nodes == 4
     with pytest.raises(ValueError, match="does not fit 40 GB"):
         plan_launch(load_config(recipe), recipe, ClusterLayout(num_nodes=6, gpu_memory_gb=40))
+
+
+def _est(cfg, dp=4, **kw):
+    return estimate_learner(QWEN3_8B, cfg, dp_size=dp, max_seq_len=5120, with_reference=kw.get("ref", False),
+                            backend=kw.get("backend", GPU), sync_bucket_bytes=kw.get("sync", 0))
+
+
+def test_selective_core_attention_recompute_saves_nothing_with_fused_attention():
+    base = LearnerConfig(tensor_parallel_size=4, sequence_parallel=True, precision="bf16", micro_batch_tokens=16384)
+    selective = with_changes(base, recompute_granularity="selective")
+    assert _est(selective).item("activations") == _est(base).item("activations")  # before: 1.1 GB less
+    assert _est(with_changes(base, recompute_granularity="full")).item("activations") < 0.2 * _est(base).item("activations")
+    cpu = LearnerConfig(micro_batch_tokens=1024)  # the math kernel keeps probabilities: selective frees them
+    cpu_est = lambda c: estimate_learner(KNOWN_ARCHS["qwen3-0.6b"], c, dp_size=1, max_seq_len=1024,  # noqa: E731
+                                         with_reference=False, backend=CPU)
+    assert cpu_est(with_changes(cpu, recompute_granularity="selective")).item("activations") < \
+        cpu_est(cpu).item("activations")
+    note = check_fits(_recipe("qwen3_8b_explorer_1p7b", "learner.recompute_granularity=selective"), 80,
+                      num_learner_gpus=16).runs[0].notes
+    assert note and "saves no memory with Transformer Engine's fused attention" in note[0]
+    assert not check_fits(_recipe("qwen3_8b_explorer_1p7b"), 80, num_learner_gpus=16).runs[0].notes
+
+
+def test_checkpoint_save_weight_sync_and_fixed_costs_are_counted():
+    base = LearnerConfig(tensor_parallel_size=4, precision="bf16", micro_batch_tokens=16384,
+                         optim=OptimConfig(use_distributed_optimizer=True))
+    params = stage_params(QWEN3_8B, 4, 1, 0)[0]
+    full = with_changes(base, **{"checkpoint": base.checkpoint.__class__(optimizer_sharding="fully_reshardable")})
+    # fully_reshardable without overlap: the whole fp32 buffer all-gathered; dp_reshardable: nothing
+    assert _est(full).item("checkpoint save") == pytest.approx(params * 4 * (1 + 1 / 4))
+    assert _est(with_changes(full, overlap_grad_reduce=True)).item("checkpoint save") < 0.1 * _est(full).item(
+        "checkpoint save")
+    assert _est(base).item("checkpoint save") == 0
+    assert _est(full).phase("checkpoint save") - _est(base).phase("checkpoint save") == pytest.approx(
+        _est(full).item("checkpoint save"))
+    synced = _est(base, sync=512 << 20)
+    largest = QWEN3_8B.vocab_size * QWEN3_8B.hidden_size * 2
+    assert synced.item("weight-sync buffer") == largest  # the embedding is larger than the 512 MiB bucket
+    assert synced.phase("weight sync") - synced.phase("checkpoint save") == pytest.approx(2 * largest)
+    assert synced.peak - _est(base).peak == pytest.approx(largest)  # the buffer is kept through training
+    fixed = {n: _est(base).item(n) for n in ("cuda context", "nccl", "workspaces")}
+    assert fixed["nccl"] == 2 * GPU.nccl_bytes_per_group and fixed["cuda context"] > 0  # TP and DP communicators
+    assert _est(base, dp=1).item("nccl") == GPU.nccl_bytes_per_group
+    assert _est(with_changes(base, grad_reduce_in_fp32=False)).item("grads") == pytest.approx(params * 2)
+
+
+def test_host_memory_of_a_learner_node():
+    from megatron_s2lpo.planner.host import estimate_host
+
+    arch = QWEN3_8B
+    cfg = LearnerConfig(tensor_parallel_size=4, precision="bf16", optim=OptimConfig(use_distributed_optimizer=True))
+    params = stage_params(arch, 4, 1, 0)[0]
+    host = estimate_host(arch, cfg, dp_size=4, with_reference=True, ranks_per_node=8)
+    items = {i.name: i.bytes for i in host.items}
+    assert items["reference"] == params * 2  # pinned bf16 copy
+    assert items["checkpoint"] == pytest.approx(params * 12 / 4 + params * 2)  # own optimizer shard + weights
+    full = with_changes(cfg, **{"checkpoint": cfg.checkpoint.__class__(optimizer_sharding="fully_reshardable")})
+    gathered = {i.name: i.bytes for i in estimate_host(arch, full, dp_size=4, with_reference=True,
+                                                       ranks_per_node=8).items}
+    assert gathered["checkpoint"] - items["checkpoint"] == pytest.approx(params * 12)  # the TP shard on every rank
+    assert host.per_node == pytest.approx(8 * host.per_rank)
+    report = check_fits(_recipe("qwen3_8b_explorer_1p7b"), 80, num_learner_gpus=16, host_memory_gb=64)
+    assert any("GB of host memory per node, more than 90% of 64 GB" in p for p in report.problems)
+    assert "host memory per learner node" in report.text()

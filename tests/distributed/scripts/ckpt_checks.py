@@ -66,6 +66,9 @@ def part_dp2(state: dict, root: Path) -> None:
     for _ in range(2):
         learner.train_step(batch_for(learner), loss_config=LOSS)
     learner.save(root, trainer_state={"sampler": {"epoch": 1, "index": 17}})
+    learner.config.checkpoint.optimizer_sharding = "fully_reshardable"  # the same state, for part 2's resharding
+    learner.save(state["full_root"], trainer_state={"sampler": {"epoch": 1, "index": 17}})
+    learner.config.checkpoint.optimizer_sharding = "dp_reshardable"
     rng_after_save = (random.random(), torch.rand(3))
     state["policy_lp_at_save"] = learner.compute_logprobs(batch, 1.0)
     next_batch = batch_for(learner)
@@ -86,6 +89,10 @@ def part_dp2(state: dict, root: Path) -> None:
         return {"ok": ok, "step": loaded.step, "rng_ok": rng_ok, "lr_value": again["lr"], **diffs}
 
     run_check("checkpoint_resume_gives_identical_next_step", resume_identical)
+    run_check("dp_reshardable_save_gathers_nothing", lambda: save_transients(learner, root.parent / "formats"))
+    run_check("async_save_resumes_identically", lambda: async_resume(learner, root.parent / "async", state))
+    run_check("async_write_failure_keeps_previous_checkpoint",
+              lambda: async_failure(learner, root.parent / "async", state))
 
     def interrupted_save() -> dict:
         real_save = dist_checkpointing.save
@@ -151,6 +158,87 @@ def part_dp2(state: dict, root: Path) -> None:
 
     run_check("reference_loads_from_checkpoint", reference_from_checkpoint)
     destroy_parallel(destroy_process_group=False)
+
+
+def save_transients(learner, root: Path) -> dict:
+    """Memory a save allocates above what is live (torch's allocator events, planner/measure.py):
+    dp_reshardable writes each DP rank's own shard (views), fully_reshardable gathers every TP
+    shard's fp32 params and Adam moments on the DP ranks first."""
+    from megatron_s2lpo.learner.offload import optimizer_tensors
+    from megatron_s2lpo.planner.measure import peak_allocated_bytes, storage_bytes
+
+    shard = storage_bytes(optimizer_tensors(learner.optimizer))  # this rank's fp32 params + moments
+    peaks = {}
+    for sharding in ("dp_reshardable", "fully_reshardable"):
+        learner.config.checkpoint.optimizer_sharding = sharding
+        peaks[sharding] = peak_allocated_bytes(lambda: learner.save(root / sharding))[0]
+    learner.config.checkpoint.optimizer_sharding = "dp_reshardable"
+    ratios = {k: round(v / shard, 2) for k, v in peaks.items()}
+    return {"ok": ratios["dp_reshardable"] < 1.0 < ratios["fully_reshardable"], "save_peak_over_rank_shard": ratios,
+            "rank_shard_bytes": shard}
+
+
+def async_resume(learner, root: Path, state: dict) -> dict:
+    """An asynchronous save of step 2's state while two more steps train (changing every tensor
+    the writer reads), committed by a later poll: it resumes to the identical next step, and no
+    writer process is left."""
+    import psutil
+
+    from megatron_s2lpo.learner.checkpoint_async import AsyncSaves
+
+    learner.load(state["full_root"].parent / "checkpoints")  # step 2 (latest of the main root)
+    learner._async_saves = AsyncSaves()
+    try:
+        learner.save(root)
+        staged_pending = learner._async_saves.in_flight is not None and not (root / "step_00000002").exists()
+        for _ in range(2):
+            learner.train_step(state["next_batch"], loss_config=LOSS)  # polls (commits when written)
+        committed = learner.finish_saves(blocking=True) or root / "step_00000002"
+        loaded = learner.load(root)
+        again = learner.train_step(state["next_batch"], loss_config=LOSS)
+    finally:
+        learner._async_saves = None
+    children = [p.pid for p in psutil.Process().children(recursive=True)]
+    diffs = {"loss": abs(again["loss"] - state["next"]["loss"]),
+             "grad_norm": abs(again["grad_norm"] - state["next"]["grad_norm"])}
+    ok = (staged_pending and loaded.step == 2 and committed == root / "step_00000002"
+          and ckpt.latest_checkpoint(root) == committed and max(diffs.values()) < 1e-6 and not children)
+    return {"ok": ok, "pending_after_save": staged_pending, "children": children, **diffs}
+
+
+def async_failure(learner, root: Path, state: dict) -> dict:
+    """A write that fails in the background writer (ENOSPC raised by megatron's own shard writer in
+    the forked process): the commit never happens, every rank raises CheckpointSaveError naming
+    the full disk, the partial directory is removed and `latest` still names step 2."""
+    import errno
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_s2lpo.learner.checkpoint_async import AsyncSaves
+
+    real_write = filesystem_async._write_item
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    learner._async_saves = AsyncSaves()
+    filesystem_async._write_item = no_space  # the forked writers inherit it
+    try:
+        learner.save(root, step=5)
+        message = "no error"
+        try:
+            learner.finish_saves(blocking=True)
+        except ckpt.CheckpointSaveError as err:
+            message = str(err)
+    finally:
+        filesystem_async._write_item = real_write
+        learner._async_saves = None
+    dist.barrier()
+    leftover = [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    pointer = (root / "latest").read_text().strip()
+    ok = ("no space left on device (ENOSPC)" in message and not leftover and pointer == "step_00000002"
+          and ckpt.latest_checkpoint(root).name == "step_00000002")
+    return {"ok": ok, "message": message[:300], "leftover": leftover, "pointer": pointer}
 
 
 def no_helper_process() -> dict:
@@ -272,8 +360,8 @@ def part_tp2(state: dict, root: Path) -> None:
     groups = init_parallel(tensor_parallel_size=2, seed=3)
     learner = Learner(ARCH, learner_config(2, True), groups=groups)  # DP=1 here
 
-    def resharded_resume() -> dict:
-        loaded = learner.load(root / "step_00000002")
+    def resharded_resume() -> dict:  # a fully_reshardable checkpoint moves between layouts
+        loaded = learner.load(state["full_root"] / "step_00000002")
         again = learner.train_step(state["next_batch"], loss_config=LOSS)
         diffs = {"loss": abs(again["loss"] - state["next"]["loss"]),
                  "grad_norm": abs(again["grad_norm"] - state["next"]["grad_norm"]),
@@ -283,6 +371,19 @@ def part_tp2(state: dict, root: Path) -> None:
                 and diffs["logprobs_after_step"] < 1e-4, **diffs}
 
     run_check("checkpoint_reshards_dp2_distopt_to_tp2", resharded_resume)
+
+    def dp_reshardable_refuses_layout() -> dict:
+        try:
+            learner.load(root / "step_00000002")
+        except ValueError as err:
+            text = str(err)
+            ok = ("dp_reshardable optimizer state" in text and "learner.tensor_parallel_size: saved 1, now 2" in text
+                  and "load_optimizer=False" in text)
+            weights = learner.load(root / "step_00000002", load_optimizer=False)  # the weights still load
+            return {"ok": ok and weights.step == 2, "error": text}
+        return {"ok": False, "error": "no error"}
+
+    run_check("dp_reshardable_checkpoint_refuses_another_tp_clearly", dp_reshardable_refuses_layout)
 
     def optimizer_kind_mismatch() -> dict:
         learner.optimizer.__class__  # the distributed one; build a plain one to be refused
@@ -301,7 +402,7 @@ def part_tp2(state: dict, root: Path) -> None:
 
 def main() -> None:
     root = Path(shared_tmpdir("ckpt_checks_")) / "checkpoints"
-    state: dict = {}
+    state: dict = {"full_root": root.parent / "fully_reshardable"}
     part_dp2(state, root)
     part_tp2(state, root)
     dist.barrier()
