@@ -36,7 +36,7 @@ import warnings
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 # Node counts the recipes were sized for (stated in each YAML's header; docs/cluster.md).
 RECIPE_NODES = {"qwen3_8b_explorer_1p7b": 4, "qwen3_8b_explorer_4b": 4, "qwen3_14b_explorer_4b": 6,
-                "qwen3_8b_explorer_1p7b_dapo": 4}
+                "qwen3_30b_a3b_explorer_4b": 6, "qwen3_8b_explorer_1p7b_dapo": 4}
 # Stated minutes per step, the slowest phase (after T_mix: the learner server generates every
 # sample); docs/cluster.md "Expected step time". A measured one from an earlier job wins.
 RECIPE_STEP_MINUTES = {"qwen3_8b_explorer_1p7b": 23, "qwen3_8b_explorer_4b": 23, "qwen3_14b_explorer_4b": 35,

@@ -56,6 +56,10 @@ class Rollout:
     text: str = ""  # decoded response
     loss_mask: list[int] | None = None  # per response token; None means all ones
     reward: float | None = None  # set by reward/; None means not scored yet
+    # Mixture-of-experts engines: the experts the engine routed each token to, row p = token p of
+    # prompt + response (the last response token is never fed back, so len - 1 rows), columns
+    # layer-major (layer l's top-k ids at [l * k, (l + 1) * k)); int16. None: not recorded.
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.response_logprobs) != len(self.response_ids):
@@ -70,6 +74,14 @@ class Rollout:
             raise ValueError(
                 f"rollout {self.prompt_id}/{self.sample_index}: loss_mask has {len(self.loss_mask)} "
                 f"entries for {len(self.response_ids)} response tokens"
+            )
+        expected = len(self.prompt_ids) + len(self.response_ids) - 1
+        if self.routed_experts is not None and (self.routed_experts.dim() != 2
+                                                or self.routed_experts.shape[0] != expected):
+            raise ValueError(
+                f"rollout {self.prompt_id}/{self.sample_index}: routed_experts has shape "
+                f"{tuple(self.routed_experts.shape)}, expected ({expected}, layers * top_k): one row per "
+                "prompt and response token but the last"
             )
 
     @property
@@ -114,6 +126,10 @@ class TrainBatch:
     # ... and the teacher's top-K ids / log-probs of the distribution that predicts token t.
     teacher_topk_ids: torch.Tensor | None = None  # (B, T, K) long
     teacher_topk_logprobs: torch.Tensor | None = None  # (B, T, K) float
+    # Mixture of experts (learner/routing.py): the experts the sampling engine routed token t to
+    # at each layer, and the routing the learner's training passes replay; -1 = none.
+    routed_experts: torch.Tensor | None = None  # (B, T, layers, top_k) int16
+    replay_experts: torch.Tensor | None = None  # (B, T, layers, top_k) int16
 
     def __post_init__(self) -> None:
         num_seqs, seq_len = self.tokens.shape
@@ -126,6 +142,11 @@ class TrainBatch:
                 )
         if (self.teacher_topk_ids is None) != (self.teacher_topk_logprobs is None):
             raise ValueError("TrainBatch.teacher_topk_ids and teacher_topk_logprobs come together")
+        for name in ("routed_experts", "replay_experts"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 4 or tuple(value.shape[:2]) != (num_seqs, seq_len)):
+                raise ValueError(f"TrainBatch.{name} has shape {tuple(value.shape)}, expected "
+                                 f"{(num_seqs, seq_len)} + (layers, top_k)")
         for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
             value = getattr(self, name)
             if value is not None and (value.dim() != 3 or tuple(value.shape[:2]) != (num_seqs, seq_len)):

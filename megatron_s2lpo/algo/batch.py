@@ -17,8 +17,12 @@ import torch
 from megatron_s2lpo.types import SOURCE_CODES, Group, TrainBatch
 
 
-def build_train_batch(groups: list[Group], advantages: torch.Tensor, pad_token_id: int = 0) -> TrainBatch:
-    """One row per rollout; `advantages` (num_rollouts,) in the same row order."""
+def build_train_batch(groups: list[Group], advantages: torch.Tensor, pad_token_id: int = 0, *,
+                      routing_top_k: int | None = None) -> TrainBatch:
+    """One row per rollout; `advantages` (num_rollouts,) in the same row order.
+
+    Rollouts that carry the experts their engine routed to (mixture-of-experts learners) fill
+    `routed_experts` (B, T, layers, routing_top_k); rows without (explorer samples) are -1."""
     rollouts = [r for g in groups for r in g.rollouts]
     if not rollouts:
         raise ValueError("build_train_batch: the groups hold no rollouts")
@@ -40,12 +44,33 @@ def build_train_batch(groups: list[Group], advantages: torch.Tensor, pad_token_i
         loss_mask[row, start:end] = torch.tensor(r.loss_mask, dtype=torch.float32)
         behaviour[row, start:end] = torch.tensor(r.response_logprobs, dtype=torch.float32)
     adv = advantages.float().unsqueeze(1) * loss_mask  # (B, T): broadcast over response tokens
+    routed = _routed_experts(rollouts, seq_len, routing_top_k)
     return TrainBatch(
         tokens=tokens, loss_mask=loss_mask, advantages=adv, old_logprobs=behaviour.clone(),
         behaviour_logprobs=behaviour,
         sources=torch.tensor([SOURCE_CODES[r.source] for r in rollouts], dtype=torch.long),
-        seq_lens=torch.tensor(lengths, dtype=torch.long),
+        seq_lens=torch.tensor(lengths, dtype=torch.long), routed_experts=routed,
     )
+
+
+def _routed_experts(rollouts: list, seq_len: int, top_k: int | None) -> torch.Tensor | None:
+    """(B, T, layers, top_k) int16 of the rollouts' routed_experts, -1 where a row has none."""
+    carrying = [r for r in rollouts if r.routed_experts is not None]
+    if not carrying:
+        return None
+    width = carrying[0].routed_experts.shape[1]
+    if top_k is None or top_k < 1 or width % top_k:
+        raise ValueError(f"rollouts carry routed experts ({width} per token) but routing_top_k={top_k} does not "
+                         "divide them: pass the learner model's num_experts_per_tok")
+    out = torch.full((len(rollouts), seq_len, width // top_k, top_k), -1, dtype=torch.int16)
+    for row, r in enumerate(rollouts):
+        if r.routed_experts is None:
+            continue
+        if r.routed_experts.shape[1] != width:
+            raise ValueError(f"rollout {r.prompt_id}/{r.sample_index} carries {r.routed_experts.shape[1]} routed "
+                             f"experts per token, others {width}: the engines serve different models")
+        out[row, :r.routed_experts.shape[0]] = r.routed_experts.view(-1, width // top_k, top_k).to(torch.int16)
+    return out
 
 
 def take_rows(batch: TrainBatch, rows: torch.Tensor | list[int]) -> TrainBatch:
@@ -61,7 +86,8 @@ def take_rows(batch: TrainBatch, rows: torch.Tensor | list[int]) -> TrainBatch:
                       behaviour_logprobs=pick(batch.behaviour_logprobs), sources=batch.sources[index].clone(),
                       seq_lens=batch.seq_lens[index].clone(), ref_logprobs=pick(batch.ref_logprobs),
                       teacher_logprobs=pick(batch.teacher_logprobs), teacher_topk_ids=pick(batch.teacher_topk_ids),
-                      teacher_topk_logprobs=pick(batch.teacher_topk_logprobs))
+                      teacher_topk_logprobs=pick(batch.teacher_topk_logprobs),
+                      routed_experts=pick(batch.routed_experts), replay_experts=pick(batch.replay_experts))
 
 
 def mini_batch_rows(num_seqs: int, num_mini_batches: int) -> list[list[int]]:

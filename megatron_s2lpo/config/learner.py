@@ -32,6 +32,10 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of megatron's selective recompute
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+# Mixture-of-experts learners (docs/learner.md, "Mixture of experts"): megatron's token
+# dispatchers (flex = DeepEP, GPU only) and the routing replay modes.
+MOE_DISPATCHERS = ("alltoall", "allgather", "flex")
+ROUTING_REPLAY = ("none", "r2", "r3")
 # TransformerConfig fields the learner sets itself: learner.transformer_overrides may not name them
 # (the learner option to use instead, or where the value comes from).
 LEARNER_MANAGED_FIELDS = {
@@ -43,6 +47,11 @@ LEARNER_MANAGED_FIELDS = {
     "pipeline_model_parallel_size": "learner.pipeline_parallel_size",
     "virtual_pipeline_model_parallel_size": "learner.virtual_pipeline_parallel_size",
     "sequence_parallel": "learner.sequence_parallel", "context_parallel_size": "learner.context_parallel_size",
+    **{name: "the model's config.json (num_experts, num_experts_per_tok, moe_intermediate_size, norm_topk_prob)"
+       for name in ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax")},
+    **{name: f"learner.{name}" for name in ("expert_model_parallel_size", "expert_tensor_parallel_size",
+                                            "moe_grouped_gemm", "moe_aux_loss_coeff")},
+    "moe_token_dispatcher_type": "learner.moe_token_dispatcher",
     **{name: "learner.precision / fp8_format / fp8_recipe" for name in (
         "fp8", "fp8_recipe", "fp4", "fp4_recipe", "bf16", "fp16", "params_dtype", "pipeline_dtype")},
     **{name: f"learner.{name}" for name in (
@@ -160,7 +169,18 @@ class LearnerConfig:
     pipeline_parallel_size: int = 1
     virtual_pipeline_parallel_size: int | None = None  # interleaved 1F1B chunks per pipeline rank
     sequence_parallel: bool = False  # shard norms/activations over TP ranks (TE spec, TP > 1)
-    context_parallel_size: int = 1  # split long sequences over ranks (TE spec + packed sequences)
+    context_parallel_size: int = 1  # split every packed sequence over ranks (learner/context_parallel.py)
+    # Mixture of experts (Qwen3-MoE): experts spread over expert-parallel ranks (carved out of DP),
+    # each expert's weights split over expert tensor-parallel ranks; ignored by dense models.
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+    moe_token_dispatcher: str = "alltoall"  # alltoall | allgather | flex (DeepEP, GPU)
+    moe_grouped_gemm: bool | None = None  # TE grouped GEMM for the experts; None = with the TE spec
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight; 0 = off (the RL default)
+    # none: the learner routes freely; r2: training forwards replay the routing of the old-log-prob
+    # pass; r3: the old-log-prob pass replays the learner engine's routing (and training replays it)
+    routing_replay: str = "none"
+    routing_metrics_every: int = 10  # steps between routing-agreement / mismatch metrics (0 = never)
     precision: str = "fp32"  # fp32 everywhere on CPU; bf16 / fp8 need CUDA (+ Transformer Engine)
     # blockwise (1 x 128 activation tiles, 128 x 128 weight blocks): a token quantizes the same in
     # any pack, so old log-probs and training agree on-policy (docs/learner.md, "FP8 fit for RL")
@@ -203,9 +223,11 @@ class LearnerConfig:
         self._check_memory_options()
 
     def _check_layout(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size", "expert_tensor_parallel_size"):
             value = getattr(self, name)
             check(value >= 1, f"learner.{name} must be >= 1, got {value}")
+        self._check_moe()
         vpp = self.virtual_pipeline_parallel_size
         check(vpp is None or vpp >= 1,
               f"learner.virtual_pipeline_parallel_size must be >= 1 or null, got {vpp}")
@@ -217,12 +239,18 @@ class LearnerConfig:
         check(not self.sequence_parallel or self.use_te is not False,
               "learner.sequence_parallel needs the Transformer Engine layer spec (megatron's local spec "
               "has no sequence-parallel norms without Apex); set learner.use_te=null or true")
-        check(self.context_parallel_size == 1 or self.use_te is not False,
-              "learner.context_parallel_size > 1 needs the Transformer Engine layer spec (only TE's "
-              "attention splits a sequence over ranks); set learner.use_te=null or true")
         check(self.context_parallel_size == 1 or self.pack_sequences,
               "learner.context_parallel_size > 1 needs learner.pack_sequences=true (the learner splits "
               "packed THD sequences over the context-parallel ranks)")
+
+    def _check_moe(self) -> None:
+        check(self.moe_token_dispatcher in MOE_DISPATCHERS,
+              f"learner.moe_token_dispatcher must be one of {MOE_DISPATCHERS}, got {self.moe_token_dispatcher!r}")
+        check(self.moe_aux_loss_coeff >= 0, f"learner.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        check(self.routing_replay in ROUTING_REPLAY,
+              f"learner.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
+        check(self.routing_metrics_every >= 0,
+              f"learner.routing_metrics_every must be >= 0 (0 = never), got {self.routing_metrics_every}")
 
     def _check_precision(self) -> None:
         check(self.precision in PRECISIONS,
@@ -302,11 +330,11 @@ _SGLANG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float3
 
 
 def engine_precision(engine: EngineConfig) -> str:
-    """The precision a rollout engine samples at: fp32 for the in-process local engine; for an
+    """The precision a rollout engine samples at: the in-process local engine's local_dtype; for an
     SGLang server its `--quantization` (e.g. fp8), else its `--dtype`, else bf16 (`auto` takes
     the checkpoint's dtype, bf16 for the models this project trains)."""
     if engine.backend == "local":
-        return "fp32"
+        return {"float32": "fp32", "bfloat16": "bf16"}[engine.local_dtype]
     args = [part for arg in engine.extra_args for part in str(arg).split("=", 1)]
     value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag in ("--quantization", "--dtype")}
     if "--quantization" in value:

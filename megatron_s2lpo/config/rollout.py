@@ -63,6 +63,13 @@ class EngineConfig:
     # so the key itself is in no config file, command line or log; used when api_key is empty.
     api_key_env: str = ""
     enable_memory_saver: bool = False  # colocated with the learner: release memory between phases
+    # Mixture-of-experts models: launch with --enable-return-routed-experts so requests can ask for
+    # the experts every token was routed to (the trainer sets it for a learner that replays them)
+    return_routed_experts: bool = False
+    # backend local: the in-process engine's weights and arithmetic. bfloat16 samples with a bf16
+    # inference server's numerics on a CPU (the learner trains in fp32): log-probs, and for a
+    # mixture of experts the routing, then differ from the learner's as on a GPU cluster.
+    local_dtype: Literal["float32", "bfloat16"] = "float32"
     # --enable-deterministic-inference: the same request (prompt, sampling params, sampling_seed)
     # gives the same tokens whatever else the server batches with it (docs/rollout.md).
     deterministic: bool = False

@@ -85,6 +85,11 @@ class RunConfig:
               f"algo.method={self.algo.method} needs the teacher: set rollout.teacher.model_path, "
               "rollout.teacher.url or rollout.teacher.init_arch")
         self._check_pipeline()
+        engine = self.rollout.learner
+        check(self.learner.routing_replay != "r3" or engine.backend != "sglang" or engine.return_routed_experts,
+              "learner.routing_replay=r3 replays the experts the learner's SGLang server routed every token to: set "
+              "rollout.learner.return_routed_experts=true (the server starts with --enable-return-routed-experts; "
+              "an attached server must have been started with it)")
         self._check_overlong()
         check(self.sync.transport == "disk" or self.rollout.learner.backend == "sglang",
               f"sync.transport={self.sync.transport!r} needs rollout.learner.backend=sglang "

@@ -21,10 +21,13 @@ Contract
 
 Collectives, all in one deterministic order derived from `arch` (never from local dicts):
 one `all_gather_object` over the PP group at the start (who owns which parameter and its
-dtype), then per parameter an `all_gather` over the owning stage's TP group (skipped for
-replicated norms and TP=1) and, with PP > 1, a `broadcast` of each of its HF tensors from the
-owning stage over the PP group. Consume the iterators to the end on every rank: stopping early
-on one rank leaves the others waiting in a collective.
+dtype; with expert parallelism first over the EP group, whose ranks hold different experts),
+then per parameter an `all_gather` over the owning stage's TP group (skipped for replicated
+norms and TP=1; the expert-TP group for expert weights), for an expert weight with EP > 1 a
+`broadcast` of the full tensor from the expert-parallel rank that holds it over the EP group,
+and, with PP > 1, a `broadcast` of each of its HF tensors from the owning stage over the PP
+group. Consume the iterators to the end on every rank: stopping early on one rank leaves the
+others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ def _ownership(model_chunks: Sequence[Any], arch: ModelArch, groups: Any
     """(naming, this rank's params, {global name: (owning PP rank, dtype name)}) for all params."""
     naming, params = owned_params(model_chunks, arch)
     mine = {name: str(p.dtype).removeprefix("torch.") for name, p in params.items()}
+    if getattr(groups, "ep_size", 1) > 1:  # the stage holds every EP rank's experts
+        shares: list[Any] = [None] * groups.ep_size
+        dist.all_gather_object(shares, mine, group=groups.ep_group)
+        mine = {name: dtype for share in shares for name, dtype in share.items()}
     if groups.pp_size > 1:
         stages: list[Any] = [None] * groups.pp_size
         dist.all_gather_object(stages, (naming, mine), group=groups.pp_group)
@@ -95,21 +102,51 @@ def _ownership(model_chunks: Sequence[Any], arch: ModelArch, groups: Any
                 raise ValueError(f"megatron parameter {name!r} is held by pipeline stages "
                                  f"{owner[name][0]} and {stage}")
             owner[name] = (stage, dtype)
-    missing = [pm.mcore_name for pm in M.param_maps(arch, naming) if pm.mcore_name not in owner]
+    grouped = M.detect_grouped(list(owner))
+    missing = [pm.mcore_name for pm in M.param_maps(arch, naming, grouped) if pm.mcore_name not in owner]
     if missing:
         raise ValueError(f"no pipeline stage holds megatron parameters {M.few_names(missing)}; "
                          f"does the model match {arch}?")
     return naming, params, owner
 
 
-def _full_on_owner(pm: M.ParamMap, params: dict, groups: Any, arch: ModelArch) -> list[torch.Tensor]:
-    """On the owning stage: copy-free views of the HF tensors of `pm` (after the TP gather)."""
-    full = _gather_tp(pm, params[pm.mcore_name], groups.tp_group, groups.tp_size)
+def _full_on_owner(pm: M.ParamMap, params: dict, groups: Any, arch: ModelArch, dtype: torch.dtype
+                   ) -> list[torch.Tensor]:
+    """On the owning stage: copy-free views of the HF tensors of `pm` (after the TP gather; an
+    expert weight gathered over expert-TP by the EP rank that holds it, then broadcast over EP)."""
+    if pm.expert is None:
+        full = _gather_tp(pm, params[pm.mcore_name], groups.tp_group, groups.tp_size)
+    elif getattr(groups, "ep_size", 1) == 1:
+        full = _gather_tp(pm, params[pm.mcore_name], groups.etp_group, groups.etp_size)
+    else:
+        holder = M.expert_owner(pm.expert, arch.num_experts, groups.ep_size)[0]
+        if holder == groups.ep_rank:
+            full = _gather_tp(pm, params[pm.mcore_name], groups.etp_group, groups.etp_size).contiguous()
+        else:
+            full = torch.empty(M.mcore_shape(pm, arch, 0), dtype=dtype, device=groups.device)
+        dist.broadcast(full, src=dist.get_global_rank(groups.ep_group, holder), group=groups.ep_group)
     return [view for _, view in M.mcore_to_hf_views(pm, arch, full.contiguous())]
 
 
 def _pp_source(groups: Any) -> list[int] | None:
     return dist.get_process_group_ranks(groups.pp_group) if groups.pp_size > 1 else None
+
+
+def takes_part_in_export(groups: Any) -> bool:
+    """Whether this rank takes part in exporting the data-parallel replica of global rank 0.
+
+    Dense models: the ranks of data-parallel rank 0 (every TP / PP rank of that replica). With
+    expert parallelism the replica's experts live on ranks of other data-parallel ranks (EP is
+    carved out of DP), so their EP groups take part too, and with them their TP groups: the set
+    is closed over the EP and TP groups (a MAX all-reduce of the flag over each, until stable)."""
+    flag = groups.dp_rank == 0
+    if getattr(groups, "ep_size", 1) == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=groups.device)
+    for _ in range(3):  # EP -> TP -> EP reaches every rank an export collective needs
+        for group in (groups.ep_group, groups.tp_group):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
 
 
 def iter_hf_tensors(model_chunks: Sequence[Any], groups: Any, arch: ModelArch
@@ -122,9 +159,10 @@ def iter_hf_tensors(model_chunks: Sequence[Any], groups: Any, arch: ModelArch
     """
     naming, params, owner = _ownership(model_chunks, arch, groups)
     pp_ranks = _pp_source(groups)
-    for pm in M.param_maps(arch, naming):
+    for pm in M.param_maps(arch, naming, M.detect_grouped(list(owner))):
         stage, dtype = owner[pm.mcore_name]
-        views = _full_on_owner(pm, params, groups, arch) if stage == groups.pp_rank else None
+        views = (_full_on_owner(pm, params, groups, arch, getattr(torch, dtype)) if stage == groups.pp_rank
+                 else None)
         for i, (name, shape) in enumerate(zip(pm.hf_names, M.hf_shapes(pm, arch))):
             tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=groups.device)
             if views is not None:  # one copy: the result never aliases a live parameter
@@ -192,7 +230,7 @@ def iter_flat_buckets(model_chunks: Sequence[Any], groups: Any, arch: ModelArch,
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     naming, params, owner = _ownership(model_chunks, arch, groups)
-    maps = M.param_maps(arch, naming)
+    maps = M.param_maps(arch, naming, M.detect_grouped(list(owner)))
     itemsize = {pm.mcore_name: getattr(torch, owner[pm.mcore_name][1]).itemsize for pm in maps}
     needed = _flat_buffer_bytes(arch, maps, itemsize, bucket_bytes)
     if buffer is None:
@@ -205,7 +243,7 @@ def iter_flat_buckets(model_chunks: Sequence[Any], groups: Any, arch: ModelArch,
     for pm in maps:
         stage, dtype_name = owner[pm.mcore_name]
         dtype = getattr(torch, dtype_name)
-        views = _full_on_owner(pm, params, groups, arch) if stage == groups.pp_rank else None
+        views = _full_on_owner(pm, params, groups, arch, dtype) if stage == groups.pp_rank else None
         for i, (name, shape) in enumerate(zip(pm.hf_names, M.hf_shapes(pm, arch))):
             size = math.prod(shape) * dtype.itemsize
             start = -(-bucket.nbytes // _ALIGN) * _ALIGN

@@ -1,4 +1,4 @@
-"""Pure maps between Hugging Face and megatron-core parameters (Qwen3, Qwen2.5, Llama 3).
+"""Pure maps between Hugging Face and megatron-core parameters (Qwen3, Qwen2.5, Llama 3, Qwen3-MoE).
 
 One `ParamMap` per megatron parameter says which HF tensors it is made of, how they are fused,
 and how the fused tensor is split over tensor-parallel (TP) ranks. The offline converter
@@ -15,6 +15,14 @@ Conventions
   "local" spec: `decoder.layers.N.input_layernorm.weight`, `decoder.layers.N.pre_mlp_layernorm.weight`;
   "te" spec:    `...self_attention.linear_qkv.layer_norm_weight`, `...mlp.linear_fc1.layer_norm_weight`.
   Dist checkpoints always use the "te" names (the local spec maps its keys on save).
+- Mixture of experts (Qwen3-MoE): layer N's MLP is `decoder.layers.N.mlp.router.weight` and, per
+  expert e, `mlp.experts.local_experts.{e}.linear_fc{1,2}.weight` (megatron's SequentialMLP) or
+  `mlp.experts.linear_fc{1,2}.weight{e}` (TEGroupedMLP, grouped GEMM: `grouped=True`). Expert
+  numbers in these names are GLOBAL, like layer numbers; a rank of expert-parallel rank r holds
+  experts [r * E / EP, (r + 1) * E / EP) and numbers them locally from 0 in `state_dict()`. MoE
+  layers keep a separate `pre_mlp_layernorm` under both specs (TE fuses it into linear_fc1 only
+  for a dense MLP). Expert weights split over the EXPERT tensor-parallel ranks (ETP), every
+  other weight over TP.
 
 This module imports torch only (never megatron), so it is unit-tested in isolation.
 """
@@ -50,6 +58,7 @@ class ParamMap:
     fuse: str  # COPY | QKV | GATE_UP | VOCAB
     tp_split: str  # REPLICATED | COLUMN | ROW | GATE_UP
     layer: int | None = None  # global layer index; None outside the decoder layers
+    expert: int | None = None  # global expert index of an expert weight; None otherwise
 
 
 def check_supported(arch: ModelArch) -> None:
@@ -65,10 +74,9 @@ def check_tp_size(arch: ModelArch, tp_size: int) -> None:
     """Raise ValueError when `arch` cannot be split over `tp_size` tensor-parallel ranks."""
     if tp_size < 1:
         raise ValueError(f"tensor parallel size must be >= 1, got {tp_size}")
-    checks = {
-        "num_attention_heads": arch.num_attention_heads,
-        "ffn_hidden_size": arch.ffn_hidden_size,
-    }
+    checks = {"num_attention_heads": arch.num_attention_heads}
+    if not arch.is_moe:  # a MoE model's experts split over the expert tensor-parallel ranks instead
+        checks["ffn_hidden_size"] = arch.ffn_hidden_size
     for field, value in checks.items():
         if value % tp_size:
             raise ValueError(f"model.{field} ({value}) is not divisible by tensor parallel size "
@@ -77,6 +85,30 @@ def check_tp_size(arch: ModelArch, tp_size: int) -> None:
     if ng % tp_size and tp_size % ng:
         raise ValueError(f"model.num_query_groups ({ng}) and tensor parallel size {tp_size} must "
                          "divide one another")
+
+
+def check_expert_parallel(arch: ModelArch, ep_size: int, etp_size: int = 1) -> None:
+    """Raise ValueError when the experts cannot be spread over `ep_size` expert-parallel ranks and
+    split over `etp_size` expert tensor-parallel ranks."""
+    if ep_size < 1 or etp_size < 1:
+        raise ValueError(f"expert parallel sizes must be >= 1, got EP={ep_size}, ETP={etp_size}")
+    if not arch.is_moe:
+        if ep_size > 1 or etp_size > 1:
+            raise ValueError(f"expert parallelism (EP={ep_size}, ETP={etp_size}) needs a mixture-of-experts "
+                             f"model; {arch.family} is dense")
+        return
+    if arch.num_experts % ep_size:
+        raise ValueError(f"model.num_experts ({arch.num_experts}) is not divisible by expert parallel size "
+                         f"{ep_size}; choose an EP size that divides it")
+    if arch.moe_ffn_hidden_size % etp_size:
+        raise ValueError(f"model.moe_ffn_hidden_size ({arch.moe_ffn_hidden_size}) is not divisible by expert "
+                         f"tensor parallel size {etp_size}")
+
+
+def expert_owner(expert: int, num_experts: int, ep_size: int) -> tuple[int, int]:
+    """(expert-parallel rank, local index) of global expert `expert` (megatron's contiguous split)."""
+    per_rank = num_experts // ep_size
+    return expert // per_rank, expert % per_rank
 
 
 def check_pp_size(arch: ModelArch, pp_size: int) -> None:
@@ -90,8 +122,10 @@ def check_pp_size(arch: ModelArch, pp_size: int) -> None:
 # names
 
 
-def layer_param_maps(arch: ModelArch, layer: int, naming: str = "local") -> list[ParamMap]:
-    """The megatron parameters of decoder layer `layer` (global index) in a fixed order."""
+def layer_param_maps(arch: ModelArch, layer: int, naming: str = "local", grouped: bool = False) -> list[ParamMap]:
+    """The megatron parameters of decoder layer `layer` (global index) in a fixed order.
+
+    grouped: MoE expert weights under TEGroupedMLP's names (grouped GEMM) instead of SequentialMLP's."""
     if naming not in NAMINGS:
         raise ValueError(f"megatron naming {naming!r} is not one of {NAMINGS}")
     m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
@@ -101,6 +135,8 @@ def layer_param_maps(arch: ModelArch, layer: int, naming: str = "local") -> list
         in_norm = m + "self_attention.linear_qkv.layer_norm_weight"
         mlp_norm = m + "mlp.linear_fc1.layer_norm_weight"
     attn = h + "self_attn."
+    if arch.is_moe:  # MoE layers keep the pre-MLP norm separate under both specs
+        mlp_norm = m + "pre_mlp_layernorm.weight"
     maps = [
         ParamMap(mcore_name=in_norm, hf_names=(h + "input_layernorm.weight",),
                  fuse=COPY, tp_split=REPLICATED, layer=layer),
@@ -125,25 +161,55 @@ def layer_param_maps(arch: ModelArch, layer: int, naming: str = "local") -> list
                  fuse=COPY, tp_split=ROW, layer=layer),
         ParamMap(mcore_name=mlp_norm, hf_names=(h + "post_attention_layernorm.weight",),
                  fuse=COPY, tp_split=REPLICATED, layer=layer),
+    ]
+    return maps + (_expert_maps(arch, layer, grouped) if arch.is_moe else _dense_mlp_maps(layer))
+
+
+def expert_name(layer: int, expert: int, fc: int, grouped: bool = False) -> str:
+    """The megatron name of expert `expert`'s linear_fc{fc} weight in layer `layer` (global numbers)."""
+    if grouped:
+        return f"decoder.layers.{layer}.mlp.experts.linear_fc{fc}.weight{expert}"
+    return f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc{fc}.weight"
+
+
+def _expert_maps(arch: ModelArch, layer: int, grouped: bool) -> list[ParamMap]:
+    """Router, then per expert [gate; up] (fc1) and down (fc2), split over expert-TP ranks."""
+    m, h = f"decoder.layers.{layer}.mlp.", f"model.layers.{layer}.mlp."
+    maps = [ParamMap(mcore_name=m + "router.weight", hf_names=(h + "gate.weight",), fuse=COPY,
+                     tp_split=REPLICATED, layer=layer)]
+    for e in range(arch.num_experts):
+        hf = f"{h}experts.{e}."
+        maps += [
+            ParamMap(mcore_name=expert_name(layer, e, 1, grouped), hf_names=(hf + "gate_proj.weight", hf + "up_proj.weight"),
+                     fuse=GATE_UP, tp_split=GATE_UP, layer=layer, expert=e),
+            ParamMap(mcore_name=expert_name(layer, e, 2, grouped), hf_names=(hf + "down_proj.weight",),
+                     fuse=COPY, tp_split=ROW, layer=layer, expert=e),
+        ]
+    return maps
+
+
+def _dense_mlp_maps(layer: int) -> list[ParamMap]:
+    m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+    return [
         ParamMap(mcore_name=m + "mlp.linear_fc1.weight",
                  hf_names=(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
                  fuse=GATE_UP, tp_split=GATE_UP, layer=layer),
         ParamMap(mcore_name=m + "mlp.linear_fc2.weight", hf_names=(h + "mlp.down_proj.weight",),
                  fuse=COPY, tp_split=ROW, layer=layer),
     ]
-    return maps
 
 
-def param_maps(arch: ModelArch, naming: str = "local") -> list[ParamMap]:
+def param_maps(arch: ModelArch, naming: str = "local", grouped: bool = False) -> list[ParamMap]:
     """Every megatron parameter of `arch` in the one global order used by import and export.
 
-    Order: embedding, layers 0..L-1, final norm, output layer (absent when embeddings are tied).
+    Order: embedding, layers 0..L-1 (MoE: router, then experts 0..E-1), final norm, output layer
+    (absent when embeddings are tied).
     """
     check_supported(arch)
     maps = [ParamMap(mcore_name="embedding.word_embeddings.weight", hf_names=("model.embed_tokens.weight",),
                      fuse=VOCAB, tp_split=COLUMN)]
     for layer in range(arch.num_layers):
-        maps += layer_param_maps(arch, layer, naming)
+        maps += layer_param_maps(arch, layer, naming, grouped)
     maps.append(ParamMap(mcore_name="decoder.final_layernorm.weight", hf_names=("model.norm.weight",),
                          fuse=COPY, tp_split=REPLICATED))
     if not arch.tie_word_embeddings:
@@ -169,8 +235,33 @@ def convert_naming(name: str, naming: str) -> str:
 
 
 def detect_naming(names: Sequence[str]) -> str:
-    """"te" if any name uses the Transformer Engine fused layer-norm names, else "local"."""
-    return "te" if any(n.endswith(".layer_norm_weight") for n in names) else "local"
+    """"te" if any name uses the Transformer Engine fused layer-norm names (or, in a MoE model, TE
+    grouped experts), else "local"."""
+    return "te" if any(n.endswith(".layer_norm_weight") or _GROUPED_RE.match(n) for n in names) else "local"
+
+
+_GROUPED_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.linear_fc[12]\.weight)(\d+)$")
+_SEQUENTIAL_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+
+
+def detect_grouped(names: Sequence[str]) -> bool:
+    """Whether the expert weights use TEGroupedMLP's names (`experts.linear_fc1.weight<e>`)."""
+    return any(_GROUPED_RE.match(n) for n in names)
+
+
+def expert_of(name: str) -> int | None:
+    """The expert number in an expert weight's name (either layout), else None."""
+    match = _GROUPED_RE.match(name) or _SEQUENTIAL_RE.match(name)
+    return int(match.group(2)) if match else None
+
+
+def renumber_expert(name: str, expert: int) -> str:
+    """An expert weight's name with expert number `expert` (other names unchanged)."""
+    if match := _GROUPED_RE.match(name):
+        return f"{match.group(1)}{expert}"
+    if match := _SEQUENTIAL_RE.match(name):
+        return f"{match.group(1)}{expert}{match.group(3)}"
+    return name
 
 
 def layer_of(name: str) -> int | None:
@@ -205,6 +296,11 @@ def hf_shapes(pm: ParamMap, arch: ModelArch) -> list[tuple[int, ...]]:
     h, hd = arch.hidden_size, arch.head_dim
     q_dim, kv_dim = arch.num_attention_heads * hd, arch.num_query_groups * hd
     suffix = pm.mcore_name.rsplit(".", 2)[-2:]
+    if pm.expert is not None:  # gate/up (moe_ffn, h) each, or down (h, moe_ffn)
+        f = arch.moe_ffn_hidden_size
+        return [(f, h)] * 2 if pm.fuse == GATE_UP else [(h, f)]
+    if suffix[0] == "router":
+        return [(arch.num_experts, h)]
     if pm.fuse == VOCAB:
         return [(arch.vocab_size, h)]
     if pm.fuse == QKV:
@@ -375,32 +471,54 @@ def few_names(names: list[str], limit: int = 8) -> str:
 
 
 def hf_to_mcore_state(arch: ModelArch, hf_state: Mapping[str, torch.Tensor], *, tp_size: int = 1,
-                      tp_rank: int = 0, padded_vocab_size: int | None = None,
-                      naming: str = "local") -> dict[str, torch.Tensor]:
-    """Full HF state dict -> this TP rank's megatron tensors, global names, all layers.
+                      tp_rank: int = 0, padded_vocab_size: int | None = None, naming: str = "local",
+                      ep_size: int = 1, ep_rank: int = 0, etp_size: int = 1, etp_rank: int = 0,
+                      grouped: bool = False) -> dict[str, torch.Tensor]:
+    """Full HF state dict -> this rank's megatron tensors, global names, all layers.
 
+    A MoE rank holds the experts of its expert-parallel rank `ep_rank`, each split over `etp_size`
+    expert tensor-parallel ranks (shard `etp_rank`); everything else is split over TP.
     `padded_vocab_size` defaults to `arch.padded_vocab_size(tp_size)`. Shards are cloned so the
     result owns its memory.
     """
     check_hf_names(arch, list(hf_state))
     check_tp_size(arch, tp_size)
+    check_expert_parallel(arch, ep_size, etp_size)
     vocab = padded_vocab_size or arch.padded_vocab_size(tp_size)
     out = {}
-    for pm in param_maps(arch, naming):
+    for pm in param_maps(arch, naming, grouped):
+        if pm.expert is not None and expert_owner(pm.expert, arch.num_experts, ep_size)[0] != ep_rank:
+            continue
         full = hf_to_mcore(pm, arch, [hf_state[n] for n in pm.hf_names], vocab)
-        out[pm.mcore_name] = shard_tp(pm, full, tp_rank, tp_size).clone()
+        rank, size = (etp_rank, etp_size) if pm.expert is not None else (tp_rank, tp_size)
+        out[pm.mcore_name] = shard_tp(pm, full, rank, size).clone()
     return out
 
 
-def mcore_to_hf_state(arch: ModelArch, tp_states: Sequence[Mapping[str, torch.Tensor]],
-                      naming: str | None = None) -> dict[str, torch.Tensor]:
-    """All TP ranks' megatron state dicts (global names, rank order) -> the HF state dict."""
-    naming = naming or detect_naming(list(tp_states[0]))
+def mcore_to_hf_state(arch: ModelArch, rank_states: Sequence[Mapping[str, torch.Tensor]],
+                      naming: str | None = None, *, tp_size: int | None = None, ep_size: int = 1,
+                      etp_size: int = 1) -> dict[str, torch.Tensor]:
+    """All ranks' megatron state dicts (global names, global rank order) -> the HF state dict.
+
+    Ranks are laid out as megatron lays them out for one pipeline stage: rank r is TP rank
+    r % tp_size for dense weights, and expert-TP rank r % etp_size of expert-parallel rank
+    (r // etp_size) % ep_size for expert weights; further ranks are data-parallel copies.
+    tp_size None: every state is one TP rank (len(rank_states)), the dense-model case.
+    """
+    tp_size = tp_size or len(rank_states)
+    names = list(rank_states[0])
+    naming = naming or detect_naming(names)
     out = {}
-    for pm in param_maps(arch, naming):
-        missing = [i for i, s in enumerate(tp_states) if pm.mcore_name not in s]
+    for pm in param_maps(arch, naming, detect_grouped(names)):
+        if pm.expert is None:
+            ranks = list(range(tp_size))
+        else:
+            owner = expert_owner(pm.expert, arch.num_experts, ep_size)[0]
+            ranks = [owner * etp_size + t for t in range(etp_size)]
+        missing = [r for r in ranks if r >= len(rank_states) or pm.mcore_name not in rank_states[r]]
         if missing:
-            raise ValueError(f"megatron tensor {pm.mcore_name!r} is missing on TP ranks {missing}")
-        full = merge_tp(pm, [s[pm.mcore_name] for s in tp_states])
+            kind = "TP" if pm.expert is None else "expert-parallel"
+            raise ValueError(f"megatron tensor {pm.mcore_name!r} is missing on {kind} ranks {missing}")
+        full = merge_tp(pm, [rank_states[r][pm.mcore_name] for r in ranks])
         out.update((n, t.clone()) for n, t in mcore_to_hf(pm, arch, full))
     return out

@@ -223,7 +223,8 @@ def hf_to_mcore_checkpoint(hf_dir: str, out_dir: str, groups: Any, *, dtype: tor
     M.check_hf_names(arch, reader.names())
     dtype = dtype or reader.dtype()
     chunks = build_conversion_chunks(arch, groups, dtype)
-    load_hf_state(chunks, groups.tp_rank, groups.tp_size, arch, reader, on_param=progress)
+    load_hf_state(chunks, groups.tp_rank, groups.tp_size, arch, reader, on_param=progress,
+                  etp_rank=groups.etp_rank, etp_size=groups.etp_size)
     save_weights_checkpoint(chunks, out_dir)
     if dist.get_rank() == 0:
         info = {"source": os.path.abspath(hf_dir), "arch": arch.to_dict(),

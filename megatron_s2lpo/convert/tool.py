@@ -16,8 +16,9 @@
 Run as a plain script, the tool is a single process: it builds the whole model once (in the
 checkpoint dtype) and dist_checkpointing stores global tensors, so the output reshards to any
 TP/PP on load; --tp/--pp are then checked against the architecture and recorded in
-convert_info.json. Under torchrun (WORLD_SIZE set) the model is built at --tp x --pp and the
-world size must be a multiple of tp * pp. See docs/convert.md.
+convert_info.json. Under torchrun (WORLD_SIZE set) the model is built at --tp x --pp (and, for
+a Qwen3-MoE model, its experts spread over --ep ranks) and the world size must be a multiple of
+tp * pp and of ep * pp. See docs/convert.md.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--tp", type=int, default=1, help="tensor parallel size under torchrun")
     to_hf.add_argument("--pp", type=int, default=1, help="pipeline parallel size under torchrun")
     for p in (to_mcore, to_hf):
+        p.add_argument("--ep", type=int, default=1, help="expert parallel size under torchrun (mixture-of-experts "
+                       "models; the checkpoint loads at any EP)")
         p.add_argument("--force", action="store_true", help="write into a non-empty output directory, "
                        "removing files of a previous conversion there")
     return parser
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> None:
     M.check_supported(arch)
     M.check_tp_size(arch, args.tp)
     M.check_pp_size(arch, args.pp)
+    M.check_expert_parallel(arch, args.ep)
     # fail on user mistakes before megatron is imported or a model is built
     if args.direction == "hf-to-mcore":
         reader = HFReader(args.hf)
@@ -129,7 +133,8 @@ def run(args: argparse.Namespace) -> None:
     from megatron_s2lpo.learner.parallel import destroy_parallel, init_parallel
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    groups = init_parallel(args.tp, args.pp) if distributed else init_parallel(1, 1)
+    groups = (init_parallel(args.tp, args.pp, expert_model_parallel_size=args.ep) if distributed
+              else init_parallel(1, 1))
     try:
         if groups.rank == 0:
             clear_output(args.out)

@@ -20,16 +20,22 @@ Kernels, in order of preference (`packed_attention`):
            call per sequence (one thread's worth of work per call on a CPU).
 All compute the same softmax(q k^T * scale) v; GQA groups are expanded by the kernel
 (`enable_gqa`), as megatron's `repeat_interleave` does.
+With context parallelism (the pack's PackedSeqParams carries a CP group of more than one rank)
+the local queries attend to the whole pack's keys, all-gathered over the group
+(context_parallel.attention).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import itertools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import context_parallel
 
 Tensor = torch.Tensor
 
@@ -143,9 +149,19 @@ def packed_core_attention_class() -> type:
         class PackedDotProductAttention(DotProductAttention):
             """DotProductAttention that also takes packed sequences (module docstring)."""
 
+            def __init__(self, config, *args, **kwargs):
+                # megatron's local core asserts context_parallel_size == 1; packed input takes the
+                # context-parallel path below (context_parallel.attention), built with a CP-1 view
+                local = copy.copy(config)
+                local.context_parallel_size = 1
+                super().__init__(local, *args, **kwargs)
+                self.config = config
+
             def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                         packed_seq_params=None):
                 if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+                    if self.config.context_parallel_size > 1:
+                        raise ValueError("context parallelism needs packed sequences (learner.pack_sequences=true)")
                     return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                            attention_bias=attention_bias, packed_seq_params=None)
                 if attention_bias is not None:
@@ -155,7 +171,11 @@ def packed_core_attention_class() -> type:
                 cu_seqlens = packed_seq_params.cu_seqlens_q_padded
                 if cu_seqlens is None:
                     cu_seqlens = packed_seq_params.cu_seqlens_q
-                out = packed_attention(query, key, value, cu_seqlens, packed_seq_params.max_seqlen_q, scale=scale)
+                group = packed_seq_params.cp_group
+                if group is not None and group.size() > 1:
+                    out = context_parallel.attention(query, key, value, cu_seqlens, group, scale=scale)
+                else:
+                    out = packed_attention(query, key, value, cu_seqlens, packed_seq_params.max_seqlen_q, scale=scale)
                 return out.reshape(out.shape[0], self.hidden_size_per_partition)  # (T, heads * head_dim)
 
         _PACKED_CLASS = PackedDotProductAttention

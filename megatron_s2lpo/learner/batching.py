@@ -67,6 +67,7 @@ class MicroBatch:
     teacher_logprobs: Tensor | None = None  # (b, L) float
     teacher_topk_ids: Tensor | None = None  # (b, L, K) long
     teacher_topk_logprobs: Tensor | None = None  # (b, L, K) float
+    routed_experts: Tensor | None = None  # (b, L, layers, top_k) int16 experts to replay; -1 = none
     packed: PackedRows | None = None  # the model input when sequences are packed
 
     @property
@@ -205,9 +206,19 @@ def _take_optional(values: Tensor | None, rows: Tensor, length: int) -> Tensor |
     return None if values is None else _take(values, rows, length)
 
 
+def _take_routing(values: Tensor | None, rows: Tensor, length: int) -> Tensor | None:
+    """Like `_take` for (B, T, layers, k) expert ids, padded with -1 (no routing) instead of 0."""
+    if values is None:
+        return None
+    out = values.new_full((rows.numel(), length, *values.shape[2:]), -1)
+    width = min(length, values.shape[1])
+    out[:, :width] = values[rows, :width]
+    return out
+
+
 def make_micro_batches(
     batch: TrainBatch, rows: list[int], *, max_tokens: int, multiple: int = 1, pack_multiple: int = 1,
-    packed: bool = False
+    packed: bool = False, routing: Tensor | None = None,
 ) -> list[MicroBatch]:
     """Group `rows` of `batch` into token-budget micro-batches: right-padded rows
     (`pack_sequences`) or, with `packed`, THD packs (`bin_pack`) that also carry `PackedRows`.
@@ -215,7 +226,8 @@ def make_micro_batches(
     multiple: every sequence of a pack is padded to it. pack_multiple: a pack's total (a padded
     micro-batch's row length) is padded to it, the last sequence's padding growing
     (config.learner.token_alignment: what sequence parallel, CP and the FP8 recipe need). Packs
-    stay within `max_tokens` rounded down to pack_multiple."""
+    stay within `max_tokens` rounded down to pack_multiple. routing: (B, T, layers, k) expert ids
+    the model replays (routing.py), or None."""
     seq_lens = [int(batch.seq_lens[r]) for r in rows]
     budget = max_tokens - max_tokens % pack_multiple
     if budget < 1:
@@ -228,6 +240,7 @@ def make_micro_batches(
         index = torch.tensor([rows[g] for g in group], dtype=torch.long)
         length = round_up(max(max(seq_lens[g] for g in group), 1), row_multiple)
         micro = _loss_layout(batch, index, length)
+        micro.routed_experts = _take_routing(routing, index, length)
         if packed:
             pack = _pack(micro.tokens, [seq_lens[g] for g in group], multiple)
             micro.packed = _grow_pack(pack, round_up(pack.num_tokens, pack_multiple))
@@ -236,14 +249,16 @@ def make_micro_batches(
 
 
 def rank_micro_batches(batch: TrainBatch, *, dp_rank: int, dp_size: int, max_tokens: int, alignment: TokenAlignment,
-                       packed: bool, uniform_multiple_of: int | None = None) -> list[MicroBatch]:
+                       packed: bool, uniform_multiple_of: int | None = None,
+                       routing: Tensor | None = None) -> list[MicroBatch]:
     """The micro-batches data-parallel rank `dp_rank` runs: its token-balanced share of the rows
     (`split_rows_for_data_parallel`), grouped within `max_tokens` and padded to `alignment`
     (config.learner.token_alignment). uniform_multiple_of: the interleaved pipeline's one shape
-    and a count that is a multiple of it (`uniform_micro_batches`)."""
+    and a count that is a multiple of it (`uniform_micro_batches`). routing: the (B, T, layers, k)
+    experts the micro-batches carry for replay (routing.py), or None."""
     rows = split_rows_for_data_parallel([int(n) for n in batch.seq_lens], dp_size)[dp_rank]
     micro = make_micro_batches(batch, rows, max_tokens=max_tokens, multiple=alignment.sequence,
-                               pack_multiple=alignment.pack, packed=packed)
+                               pack_multiple=alignment.pack, packed=packed, routing=routing)
     if uniform_multiple_of is not None:
         micro = uniform_micro_batches(micro, multiple_of=uniform_multiple_of)
     return micro
@@ -303,10 +318,10 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
     if num_seqs < micro.num_seqs or seq_len < micro.seq_len:
         raise ValueError(f"cannot shrink a ({micro.num_seqs}, {micro.seq_len}) micro-batch to ({num_seqs}, {seq_len})")
 
-    def grow(values: Tensor | None) -> Tensor | None:  # (b, L) or (b, L, K)
+    def grow(values: Tensor | None, fill: int = 0) -> Tensor | None:  # (b, L) or (b, L, ...)
         if values is None:
             return None
-        out = values.new_zeros((num_seqs, seq_len, *values.shape[2:]))
+        out = values.new_full((num_seqs, seq_len, *values.shape[2:]), fill)
         out[:micro.num_seqs, :micro.seq_len] = values
         return out
 
@@ -332,6 +347,7 @@ def pad_micro_batch(micro: MicroBatch, *, num_seqs: int, seq_len: int) -> MicroB
         teacher_logprobs=grow(micro.teacher_logprobs),
         teacher_topk_ids=grow(micro.teacher_topk_ids),
         teacher_topk_logprobs=grow(micro.teacher_topk_logprobs),
+        routed_experts=grow(micro.routed_experts, -1),
     )
 
 

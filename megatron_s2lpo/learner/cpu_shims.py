@@ -48,6 +48,10 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     # dist_checkpointing load/exchange: receive buffers of exchanged shards
     "megatron.core.dist_checkpointing.exchange_utils",
+    # MoEAlltoAllTokenDispatcher: a side `torch.cuda.Stream()` for the device-to-host copies of
+    # its split sizes, entered with `torch.cuda.stream(...)` and waited on through an event; on
+    # CPU the copies are already synchronous (`_CpuCuda` below gives it a stream that does nothing)
+    "megatron.core.transformer.moe.token_dispatcher",
 )
 
 
@@ -86,6 +90,33 @@ class _CpuTorch:
     def full(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._real.full(*args, **_cpu_kwargs(kwargs))
 
+    @property
+    def cuda(self) -> "_CpuCuda":
+        return _CpuCuda(self._real.cuda)
+
+
+class _CpuCuda:
+    """`torch.cuda` as seen by one megatron module: streams and stream contexts that do nothing
+    (every CPU op has finished when it returns); everything else is the real torch.cuda."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    @staticmethod
+    def Stream(*_args: Any, **_kwargs: Any) -> "_CpuStream":  # noqa: N802 - torch's name
+        return _CpuStream()
+
+    @staticmethod
+    def current_stream(*_args: Any, **_kwargs: Any) -> "_CpuStream":
+        return _CPU_STREAM
+
+    @staticmethod
+    def stream(_stream: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
 
 def _cpu_device() -> torch.device:
     return torch.device("cpu")
@@ -123,6 +154,8 @@ def apply_cpu_shims() -> None:
     for module_name, attribute in _FUNCTIONS_WITH_CUDA_TENSOR_CALLS:
         _run_with_cpu_tensor_methods(module_name, attribute)
     _fix_torch_adam_step_in_distributed_optimizer()
+    _bind_missing_te_names_in_moe_utils()
+    _split_sizes_as_numpy_in_token_dispatcher()
     # Replaces the CUDA generator state that activation recompute (CheckpointFunction) saves
     # and restores around the recomputed forward: there is no CUDA generator on CPU (the CPU
     # generator state is saved separately by megatron).
@@ -132,7 +165,8 @@ def apply_cpu_shims() -> None:
 
 
 class _CpuStream:
-    """What megatron-core calls on `torch.cuda.current_stream()`; nothing to wait for on CPU."""
+    """What megatron-core calls on a CUDA stream (and on the event it records); nothing to wait
+    for on CPU."""
 
     def wait_event(self, _event: Any) -> None:
         return None
@@ -143,9 +177,15 @@ class _CpuStream:
     def synchronize(self) -> None:
         return None
 
+    def record_event(self, *_args: Any) -> "_CpuStream":
+        return self  # an event whose synchronize() returns at once
+
+
+_CPU_STREAM = _CpuStream()
+
 
 def _cpu_stream(*_args: Any, **_kwargs: Any) -> _CpuStream:
-    return _CpuStream()
+    return _CPU_STREAM
 
 
 # megatron-core modules that `import triton` unconditionally and sit on the import path of every
@@ -203,6 +243,40 @@ def _import_without_triton() -> None:
     if any(isinstance(finder, _TritonFreeKernelModules) for finder in sys.meta_path):
         return
     sys.meta_path.insert(0, _TritonFreeKernelModules())
+
+
+# megatron-core 0.16.1's moe_utils imports these Transformer Engine functions inside a
+# try/except that leaves the names UNBOUND without TE, while its own fallbacks test them for None
+# (`if te_general_gemm is not None` in the router's gating linear): without TE every MoE
+# forward raises NameError. Binding them to None selects megatron's torch fallbacks.
+_MOE_UTILS_TE_NAMES = ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                       "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                       "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+                       "fused_unpermute", "te_general_gemm")
+
+
+def _bind_missing_te_names_in_moe_utils() -> None:
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    for name in _MOE_UTILS_TE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+def _split_sizes_as_numpy_in_token_dispatcher() -> None:
+    """MoEAlltoAllTokenDispatcher moves its all-to-all split sizes to the host with
+    `maybe_move_tensor_to_cpu(t, as_numpy=True)`, which converts only CUDA tensors: on CPU the
+    sizes stay tensors, and torch's all_to_all_single takes no tensor as split sizes. The
+    replacement also gives CPU tensors the numpy form a GPU run hands over."""
+    dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    original = importlib.import_module("megatron.core.transformer.moe.moe_utils").maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
 def _empty_cuda_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:

@@ -27,6 +27,7 @@ from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.types import TrainBatch
 
 from . import checkpoint as ckpt
+from . import routing as routing_module
 from .checkpoint_async import AsyncSaves
 from .batching import MicroBatch, rank_micro_batches, scatter_rows
 from .fp8_rules import check_input_shapes, gemm_shapes
@@ -35,9 +36,27 @@ from .offload import StorageOffloader, ddp_buffers, module_tensors, optimizer_te
 from .optimizer import build_optimizer, build_scheduler, wrap_for_training, zero_grads
 from .parallel import ParallelGroups, init_parallel
 from .reference import ReferenceModel
+from .routing import RoutingState
 from .step import LogProbSpec, LossSpec, logprob_forward_step, reduce_metrics, run_schedule, train_forward_step
 
 Tensor = torch.Tensor
+
+
+def check_moe_options(arch: ModelArch, config: LearnerConfig) -> None:
+    """Mixture-of-experts options on a dense learner, refused with the field to change."""
+    if arch.is_moe:
+        if config.tensor_parallel_size > 1 and not config.sequence_parallel:
+            raise ValueError(
+                "a mixture-of-experts learner with learner.tensor_parallel_size > 1 needs "
+                "learner.sequence_parallel=true (megatron-core refuses to train MoE layers under TP without it), "
+                "which needs the Transformer Engine spec (GPU); on this machine use tensor_parallel_size=1 and "
+                "spread the experts with learner.expert_model_parallel_size")
+        return
+    for name, off in (("expert_model_parallel_size", 1), ("expert_tensor_parallel_size", 1),
+                      ("routing_replay", "none")):
+        if getattr(config, name) != off:
+            raise ValueError(f"learner.{name}={getattr(config, name)!r} applies to mixture-of-experts learners; the "
+                             f"learner model is a dense {arch.family} model: set learner.{name}={off!r}")
 
 
 class Learner:
@@ -53,30 +72,32 @@ class Learner:
     ) -> None:
         self.arch = arch
         self.config = config
+        check_moe_options(arch, config)
         if config.precision == "fp8" and config.fp8_recipe == "blockwise":
             apply_fp8_scale_environment(config.fp8_fp32_scales)  # before megatron imports TE
         self.groups = groups or init_parallel(
             config.tensor_parallel_size, config.pipeline_parallel_size,
-            config.effective_vpp_size, seed=config.seed)
-        layout = (self.groups.tp_size, self.groups.pp_size, self.groups.vpp_size)
-        wanted = (config.tensor_parallel_size, config.pipeline_parallel_size, config.effective_vpp_size)
+            config.effective_vpp_size, seed=config.seed, context_parallel_size=config.context_parallel_size,
+            expert_model_parallel_size=config.expert_model_parallel_size,
+            expert_tensor_parallel_size=config.expert_tensor_parallel_size)
+        g = self.groups
+        layout = (g.tp_size, g.pp_size, g.vpp_size, g.cp_size, g.ep_size, g.etp_size)
+        wanted = (config.tensor_parallel_size, config.pipeline_parallel_size, config.effective_vpp_size,
+                  config.context_parallel_size, config.expert_model_parallel_size, config.expert_tensor_parallel_size)
         if layout != wanted:
-            raise ValueError(f"the parallel groups (TP, PP, VPP) = {layout} do not match the learner config "
-                             f"{wanted} (learner.tensor_parallel_size, pipeline_parallel_size, "
-                             "virtual_pipeline_parallel_size)")
-        if config.context_parallel_size > 1:
-            raise ValueError(
-                f"learner.context_parallel_size={config.context_parallel_size}: context parallelism is not wired "
-                "into this learner's data path yet (it needs TE's THD split of every sequence over the CP ranks); "
-                "keep it 1 and raise learner.micro_batch_tokens to the longest prompt + response, with "
-                "learner.recompute_granularity=full if activations do not fit")
+            raise ValueError(f"the parallel groups (TP, PP, VPP, CP, EP, ETP) = {layout} do not match the learner "
+                             f"config {wanted} (learner.tensor_parallel_size, pipeline_parallel_size, "
+                             "virtual_pipeline_parallel_size, context_parallel_size, expert_model_parallel_size, "
+                             "expert_tensor_parallel_size)")
         if config.expandable_segments and torch.cuda.is_available():
             # packs differ in shape every micro-batch; segments that grow in place keep the caching
             # allocator from fragmenting (set before the model's first allocation)
             torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         build = dict(precision=config.precision, use_te=config.use_te, fp8_format=config.fp8_format,
                      fp8_recipe=config.fp8_recipe, sequence_parallel=config.sequence_parallel,
-                     transformer_overrides=config.transformer_overrides)
+                     transformer_overrides=config.transformer_overrides,
+                     moe_token_dispatcher=config.moe_token_dispatcher, moe_grouped_gemm=config.moe_grouped_gemm,
+                     moe_aux_loss_coeff=config.moe_aux_loss_coeff)
         model_kwargs = dict(build, recompute_granularity=config.recompute_granularity,
                             recompute_method=config.recompute_method,
                             recompute_num_layers=config.recompute_num_layers,
@@ -87,6 +108,16 @@ class Learner:
                                        overlap_grad_reduce=config.overlap_grad_reduce,
                                        overlap_param_gather=config.overlap_param_gather,
                                        grad_reduce_in_fp32=config.grad_reduce_in_fp32)
+        self.routing: RoutingState | None = None  # mixture of experts: routing replay (routing.py)
+        self.last_routing: Tensor | None = None  # (B, T, layers, k) of the last pass that recorded it
+        if arch.is_moe:
+            self.routing = RoutingState(num_layers=arch.num_layers, top_k=arch.num_experts_per_tok,
+                                        tp_rank=g.tp_rank, tp_size=g.tp_size,
+                                        sequence_parallel=config.sequence_parallel, cp_rank=g.cp_rank,
+                                        cp_size=g.cp_size)
+            routing_module.install(self.model)
+            for chunk in self.model:
+                unwrap_model(chunk).routing_state = self.routing
         self.optimizer = build_optimizer(self.model, config.optim, precision=config.precision)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.step = 0  # optimizer steps taken
@@ -176,7 +207,9 @@ class Learner:
         from megatron_s2lpo.convert.live import load_hf_state
 
         self._require_onloaded("load weights")
-        load_hf_state(self.policy_chunks, self.groups.tp_rank, self.groups.tp_size, self.arch, HFReader(path))
+        g = self.groups
+        load_hf_state(self.policy_chunks, g.tp_rank, g.tp_size, self.arch, HFReader(path), etp_rank=g.etp_rank,
+                      etp_size=g.etp_size)
         self.optimizer.reload_model_params()
         if self.reference is not None:
             self.init_reference_from_policy()
@@ -189,12 +222,17 @@ class Learner:
 
     # ------------------------------------------------------------------ batches
 
-    def _local_micro_batches(self, batch: TrainBatch, max_tokens: int) -> list[MicroBatch]:
-        """This DP rank's share of `batch` as token-budget micro-batches (batching.rank_micro_batches)."""
+    def _local_micro_batches(self, batch: TrainBatch, max_tokens: int, routing: Tensor | None = None
+                             ) -> list[MicroBatch]:
+        """This DP rank's share of `batch` as token-budget micro-batches (batching.rank_micro_batches),
+        carrying `routing`, the (B, T, layers, k) experts to replay, when given."""
         g = self.groups
+        if routing is not None:
+            routing = routing_module.sanitize(routing, self.arch.num_experts)
         micro = rank_micro_batches(batch, dp_rank=g.dp_rank, dp_size=g.dp_size, max_tokens=max_tokens,
                                    alignment=self.alignment, packed=self.config.pack_sequences,
-                                   uniform_multiple_of=g.pp_size if g.vpp_size is not None else None)
+                                   uniform_multiple_of=g.pp_size if g.vpp_size is not None else None,
+                                   routing=routing)
         if self._fp8_shapes is not None:  # TE's own rule, checked here rather than raised inside a layer
             c = self.config
             check_input_shapes([m.input_shape for m in micro], self._fp8_shapes, c.fp8_recipe,
@@ -223,6 +261,7 @@ class Learner:
         reference: bool = False,
         with_entropy: bool = False,
         all_tokens: bool = False,
+        routing: str = "auto",
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Log-probs of `batch.tokens` under the policy (or the reference); (B, T) on every rank.
 
@@ -231,6 +270,13 @@ class Learner:
         and 0 elsewhere; with `all_tokens`, at every position 1 <= t < seq_len (prompts too).
         With `with_entropy`, also the (B, T) entropy of the same distributions. The output layer
         runs on learner.logprob_chunk_tokens of those positions at a time (step.py).
+
+        Mixture-of-experts policy (routing.py, docs/learner.md "Routing replay"): routing "auto"
+        follows learner.routing_replay: r3 replays batch.routed_experts (the engine's routing,
+        where a row has it), r2 routes freely; both record the routing the pass used into
+        batch.replay_experts, which the training passes then replay. "free" (the router's own
+        choice everywhere) and "engine" (batch.routed_experts replayed, as r3) record into
+        `last_routing` only: the routing metrics' passes. The reference model routes freely.
         """
         if reference and self.reference is None:
             raise ValueError("reference log-probs requested but the learner has no reference model "
@@ -238,16 +284,29 @@ class Learner:
         self._require_onloaded("compute log-probs")
         spec = LogProbSpec(vocab_size=self.arch.vocab_size, tp_group=self.groups.tp_group,
                            temperature=temperature, with_entropy=with_entropy,
-                           chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens)
-        micro = self._local_micro_batches(batch, self.config.logprob_tokens)
+                           chunk_tokens=self.config.logprob_chunk_tokens, all_tokens=all_tokens,
+                           cp_group=self.groups.cp_group if self.groups.cp_size > 1 else None)
+        if routing not in ("auto", "free", "engine"):
+            raise ValueError(f"routing must be 'auto', 'free' or 'engine', got {routing!r}")
+        mode = {"auto": self.config.routing_replay, "free": "none", "engine": "r3"}[routing]
+        record = self.routing is not None and not reference and (routing != "auto" or mode != "none")
+        replay = batch.routed_experts if mode == "r3" else None
+        micro = self._local_micro_batches(batch, self.config.logprob_tokens, replay)
         if reference:
             with self.reference.on_device() as chunks:
                 stored = run_schedule(partial(logprob_forward_step, spec=spec), chunks, micro, forward_only=True)
         else:
             for chunk in self.model:
                 chunk.eval()
+            if self.routing is not None:
+                self.routing.begin(self.model, training=False, replay=replay is not None, recording=record)
             stored = run_schedule(partial(logprob_forward_step, spec=spec), self.model, micro, forward_only=True)
         num_seqs, seq_len = batch.tokens.shape
+        if record:
+            self.last_routing = routing_module.combine_over_ranks(
+                self.routing.collect(self.model, num_seqs, seq_len), self.arch.num_experts, self.groups.device)
+            if routing == "auto":
+                batch.replay_experts = self.last_routing
         logprobs = self._gather_rows(scatter_rows([(s["indices"], s["logprobs"]) for s in stored], num_seqs, seq_len))
         if not with_entropy:
             return logprobs
@@ -301,7 +360,9 @@ class Learner:
         """Zero the gradients, run forward and backward over `batch`; no optimizer step.
 
         Leaves the full-batch gradient (summed over DP ranks, see step.py) in each parameter's
-        `main_grad`. micro_batch_tokens overrides learner.micro_batch_tokens for this call.
+        `main_grad`. micro_batch_tokens overrides learner.micro_batch_tokens for this call. A
+        mixture-of-experts policy with learner.routing_replay r2 / r3 replays batch.replay_experts
+        (set by the old-log-prob pass, `compute_logprobs`); without it, it routes freely.
         """
         if objective == "policy" and loss_config.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("loss_config.kl_coef > 0 needs batch.ref_logprobs; compute them with "
@@ -311,12 +372,16 @@ class Learner:
         normalizer = loss_normalizer(batch.loss_mask.float(), loss_config.loss_agg_mode)
         if normalizer <= 0:  # checked here, on every rank, not inside the last pipeline stage
             raise ValueError("the batch has no loss tokens (loss_mask is all zero): nothing to train on")
-        micro = self._local_micro_batches(batch, micro_batch_tokens or self.config.micro_batch_tokens)
+        replay = batch.replay_experts if self.config.routing_replay != "none" else None
+        micro = self._local_micro_batches(batch, micro_batch_tokens or self.config.micro_batch_tokens, replay)
+        if self.routing is not None:
+            self.routing.begin(self.model, training=True, replay=replay is not None, recording=False)
         spec = LossSpec(loss_config=loss_config, normalizer=normalizer,
                         num_microbatches=len(micro), dp_size=g.dp_size, vocab_size=self.arch.vocab_size,
                         tp_group=g.tp_group, temperature=temperature, is_threshold=is_threshold,
                         is_sources=is_sources, objective=objective, distill_coef=distill_coef,
-                        chunk_tokens=self.config.logprob_chunk_tokens)
+                        chunk_tokens=self.config.logprob_chunk_tokens,
+                        cp_group=g.cp_group if g.cp_size > 1 else None)
         for chunk in self.model:
             chunk.train()
         zero_grads(self.model, self.optimizer)

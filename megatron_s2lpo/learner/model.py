@@ -29,6 +29,13 @@ Parameter names of one layer `decoder.layers.{i}.` (i is the index within this p
   pre_mlp_layernorm.weight                mlp.linear_fc1.layer_norm_weight
   mlp.linear_fc1.weight                   mlp.linear_fc1.weight   ([gate; up] per TP shard)
   mlp.linear_fc2.weight                   mlp.linear_fc2.weight
+Mixture-of-experts layers (Qwen3-MoE) replace the MLP by megatron's MoELayer: a TopKRouter
+(`mlp.router.weight`, top-k over the expert logits in fp32, softmax over the chosen k when the
+model renormalises them, HF's norm_topk_prob; softmax over all experts otherwise), the alltoall
+token dispatcher (dropless: no capacity factor) and the experts: SequentialMLP
+(`mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`, e local to this expert-parallel rank)
+on the local spec and on the TE spec without grouped GEMM, TEGroupedMLP (`mlp.experts.linear_fc1.weight{e}`)
+with it. `pre_mlp_layernorm.weight` stays a separate norm in MoE layers under both specs.
 Outside the layers (both specs): `embedding.word_embeddings.weight` (first stage),
 `decoder.final_layernorm.weight` and `output_layer.weight` (last stage; absent when the
 embeddings are tied and the first stage is also the last). TE modules add `_extra_state`
@@ -52,7 +59,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
 
-from megatron_s2lpo.config.learner import BLACKWELL_RECIPES
+from megatron_s2lpo.config.learner import BLACKWELL_RECIPES, MOE_DISPATCHERS
 from megatron_s2lpo.config.model import ModelArch
 
 from .parallel import ParallelGroups
@@ -94,9 +101,6 @@ def check_spec_options(use_te: bool, *, sequence_parallel: bool = False, context
         raise ValueError("learner.sequence_parallel needs the Transformer Engine layer spec: megatron's local "
                          "spec has no sequence-parallel layer norms (without Apex); this learner builds the local "
                          "spec (no CUDA or no transformer_engine here, or learner.use_te=false)")
-    if context_parallel_size > 1 and not use_te:
-        raise ValueError("learner.context_parallel_size > 1 needs the Transformer Engine layer spec: only TE's "
-                         "attention splits a sequence over ranks; this learner builds the local spec")
     if gradient_accumulation_fusion and not (torch.cuda.is_available()
                                              and importlib.util.find_spec("fused_weight_gradient_mlp_cuda")):
         raise ValueError("learner.gradient_accumulation_fusion needs CUDA and Apex's fused_weight_gradient_mlp_cuda "
@@ -182,6 +186,9 @@ def transformer_config(
     recompute_modules: list[str] | None = None,
     sequence_parallel: bool = False,
     gradient_accumulation_fusion: bool = False,
+    moe_token_dispatcher: str = "alltoall",
+    moe_grouped_gemm: bool | None = None,
+    moe_aux_loss_coeff: float = 0.0,
     transformer_overrides: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Any:
@@ -190,6 +197,7 @@ def transformer_config(
     use_te: whether the layers will use the Transformer Engine spec (enables TE's fused RoPE).
     fp8_recipe: tensorwise / blockwise / mxfp8 (megatron fp8_recipe) or nvfp4 (megatron fp4).
     recompute_modules: selective recompute's modules (None / []: megatron's default core_attn).
+    moe_*: mixture-of-experts settings (`moe_settings`); ignored for dense models.
     transformer_overrides: learner.transformer_overrides, checked by `check_transformer_overrides`.
     overrides: any other TransformerConfig field (internal callers and tests).
     """
@@ -253,10 +261,53 @@ def transformer_config(
         kwargs["recompute_modules"] = list(recompute_modules)
     if precision == "fp8":
         kwargs.update(_low_precision_kwargs(fp8_format, fp8_recipe))
+    if arch.is_moe:
+        kwargs.update(moe_settings(arch, groups, use_te=use_te, dispatcher=moe_token_dispatcher,
+                                   grouped_gemm=moe_grouped_gemm, aux_loss_coeff=moe_aux_loss_coeff))
     kwargs.update(overrides)
     if transformer_overrides:
         kwargs.update(check_transformer_overrides(transformer_overrides))
     return TransformerConfig(**kwargs)
+
+
+def moe_settings(arch: ModelArch, groups: ParallelGroups, *, use_te: bool, dispatcher: str = "alltoall",
+                 grouped_gemm: bool | None = None, aux_loss_coeff: float = 0.0) -> dict[str, Any]:
+    """megatron's MoE fields for a Qwen3-MoE `arch` (see the module docstring).
+
+    Dropless (no capacity factor: every token reaches its k experts), router in fp32, softmax
+    score function with HF's norm_topk_prob as megatron's `moe_router_pre_softmax=False` (top-k of
+    the logits, softmax over those k: the renormalised probabilities). aux_loss_coeff 0 turns
+    load balancing off (the RL default, docs/learner.md). grouped_gemm None: TE's grouped GEMM
+    when the TE spec is used (GPU); the local spec runs SequentialMLP, one GEMM per expert.
+    """
+    if dispatcher not in MOE_DISPATCHERS:
+        raise ValueError(f"learner.moe_token_dispatcher must be one of {MOE_DISPATCHERS}, got {dispatcher!r}")
+    if dispatcher == "flex" and not torch.cuda.is_available():
+        raise ValueError("learner.moe_token_dispatcher=flex (DeepEP) needs CUDA and the deep_ep package; use "
+                         "alltoall on this machine")
+    grouped = use_te if grouped_gemm is None else grouped_gemm
+    if grouped and not use_te:
+        raise ValueError("learner.moe_grouped_gemm needs the Transformer Engine layer spec (TEGroupedMLP); the "
+                         "local spec runs one GEMM per expert (SequentialMLP)")
+    out: dict[str, Any] = dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.num_experts_per_tok,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=grouped,
+        moe_expert_capacity_factor=None,  # dropless
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_permute_fusion=False,  # TE's fused permute is a GPU kernel; the unfused path is the same math
+        expert_model_parallel_size=groups.ep_size,
+        expert_tensor_parallel_size=groups.etp_size,
+    )
+    if dispatcher == "flex":
+        out["moe_enable_deepep"] = True
+    return out
 
 
 def check_transformer_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -295,6 +346,10 @@ def _check_divisible(arch: ModelArch, groups: ParallelGroups) -> None:
         if value % groups.tp_size:
             raise ValueError(f"model.{name} ({value}) must be divisible by learner.tensor_parallel_size "
                              f"({groups.tp_size})")
+    if groups.ep_size > 1 or groups.etp_size > 1:
+        from megatron_s2lpo.convert.mapping import check_expert_parallel
+
+        check_expert_parallel(arch, groups.ep_size, groups.etp_size)
 
 
 def _low_precision_kwargs(fp8_format: str, fp8_recipe: str) -> dict[str, Any]:
@@ -305,16 +360,19 @@ def _low_precision_kwargs(fp8_format: str, fp8_recipe: str) -> dict[str, Any]:
     return {"fp8": fp8_format, "fp8_recipe": fp8_recipe}
 
 
-def layer_spec(arch: ModelArch, *, use_te: bool) -> Any:
+def layer_spec(arch: ModelArch, *, use_te: bool, grouped_gemm: bool = False) -> Any:
     """Transformer layer ModuleSpec: TE modules (GPU) or megatron-core local modules whose
-    attention core also takes packed sequences (attention.py)."""
+    attention core also takes packed sequences (attention.py); MoE layers for a MoE `arch`."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     from .attention import packed_core_attention_class
 
+    experts = arch.num_experts or None
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=arch.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, qk_layernorm=arch.qk_layernorm,
+                                                    normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = packed_core_attention_class()
     return spec
 
@@ -353,7 +411,7 @@ def build_gpt_model(
     factor = rope_scaling_factor(arch)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te=use_te),
+        transformer_layer_spec=layer_spec(arch, use_te=use_te, grouped_gemm=bool(config.moe_grouped_gemm)),
         vocab_size=arch.padded_vocab_size(groups.tp_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

@@ -4,10 +4,14 @@
 `ParallelGroups` that every other learner helper receives as an argument, so no helper calls a
 global getter (and nothing does at import time).
 
-Layout (megatron's default order tp-cp-ep-dp-pp): with world size W, TP size t and PP size p,
-ranks [0, t) form the first TP group, DP size is W / (t * p), and the pipeline stages are the
-slowest-varying dimension. With 2 processes: TP=2 -> one TP group {0, 1}; PP=2 -> one pipeline
-{0 (first stage), 1 (last stage)}; neither -> DP=2.
+Layout (megatron's default order tp-cp-ep-dp-pp): with world size W, TP size t, CP size c and
+PP size p, ranks [0, t) form the first TP group, DP size is W / (t * c * p), and the pipeline
+stages are the slowest-varying dimension. With 2 processes: TP=2 -> one TP group {0, 1}; PP=2 ->
+one pipeline {0 (first stage), 1 (last stage)}; CP=2 -> one context-parallel group; none -> DP=2.
+Experts (mixture-of-experts models) have a grid of their own over the same ranks (order
+tp-ep-dp-pp with the expert-TP size e_t and expert-parallel size e): expert-parallel ranks are
+carved out of the data-parallel ones, so with 2 processes EP=2 means DP=2 for every dense weight
+and each rank holding half the experts.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ class ParallelGroups:
     world_size: int
     device: torch.device
     cp_size: int = 1  # context-parallel ranks per sequence (1: none)
+    cp_rank: int = 0
+    cp_group: dist.ProcessGroup | None = None
+    ep_size: int = 1  # expert-parallel ranks (each holds num_experts / ep_size experts)
+    ep_rank: int = 0
+    ep_group: dist.ProcessGroup | None = None
+    etp_size: int = 1  # expert tensor-parallel ranks (each expert's weights split over them)
+    etp_rank: int = 0
+    etp_group: dist.ProcessGroup | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -98,8 +110,11 @@ def init_parallel(
     backend: str | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int = 1,
 ) -> ParallelGroups:
-    """Initialise torch.distributed (if needed), megatron's TP/PP/DP groups and the RNGs.
+    """Initialise torch.distributed (if needed), megatron's TP/PP/CP/DP (and EP) groups and the RNGs.
 
     backend: None picks nccl with CUDA and gloo without. Reads the torchrun environment; without
     one it creates a single-process world. Applies the CPU shims when CUDA is absent. Call
@@ -114,12 +129,19 @@ def init_parallel(
     _init_process_group(backend or ("nccl" if has_cuda else "gloo"), timeout_minutes)
 
     world_size = dist.get_world_size()
-    model_parallel = tensor_parallel_size * pipeline_parallel_size
-    if tensor_parallel_size < 1 or pipeline_parallel_size < 1 or world_size % model_parallel:
+    model_parallel = tensor_parallel_size * pipeline_parallel_size * context_parallel_size
+    if min(tensor_parallel_size, pipeline_parallel_size, context_parallel_size) < 1 or world_size % model_parallel:
         raise ValueError(
             f"learner.tensor_parallel_size ({tensor_parallel_size}) x learner.pipeline_parallel_size "
-            f"({pipeline_parallel_size}) must divide the world size ({world_size} processes)"
+            f"({pipeline_parallel_size}) x learner.context_parallel_size ({context_parallel_size}) must divide "
+            f"the world size ({world_size} processes)"
         )
+    expert_parallel = expert_model_parallel_size * expert_tensor_parallel_size * pipeline_parallel_size
+    if min(expert_model_parallel_size, expert_tensor_parallel_size) < 1 or world_size % expert_parallel:
+        raise ValueError(
+            f"learner.expert_model_parallel_size ({expert_model_parallel_size}) x "
+            f"learner.expert_tensor_parallel_size ({expert_tensor_parallel_size}) x learner.pipeline_parallel_size "
+            f"({pipeline_parallel_size}) must divide the world size ({world_size} processes)")
     vpp = virtual_pipeline_parallel_size if (virtual_pipeline_parallel_size or 1) > 1 else None
     if vpp is not None and pipeline_parallel_size == 1:
         raise ValueError("learner.virtual_pipeline_parallel_size > 1 needs learner.pipeline_parallel_size > 1")
@@ -129,8 +151,12 @@ def init_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
+    ps = parallel_state
     groups = ParallelGroups(
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
@@ -147,6 +173,15 @@ def init_parallel(
         rank=dist.get_rank(),
         world_size=world_size,
         device=torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu"),
+        cp_size=context_parallel_size,
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_group=ps.get_context_parallel_group(),
+        ep_size=expert_model_parallel_size,
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_size=expert_tensor_parallel_size,
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
     )
     seed_everything(seed, groups.pp_rank)
     return groups

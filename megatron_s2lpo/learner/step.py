@@ -12,7 +12,11 @@ The loss contract (why the numbers are exact for any micro-batch split and any D
      (`schedules.forward_step_calc_loss`, 2-tuple path) and the DDP wrapper averages gradients
      over DP ranks (gradient_scaling_factor = 1 / dp_size, `calculate_per_token_loss=False`).
   3. So `loss_fn` returns loss * num_microbatches * dp_size: after megatron's two divisions the
-     accumulated gradient is exactly the gradient of the full-batch loss.
+     accumulated gradient is exactly the gradient of the full-batch loss. With context
+     parallelism every CP rank computes the whole micro-batch's loss from per-token values made
+     whole over the CP group (context_parallel.py), each contributing the gradient of its own
+     positions; megatron multiplies the returned loss by CP (`forward_step_calc_loss`) and
+     averages gradients over DP x CP, so the factor stays num_microbatches * dp_size.
   4. The distillation objectives (`forward_kl`, `reverse_kl`, algo/distill.py) follow the
      same contract, so the same scaling applies to them.
   5. Metrics are the unscaled partial values (a detached clone, taken before megatron edits
@@ -42,6 +46,7 @@ from megatron_s2lpo.algo.losses import PolicyLossConfig, policy_loss, truncated_
 OBJECTIVES = ("policy", "forward_kl", "reverse_kl")  # PPO-clip, distillation warmup, direct OPD loss
 
 from .batching import MicroBatch, PackedRows
+from .context_parallel import combine, local_of_global, local_token_index
 from .logprobs import chunked_logprobs
 from .model import OutputHead, deferred_logits, unwrap_model
 
@@ -65,6 +70,7 @@ class LossSpec:
     objective: str = "policy"  # one of OBJECTIVES
     distill_coef: float = 1.0  # reverse_kl: the loss weight
     chunk_tokens: int = 0  # output-layer rows per log-prob chunk (0: one chunk)
+    cp_group: Any = None  # context parallelism: the ranks that share each sequence (None: no CP)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -81,27 +87,45 @@ class LogProbSpec:
     with_entropy: bool = False
     chunk_tokens: int = 0  # output-layer rows per log-prob chunk (0: one chunk)
     all_tokens: bool = False  # every position of every sequence, not only the loss-mask tokens
+    cp_group: Any = None  # context parallelism (see LossSpec)
 
 
 def _device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def packed_seq_params(packed: PackedRows, device: torch.device) -> Any:
+def packed_seq_params(packed: PackedRows, device: torch.device, cp_group: Any = None) -> Any:
     """megatron's THD description of a pack. The padded boundaries serve as the real ones: the
-    padding of a sequence sits after it, so causal attention never lets a real token see it."""
+    padding of a sequence sits after it, so causal attention never lets a real token see it.
+    With context parallelism they stay the whole pack's (context_parallel.py)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = packed.cu_seqlens.to(device=device, dtype=torch.int32)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                           cu_seqlens_kv_padded=cu, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen,
+                           cp_group=cp_group)
 
 
-def _model_forward(model: Any, micro: MicroBatch) -> Tensor:
-    """Last stage (logits deferred): final hidden states (b, s, h); other stages: activations."""
+def _cp(group: Any) -> tuple[int, int]:
+    """(size, rank) of a context-parallel group; (1, 0) without one."""
+    return (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+
+
+def _model_forward(model: Any, micro: MicroBatch, cp_group: Any = None) -> Tensor:
+    """Last stage (logits deferred): final hidden states (b, s, h); other stages: activations.
+    With context parallelism the model gets this CP rank's share of the pack."""
+    routing = getattr(unwrap_model(model), "routing_state", None)
+    if routing is not None:  # mixture of experts: this micro-batch's routing targets (routing.py)
+        routing.before_forward(model, micro)
     device = _device_of(model)
     tokens, position_ids = micro.model_inputs()
-    kwargs = {} if micro.packed is None else {"packed_seq_params": packed_seq_params(micro.packed, device)}
+    kwargs = {}
+    if micro.packed is not None:
+        kwargs["packed_seq_params"] = packed_seq_params(micro.packed, device, cp_group)
+        cp_size, cp_rank = _cp(cp_group)
+        if cp_size > 1:
+            local = local_token_index(micro.packed.cu_seqlens, cp_size, cp_rank)
+            tokens, position_ids = tokens[:, local], position_ids[:, local]
     return model(tokens.to(device), position_ids.to(device), None, **kwargs)
 
 
@@ -123,12 +147,20 @@ def selected_positions(micro: MicroBatch, all_tokens: bool = False) -> tuple[Ten
 
 def token_values(micro: MicroBatch, hidden: Tensor, head: OutputHead, *, vocab_size: int, tp_group: Any,
                  temperature: float, chunk_tokens: int, with_entropy: bool = False, topk: bool = False,
-                 all_tokens: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                 all_tokens: bool = False, cp_group: Any = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Aligned (b, L) log-probs (and entropy, (b, L, K) top-k log-probs) of a micro-batch from
-    its final hidden states; 0 at positions that were not selected (`selected_positions`)."""
+    its final hidden states; 0 at positions that were not selected (`selected_positions`). With
+    context parallelism each rank computes the positions whose predicting hidden state it holds
+    and the values are made whole over the CP group (context_parallel.combine)."""
     device = hidden.device
     rows, cols = selected_positions(micro, all_tokens)
-    index = micro.prediction_index(rows, cols).to(device)
+    index = micro.prediction_index(rows, cols)
+    cp_size, cp_rank = _cp(cp_group)
+    if cp_size > 1:
+        local = local_of_global(micro.packed.cu_seqlens, cp_size, cp_rank)[index]
+        keep = local >= 0
+        rows, cols, index = rows[keep], cols[keep], local[keep]
+    index = index.to(device)
     topk_ids = micro.teacher_topk_ids[rows, cols].to(device) if topk else None
     logprob, entropy, at = chunked_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), index, micro.tokens[rows, cols].to(device), head,
@@ -142,7 +174,8 @@ def token_values(micro: MicroBatch, hidden: Tensor, head: OutputHead, *, vocab_s
         out = torch.zeros((micro.num_seqs, micro.seq_len, *trailing), dtype=values.dtype, device=device)
         return out.index_put((rows, cols), values)
 
-    return scatter(logprob), scatter(entropy), scatter(at, *(() if at is None else at.shape[1:]))
+    out = scatter(logprob), scatter(entropy), scatter(at, *(() if at is None else at.shape[1:]))
+    return tuple(combine(values, cp_group) for values in out)
 
 
 def policy_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: Tensor
@@ -154,7 +187,7 @@ def policy_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden: 
     device = hidden.device
     logprobs, entropy, _ = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
                                         temperature=spec.temperature, chunk_tokens=spec.chunk_tokens,
-                                        with_entropy=cfg.entropy_coef > 0)
+                                        with_entropy=cfg.entropy_coef > 0, cp_group=spec.cp_group)
     old = micro.old_logprobs.to(device)
     is_weights = None
     if spec.is_threshold is not None:
@@ -180,7 +213,8 @@ def _distill_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden
     agg = spec.loss_config.loss_agg_mode
     topk = spec.objective == "forward_kl" and micro.teacher_topk_ids is not None
     logprobs, _, student_topk = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
-                                             temperature=spec.temperature, chunk_tokens=spec.chunk_tokens, topk=topk)
+                                             temperature=spec.temperature, chunk_tokens=spec.chunk_tokens, topk=topk,
+                                             cp_group=spec.cp_group)
     mask = micro.loss_mask.to(device)
     if spec.objective == "forward_kl":
         teacher_topk = micro.teacher_topk_logprobs.to(device) if topk else None
@@ -198,7 +232,7 @@ def _distill_loss_fn(micro: MicroBatch, spec: LossSpec, head: OutputHead, hidden
 def train_forward_step(data_iterator: Iterator[MicroBatch], model: Any, *, spec: LossSpec):
     """forward_step for training: (output, partial(policy_loss_fn, micro, spec, head))."""
     micro = next(data_iterator)
-    return _model_forward(model, micro), partial(policy_loss_fn, micro, spec, _head(model))
+    return _model_forward(model, micro, spec.cp_group), partial(policy_loss_fn, micro, spec, _head(model))
 
 
 def logprob_loss_fn(micro: MicroBatch, spec: LogProbSpec, head: OutputHead, hidden: Tensor
@@ -206,7 +240,8 @@ def logprob_loss_fn(micro: MicroBatch, spec: LogProbSpec, head: OutputHead, hidd
     """No-grad pass: a zero 'loss' and the micro-batch's aligned log-probs (and entropy)."""
     logprobs, entropy, _ = token_values(micro, hidden, head, vocab_size=spec.vocab_size, tp_group=spec.tp_group,
                                         temperature=spec.temperature, chunk_tokens=spec.chunk_tokens,
-                                        with_entropy=spec.with_entropy, all_tokens=spec.all_tokens)
+                                        with_entropy=spec.with_entropy, all_tokens=spec.all_tokens,
+                                        cp_group=spec.cp_group)
     out = {"indices": micro.indices, "logprobs": logprobs.float().cpu()}
     if entropy is not None:
         out["entropy"] = entropy.float().cpu()
@@ -216,7 +251,7 @@ def logprob_loss_fn(micro: MicroBatch, spec: LogProbSpec, head: OutputHead, hidd
 def logprob_forward_step(data_iterator: Iterator[MicroBatch], model: Any, *, spec: LogProbSpec):
     """forward_step for log-prob passes (old / reference log-probs)."""
     micro = next(data_iterator)
-    return _model_forward(model, micro), partial(logprob_loss_fn, micro, spec, _head(model))
+    return _model_forward(model, micro, spec.cp_group), partial(logprob_loss_fn, micro, spec, _head(model))
 
 
 def run_schedule(

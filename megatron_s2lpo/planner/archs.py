@@ -20,6 +20,13 @@ def _qwen3(hidden: int, ffn: int, layers: int, heads: int, tie: bool) -> ModelAr
                      max_position_embeddings=32768, tie_word_embeddings=tie, qk_layernorm=True)
 
 
+def _qwen3_moe(hidden: int, layers: int, heads: int, groups: int, experts: int, expert_ffn: int) -> ModelArch:
+    return ModelArch(family="qwen3_moe", vocab_size=151936, hidden_size=hidden, ffn_hidden_size=6144,
+                     num_layers=layers, num_attention_heads=heads, num_query_groups=groups, head_dim=128,
+                     rope_theta=1_000_000.0, max_position_embeddings=40960, qk_layernorm=True,
+                     num_experts=experts, num_experts_per_tok=8, moe_ffn_hidden_size=expert_ffn, norm_topk_prob=True)
+
+
 KNOWN_ARCHS: dict[str, ModelArch] = {
     "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, True),
     "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, True),
@@ -27,12 +34,14 @@ KNOWN_ARCHS: dict[str, ModelArch] = {
     "qwen3-8b": _qwen3(4096, 12288, 36, 32, False),
     "qwen3-14b": _qwen3(5120, 17408, 40, 40, False),
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, False),
+    "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 128, 768),
+    "qwen3-235b-a22b": _qwen3_moe(4096, 94, 64, 4, 128, 1536),
 }
 
 
 def known_arch(name: str) -> ModelArch | None:
     """The architecture of a published model named like `Qwen3-8B-Base` (any case, any suffix)."""
-    match = re.match(r"(qwen3-\d+(?:\.\d+)?b)", os.path.basename(name.rstrip("/")).lower())
+    match = re.match(r"(qwen3-\d+(?:\.\d+)?b(?:-a\d+b)?)", os.path.basename(name.rstrip("/")).lower())
     return KNOWN_ARCHS.get(match.group(1)) if match else None
 
 

@@ -116,19 +116,29 @@ class LearnerMemory:
 
 
 def layer_params(arch: ModelArch) -> tuple[int, int]:
-    """(matmul weights, norm / bias weights) of one transformer layer, unsharded."""
+    """(matmul weights split over TP, norm / bias / router weights) of one transformer layer,
+    unsharded; a mixture-of-experts layer's experts are not in it (`expert_params`)."""
     q_dim, kv_dim, h = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim, arch.hidden_size
-    matmul = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * arch.ffn_hidden_size
+    mlp = 0 if arch.is_moe else 3 * h * arch.ffn_hidden_size
+    matmul = h * (q_dim + 2 * kv_dim) + q_dim * h + mlp
     small = 2 * h + (2 * arch.head_dim if arch.qk_layernorm else 0) + ((q_dim + 2 * kv_dim) if arch.add_qkv_bias else 0)
+    small += arch.num_experts * h  # the MoE router, replicated on every rank
     return matmul, small
 
 
-def stage_params(arch: ModelArch, tp: int, pp: int, stage: int) -> tuple[float, float]:
-    """(all params, linear-layer params) held by one TP rank of pipeline `stage`."""
+def expert_params(arch: ModelArch, pp: int, ep: int = 1, etp: int = 1) -> float:
+    """Expert weights one rank holds: its stage's layers, num_experts / EP experts each, split over ETP."""
+    per_layer = arch.num_experts * 3 * arch.hidden_size * arch.moe_ffn_hidden_size
+    return arch.num_layers / pp * per_layer / (ep * etp)
+
+
+def stage_params(arch: ModelArch, tp: int, pp: int, stage: int, *, ep: int = 1, etp: int = 1) -> tuple[float, float]:
+    """(all params, linear-layer params) held by one TP rank of pipeline `stage` (with its share of
+    a mixture-of-experts model's experts over EP x expert-TP)."""
     matmul, small = layer_params(arch)
     layers = arch.num_layers / pp
     embed = arch.padded_vocab_size(tp) * arch.hidden_size / tp
-    linear = layers * matmul / tp
+    linear = layers * matmul / tp + expert_params(arch, pp, ep, etp)
     total = linear + layers * small
     if stage == 0:
         total += embed
@@ -148,11 +158,18 @@ def _per_token_layer_bytes(arch: ModelArch, cfg: LearnerConfig, backend: Backend
     h_share = arch.hidden_size / (tp if cfg.sequence_parallel else 1)
     terms = {"h": backend.act_h * h_share, "q": backend.act_q * q_dim / tp, "kv": backend.act_kv * kv_dim / tp,
              "f": backend.act_f * arch.ffn_hidden_size / tp}
+    if arch.is_moe:  # k routed copies of the token through one expert's SwiGLU each (split over
+        # expert-TP), plus the permuted / dispatched copies of its hidden state the alltoall keeps
+        k = arch.num_experts_per_tok
+        terms["f"] = backend.act_f * k * arch.moe_ffn_hidden_size / cfg.expert_tensor_parallel_size
+        terms["h"] += 2 * k * arch.hidden_size
+        terms["router"] = 2 * arch.num_experts  # fp32 router logits and probabilities
     modules = set(cfg.recompute_modules or ["core_attn"]) if cfg.recompute_granularity == "selective" else set()
     if "core_attn" in modules and backend.saves_attention_probs:
         terms["q"] -= q_dim / tp  # the math kernel's output is recomputed (the fused kernel's is kept: docstring)
     if "mlp" in modules:
         terms["f"] = 0.0
+        terms.pop("router", None)
         terms["h"] -= h_share  # only the MLP's input is kept
     if "layernorm" in modules:
         terms["h"] -= h_share  # norm outputs recomputed
@@ -221,10 +238,11 @@ def _stage_estimate(arch: ModelArch, cfg: LearnerConfig, stage: int, *, dp_size:
                     with_reference: bool, backend: Backend, sync_bucket_bytes: int) -> LearnerMemory:
     tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
     d = DTYPE_BYTES[cfg.precision]
-    params, linear = stage_params(arch, tp, pp, stage)
+    ep, etp = cfg.expert_model_parallel_size, cfg.expert_tensor_parallel_size
+    params, linear = stage_params(arch, tp, pp, stage, ep=ep, etp=etp)
     weights = params * d + (2 * linear if cfg.precision == "fp8" else 0)
     grads = params * (4 if cfg.grad_reduce_in_fp32 or cfg.precision == "fp32" else d)
-    optim = optimizer_bytes(params, cfg, dp_size)
+    optim = optimizer_bytes(params, cfg, dp_size, experts=expert_params(arch, pp, ep, etp))
     acts, attn_transient = activation_bytes(arch, cfg, backend, max_seq_len)
     if stage != 0:  # the last stage keeps one micro-batch of its own layers
         acts = acts / pp
@@ -261,11 +279,18 @@ def _stage_estimate(arch: ModelArch, cfg: LearnerConfig, stage: int, *, dp_size:
                          peak=peak, peak_phase=phase, stage="first" if stage == 0 else "last", phases=phases)
 
 
-def optimizer_bytes(params: float, cfg: LearnerConfig, dp_size: int, *, on_host: bool = False) -> float:
+def optimizer_bytes(params: float, cfg: LearnerConfig, dp_size: int, *, on_host: bool = False,
+                    experts: float = 0.0) -> float:
     """fp32 main weights (bf16 / fp8) + Adam's moments of this rank, on the device (on_host: the
-    share optim.cpu_offload moves to the host)."""
+    share optim.cpu_offload moves to the host). experts: the expert weights among `params`, whose
+    state the distributed optimizer shards over the expert-data-parallel ranks instead of DP x CP."""
     per_param = (0 if cfg.precision == "fp32" else 4) + 8
-    total = params * per_param / (dp_size * cfg.context_parallel_size if cfg.optim.use_distributed_optimizer else 1)
+    total = params * per_param
+    if cfg.optim.use_distributed_optimizer:
+        dp_cp = dp_size * cfg.context_parallel_size
+        expert_dp = max(dp_cp * cfg.tensor_parallel_size
+                        // (cfg.expert_model_parallel_size * cfg.expert_tensor_parallel_size), 1)
+        total = (params - experts) * per_param / dp_cp + experts * per_param / expert_dp
     share = cfg.optim.cpu_offload_fraction if cfg.optim.cpu_offload else 0.0
     return total * (share if on_host else 1 - share)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from megatron_s2lpo.config.learner import LearnerConfig
 from megatron_s2lpo.config.model import ModelArch
 
-from .estimate import DTYPE_BYTES, GIB, Item, optimizer_bytes, stage_params
+from .estimate import DTYPE_BYTES, GIB, Item, expert_params, optimizer_bytes, stage_params
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,11 +49,14 @@ def estimate_host(arch: ModelArch, cfg: LearnerConfig, *, dp_size: int, with_ref
                   ranks_per_node: int, colocated: bool = False) -> HostMemory:
     """Host memory of the busiest learner rank (module docstring), on the first pipeline stage
     (the embedding makes it the largest but for a tied last stage, which the difference ignores)."""
-    params, _ = stage_params(arch, cfg.tensor_parallel_size, cfg.pipeline_parallel_size, 0)
+    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    ep, etp = cfg.expert_model_parallel_size, cfg.expert_tensor_parallel_size
+    params, _ = stage_params(arch, tp, pp, 0, ep=ep, etp=etp)  # a MoE rank holds only its experts
+    experts = expert_params(arch, pp, ep, etp)
     d = DTYPE_BYTES[cfg.precision]
     weights = params * d
-    optim_host = optimizer_bytes(params, cfg, dp_size, on_host=True)
-    optim_all = optimizer_bytes(params, cfg, dp_size) + optim_host
+    optim_host = optimizer_bytes(params, cfg, dp_size, on_host=True, experts=experts)
+    optim_all = optimizer_bytes(params, cfg, dp_size, experts=experts) + optim_host
     if cfg.optim.use_distributed_optimizer and cfg.checkpoint.optimizer_sharding == "fully_reshardable":
         staging = params * 12 + optim_all + weights  # every DP rank: the TP shard's fp32 params + moments
     else:

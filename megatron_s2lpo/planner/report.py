@@ -149,6 +149,15 @@ def _plan_run(title: str, cfg: RunConfig, gpu_memory: float, learner_gpus: int, 
     if learner_gpus % model_parallel:
         raise ValueError(f"{learner_gpus} learner GPUs are not a multiple of TP x PP x CP = {model_parallel}")
     dp = learner_gpus // model_parallel
+    experts = ""
+    if arch.is_moe:  # experts spread over EP x expert-TP ranks of each pipeline stage
+        expert_parallel = lc.expert_model_parallel_size * lc.expert_tensor_parallel_size * lc.pipeline_parallel_size
+        if learner_gpus % expert_parallel or arch.num_experts % lc.expert_model_parallel_size:
+            raise ValueError(f"{learner_gpus} learner GPUs are not a multiple of EP x expert-TP x PP = {expert_parallel}, "
+                             f"or model.num_experts ({arch.num_experts}) is not divisible by EP "
+                             f"({lc.expert_model_parallel_size})")
+        experts = (f" EP={lc.expert_model_parallel_size} ETP={lc.expert_tensor_parallel_size}"
+                   f" ({arch.num_experts // lc.expert_model_parallel_size} of {arch.num_experts} experts per GPU)")
     max_seq_len = _max_seq_len(cfg)
     with_reference = cfg.algo.kl_coef > 0
 
@@ -160,7 +169,7 @@ def _plan_run(title: str, cfg: RunConfig, gpu_memory: float, learner_gpus: int, 
 
     learner = estimate(lc)
     layout = (f"TP={lc.tensor_parallel_size}{' SP' if lc.sequence_parallel else ''} PP={lc.pipeline_parallel_size} "
-              f"CP={lc.context_parallel_size} DP={dp} ({learner_gpus} GPUs), {lc.precision}"
+              f"CP={lc.context_parallel_size} DP={dp}{experts} ({learner_gpus} GPUs), {lc.precision}"
               + (f" {lc.fp8_recipe}" if lc.precision == "fp8" else ""))
     plan = RunPlan(title=title, arch=arch, layout=layout, learner=learner, servers=[], gpu_memory=gpu_memory)
     budget = gpu_memory * (1 - MARGIN)

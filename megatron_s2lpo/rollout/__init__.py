@@ -35,7 +35,7 @@ def build_engine(cfg, *, tokenizer=None, name: str = "engine", seed: int = 0,
     if not cfg.model_path:
         raise ValueError(f"rollout.{name}.model_path is empty: the local engine loads a Hugging Face "
                          "model directory")
-    return LocalEngine.from_pretrained(cfg.model_path, tokenizer=tokenizer, seed=seed)
+    return LocalEngine.from_pretrained(cfg.model_path, tokenizer=tokenizer, seed=seed, dtype=cfg.local_dtype)
 
 
 def build_prefetcher(cfg, *, explorer: RolloutEngine | None, seed: int = 0) -> ExplorerPrefetcher | None:

@@ -16,6 +16,9 @@ Answers: with `rules` (the trainer always passes them) every completion is check
 leaves the collector (validation.py): token ids inside the learner's vocabulary, finite
 log-probs, and the learner's samples drawn with the weight version the step expects.
 
+Routing (mixture-of-experts learners, `learner_routing`): the learner's requests ask its engine
+for the experts every token was routed to (Rollout.routed_experts); the explorer's never do.
+
 Seeds: sample j of source s for the k-th prompt of step i is drawn with
 derive_seed(seed, i, s, k, prompt_id, j), so runs are reproducible per step and a resumed run
 samples the same as an uninterrupted one (given the same weights). A step whose prompts come in
@@ -56,6 +59,7 @@ class GroupCollector:
         constant_share: float = 0.5,
         seed: int = 0,
         rules: AnswerRules | None = None,
+        learner_routing: bool = False,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -71,6 +75,7 @@ class GroupCollector:
         self.constant_share = constant_share
         self.seed = seed
         self.rules = rules
+        self.learner_routing = learner_routing  # ask the learner's engine for its routed experts (MoE)
         split_group(1, group_size, t_mix, schedule=schedule, rounding=rounding,
                     constant_share=constant_share)  # validate the schedule options now
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="collector")
@@ -149,10 +154,12 @@ class GroupCollector:
     def _requests(self, prompts: list[Prompt], step: int, source: Source, num: int,
                   sampling: SamplingConfig, first_index: int) -> list[GenerateRequest]:
         """num requests per prompt, prompt-major, with per-sample seeds."""
+        routing = self.learner_routing and source is Source.LEARNER  # never the explorer's (another model)
         return [
             GenerateRequest.from_sampling(
                 f"s{step}/{source.value}/{k}/{prompt.prompt_id}/{j}", prompt_token_ids(prompt), sampling,
-                seed=derive_seed(self.seed, step, source.value, k, prompt.prompt_id, j))
+                seed=derive_seed(self.seed, step, source.value, k, prompt.prompt_id, j),
+                return_routed_experts=routing)
             for k, prompt in enumerate(prompts, start=first_index) for j in range(num)
         ]
 

@@ -40,6 +40,7 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)  # stop strings (matched on decoded text)
     return_logprob: bool = True
     seed: int | None = None  # per-request sampling seed; None: the engine's own stream
+    return_routed_experts: bool = False  # MoE: the experts every token was routed to (Completion)
 
     def __post_init__(self) -> None:
         where = f"request {self.request_id!r}"
@@ -62,6 +63,7 @@ class GenerateRequest:
         sampling: SamplingConfig,
         *,
         seed: int | None = None,
+        return_routed_experts: bool = False,
     ) -> "GenerateRequest":
         return cls(
             request_id=request_id,
@@ -73,6 +75,7 @@ class GenerateRequest:
             stop_token_ids=list(sampling.stop_token_ids),
             stop=list(sampling.stop),
             seed=seed,
+            return_routed_experts=return_routed_experts,
         )
 
     def sampling_params(self) -> dict:
@@ -103,6 +106,9 @@ class Completion:
     logprobs: list[float]  # one per token_ids entry (see the module docstring)
     finish_reason: FinishReason
     weight_version: int
+    # MoE engines asked for return_routed_experts: (len(prompt) + len(tokens) - 1, layers * top_k)
+    # int16, the top-k expert ids of every token the engine ran (types.Rollout.routed_experts)
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.token_ids):
@@ -110,6 +116,10 @@ class Completion:
                 f"completion {self.request_id!r}: {len(self.token_ids)} tokens but "
                 f"{len(self.logprobs)} log-probs; request return_logprob=True"
             )
+        rows = len(self.prompt_ids) + len(self.token_ids) - 1
+        if self.routed_experts is not None and (self.routed_experts.dim() != 2 or self.routed_experts.shape[0] != rows):
+            raise ValueError(f"completion {self.request_id!r}: routed_experts has shape "
+                             f"{tuple(self.routed_experts.shape)}, expected ({rows}, layers * top_k)")
 
     def to_rollout(self, *, prompt_id: str, sample_index: int, source: Source) -> Rollout:
         return Rollout(
@@ -122,6 +132,7 @@ class Completion:
             finish_reason=self.finish_reason,
             weight_version=self.weight_version,
             text=self.text,
+            routed_experts=self.routed_experts,
         )
 
 

@@ -12,6 +12,13 @@ padding, an attention mask and explicit position ids, so the log-probs equal a f
 teacher-forced forward pass of the same model (fp32, within 1e-5). `score` is that
 teacher-forced pass itself (prefill scoring of given responses for distillation, scoring.py).
 
+Mixture-of-experts models (Qwen3-MoE): transformers keeps each layer's experts fused in two
+3-D parameters (`experts.gate_up_proj`, `experts.down_proj`); the engine accepts them under the
+checkpoint's per-expert names (`mlp.experts.{e}.{gate,up,down}_proj.weight`, the names SGLang
+loads), writing into views of the fused tensors. A request with `return_routed_experts` gets the
+top-k experts every router chose for each token the model ran, as SGLang 0.5.23 returns them
+(`meta_info.routed_experts`: prompt and response tokens but the last, all layers).
+
 Determinism: a request with `seed` draws from its own generator seeded with it; requests
 without one draw from generators seeded from the engine's `seed`, so the same calls in the
 same order give the same samples. (Batch composition changes padding, which can move logits
@@ -29,9 +36,12 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..config.model import ModelArch
+from .routing_record import RoutingRecorder, expert_views
 from ..types import FinishReason
 from .engine import Completion, GenerateRequest
 from .scoring import ScoreRequest, TokenScores
+
+Tensor = torch.Tensor
 
 
 def support_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -52,7 +62,7 @@ def support_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
 
 
 class LocalEngine:
-    """A `RolloutEngine` backed by an in-process transformers model (fp32)."""
+    """A `RolloutEngine` backed by an in-process transformers model (fp32, or bf16 with `dtype`)."""
 
     def __init__(
         self,
@@ -64,10 +74,13 @@ class LocalEngine:
         max_batch_size: int = 64,
         weight_version: int = 0,
         model_id: str = "",
+        dtype: str = "float32",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model = model.float().eval()
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"engine dtype must be float32 or bfloat16, got {dtype!r}")
+        self.model = model.to(getattr(torch, dtype)).eval()  # log-probs are taken in fp32 either way
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(_default_eos(model, tokenizer) if eos_token_ids is None
                                        else eos_token_ids)
@@ -81,9 +94,13 @@ class LocalEngine:
         self._rng = torch.Generator().manual_seed(seed)
         self._lock = threading.RLock()  # one generation or weight update at a time
         self._closed = False
-        # Every tensor name the engine accepts (tied weights appear under both names).
-        self._params = dict(self.model.state_dict(keep_vars=True))
-        self._required = {name for name, _ in self.model.named_parameters()}
+        # Every tensor name the engine accepts (tied weights appear under both names; fused
+        # experts under their per-expert checkpoint names).
+        experts, fused = expert_views(self.model)
+        self._params = {n: t for n, t in self.model.state_dict(keep_vars=True).items() if n not in fused}
+        self._params.update(experts)
+        self._required = {name for name, _ in self.model.named_parameters() if name not in fused} | set(experts)
+        self._routing = RoutingRecorder(self.model)
 
     # ----- construction -----
 
@@ -245,9 +262,17 @@ class LocalEngine:
         cache = DynamicCache()
         step_ids, step_pos = input_ids.to(device), positions.to(device)
         mask = mask.to(device)
+        record = any(r.return_routed_experts for r in requests)
+        if record and not self._routing.routers:
+            raise ValueError("return_routed_experts needs a mixture-of-experts model; this engine's model has no "
+                             "routers")
+        routes: list[Tensor] = []  # (B, S, layers * k) per forward
         for _ in range(max(r.max_new_tokens for r in requests)):
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            with self._routing.recording(record) as recorded:
+                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if record:
+                routes.append(recorded.stacked(num_rows))
             cache = out.past_key_values
             logprobs = torch.log_softmax(out.logits[:, -1, :].float().cpu() / temps, dim=-1)  # (B, V)
             probs = logprobs.exp()
@@ -271,7 +296,9 @@ class LocalEngine:
             Completion(request_id=req.request_id, prompt_ids=list(req.prompt_ids), token_ids=tokens[row],
                        text=self._decode(tokens[row]) if stop_texts[row] is None else stop_texts[row],
                        logprobs=logps[row], finish_reason=finish[row] or FinishReason.LENGTH,
-                       weight_version=self._version)
+                       weight_version=self._version,
+                       routed_experts=_row_routes(routes, row, len(req.prompt_ids), len(tokens[row]))
+                       if req.return_routed_experts else None)
             for row, req in enumerate(requests)
         ]
 
@@ -360,3 +387,11 @@ def _tied_aliases(model: torch.nn.Module, present: set[str]) -> set[str]:
     pair = {"lm_head.weight", "model.embed_tokens.weight"}
     return pair if pair & present else set()
 
+
+
+def _row_routes(routes: list[Tensor], row: int, prompt_len: int, num_tokens: int) -> Tensor:
+    """Row `row`'s routing as SGLang returns it: its prompt tokens (the prefill's last prompt_len
+    columns, left padding before them) and the response tokens fed back (all but the last)."""
+    prefill = routes[0][row, routes[0].shape[1] - prompt_len:]  # (prompt_len, layers * k)
+    fed = [step[row] for step in routes[1:num_tokens]]  # decode step i fed response token i - 1
+    return torch.cat([prefill, *fed]).to(torch.int16)

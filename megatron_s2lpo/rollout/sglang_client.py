@@ -68,12 +68,15 @@ are not. The final error names the server URL, the request id and the server's l
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
+import torch
 
 from ..types import FinishReason
 from .engine import Completion, GenerateRequest, parse_weight_version
@@ -114,7 +117,27 @@ def generate_payload(req: GenerateRequest, rid: str | None = None) -> dict:
         "sampling_params": req.sampling_params(),
         "return_logprob": req.return_logprob,
         "stream": False,
+        **({"return_routed_experts": True} if req.return_routed_experts else {}),
     }
+
+
+def parse_routed_experts(value: Any, rows: int, *, where: str) -> torch.Tensor:
+    """meta_info.routed_experts -> (rows, layers * top_k) int16.
+
+    SGLang 0.5.23 sends the base64 of the int32 (token, layer, top_k) array of the tokens
+    [0, prompt + output - 1) (`state_capturer/routed_experts.py`, `extract_routed_experts_from_meta_info`;
+    the detokenizer encodes it, `routed_experts_start_len` 0)."""
+    if not isinstance(value, str):
+        raise EngineRequestError(f"{where}: meta_info.routed_experts is {_excerpt(value)}, expected base64; "
+                                 "launch the server with --enable-return-routed-experts")
+    try:
+        flat = torch.frombuffer(bytearray(base64.b64decode(value, validate=True)), dtype=torch.int32)
+    except (ValueError, binascii.Error) as err:
+        raise EngineRequestError(f"{where}: meta_info.routed_experts is not base64 int32 ({err})") from None
+    if rows < 1 or flat.numel() % rows:
+        raise EngineRequestError(f"{where}: {flat.numel()} routed expert ids do not split into {rows} token rows "
+                                 "(prompt + output - 1)")
+    return flat.view(rows, -1).to(torch.int16)
 
 
 def parse_generate_output(out: Any, req: GenerateRequest, *, url: str, rid: str | None = None) -> Completion:
@@ -150,6 +173,10 @@ def parse_generate_output(out: Any, req: GenerateRequest, *, url: str, rid: str 
         logprobs = [float(t[0]) for t in triples]
     else:
         logprobs = [0.0] * len(token_ids)
+    routed = None
+    if req.return_routed_experts and kind != "abort":  # an aborted request is retried, not trained on
+        routed = parse_routed_experts(meta.get("routed_experts"), len(req.prompt_ids) + len(token_ids) - 1,
+                                      where=where)
     return Completion(
         request_id=req.request_id,
         prompt_ids=list(req.prompt_ids),
@@ -158,6 +185,7 @@ def parse_generate_output(out: Any, req: GenerateRequest, *, url: str, rid: str 
         logprobs=logprobs,
         finish_reason=_FINISH[kind],
         weight_version=parse_weight_version(meta.get("weight_version"), where=url),
+        routed_experts=routed,
     )
 
 

@@ -116,6 +116,8 @@ def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replic
         args += ["--api-key", cfg.api_key]
     if cfg.enable_memory_saver:
         args.append("--enable-memory-saver")
+    if cfg.return_routed_experts:
+        args.append("--enable-return-routed-experts")
     return prefix + args + list(cfg.extra_args)
 
 

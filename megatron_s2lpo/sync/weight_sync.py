@@ -38,6 +38,7 @@ from typing import Any
 
 from megatron_s2lpo.config.model import ModelArch
 from megatron_s2lpo.config.sync import SyncConfig
+from megatron_s2lpo.convert.export import takes_part_in_export
 
 from .base import TransportContext
 from .bucket_rules import BucketRules
@@ -126,7 +127,8 @@ class WeightSync:
         self.learner = learner
         self.temperature = temperature
         self.is_driver = groups.rank == 0
-        self.exports = groups.dp_rank == 0  # the driver's replica; the others hold the same weights
+        # the driver's replica (with EP, the ranks holding its experts too); the others hold the same weights
+        self.exports = takes_part_in_export(groups) if model_chunks else groups.dp_rank == 0
         self.exporter = exporter or MegatronExporter(model_chunks, groups, arch, config.bucket_bytes)
         self.version: int | None = None  # the last version synced by this object
         self.num_syncs = 0

@@ -181,6 +181,13 @@ def _engine(cfg: EngineConfig, path: str, tokenizer: Any, name: str, seed: int, 
                         tokenizer=tokenizer, name=name, seed=seed, log_dir=log_dir or None)
 
 
+def learner_routing(cfg: RunConfig, arch: ModelArch) -> bool:
+    """Whether the learner's samples carry their engine's routed experts: a mixture-of-experts
+    learner that replays them (learner.routing_replay=r3) or reports routing metrics."""
+    learner = cfg.learner
+    return arch.is_moe and (learner.routing_replay == "r3" or learner.routing_metrics_every > 0)
+
+
 def mix_settings(cfg: RunConfig) -> tuple[int, str, float]:
     """(t_mix, schedule, constant_share) of the collector's explorer slot.
 
@@ -223,6 +230,9 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     algo, rollout = cfg.algo, cfg.rollout
     learner = Learner(model_arch(rollout.learner, "learner"), cfg.resolved_learner(), with_reference=algo.kl_coef > 0)
     groups = learner.groups
+    routing = learner_routing(cfg, learner.arch)
+    if routing:  # a launched SGLang server must be started able to return its routing
+        rollout = dataclasses.replace(rollout, learner=dataclasses.replace(rollout.learner, return_routed_experts=True))
     learner_path = _learner_dir(cfg, tokenizer)  # rank 0 writes it when built from code
     if algo.method == "forward_kl":  # the teacher samples every group, through the explorer slot
         rollout = dataclasses.replace(rollout, explorer=rollout.teacher, explorer_store="")
@@ -253,7 +263,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
             explorer=None if explorer_engine is None else ScoringEngine(explorer_engine, stage),
             explorer_sampling=rollout.explorer.sampling, prefetcher=prefetcher, schedule=schedule,
             rounding=algo.rounding, constant_share=constant_share, seed=cfg.run.seed,
-            rules=AnswerRules(vocab_size=learner.arch.vocab_size, max_staleness=cfg.run.max_staleness))
+            rules=AnswerRules(vocab_size=learner.arch.vocab_size, max_staleness=cfg.run.max_staleness),
+            learner_routing=routing)
         stage.collector = collector
         teacher_engine, teacher_scorer = _teacher(cfg, explorer_engine, tokenizer)
         writer = MetricsWriter(cfg.run.output_dir, cfg.logging, run_name=cfg.run.name)
@@ -264,7 +275,8 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
     sync = WeightSync.from_learner(learner, learner_engine, sync_cfg,
                                    temperature=rollout.learner.sampling.temperature,
                                    hf_config_dir=learner_path or None)
-    explorer_params = ModelArch.from_hf_config(explorer_path).num_params() if explorer_path else 0
+    # rollout FLOPs scale with the parameters a token passes through (a MoE's active ones)
+    explorer_params = ModelArch.from_hf_config(explorer_path).num_active_params() if explorer_path else 0
     pipeline = RolloutPipeline(stage=stage, sampler=sampler, prompts=train, groups=groups, sync=sync,
                                max_staleness=cfg.run.max_staleness, num_steps=cfg.run.num_steps,
                                prefetch_steps=cfg.rollout.prefetch_steps,
@@ -274,7 +286,7 @@ def build_trainer(cfg: RunConfig) -> TrainerParts:
         config=cfg, tokenizer=tokenizer, train_prompts=train, heldout_prompts=heldout, sampler=sampler,
         learner=learner, sync=sync, pipeline=pipeline, collector=collector, learner_engine=learner_engine,
         explorer_engine=explorer_engine, prefetcher=prefetcher, scorer=scorer, writer=writer,
-        learner_params=learner.arch.num_params(), explorer_params=explorer_params,
+        learner_params=learner.arch.num_active_params(), explorer_params=explorer_params,
         checkpoint_root=os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR), learner_dir=learner_path,
         teacher_engine=teacher_engine, teacher_scorer=teacher_scorer)
 

@@ -159,12 +159,14 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
         # 4. advantages over the combined group -> TrainBatch
         rewards = torch.tensor([g.rewards() for g in groups], dtype=torch.float32)  # (P, G)
         seq_adv = group_advantages(rewards, normalize_std=algo.normalize_std, eps=algo.adv_eps).flatten()
-        batch = build_train_batch(groups, seq_adv, pad_token_id=0)
+        batch = build_train_batch(groups, seq_adv, pad_token_id=0,
+                                  routing_top_k=learner.arch.num_experts_per_tok or None)
         # 5. old log-probs recomputed by the learner for ALL samples (+ reference for the KL)
         t1 = time.perf_counter()
         batch.old_logprobs, entropy = learner.compute_logprobs(batch, temperature, with_entropy=True)
         if algo.kl_coef > 0:
             batch.ref_logprobs = learner.compute_logprobs(batch, temperature, reference=True)
+        routing_metrics = _routing_metrics(parts, step, batch, temperature)  # MoE: replay on / off
         # 5b. distillation: the teacher's scores of every token (opd; forward_kl with top-k)
         teacher_s, distill_metrics = 0.0, {}
         if algo.method == "opd" or (algo.method == "forward_kl" and distill.top_k > 0):
@@ -192,7 +194,7 @@ def _loop(parts: TrainerParts, resuming: bool) -> None:
             **{f"cumulative/{k}": v for k, v in cumulative.items()},
             **{f"train/{k}": v for k, v in mean_dicts(updates).items()},
             **importance_metrics(batch, is_threshold, is_sources),
-            "train/behaviour_mismatch": behaviour_mismatch(batch, mismatch_sources),
+            "train/behaviour_mismatch": behaviour_mismatch(batch, mismatch_sources), **routing_metrics,
             **{k: v for k, v in synced.metrics().items() if k not in ("sync/seconds", "sync/gb_per_s")},
         }
         t5 = time.perf_counter()
@@ -262,6 +264,31 @@ def _teacher_supervision(parts: TrainerParts, step: int, groups: list, batch: An
         batch.advantages = dense + distill.reward_weight * batch.advantages
         metrics["distill/advantage"] = masked_mean(dense, batch.loss_mask)
     return seconds, metrics
+
+
+def _routing_metrics(parts: TrainerParts, step: int, batch: Any, temperature: float) -> dict[str, float]:
+    """Every learner.routing_metrics_every steps, for a mixture-of-experts learner whose samples carry
+    their engine's routing: how often the learner's router picks the engine's experts on the
+    learner's samples (routing/overlap, routing/exact), and the mean |log-prob - behaviour log-prob|
+    over their loss tokens with the learner routing freely (routing/mismatch_free) and replaying
+    the engine's experts (routing/mismatch_replayed). Two extra no-grad passes (one with r3, whose
+    old-log-prob pass is the replayed one). Explorer samples have no engine routing of this model."""
+    from megatron_s2lpo.learner.routing import agreement
+
+    learner, every = parts.learner, parts.config.learner.routing_metrics_every
+    if batch.routed_experts is None or not every or step % every:
+        return {}
+    rows = (batch.sources == SOURCE_CODES[Source.LEARNER]).float().unsqueeze(1)  # (B, 1)
+    mask = batch.loss_mask * rows
+    free = learner.compute_logprobs(batch, temperature, routing="free")
+    match = agreement(learner.last_routing, batch.routed_experts, rows.expand_as(batch.loss_mask))
+    if parts.config.learner.routing_replay == "r3":
+        replayed = batch.old_logprobs
+    else:
+        replayed = learner.compute_logprobs(batch, temperature, routing="engine")
+    gap = lambda lp: masked_mean((lp - batch.behaviour_logprobs).abs(), mask)  # noqa: E731
+    return {"routing/overlap": match["overlap"], "routing/exact": match["exact"],
+            "routing/mismatch_free": gap(free), "routing/mismatch_replayed": gap(replayed)}
 
 
 def _heldout_accuracy(parts: TrainerParts, step: int) -> float:

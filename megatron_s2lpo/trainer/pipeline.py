@@ -355,17 +355,20 @@ def encode_groups(step: int, groups: list[Group], rollout_s: float, reward_s: fl
     meta = {"step": step, "rollout_s": rollout_s, "reward_s": reward_s,
             "groups": [{"prompt_id": g.prompt.prompt_id,
                         "rollouts": [[r.prompt_id, r.sample_index, r.source.value, r.finish_reason.value,
-                                      r.weight_version, r.text, r.reward, len(r.prompt_ids), len(r.response_ids)]
+                                      r.weight_version, r.text, r.reward, len(r.prompt_ids), len(r.response_ids),
+                                      0 if r.routed_experts is None else int(r.routed_experts.shape[1])]
                                      for r in g.rollouts]} for g in groups]}
 
     def flat(values: list[list], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([v for row in values for v in row], dtype=dtype)
 
+    routed = [r.routed_experts.reshape(-1).to(torch.int16) for r in rollouts if r.routed_experts is not None]
     return save({"meta": torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8),
                  "prompt_ids": flat([r.prompt_ids for r in rollouts], torch.int64),
                  "response_ids": flat([r.response_ids for r in rollouts], torch.int64),
                  "response_logprobs": flat([r.response_logprobs for r in rollouts], torch.float64),
-                 "loss_mask": flat([r.loss_mask for r in rollouts], torch.int64)})
+                 "loss_mask": flat([r.loss_mask for r in rollouts], torch.int64),
+                 "routed_experts": torch.cat(routed) if routed else torch.zeros(0, dtype=torch.int16)})
 
 
 def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str) -> tuple[int, list[Group], float, float]:
@@ -378,10 +381,11 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str) -> tup
         meta = json.loads(bytes(tensors["meta"].tolist()).decode())
         columns = {name: tensors[name].tolist() for name in ("prompt_ids", "response_ids", "response_logprobs",
                                                                 "loss_mask")}
+        routed = tensors.get("routed_experts", torch.zeros(0, dtype=torch.int16))
     except Exception as err:  # noqa: BLE001 - any damage reads the same to the user
         raise ValueError(f"{where} is damaged ({type(err).__name__}: {err}); remove its checkpoint directory "
                          "to resume from the one before") from None
-    offsets = {"prompt": 0, "response": 0}
+    offsets = {"prompt": 0, "response": 0, "routed": 0}
     groups = []
     for group in meta["groups"]:
         prompt = prompts.get(group["prompt_id"])
@@ -389,14 +393,20 @@ def decode_groups(data: bytes, prompts: dict[str, Prompt], *, where: str) -> tup
             raise ValueError(f"{where} holds rollouts of prompt {group['prompt_id']!r}, which the run's dataset "
                              "does not have; resume with the data the run started with")
         rollouts = []
-        for prompt_id, index, source, finish, version, text, reward, n_prompt, n_response in group["rollouts"]:
+        for prompt_id, index, source, finish, version, text, reward, n_prompt, n_response, *width in group["rollouts"]:
             p, r = offsets["prompt"], offsets["response"]
             offsets["prompt"], offsets["response"] = p + n_prompt, r + n_response
+            routes = None
+            if width and width[0]:  # files written before routing was recorded have no width
+                size = (n_prompt + n_response - 1) * width[0]
+                routes = routed[offsets["routed"]:offsets["routed"] + size].view(-1, width[0]).clone()
+                offsets["routed"] += size
             rollouts.append(Rollout(prompt_id=prompt_id, sample_index=index, source=Source(source),
                                     prompt_ids=columns["prompt_ids"][p:p + n_prompt],
                                     response_ids=columns["response_ids"][r:r + n_response],
                                     response_logprobs=columns["response_logprobs"][r:r + n_response],
                                     finish_reason=FinishReason(finish), weight_version=version, text=text,
-                                    loss_mask=columns["loss_mask"][r:r + n_response], reward=reward))
+                                    loss_mask=columns["loss_mask"][r:r + n_response], reward=reward,
+                                    routed_experts=routes))
         groups.append(Group(prompt=prompt, rollouts=rollouts))
     return meta["step"], groups, meta["rollout_s"], meta["reward_s"]

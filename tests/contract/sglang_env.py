@@ -39,6 +39,9 @@ STUBS: dict[str, str] = {
     "triton": "GPU kernel compiler (CUDA only; imported by SGLang's utils and kernels at import time)",
     "torchvision": "PyPI builds require the CUDA torch 2.14.1 (installing it replaces torch 2.13.0); "
                    "imported by SGLang's multimodal configs",
+    "vllm": "imported by SGLang's RotaryEmbedding.__init__ on a device that is neither CUDA nor its CPU engine "
+            "(the real CPU server environment patches that import to the torch-native rope); the Qwen3-MoE "
+            "loader check builds the model's layers but never runs them",
 }
 
 # The modules the contract checks use (imported by `load`).

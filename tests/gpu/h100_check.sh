@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The learner's GPU checks on one H100 in one command (under 10 minutes: every step has a limit).
+# The learner's GPU checks on one H100 in one command (under 13 minutes: every step has a limit).
 #
 #     bash tests/gpu/h100_check.sh                         # results in ./gpu-check-<UTC time>/
 #     bash tests/gpu/h100_check.sh --out DIR --wheels DIR
@@ -12,12 +12,16 @@
 #      the planner next to max_memory_allocated, Hugging Face parity, weight sync into a CUDA engine
 #   3. benchmarks/gpu_learner_check.py: the Qwen3-1.7B shape packed in bf16, FP8 tensorwise and FP8
 #      blockwise: MFU, peak memory next to the planner, the on-policy ratio statistics
+#   4. mixture of experts, python -m pytest tests/gpu/test_moe_cuda.py -s: a tiny Qwen3-MoE learner
+#      (TE grouped GEMM where TE is installed) against transformers, its export and conversion,
+#      routing replay with router gradients, one step; SGLang's MoE kernels where SGLang is installed
 #
 # Needs a CUDA GPU, torch and megatron-core (0.16.1 in the version set); this repository is used
 # in place (PYTHONPATH), nothing is installed. Without Transformer Engine the TE and FP8 parts are
 # skipped and say so. --wheels DIR first installs every wheel in DIR, offline and without
 # dependencies, into a temporary directory (for a machine without network: megatron-core's wheel).
-# Limits (seconds) from the environment: S2LPO_GPU_TIER_TIMEOUT (300), S2LPO_GPU_CHECK_TIMEOUT (240).
+# Limits (seconds) from the environment: S2LPO_GPU_TIER_TIMEOUT (300), S2LPO_GPU_CHECK_TIMEOUT (240),
+# S2LPO_GPU_MOE_TIMEOUT (180).
 # Exit status: 0 every step passed, 1 a step failed or ran out of time, 2 the machine cannot run
 # the checks (no CUDA device, megatron-core missing) or a usage error.
 
@@ -35,7 +39,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
         --wheels) [ $# -ge 2 ] || usage; wheels=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage ;;
     esac
 done
@@ -98,9 +102,13 @@ run_step() {  # name, limit in seconds, command...: output to $out/<name>.log, P
 
 # 2. the GPU test tier; 3. the learner check (one JSON line per recipe in learner_check.jsonl)
 run_step gpu_tier "${S2LPO_GPU_TIER_TIMEOUT:-300}" "$python" -m pytest tests/gpu -s -p no:cacheprovider \
-    --junitxml "$out/gpu_tier.xml"
+    --ignore tests/gpu/test_moe_cuda.py --junitxml "$out/gpu_tier.xml"
 run_step learner_check "${S2LPO_GPU_CHECK_TIMEOUT:-240}" "$python" benchmarks/gpu_learner_check.py \
     --json "$out/learner_check.jsonl"
+
+# 4. mixture of experts (its own limit: the MoE checks and SGLang's server start)
+run_step moe_tier "${S2LPO_GPU_MOE_TIMEOUT:-180}" "$python" -m pytest tests/gpu/test_moe_cuda.py -s \
+    -p no:cacheprovider --junitxml "$out/moe_tier.xml"
 
 echo "== results in $out"
 cat "$out/summary.txt"

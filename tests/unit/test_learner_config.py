@@ -74,7 +74,6 @@ def test_precisions_that_need_cuda_are_refused_on_cpu():
     (dict(fp8_recipe="fp4"), "learner.fp8_recipe must be one of"),
     (dict(sequence_parallel=True), "learner.sequence_parallel .* learner.tensor_parallel_size > 1"),
     (dict(sequence_parallel=True, tensor_parallel_size=2, use_te=False), "sequence_parallel needs the Transformer"),
-    (dict(context_parallel_size=2, use_te=False), "context_parallel_size > 1 needs the Transformer Engine"),
     (dict(context_parallel_size=2, pack_sequences=False), "context_parallel_size > 1 needs learner.pack_sequences"),
     (dict(precision="fp8", use_te=False), "learner.precision=fp8 needs the Transformer Engine"),
     (dict(overlap_param_gather=True), "learner.overlap_param_gather needs .*use_distributed_optimizer"),
@@ -111,8 +110,7 @@ def test_local_spec_refuses_options_it_cannot_run():
 
     with pytest.raises(ValueError, match="learner.sequence_parallel needs the Transformer Engine layer spec"):
         check_spec_options(False, sequence_parallel=True)
-    with pytest.raises(ValueError, match="learner.context_parallel_size > 1 needs the Transformer Engine"):
-        check_spec_options(False, context_parallel_size=2)
+    check_spec_options(False, context_parallel_size=2)  # CP runs in the local spec's attention core
     with pytest.raises(ValueError, match="gradient_accumulation_fusion needs CUDA and Apex"):
         check_spec_options(False, gradient_accumulation_fusion=True)
     check_spec_options(False)
@@ -204,6 +202,7 @@ def test_every_gpu_recipe_overlaps_communication_and_saves_without_gathering():
         config = load_config(str(path))
         lc = config.learner
         assert lc.optim.use_distributed_optimizer and lc.overlap_grad_reduce and lc.overlap_param_gather, path
-        assert lc.recompute_granularity == "none", path
+        # the MoE recipe's routed activations do not fit without it (test_moe_cp_config.py)
+        assert lc.recompute_granularity == "none" or path.name == "qwen3_30b_a3b_explorer_4b.yaml", path
         assert lc.checkpoint.async_save and lc.checkpoint.optimizer_sharding == "dp_reshardable", path
         assert config.resolved_learner().expandable_segments is True, path
