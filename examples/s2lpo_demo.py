@@ -1,18 +1,22 @@
 """S2L-PO next to plain GRPO on the synthetic arithmetic task, on a CPU: held-out accuracy vs step.
 
-    .venv/bin/python examples/s2lpo_demo.py [--steps N] [--out DIR] [--seed S]
+    .venv/bin/python examples/s2lpo_demo.py [--recipe paper|strong_explorer] [--steps N] [--out DIR] [--seed S]
     .venv/bin/python examples/s2lpo_demo.py --steps 4 --set run.eval_every=2 --set algo.t_mix=3
 
-Runs `s2lpo train examples/tiny_cpu.yaml` twice, one after the other, exactly as a user would:
-S2L-PO (the recipe's annealed explorer share) and the GRPO baseline (`algo.t_mix=0`), from the
-same warm-started learner. The two warm-started models (`init_sft_steps`) are built by the first
-run and cached in `<out>/models` (rebuilt when the recipe's model or task settings change), so
-later demos skip them. Before training, `s2lpo eval` scores the warm-started learner on the
-held-out prompts (step 0). Then it reads each run's `metrics.jsonl` and prints one row per
-evaluation: step, alpha, G_w/G_s, explorer and learner train reward of S2L-PO (means since the
-previous row), held-out avg@k Pass@1 of both runs, and the share of step time spent outside
-generation, rewards, log-probs, training and sync (`time/other`, S2L-PO). It writes
-`<out>/accuracy.png` (held-out accuracy vs step, both runs) and `<out>/table.csv`.
+Runs `s2lpo train RECIPE` twice, one after the other, exactly as a user would: S2L-PO (the
+recipe's annealed explorer share) and the GRPO baseline (`algo.t_mix=0`), from the same
+warm-started learner. The recipe is `--recipe paper` (default: examples/tiny_cpu_paper.yaml,
+an explorer weaker than the learner at pass@1 and stronger at large k, as in the paper) or
+`--recipe strong_explorer` (examples/tiny_cpu.yaml, whose explorer is the better model
+outright), or any YAML by `--config`. The two warm-started models (`init_sft_steps`) are built
+by the first run and cached in `<out>/models` (rebuilt when the recipe's model or task settings
+change), so later demos skip them. Before training, `s2lpo eval` scores the warm-started
+learner on the held-out prompts (step 0). Then it reads each run's `metrics.jsonl` and prints
+one row per evaluation: step, alpha, G_w/G_s, explorer and learner train reward of S2L-PO
+(means since the previous row), held-out avg@k Pass@1 of both runs, and the share of step time
+spent outside generation, rewards, log-probs, training and sync (`time/other`, S2L-PO). It
+writes `<out>/accuracy.png` (held-out accuracy vs step, both runs) and `<out>/table.csv`.
+One seed shows one draw; benchmarks/methods_bench.py repeats the comparison over seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ sys.path.insert(0, REPO_ROOT)
 from megatron_s2lpo.config import load_config  # noqa: E402
 from megatron_s2lpo.trainer.metrics import METRICS_FILE, read_metrics  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "examples", "tiny_cpu.yaml")
+RECIPES = {"paper": os.path.join(REPO_ROOT, "examples", "tiny_cpu_paper.yaml"),
+           "strong_explorer": os.path.join(REPO_ROOT, "examples", "tiny_cpu.yaml")}
 RUNS = (("s2lpo", []), ("grpo", ["algo.t_mix=0"]))
 COLUMNS = ("step", "alpha", "G_w/G_s", "reward_explorer", "reward_learner", "acc_s2lpo", "acc_grpo", "other_share")
 KEY_FILE = "warm_start.json"
@@ -41,15 +46,22 @@ KEY_FILE = "warm_start.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML recipe (default: examples/tiny_cpu.yaml)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                   help="paper (examples/tiny_cpu_paper.yaml, default) or strong_explorer (examples/tiny_cpu.yaml)")
+    p.add_argument("--config", default="", help="a YAML recipe instead of --recipe")
     p.add_argument("--steps", type=int, default=0, help="steps per run (default: the recipe's run.num_steps)")
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "s2lpo_demo"), help="output directory")
+    p.add_argument("--out", default="", help="output directory (default runs/s2lpo_demo/<recipe>)")
     p.add_argument("--seed", type=int, default=None, help="run.seed and data.seed (default: the recipe's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra section.field=value override for both runs (repeatable)")
     args = p.parse_args(argv)
     if args.steps < 0:
         p.error(f"--steps must be >= 0, got {args.steps}")
+    name = os.path.splitext(os.path.basename(args.config))[0] if args.config else args.recipe
+    args.config = args.config or RECIPES[args.recipe]
+    if not os.path.isfile(args.config):
+        p.error(f"--config {args.config}: no such file")
+    args.out = args.out or os.path.join(REPO_ROOT, "runs", "s2lpo_demo", name)
     return args
 
 

@@ -101,9 +101,14 @@ class EngineConfig:
     init_arch: ModelArch | None = None
     init_seed: int = 0
     init_sft_steps: int = 0
+    # The warm start's problems: the first N of the synthetic train split (0: all of them), so
+    # that RL can train on problems the warm start never saw.
+    init_sft_problems: int = 0
 
     def __post_init__(self) -> None:
         check(self.init_sft_steps >= 0, f"engine init_sft_steps must be >= 0, got {self.init_sft_steps}")
+        check(self.init_sft_problems >= 0,
+              f"engine init_sft_problems must be >= 0 (0: every train problem), got {self.init_sft_problems}")
         check(1 <= self.port <= 65535, f"engine port must be in 1..65535, got {self.port}")
         check(self.tp_size >= 1 and self.dp_size >= 1,
               f"engine tp_size/dp_size must be >= 1, got {self.tp_size}/{self.dp_size}")

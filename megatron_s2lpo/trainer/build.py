@@ -37,13 +37,19 @@ from megatron_s2lpo.types import Prompt
 # ----------------------------------------------------------------------------- models
 
 
-def _sft_warm_start(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, num_steps: int, seed: int) -> None:
-    """A few supervised steps on `prompt + \\boxed{answer}<eos>` of the synthetic train split."""
+def _sft_warm_start(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, num_steps: int, seed: int,
+                    num_problems: int = 0, name: str = "") -> None:
+    """A few supervised steps on `prompt + \\boxed{answer}<eos>` of the synthetic train split
+    (its first `num_problems` problems; 0: all of data.synthetic.num_train)."""
     from megatron_s2lpo.data import arithmetic_completion
 
     if cfg.data.train_path:
         raise ValueError("rollout.*.init_sft_steps > 0 needs the synthetic task (data.train_path empty)")
-    prompts = make_arithmetic_prompts(cfg.data.synthetic, split="train", num_prompts=cfg.data.synthetic.num_train)
+    num_train = cfg.data.synthetic.num_train
+    if num_problems > num_train:
+        raise ValueError(f"rollout.{name}.init_sft_problems={num_problems} exceeds data.synthetic.num_train="
+                         f"{num_train}: the warm start takes its problems from the train split")
+    prompts = make_arithmetic_prompts(cfg.data.synthetic, split="train", num_prompts=num_problems or num_train)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -80,7 +86,8 @@ def materialize_model(engine_cfg: EngineConfig, name: str, cfg: RunConfig, token
     with torch.random.fork_rng(devices=[]):
         engine = LocalEngine.from_arch(engine_cfg.init_arch, init_seed=engine_cfg.init_seed, tokenizer=tokenizer)
         if engine_cfg.init_sft_steps:
-            _sft_warm_start(engine.model, tokenizer, cfg, engine_cfg.init_sft_steps, engine_cfg.init_seed)
+            _sft_warm_start(engine.model, tokenizer, cfg, engine_cfg.init_sft_steps, engine_cfg.init_seed,
+                            engine_cfg.init_sft_problems, name)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     engine.save_pretrained(tmp)
