@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 # are built once); 2 matches the CI machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install sglang-env demo bridge test test-unit test-distributed test-faults bench clean
+.PHONY: install sglang-env demo bridge test test-unit test-distributed test-faults test-slurm bench clean
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required; set PYTHON=python3.11")'
@@ -39,7 +39,14 @@ bridge: $(STAMP)
 	$(PY) -m megatron_s2lpo.cli train examples/tiny_bridge_cpu.yaml run.output_dir=runs/tiny_bridge_cpu/$$(date +%Y%m%d-%H%M%S)
 
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/slurm
+	$(MAKE) --no-print-directory test-slurm
+
+# The Slurm tier: a real Slurm 22.05 with three emulated nodes (tests/slurm/emulated_slurm.py
+# installs and starts it); it needs root and apt, as CI has, and skips with the reason otherwise.
+# -s: it prints its figures (stop signal -> job end, chained resume, setup time).
+test-slurm: install
+	$(PY) -m pytest tests/slurm -s
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit

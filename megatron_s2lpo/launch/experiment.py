@@ -33,10 +33,10 @@ from typing import Any
 
 from ..config import RunConfig
 from .plan import LEARNER, ClusterLayout, LaunchPlan, host_var, local_host, plan_launch, server_script, slurm_host
-from .sbatch import parse_sbatch_args, quoted_env, stop_signal_trap
+from .sbatch import MONITOR_PERIOD_S, STAGGER_S, job_end_trap, parse_sbatch_args, quoted_env, stop_signal_trap
 from .supervisor import SupervisedServer, SupervisorSpec
 from .walltime import (MAX_SIGNAL_LEAD_S, LaunchWarning, check_walltime, default_signal_lead, host_path,
-                       measured_step_time, parse_slurm_time)
+                       measured_step_time, parse_slurm_time, startup_allowance)
 
 
 SUPERVISOR = "supervisor"  # the one task of a local or Docker run
@@ -49,14 +49,18 @@ class SlurmOptions:
 
     account: str
     partition: str
-    container_image: str
     time: str  # the job's time limit (Slurm format): explicit, or the partition's maximum (walltime.py)
-    container_mounts: list[str] = field(default_factory=list)  # "host_path:container_path"
+    # The image every task runs in (pyxis); "" runs on the nodes as they are, in the environment
+    # ClusterLayout names (python / activate: --venv, --python), and no pyxis option is written.
+    container_image: str = ""
+    container_mounts: list[str] = field(default_factory=list)  # "host_path:container_path" (image only)
     job_dir: str = ""  # sbatch script and logs, on storage the login node writes ("" = ~/.nemo_run)
     ssh_host: str = ""  # submit over SSH from a workstation; empty: run on a login node
     ssh_user: str = ""
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. NCCL_SOCKET_IFNAME
-    max_retries: int = 0  # requeues after a failure (the trainer resumes from its last checkpoint)
+    # requeues after a failure that another try may not meet (not a usage error, exit 2); the
+    # trainer resumes from its last checkpoint
+    max_retries: int = 0
     exclusive: bool = True
     mem: str = "0"  # all of each node's memory (with --exclusive Slurm grants only the default otherwise)
     qos: str = ""
@@ -70,14 +74,21 @@ class SlurmOptions:
     signal_lead_s: int | None = None
     max_chained_jobs: int = 0  # follow-up jobs (afterany), each resuming from the last checkpoint
     step_time_s: float = 0.0  # stated seconds per step when no earlier job measured one; 0 = unknown
+    # Seconds a job takes before its first step (servers loading, the trainer building); None:
+    # walltime.startup_allowance (10 min, less for a short job)
+    startup_s: int | None = None
 
     def __post_init__(self) -> None:
-        for name, flag in (("account", "--account"), ("partition", "--partition"),
-                           ("container_image", "--container-image (see Dockerfile, docs/cluster.md)")):
+        for name, flag in (("account", "--account"), ("partition", "--partition")):
             if not getattr(self, name):
                 raise ValueError(f"Slurm {name.replace('_', ' ')} is empty: pass {flag}")
         if parse_slurm_time(self.time) is None:
             raise ValueError(f"--time {self.time!r}: the job needs a finite time limit")
+        if self.container_mounts and not self.container_image:
+            raise ValueError(f"container mounts {self.container_mounts} without --container-image: outside a "
+                             "container the job sees the nodes' own paths; drop --mounts")
+        if self.startup_s is not None and self.startup_s < 0:
+            raise ValueError(f"--startup-time must be >= 0 seconds, got {self.startup_s}")
         for mount in self.container_mounts:
             if ":" not in mount:
                 raise ValueError(f"container mount {mount!r} must look like /host/path:/container/path")
@@ -109,10 +120,20 @@ def _tasks(plan: LaunchPlan) -> list[tuple[str, str, Any]]:
     """(role, node group, script body) in launch order; the colocated server precedes the trainer."""
     colocated = [s for s in plan.servers if s.group == LEARNER]
     others = [s for s in plan.servers if s.group != LEARNER]
-    tasks = [(s.name, s.group, server_script(s)) for s in colocated]
+    tasks = [(s.name, s.group, server_script(s, plan.activate)) for s in colocated]
     tasks.append(("trainer", LEARNER, plan.trainer_script))
-    tasks += [(s.name, s.group, server_script(s)) for s in others]
+    tasks += [(s.name, s.group, server_script(s, plan.activate)) for s in others]
     return tasks
+
+
+def _check_environment(opts: SlurmOptions, layout: ClusterLayout) -> None:
+    """Without an image the job runs in the environment the user names, by absolute path: a bare
+    `python` is whatever the node's PATH holds (nothing under --export=NONE)."""
+    if opts.container_image or os.path.isabs(layout.python):
+        return
+    raise ValueError("without --container-image the job runs on the nodes as they are: name its environment with "
+                     "--venv DIR (a virtual environment on storage every node reads) or --python PATH (its "
+                     f"interpreter), got python={layout.python!r}")
 
 
 def _host_exports(plan: LaunchPlan, heterogeneous: bool) -> str:
@@ -132,20 +153,28 @@ def build_slurm_experiment(cfg: RunConfig, config_path: str, layout: ClusterLayo
 
     if opts.max_chained_jobs and not layout.resume:
         raise ValueError("chained jobs continue the run from its last checkpoint: drop --no-resume")
+    _check_environment(opts, layout)
+    if not os.path.isabs(cfg.run.output_dir):
+        raise ValueError(f"run.output_dir={cfg.run.output_dir} is a relative path: the job runs in NeMo-Run's job "
+                         "directory, not here; give an absolute path on storage every node and the login node "
+                         f"share, e.g. run.output_dir=$PWD/{cfg.run.output_dir}")
     plan = plan_launch(cfg, config_path, layout, host=slurm_host, user_overrides=user_overrides)
     signal_lead = _check_walltime(cfg, opts)
     heterogeneous = len(plan.groups) > 1
     group_index = {g.name: i for i, g in enumerate(plan.groups)}
-    if opts.ssh_host:
+    if opts.ssh_host:  # NeMo-Run copies the experiment's directory to job_dir on the login node
         tunnel = run.SSHTunnel(host=opts.ssh_host, user=opts.ssh_user, job_dir=opts.job_dir)
-    else:
-        tunnel = run.LocalTunnel(job_dir=opts.job_dir)
+    else:  # sbatch reads the scripts where the experiment writes them: one directory for both
+        base_dir = opts.job_dir or base_dir
+        tunnel = run.LocalTunnel(job_dir=os.path.join(base_dir, "experiments") if base_dir else "")
     tasks = _tasks(plan)
     env = {**plan.env, **opts.env}
     scripts, executors = [], []
+    container = bool(opts.container_image)
     for role, group_name, body in tasks:
         group = plan.groups[group_index[group_name]]
-        srun_args = [] if opts.mount_home else ["--no-container-mount-home"]
+        # pyxis's own option: a Slurm without pyxis refuses it
+        srun_args = ["--no-container-mount-home"] if container and not opts.mount_home else []
         if plan.colocated and group_name == LEARNER:
             srun_args.append("--overlap")  # trainer and server steps share the node's GPUs
             if role != "trainer":  # one server, on the learner's first node (global rank 0)
@@ -156,21 +185,28 @@ def build_slurm_experiment(cfg: RunConfig, config_path: str, layout: ClusterLayo
             qos=opts.qos or None, constraint=opts.constraint or None, gres=opts.gres or None,
             signal=f"B:USR1@{signal_lead}" if signal_lead else None,
             additional_parameters=_additional_sbatch(opts) or None,
-            container_image=opts.container_image, container_mounts=list(opts.container_mounts),
+            container_image=opts.container_image or None, container_mounts=list(opts.container_mounts),
             # pyxis keeps the image's value of a variable the image defines unless it is listed here
-            container_env=sorted({*env, *(host_var(g.name) for g in plan.groups)}),
+            container_env=sorted({*env, *(host_var(g.name) for g in plan.groups)}) if container else None,
             env_vars=quoted_env(env), srun_args=srun_args or None, heterogeneous=heterogeneous,
-            exclusive=opts.exclusive or None, retries=opts.max_retries, dependency_type="afterany",
+            # requeueing is job_end_trap's (NeMo-Run's requeues every failure, usage errors too)
+            exclusive=opts.exclusive or None, retries=0, dependency_type="afterany",
+            # the batch shell's loop looks at the sruns every few seconds, so the stop trap and the
+            # job's end follow the trainer within seconds (sbatch.MONITOR_PERIOD_S)
+            monitor_group_job_wait_time=MONITOR_PERIOD_S, wait_time_for_group_job=STAGGER_S,
             packager=run.Packager(), tunnel=tunnel))
         scripts.append(_script(body))
     main = executors[0]
     trainer_index = [role for role, _, _ in tasks].index("trainer")
     main.setup_lines = "\n".join([_host_exports(plan, heterogeneous), *plan.setup_lines,
-                                   *([stop_signal_trap(trainer_index)] if signal_lead else [])])
+                                   *([stop_signal_trap(trainer_index)] if signal_lead else []),
+                                   job_end_trap([role for role, _, _ in tasks], opts.max_retries)])
     if heterogeneous:
         main.het_group_indices = [group_index[g] for _, g, _ in tasks]
     name = title or cfg.run.name
-    exp = _experiment(name, base_dir)
+    # NeMo-Run's status comes from sacct, which a Slurm without accounting (slurmdbd) cannot
+    # answer: it would print UNKNOWN warnings; submitted_jobs() reports from squeue instead.
+    exp = _experiment(name, base_dir, skip_status=True)
     with exp:
         previous = exp.add(scripts, executor=executors, name=name)
         for i in range(1, opts.max_chained_jobs + 1):  # afterany: after a timeout, a failure or the end
@@ -187,11 +223,14 @@ def _additional_sbatch(opts: SlurmOptions) -> dict[str, str | bool]:
 
 def _check_walltime(cfg: RunConfig, opts: SlurmOptions) -> int:
     """The stop signal's lead in seconds (0: none), after checking the run against the walltime."""
-    if host_path(cfg.run.output_dir, opts.container_mounts) is None:
+    # outside a container the job sees the paths as they are: one identity "mount" of the root
+    mounts = opts.container_mounts if opts.container_image else ["/:/"]
+    if opts.container_image and host_path(cfg.run.output_dir, mounts) is None:
         warnings.warn(f"run.output_dir={cfg.run.output_dir} is under none of the container mounts "
                       f"{opts.container_mounts}: checkpoints written there end with the job's container",
                       LaunchWarning, stacklevel=3)
-    measured = measured_step_time(cfg.run.output_dir, opts.container_mounts)
+    measured = measured_step_time(os.path.abspath(cfg.run.output_dir) if not opts.container_image
+                                  else cfg.run.output_dir, mounts)
     step_time, source = measured if measured else (opts.step_time_s, "stated for the recipe")
     if measured:
         source = f"measured in {source}"
@@ -199,16 +238,17 @@ def _check_walltime(cfg: RunConfig, opts: SlurmOptions) -> int:
     lead = default_signal_lead(step_time) if opts.signal_lead_s is None else opts.signal_lead_s
     if opts.signal_lead_s is None:
         lead = min(lead, walltime // 2)
+    startup = startup_allowance(walltime) if opts.startup_s is None else opts.startup_s
     check_walltime(save_every=cfg.run.save_every, num_steps=cfg.run.num_steps, walltime_s=walltime,
-                   signal_lead_s=lead, step_time_s=step_time, source=source)
+                   signal_lead_s=lead, step_time_s=step_time, source=source, startup_s=startup)
     return lead
 
 
-def _experiment(title: str, base_dir: str | None) -> Any:
+def _experiment(title: str, base_dir: str | None, *, skip_status: bool = False) -> Any:
     import nemo_run as run
 
     kwargs = {"base_dir": base_dir} if base_dir else {}
-    return run.Experiment(title, log_level="WARN", **kwargs)
+    return run.Experiment(title, log_level="WARN", skip_status_at_exit=skip_status, **kwargs)
 
 
 def render_slurm(exp: Any, *, keep_files: bool = False) -> RenderedLaunch:
@@ -234,6 +274,13 @@ def render_slurm(exp: Any, *, keep_files: bool = False) -> RenderedLaunch:
     if not keep_files:
         shutil.rmtree(exp_dir, ignore_errors=True)
     return RenderedLaunch(sbatch=sbatch[0], scripts=scripts, chained=sbatch[1:])
+
+
+def submitted_job_ids(exp: Any) -> list[str]:
+    """Slurm job ids of a submitted experiment's jobs, in submission order (the chained ones last)."""
+    from torchx.specs.api import parse_app_handle
+
+    return [parse_app_handle(job.handle).app_id for job in exp.jobs if getattr(job, "handle", "")]
 
 
 def _gpu_slices(plan: LaunchPlan, num_gpus: int) -> dict[str, str]:
@@ -271,7 +318,7 @@ def supervisor_spec(plan: LaunchPlan, slices: dict[str, str], *, log_dir: str) -
     def gpus(role: str) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": slices[role]} if role in slices else {}
 
-    servers = [SupervisedServer(name=s.name, script=server_script(s), url=s.url, env=gpus(s.name))
+    servers = [SupervisedServer(name=s.name, script=server_script(s, plan.activate), url=s.url, env=gpus(s.name))
                for s in plan.servers]
     return SupervisorSpec(servers=servers, trainer_script=plan.trainer_script, trainer_env=gpus("trainer"),
                           log_dir=log_dir)

@@ -34,20 +34,36 @@ from dataclasses import dataclass, field
 
 from ..config import EngineConfig, RunConfig
 from ..rollout.sglang_python import sglang_python_expr
-from ..rollout.sglang_server import build_launch_command
+from ..rollout.sglang_server import CPU_THREADS_BIND_ENV, build_launch_command, launch_env
 from ..trainer.stop_signal import CONTINUE_EXIT_CODE, STOP_MARKER_ENV
 from .memory import check_launch_memory
 
 LEARNER, LEARNER_SERVER, EXPLORER, TEACHER = "learner", "learner_server", "explorer", "teacher"
 REPLICA_PORT_STRIDE = 100  # replica i of a role listens on the role's port + i * stride
-# Node-local copy of the resolved config written by the trainer script (one per job and node).
-EMBEDDED_CONFIG_PATH = "${TMPDIR:-/tmp}/s2lpo-config-${SLURM_JOB_ID:-local}.yaml"
+# The resolved config as the trainer script writes it. In a Slurm job: beside the job's scripts
+# and logs (the task's working directory is NeMo-Run's job directory, shared storage), one file
+# per node, kept with the job's record: nothing is left on the nodes, even when Slurm SIGKILLs
+# the task. Elsewhere (one machine): a fresh temporary file, removed when the script ends.
+CONFIG_VAR = "S2LPO_CONFIG"
+EMBEDDED_CONFIG_PATH = "${" + CONFIG_VAR + "}"
+# Where: the task's working directory in a Slurm job, else $TMPDIR; then the stop marker of the
+# trainer (stop_signal.py) and the config file.
+_WORK_DIR_LINE = 'if [ -n "${SLURM_JOB_ID:-}" ]; then s2lpo_dir="$PWD"; else s2lpo_dir="${TMPDIR:-/tmp}"; fi'
+_MARKER_LINE = (f'export {STOP_MARKER_ENV}="$s2lpo_dir/s2lpo-stopped-${{SLURM_JOB_ID:-local}}-${{SLURM_NODEID:-0}}-$$"')
+_CONFIG_LINE = (f'if [ -n "${{SLURM_JOB_ID:-}}" ]; then {CONFIG_VAR}="$s2lpo_dir/s2lpo-config-${{SLURM_JOB_ID}}-'
+                f'${{SLURM_NODEID:-0}}.yaml"; else {CONFIG_VAR}="$(mktemp "$s2lpo_dir/s2lpo-config.XXXXXX")"; fi')
 CONFIG_EOF = "S2LPO_CONFIG_EOF"
+# Set by the trainer script's SIGTERM trap: the job is being cancelled or preempted.
+TERM_FLAG = "s2lpo_terminated"
+_STOP_IF_TERMINATED = f'if [ -n "${{{TERM_FLAG}:-}}" ]; then echo "s2lpo: terminated before the trainer started" >&2; exit 143; fi'
 # Servers placed on other nodes listen on every interface, so each job gets a random key that
 # every server it launches requires and the trainer sends. Made when the job starts (the sbatch
-# script's setup), it is written nowhere: scripts and dry runs show only the variable's name.
+# script's setup), it is written nowhere: scripts and dry runs show only the variable's name,
+# and the shell's trace (NeMo-Run's script runs under `set -x`) is off while it is made.
 API_KEY_VAR = "S2LPO_API_KEY"
-API_KEY_SETUP = (f'export {API_KEY_VAR}="${{{API_KEY_VAR}:-$(od -An -N32 -tx1 /dev/urandom | tr -d \' \\n\')}}"')
+API_KEY_SETUP = ('{ s2lpo_xtrace="${-//[^x]/}"; set +x; } 2>/dev/null; '
+                 f'export {API_KEY_VAR}="${{{API_KEY_VAR}:-$(od -An -N32 -tx1 /dev/urandom | tr -d \' \\n\')}}"; '
+                 '[ -z "$s2lpo_xtrace" ] || set -x')
 DEFAULT_ENV = {
     "NCCL_DEBUG": "WARN",
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
@@ -87,6 +103,9 @@ class ClusterLayout:
     # start finds none and starts fresh.
     resume: bool = True
     python: str = "python"  # the trainer's interpreter inside the container / on the node
+    # Shell lines every task script (trainer and servers) runs first: outside a container, the
+    # activation of the environment the job runs in (`--venv`); "" in the image.
+    activate: str = ""
     # The servers' interpreter; "" = the SGLang interpreter rule (rollout/sglang_python.py),
     # resolved on the node: the image keeps SGLang in its own environment (Dockerfile).
     server_python: str = ""
@@ -126,6 +145,7 @@ class ServerTask:
     url: str  # replica 0 as the trainer reaches it (host may be a shell expression)
     commands: list[list[str]] = field(default_factory=list)  # every replica's command line
     urls: list[str] = field(default_factory=list)  # every replica's URL
+    env: dict[str, str] = field(default_factory=dict)  # exported before the servers start, unless set
 
 
 @dataclass(kw_only=True, slots=True)
@@ -139,6 +159,7 @@ class LaunchPlan:
     trainer_script: str  # bash: wait for every server's /health, then torchrun the trainer
     env: dict[str, str] = field(default_factory=dict)
     setup_lines: list[str] = field(default_factory=list)  # run once per job before any task (API key)
+    activate: str = ""  # first lines of every task script (ClusterLayout.activate)
 
     def group(self, name: str) -> NodeGroup:
         return next(g for g in self.groups if g.name == name)
@@ -150,8 +171,12 @@ def _needs_server(engine: EngineConfig) -> bool:
 
 def _server_cfg(engine: EngineConfig, port: int, *, memory_saver: bool, one_machine: bool) -> EngineConfig:
     # On a cluster listen on every interface (the trainer is on another node), behind the job's
-    # key; on one machine only on loopback. A configured launch_command is kept.
-    host = {"host": "127.0.0.1"} if one_machine else {"host": "0.0.0.0", "api_key": "${" + API_KEY_VAR + "}"}
+    # key, which SGLang reads from the job's environment (not from its command line, which every
+    # user of the node can read: sglang_server.API_KEY_ENV); a configured launch_command is kept
+    # and gets the key as --api-key. On one machine only on loopback.
+    key = ({"api_key": "${" + API_KEY_VAR + "}"} if engine.launch_command else
+           {"api_key": "", "api_key_env": API_KEY_VAR})
+    host = {"host": "127.0.0.1"} if one_machine else {"host": "0.0.0.0", **key}
     return dataclasses.replace(engine, port=port, enable_memory_saver=engine.enable_memory_saver or memory_saver,
                                **host)
 
@@ -175,13 +200,23 @@ def _server_task(engine: EngineConfig, name: str, group: str, port: int, host: s
     ports = [port + i * REPLICA_PORT_STRIDE for i in range(engine.replicas)]
     if name == "learner":
         engine = _fp8_server_model(engine)
-    server = _server_cfg(dataclasses.replace(engine, ports=ports), port, memory_saver=memory_saver,
-                         one_machine=one_machine)
+    # A recipe's base_gpu_id places a server beside another on one machine; on a node of its own
+    # every GPU of the node is the server's, so its devices start at 0. The CPU profile still
+    # binds the recipe's cores there: device d -> core base_gpu_id + d (the emulated nodes of the
+    # Slurm tier share one machine's cores).
+    own_node = not one_machine and group != LEARNER
+    first_core = engine.base_gpu_id if own_node else 0
+    server = _server_cfg(dataclasses.replace(engine, ports=ports, base_gpu_id=0 if own_node else engine.base_gpu_id),
+                         port, memory_saver=memory_saver, one_machine=one_machine)
     commands = [build_launch_command(server, python=python, replica=i, seed=cfg.run.seed)
                 for i in range(engine.replicas)]
     urls = [f"http://{host}:{p}" for p in ports]
+    # the CPU profile binds each replica's threads (sglang_server.launch_env), device d -> core d
+    cores = list(range(first_core, engine.base_gpu_id + (num_gpus or 1)))
+    env = launch_env(server, cores=cores) or {}
+    env = {CPU_THREADS_BIND_ENV: env[CPU_THREADS_BIND_ENV]} if CPU_THREADS_BIND_ENV in env else {}
     return ServerTask(name=f"{name}_server", group=group, num_gpus=num_gpus, command=commands[0], url=urls[0],
-                      commands=commands, urls=urls)
+                      commands=commands, urls=urls, env=env)
 
 
 def _fp8_server_model(engine: EngineConfig) -> EngineConfig:
@@ -276,7 +311,7 @@ def plan_launch(cfg: RunConfig, config_path: str, layout: ClusterLayout, *,
     return LaunchPlan(groups=groups, servers=servers, learner_nodes=learner_nodes, learner_procs_per_node=procs,
                       colocated=colocated and _needs_server(learner_engine),
                       trainer_overrides=overrides, trainer_script=script, env=dict(DEFAULT_ENV),
-                      setup_lines=[API_KEY_SETUP] if servers and not one_machine else [])
+                      setup_lines=[API_KEY_SETUP] if servers and not one_machine else [], activate=layout.activate)
 
 
 def _sync_transport(cfg: RunConfig, overrides: list[str]) -> str:
@@ -346,30 +381,47 @@ def trainer_script(config_path: str, user_overrides: list[str], generated: list[
     with the trainer's own status otherwise.
     """
     # The stop request reaches every process of the job step; the trainer processes take it,
-    # this shell and torchrun (whose default for SIGUSR1 is to die) ignore it.
-    lines = ["set -euo pipefail", "trap '' USR1"]
+    # this shell and torchrun (whose default for SIGUSR1 is to die) ignore it. SIGTERM (scancel,
+    # preemption) also reaches the trainer, which checkpoints its step: this shell must outlive
+    # it rather than die at once (a trap, unlike '', leaves the children's SIGTERM as it was),
+    # and once asked to stop it starts nothing new.
+    lines = ["set -euo pipefail", "trap '' USR1", f"trap '{TERM_FLAG}=1' TERM"]
+    if layout.activate:
+        lines.append(layout.activate)
+    # torchrun reports a worker's non-zero exit as its own 1: the trainer writes this marker instead
+    lines += [_WORK_DIR_LINE, _MARKER_LINE]
+    cleanup = f'rm -f "${STOP_MARKER_ENV}"'
     if config_text is not None:
         assert CONFIG_EOF not in config_text
         config_path = EMBEDDED_CONFIG_PATH
-        lines += [f'mkdir -p "$(dirname "{config_path}")"',
-                  f"cat > \"{config_path}\" <<'{CONFIG_EOF}'", config_text.rstrip("\n"), CONFIG_EOF]
+        lines.append(_CONFIG_LINE)
+        cleanup += f'; [ -n "${{SLURM_JOB_ID:-}}" ] || rm -f "${CONFIG_VAR}"'  # a job keeps its record
+    # nothing stays in the node's $TMPDIR, however the script ends (TERM is trapped above)
+    lines.append(f"trap '{cleanup}' EXIT")
+    if config_text is not None:
+        lines += [f"cat > \"{config_path}\" <<'{CONFIG_EOF}'", config_text.rstrip("\n"), CONFIG_EOF]
     config_args = [_expandable(config_path) if config_text is not None else shlex.quote(config_path)]
     config_args += [shlex.quote(o) for o in user_overrides]
+    python = shlex.quote(layout.python)
     if layout.resume:  # a chained job after the last step: done before waiting for the servers
-        lines.append(f"if {layout.python} -m megatron_s2lpo.launch.run_state {' '.join(config_args)}; then exit 0; fi")
+        lines.append(f"if {python} -m megatron_s2lpo.launch.run_state {' '.join(config_args)}; then exit 0; fi")
+        lines.append(_STOP_IF_TERMINATED)
     if servers:
         hosts = ",".join(dict.fromkeys(_url_host(url) for s in servers for url in (s.urls or [s.url])))
         lines.append(f'export NO_PROXY="${{NO_PROXY:+$NO_PROXY,}}{hosts}" no_proxy="${{no_proxy:+$no_proxy,}}{hosts}"')
         urls = " ".join(_expandable(url) for s in servers for url in (s.urls or [s.url]))
-        lines.append(f"{layout.python} -m megatron_s2lpo.launch.wait_healthy "
+        lines.append(f"{python} -m megatron_s2lpo.launch.wait_healthy "
                      f"--timeout-s {layout.health_timeout_s:g} {urls}")
+        lines.append(_STOP_IF_TERMINATED)
     args = ["-m", "megatron_s2lpo.cli", "train", *config_args, *(_expandable(o) for o in generated)]
     if learner_nodes * procs_per_node == 1:
-        command = f"{layout.python} " + " ".join(args)
+        command = f"{python} " + " ".join(args)
     else:
         node_rank = "${SLURM_NODEID:-0}" if learner_nodes > 1 else "0"
-        command = (f"torchrun --nnodes {learner_nodes} --nproc-per-node {procs_per_node} "
-                   f"--node-rank {node_rank} --master-addr {_expandable(master_host)} "
+        # torch's launcher through the named interpreter: a bare `torchrun` is whatever PATH holds
+        # on the node (nothing at sites that start jobs with --export=NONE outside a container)
+        command = (f"{python} -m torch.distributed.run --nnodes {learner_nodes} "
+                   f"--nproc-per-node {procs_per_node} --node-rank {node_rank} --master-addr {_expandable(master_host)} "
                    f"--master-port {layout.torchrun_port} " + " ".join(args))
     return "\n".join(lines + _run_trainer(command)) + "\n"
 
@@ -377,8 +429,6 @@ def trainer_script(config_path: str, user_overrides: list[str], generated: list[
 def _run_trainer(command: str) -> list[str]:
     """Run the trainer and map "stopped on request" (stop_signal.py) to success."""
     return [
-        # torchrun reports a worker's non-zero exit as its own 1: the trainer writes this marker
-        f'export {STOP_MARKER_ENV}="${{TMPDIR:-/tmp}}/s2lpo-stopped-${{SLURM_JOB_ID:-local}}-$$"',
         f'rm -f "${STOP_MARKER_ENV}"',
         "status=0",
         f"{command} || status=$?",
@@ -400,13 +450,16 @@ def _quote(arg: str) -> str:
     return _expandable(arg) if "${" in arg else shlex.quote(arg)
 
 
-def server_script(server: ServerTask) -> str:
+def server_script(server: ServerTask, activate: str = "") -> str:
     """One server: exec it. Several replicas: start each in the background and wait for all (a
-    replica that exits leaves the others serving; the trainer stops sending to it)."""
+    replica that exits leaves the others serving; the trainer stops sending to it). `activate`:
+    the environment's activation lines (LaunchPlan.activate), first."""
     commands = server.commands or [server.command]
+    prelude = [activate] if activate else []
+    prelude += [f'export {k}="${{{k}:-{v}}}"' for k, v in server.env.items()]
     if len(commands) == 1:
-        return "set -euo pipefail\nexec " + " ".join(_quote(a) for a in commands[0]) + "\n"
-    lines = ["set -uo pipefail", "trap 'kill 0' TERM INT"]
+        return "\n".join(["set -euo pipefail", *prelude, "exec " + " ".join(_quote(a) for a in commands[0])]) + "\n"
+    lines = ["set -uo pipefail", *prelude, "trap 'kill 0' TERM INT"]
     lines += [" ".join(_quote(a) for a in command) + " &" for command in commands]
     lines.append("wait")
     return "\n".join(lines) + "\n"

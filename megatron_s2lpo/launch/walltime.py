@@ -19,10 +19,18 @@ import shlex
 import warnings
 from collections.abc import Callable
 
+from .sbatch import MONITOR_PERIOD_S
+
 # Slurm's --signal accepts at most this many seconds of lead (sbatch(1)).
 MAX_SIGNAL_LEAD_S = 65535
-# Allowance for the servers to load and the trainer to build before its first step.
+# Allowance for the servers to load and the trainer to build before its first step (a job
+# shorter than SHORT_JOB_S gets a quarter of its time: a smoke test of a small model).
 STARTUP_S = 600
+SHORT_JOB_S = 4 * STARTUP_S
+# What the batch script adds between the trainer's exit and the job's end: the monitor loop
+# notices the exit and waits once more before it ends the job (sbatch.MONITOR_PERIOD_S; its trap
+# itself runs when the signal arrives, sbatch.INTERRUPTIBLE_SLEEP).
+JOB_END_S = 2 * MONITOR_PERIOD_S
 # A checkpoint of an 8B learner with its optimizer state: a few minutes on shared storage.
 SAVE_ALLOWANCE_S = 600
 _UNLIMITED = {"unlimited", "infinite", "none", "n/a"}
@@ -116,16 +124,24 @@ def host_path(container_path: str, mounts: list[str]) -> str | None:
 
 
 def default_signal_lead(step_time_s: float) -> int:
-    """One step plus a checkpoint before the limit, or 15 minutes when no step time is known."""
-    lead = step_time_s + SAVE_ALLOWANCE_S if step_time_s > 0 else 900
+    """One step, a checkpoint and the batch script's own delays (JOB_END_S) before the limit, or
+    15 minutes when no step time is known."""
+    lead = step_time_s + SAVE_ALLOWANCE_S + JOB_END_S if step_time_s > 0 else 900
     return int(min(MAX_SIGNAL_LEAD_S, math.ceil(lead / 60) * 60))
 
 
+def startup_allowance(walltime_s: int) -> int:
+    """Seconds a job is assumed to need before its first step: STARTUP_S, or a quarter of a job
+    shorter than SHORT_JOB_S (a smoke test asks for little time because it starts fast)."""
+    return STARTUP_S if walltime_s >= SHORT_JOB_S else walltime_s // 4
+
+
 def check_walltime(*, save_every: int, num_steps: int, walltime_s: int, signal_lead_s: int,
-                   step_time_s: float, source: str) -> None:
+                   step_time_s: float, source: str, startup_s: int = STARTUP_S) -> None:
     """Refuse a run whose periodic checkpoints do not fit in one job; warn what cannot be checked.
 
-    `step_time_s` 0 means unknown (warns); `source` says where a known one came from.
+    `step_time_s` 0 means unknown (warns); `source` says where a known one came from; `startup_s`
+    is the time before the first step (startup_allowance, or --startup-time).
     """
     if signal_lead_s >= walltime_s:
         raise ValueError(f"--signal-lead {signal_lead_s} s is not shorter than the job's time limit "
@@ -135,19 +151,19 @@ def check_walltime(*, save_every: int, num_steps: int, walltime_s: int, signal_l
                       "mounts, no stated one): cannot check that run.save_every fits in the walltime; pass "
                       "--step-time MINUTES", LaunchWarning, stacklevel=2)
         return
-    budget = walltime_s - signal_lead_s - STARTUP_S
+    budget = walltime_s - signal_lead_s - startup_s
     interval = save_every if 0 < save_every < num_steps else num_steps
     what = (f"run.save_every={save_every}" if 0 < save_every < num_steps
             else f"run.save_every={save_every} (a checkpoint only after the last of {num_steps} steps)")
     if interval * step_time_s > budget:
         fit = int(budget // step_time_s)
-        need = interval * step_time_s + signal_lead_s + STARTUP_S
+        need = interval * step_time_s + signal_lead_s + startup_s
         advice = f"lower run.save_every to {fit}" if fit >= 1 else "a single step does not fit"
         raise ValueError(
             f"{what} x {step_time_s / 60:.1f} min per step ({source}) = {interval * step_time_s / 60:.0f} min "
-            f"does not fit in the {budget / 60:.0f} min a job of {format_slurm_time(walltime_s)} has for steps "
-            f"(minus the {signal_lead_s / 60:.0f} min stop-signal lead and {STARTUP_S // 60} min to start): "
-            f"{advice}, or ask for --time {format_slurm_time(need)} or more")
+            f"does not fit in the {max(budget, 0) / 60:.0f} min a job of {format_slurm_time(walltime_s)} has for "
+            f"steps (minus the {signal_lead_s / 60:.0f} min stop-signal lead and {startup_s / 60:.0f} min to start, "
+            f"--startup-time): {advice}, or ask for --time {format_slurm_time(need)} or more")
     if signal_lead_s < step_time_s + SAVE_ALLOWANCE_S / 2:
         warnings.warn(f"--signal-lead {signal_lead_s} s leaves less than a step ({step_time_s:.0f} s, {source}) "
                       "plus a checkpoint before the time limit: the step in flight may not finish and the "

@@ -50,6 +50,35 @@ CPU_PROFILE_ARGS = [
 ]
 CPU_MEM_FRACTION = 0.05  # --mem-fraction-static of the CPU profile (in place of mem_fraction)
 CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+# SGLang 0.5.23 takes its key only as --api-key (server_args.py reads no environment variable
+# for it), and a command line is readable by every user of the machine (ps, /proc/<pid>/cmdline)
+# while a process's environment is only its owner's. So a launched SGLang server gets its key in
+# its environment: the command runs this short program, which appends `--api-key <the
+# variable's value>` to its own arguments and runs sglang.launch_server as `python -m` does.
+# SGLang also logs its arguments at start (engine.py, `server_args=...`, the key among them):
+# the program has every log record of the process print the key as <redacted>. `api_key` goes
+# into API_KEY_ENV (launch_env), `api_key_env` names the variable the server already has. A
+# configured launch_command (a program taking SGLang's flags) gets --api-key on its command line.
+API_KEY_ENV = "S2LPO_SGLANG_API_KEY"
+_KEY_LAUNCHER = """import logging, os, runpy, sys
+key = os.environ["{var}"]
+new_record = logging.getLogRecordFactory()
+
+
+def record(*args, **kwargs):
+    rec = new_record(*args, **kwargs)
+    try:
+        message = rec.getMessage()
+    except Exception:  # a malformed record is logging's to report
+        return rec
+    if key in message:
+        rec.msg, rec.args = message.replace(key, "<redacted>"), ()
+    return rec
+
+
+logging.setLogRecordFactory(record)
+sys.argv += ["--api-key", key]
+runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)"""
 
 
 def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replica: int = 0,
@@ -64,7 +93,13 @@ def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replic
                          f"loads (or init_arch in a recipe), or rollout.{name}.url to attach to a running server")
     if not 0 <= replica < cfg.replicas:
         raise ValueError(f"replica {replica} does not exist: the engine has replicas={cfg.replicas}")
-    prefix = list(cfg.launch_command) or [python or sglang_python(), "-m", "sglang.launch_server"]
+    key_var = API_KEY_ENV if cfg.api_key else cfg.api_key_env
+    if cfg.launch_command:
+        prefix = list(cfg.launch_command)
+    elif key_var:  # the key comes from the environment (API_KEY_ENV above)
+        prefix = [python or sglang_python(), "-c", _KEY_LAUNCHER.format(var=key_var)]
+    else:
+        prefix = [python or sglang_python(), "-m", "sglang.launch_server"]
     args = [
         "--model-path", cfg.model_path,
         "--host", cfg.host,
@@ -80,7 +115,7 @@ def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replic
         args += ["--random-seed", str(seed + replica)]
     if cfg.deterministic:
         args.append("--enable-deterministic-inference")
-    if cfg.api_key:
+    if cfg.api_key and cfg.launch_command:
         args += ["--api-key", cfg.api_key]
     if cfg.enable_memory_saver:
         args.append("--enable-memory-saver")
@@ -90,17 +125,20 @@ def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replic
 
 
 def launch_env(cfg: EngineConfig, *, cores: list[int] | None = None) -> dict[str, str] | None:
-    """The environment of a launched replica: None (inherit this process's) except for the CPU
-    profile, which binds device index d (a replica's --base-gpu-id) to core d mod the number of
-    cores this process may use (`cores`), e.g. `0|1|0|1`: two servers on two cores get one each.
-    A binding already in the environment wins."""
-    if cfg.profile != "cpu":
-        return None
-    env = dict(os.environ)
-    if not env.get(CPU_THREADS_BIND_ENV):
-        cores = cores or sorted(os.sched_getaffinity(0))
-        num_devices = cfg.base_gpu_id + cfg.replicas * cfg.tp_size * cfg.dp_size
-        env[CPU_THREADS_BIND_ENV] = "|".join(str(cores[d % len(cores)]) for d in range(num_devices))
+    """The environment of a launched replica: None (inherit this process's) except for
+    - the CPU profile, which binds device index d (a replica's --base-gpu-id) to core d mod the
+      number of cores this process may use (`cores`), e.g. `0|1|0|1`: two servers on two cores
+      get one each; a binding already in the environment wins;
+    - a configured `api_key`, which a real server reads from API_KEY_ENV (build_launch_command)."""
+    env = None
+    if cfg.profile == "cpu":
+        env = dict(os.environ)
+        if not env.get(CPU_THREADS_BIND_ENV):
+            cores = cores or sorted(os.sched_getaffinity(0))
+            num_devices = cfg.base_gpu_id + cfg.replicas * cfg.tp_size * cfg.dp_size
+            env[CPU_THREADS_BIND_ENV] = "|".join(str(cores[d % len(cores)]) for d in range(num_devices))
+    if cfg.api_key and not cfg.launch_command:
+        env = {**(os.environ if env is None else env), API_KEY_ENV: cfg.api_key}
     return env
 
 

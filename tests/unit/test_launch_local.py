@@ -63,7 +63,8 @@ def test_gpu_recipe_on_one_machine_splits_the_gpus(tmp_path):
     trainer = spec.trainer_script
     assert ("wait_healthy --timeout-s 1800 \"http://127.0.0.1:30000\" \"http://127.0.0.1:30001\" "
             "\"http://127.0.0.1:30101\"") in trainer  # both explorer replicas, on their own ports
-    assert "torchrun --nnodes 1 --nproc-per-node 4 --node-rank 0 --master-addr \"127.0.0.1\"" in trainer
+    assert (f"{sys.executable} -m torch.distributed.run --nnodes 1 --nproc-per-node 4 --node-rank 0 "
+            "--master-addr \"127.0.0.1\"") in trainer
     assert '"sync.master_address=127.0.0.1"' in trainer
     learner_server = spec.servers[0].script
     assert "--tp-size 2 --dp-size 1" in learner_server

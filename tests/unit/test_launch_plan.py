@@ -6,6 +6,7 @@ import dataclasses
 import http.server
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -58,23 +59,24 @@ def test_separate_servers_take_one_node_each_and_get_nccl_rendezvous():
     # Server commands are exactly the engine's own launch command, on all interfaces, behind the job's key.
     learner, explorer = plan.servers
     expected = build_launch_command(dataclasses.replace(cfg.rollout.learner, host="0.0.0.0",
-                                                        api_key="${S2LPO_API_KEY}"),
+                                                        api_key_env="S2LPO_API_KEY"),
                                     python="${S2LPO_SGLANG_PYTHON:-python}", seed=cfg.run.seed)
     assert learner.command == expected
-    assert explorer.command[:3] == ["${S2LPO_SGLANG_PYTHON:-python}", "-m", "sglang.launch_server"]
+    # the server reads the job's key from its environment (sglang_server.API_KEY_ENV), not argv
+    assert explorer.command[:2] == ["${S2LPO_SGLANG_PYTHON:-python}", "-c"]
+    assert 'os.environ["S2LPO_API_KEY"]' in explorer.command[2] and "sglang.launch_server" in explorer.command[2]
     flags = dict(zip(explorer.command[3::2], explorer.command[4::2]))
     assert flags == {"--model-path": "/models/Qwen3-1.7B-Base", "--host": "0.0.0.0", "--port": "30001",
                      "--tp-size": "1", "--dp-size": "8", "--base-gpu-id": "0", "--mem-fraction-static": "0.85",
-                     "--random-seed": str(cfg.run.seed), "--api-key": "${S2LPO_API_KEY}"}
+                     "--random-seed": str(cfg.run.seed)}
     line = server_script(explorer).splitlines()[-1]
-    assert line == ('exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(explorer.command[1:-1])
-                    + ' "${S2LPO_API_KEY}"')
+    assert line == ('exec "${S2LPO_SGLANG_PYTHON:-python}" ' + " ".join(shlex.quote(a) for a in explorer.command[1:]))
     # bash runs the image's SGLang interpreter when the variable is set, `python` otherwise
     for env, python in (({"S2LPO_SGLANG_PYTHON": "/opt/sglang/bin/python"}, "/opt/sglang/bin/python"), ({}, "python")):
         echo = line.replace("exec ", "printf '%s\\n' ", 1)
         out = subprocess.run(["bash", "-c", echo], env={"PATH": os.environ["PATH"], "S2LPO_API_KEY": "k1", **env},
                              capture_output=True, text=True, check=True).stdout.split("\n")
-        assert out[:3] == [python, "-m", "sglang.launch_server"] and out[out.index("--api-key") + 1] == "k1"
+        assert out[:3] == [python, "-c", explorer.command[2]] and "k1" not in out
 
 
 def test_cluster_servers_require_the_jobs_key_and_one_machine_servers_stay_on_loopback():
@@ -84,9 +86,14 @@ def test_cluster_servers_require_the_jobs_key_and_one_machine_servers_stay_on_lo
     keys = {subprocess.run(["bash", "-c", API_KEY_SETUP + '; printf %s "$S2LPO_API_KEY"'], capture_output=True,
                            text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout for _ in range(2)}
     assert len(keys) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)
+    # NeMo-Run's batch script runs under `set -evx`: the trace must not print the key into the job's log
+    traced = subprocess.run(["bash", "-c", "set -evx\n" + API_KEY_SETUP + '\necho "x=$-" >&2\n{ set +x; } 2>/dev/null\nprintf %s "$S2LPO_API_KEY"'],
+                            capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]})
+    assert re.fullmatch(r"[0-9a-f]{64}", traced.stdout) and traced.stdout not in traced.stderr
+    assert "x=" in traced.stderr and "x" in traced.stderr.split("x=")[-1]  # tracing is on again after it
     for server in plan.servers:  # every server binding all interfaces requires the key
         flags = dict(zip(server.command[3::2], server.command[4::2]))
-        assert flags["--host"] == "0.0.0.0" and flags["--api-key"] == "${S2LPO_API_KEY}"
+        assert flags["--host"] == "0.0.0.0" and 'os.environ["S2LPO_API_KEY"]' in server.command[2]
     # the trainer reads the key from its environment: no key on its command line or in its config
     os.environ["S2LPO_API_KEY"] = "job-key"
     try:
@@ -118,14 +125,16 @@ def test_trainer_script_waits_for_every_server_then_torchruns():
     gate = next(i for i, line in enumerate(lines) if "megatron_s2lpo.launch.wait_healthy" in line)
     run = lines.index(_trainer_line(plan.trainer_script))
     finished = next(i for i, line in enumerate(lines) if "megatron_s2lpo.launch.run_state" in line)
-    assert lines[:2] == ["set -euo pipefail", "trap '' USR1"]
+    assert lines[:3] == ["set -euo pipefail", "trap '' USR1", "trap 's2lpo_terminated=1' TERM"]
     assert finished < gate < run  # a chained job after the last step ends before waiting for servers
     assert '"http://${S2LPO_LEARNER_SERVER_HOST}:30000" "http://${S2LPO_EXPLORER_HOST}:30001"' in lines[gate]
     assert "--timeout-s 1800" in lines[gate]
     args = _trainer_args(plan.trainer_script)
-    assert args[:10] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank",
-                         "${SLURM_NODEID:-0}", "--master-addr", '"${S2LPO_LEARNER_HOST}"', "--master-port"]
-    assert args[11:15] == ["-m", "megatron_s2lpo.cli", "train", f'"{EMBEDDED_CONFIG_PATH}"']
+    # torch's launcher through the named interpreter, never a bare `torchrun` from the node's PATH
+    assert args[:12] == ["python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8",
+                         "--node-rank", "${SLURM_NODEID:-0}", "--master-addr", '"${S2LPO_LEARNER_HOST}"',
+                         "--master-port"]
+    assert args[13:17] == ["-m", "megatron_s2lpo.cli", "train", f'"{EMBEDDED_CONFIG_PATH}"']
     assert _trainer_line(plan.trainer_script).endswith('"run.resume=true" || status=$?')
 
 
@@ -137,13 +146,14 @@ def test_embedded_config_round_trips_and_bash_expands_the_overrides(tmp_path):
     assert load_config(str(path)).to_dict() == cfg.to_dict()
     assert load_config(str(path)).algo.t_mix == 77
     # Let bash expand the generated arguments with hosts set, exactly as srun would.
-    last = _trainer_line(plan.trainer_script).replace("torchrun", "printf '%s\\n'", 1).split(" || ")[0]
+    last = _trainer_line(plan.trainer_script).replace("python -m torch.distributed.run", "printf '%s\\n'", 1)
+    last = last.split(" || ")[0]
     env = {**os.environ, "S2LPO_LEARNER_HOST": "n1", "S2LPO_LEARNER_SERVER_HOST": "n3",
-           "S2LPO_EXPLORER_HOST": "n4", "SLURM_NODEID": "1", "SLURM_JOB_ID": "77", "TMPDIR": "/t"}
+           "S2LPO_EXPLORER_HOST": "n4", "SLURM_NODEID": "1", "S2LPO_CONFIG": "/t/s2lpo-config-77.Ab12Cd"}
     out = subprocess.run(["bash", "-c", last], env=env, capture_output=True, text=True, check=True).stdout.split("\n")
     assert "--node-rank" in out and out[out.index("--node-rank") + 1] == "1"
     assert out[out.index("--master-addr") + 1] == "n1"
-    assert "/t/s2lpo-config-77.yaml" in out
+    assert "/t/s2lpo-config-77.Ab12Cd" in out
     for expected in ("rollout.learner.url=http://n3:30000", "sync.master_address=n1",
                      "rollout.explorer.url=http://n4:30001"):
         assert expected in out

@@ -93,11 +93,12 @@ def test_recipe_renders_a_heterogeneous_job(tmp_path, recipe):
     assert sbatch.count("#SBATCH --exclusive") == len(components)
     assert _sbatch_values(sbatch, "mem") == ["0"] * len(components)  # all of each node's memory
     assert _sbatch_values(sbatch, "time") == ["12:00:00"] * len(components)
-    # SIGUSR1 to the batch shell one stated step (23 min) plus 10 min before the limit
-    lead = 60 * (RECIPE_STEP_MINUTES[recipe] + 10)
+    # SIGUSR1 to the batch shell one stated step (23 min) plus 10 min plus the batch script's own
+    # delays (3 x its 5 s monitor period), rounded up to the minute, before the limit
+    lead = 60 * (RECIPE_STEP_MINUTES[recipe] + 11)
     assert _sbatch_values(sbatch, "signal") == [f"B:USR1@{lead}"] * len(components)
     assert sbatch.index("trap s2lpo_stop_trainer USR1") < sbatch.index("srun --het-group")
-    assert 'kill -USR1 "${pids[0]}"' in sbatch  # the trainer's srun is task 0
+    assert 'local trainer="${pids[0]}"' in sbatch  # the trainer's srun is task 0
     # hosts resolved outside the container, per component, before any srun
     exports = re.findall(r'^export (S2LPO_\w+_HOST)=\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST_HET_GROUP_(\d)"'
                          r" \| head -n1\)$", sbatch, re.M)
@@ -119,21 +120,27 @@ def test_recipe_renders_a_heterogeneous_job(tmp_path, recipe):
         assert mounts[:3] == MOUNTS and mounts[3].endswith(":/nemo_run")
         assert "--overlap" not in srun
     trainer, learner_server, explorer_server = (_script_of(rendered, s) for s in sruns)
-    assert f"\ntorchrun --nnodes {learner_nodes} --nproc-per-node 8 --node-rank ${{SLURM_NODEID:-0}}" in trainer
+    assert (f"\npython -m torch.distributed.run --nnodes {learner_nodes} --nproc-per-node 8 "
+            "--node-rank ${SLURM_NODEID:-0}") in trainer
     assert '--master-addr "${S2LPO_LEARNER_HOST}" --master-port 29500 -m megatron_s2lpo.cli train' in trainer
     cfg = load_config(os.path.join(REPO, "examples", f"{recipe}.yaml"))
     learner_model = cfg.rollout.learner.model_path
     explorer_model = cfg.rollout.explorer.model_path
     # every replica in the role's one task: its own port (+100 per replica) and GPUs, then `wait`
     tp = cfg.rollout.learner.tp_size
+    # SGLang reads the job's key from the environment (sglang_server.API_KEY_ENV), not argv
+    launcher = ('"${S2LPO_SGLANG_PYTHON:-python}" -c \'import os, runpy, sys; sys.argv += ["--api-key", '
+                'os.environ["S2LPO_API_KEY"]]; runpy.run_module("sglang.launch_server", run_name="__main__", '
+                'alter_sys=True)\'')
     for i in range(cfg.rollout.learner.replicas):
-        assert (f'"${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {learner_model}'
+        assert (f'{launcher} --model-path {learner_model}'
                 f" --host 0.0.0.0 --port {30000 + 100 * i} --tp-size {tp} --dp-size 1 --base-gpu-id {i * tp}"
-                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} --api-key \"${{S2LPO_API_KEY}}\" &\n") in learner_server
+                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} &\n") in learner_server
     for i in range(cfg.rollout.explorer.replicas):
-        assert (f'"${{S2LPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {explorer_model}'
+        assert (f'{launcher} --model-path {explorer_model}'
                 f" --host 0.0.0.0 --port {30001 + 100 * i} --tp-size 1 --dp-size 1 --base-gpu-id {i}"
-                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} --api-key \"${{S2LPO_API_KEY}}\" &\n") in explorer_server
+                f" --mem-fraction-static 0.85 --random-seed {cfg.run.seed + i} &\n") in explorer_server
+    assert "${S2LPO_API_KEY}" not in learner_server + explorer_server  # the key is not on the command line
     assert learner_server.endswith("\nwait\n") and explorer_server.endswith("\nwait\n")
     learner_urls = ",".join(f"http://${{S2LPO_LEARNER_SERVER_HOST}}:{30000 + 100 * i}"
                             for i in range(cfg.rollout.learner.replicas))
@@ -180,7 +187,9 @@ def test_user_options_reach_the_job(tmp_path):
         assert _sbatch_values(sbatch, flag) == [value] * 3, flag
     assert sbatch.count("\n#SBATCH --comment='s2lpo run'\n") == 3
     assert sbatch.count("\n#SBATCH --requeue\n") == 3
-    assert "export TORCHX_MAX_RETRIES=2" in sbatch
+    # the job's own end trap requeues (not NeMo-Run's, which requeues usage errors too)
+    assert "export TORCHX_MAX_RETRIES=0" in sbatch
+    assert 'if [ "${SLURM_RESTART_COUNT:-0}" -lt 2 ]; then' in sbatch
     assert 'scontrol requeue "$SLURM_JOB_ID"' in sbatch
     # values are exported exactly as given: run the export lines through bash
     exports = "\n".join(line for line in sbatch.splitlines() if line.startswith(("export NCCL_IB", "export ODD")))
@@ -193,13 +202,15 @@ def test_user_options_reach_the_job(tmp_path):
 
 
 def test_the_batch_shell_hands_slurms_early_signal_to_the_trainers_srun(tmp_path):
-    """The sbatch's own trap, run by bash: SIGUSR1 to the batch shell reaches pids[<trainer>] only."""
+    """The sbatch's own trap, run by bash: SIGUSR1 to the batch shell reaches pids[<trainer>] only,
+    and at once, although the shell is inside a long sleep (as in NeMo-Run's monitor loop): a
+    foreground sleep would hold the trap back for an hour here."""
     rendered, _ = _render(tmp_path, "qwen3_8b_explorer_1p7b", ["sync.transport=tensor",
                                                                "rollout.learner.mem_fraction=0.3"],
                           nodes=3, layout={"trainer_provides": ("cuda", "sglang")})
     sbatch = rendered.sbatch
-    trap = sbatch[sbatch.index("s2lpo_stop_trainer() {"):sbatch.index("trap s2lpo_stop_trainer USR1")]
-    assert 'kill -USR1 "${pids[1]}"' in trap  # the colocated server is task 0, the trainer task 1
+    trap = sbatch[sbatch.index("sleep() {"):sbatch.index("trap s2lpo_stop_trainer USR1")]
+    assert 'local trainer="${pids[1]}"' in trap  # the colocated server is task 0, the trainer task 1
     child = tmp_path / "srun.sh"  # stands in for an srun: records a SIGUSR1 it receives
     child.write_text(f'trap "echo got-usr1 > {tmp_path}/$1; exit 0" USR1\ntouch {tmp_path}/$1.ready\n'
                      "while true; do sleep 0.05; done\n")
@@ -207,7 +218,8 @@ def test_the_batch_shell_hands_slurms_early_signal_to_the_trainers_srun(tmp_path
               f"bash {child} server & pids[0]=$!\n"
               f"bash {child} trainer & pids[1]=$!\n"
               f"while [ ! -e {tmp_path}/server.ready ] || [ ! -e {tmp_path}/trainer.ready ]; do sleep 0.05; done\n"
-              "kill -USR1 $$\n"
+              "( command sleep 0.5; kill -USR1 $$ ) &\n"
+              "sleep 3600\n"
               "wait ${pids[1]}\n"
               "kill ${pids[0]}\n")
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -253,7 +265,7 @@ def test_chained_jobs_start_after_the_previous_one_ends(tmp_path, monkeypatch):
 
 def test_save_every_must_fit_in_the_walltime(tmp_path):
     with pytest.raises(ValueError, match=r"run.save_every=10 x 23.0 min per step \(stated for the recipe\) = 230 min "
-                                         r"does not fit .* lower run.save_every to 8, or ask for --time 04:33:00"):
+                                         r"does not fit .* lower run.save_every to 8, or ask for --time 04:34:00"):
         _experiment(tmp_path, "qwen3_8b_explorer_1p7b", time="04:00:00")
     _experiment(tmp_path, "qwen3_8b_explorer_1p7b", ["run.save_every=8"], time="04:00:00")
     with pytest.raises(ValueError, match=r"run.save_every=0 \(a checkpoint only after the last of 200 steps\)"):
@@ -321,10 +333,12 @@ def test_single_group_job_is_not_heterogeneous(tmp_path):
 
 def test_slurm_options_errors():
     good = {"account": "a", "partition": "p", "container_image": "i", "time": "04:00:00"}
-    for key, flag in (("account", "--account"), ("partition", "--partition"), ("container_image", "--container-image")):
+    for key, flag in (("account", "--account"), ("partition", "--partition")):
         with pytest.raises(ValueError, match=flag):
             SlurmOptions(**{**good, key: ""})
     for bad, message in (({"container_mounts": ["/models"]}, "/host/path:/container/path"),
+                         ({"container_image": "", "container_mounts": ["/a:/b"]}, "without --container-image"),
+                         ({"startup_s": -1}, "--startup-time must be >= 0"),
                          ({"time": "forever"}, "not a Slurm time"), ({"time": "UNLIMITED"}, "finite time limit"),
                          ({"signal_lead_s": 70000}, "0..65535"), ({"env": {"1X": "y"}}, "environment variable names"),
                          ({"sbatch_args": ["time=1:00:00"]}, r"--time is set by the launcher \(use --time\)"),
@@ -351,7 +365,7 @@ def test_examples_launch_dryrun_prints_the_sbatch_script(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert out.count("#SBATCH hetjob") == 4 and "--container-image IMG" in out  # the job and its chained copy
     assert "#SBATCH --time=2-00:00:00" in out and "# ---- chained job 1" in out
-    assert '-m sglang.launch_server --model-path /models/Qwen3-1.7B-Base' in out
+    assert 'run_module("sglang.launch_server", run_name="__main__", alter_sys=True)\' --model-path /models/Qwen3-1.7B-Base' in out
     with pytest.raises(SystemExit):
         launch.parse_args(["--recipe", "x", "--bogus"])
     with pytest.raises(FileNotFoundError, match="qwen3_8b_explorer_1p7b"):
@@ -361,7 +375,9 @@ def test_examples_launch_dryrun_prints_the_sbatch_script(tmp_path, capsys, monke
 @pytest.mark.parametrize("argv, message", [
     (["--account", "", "--time", "9:00:00"], "--executor slurm needs --account"),
     (["--partition", "", "--time", "9:00:00"], "needs --partition"),
-    (["--container-image", "", "--time", "9:00:00"], "needs --container-image"),
+    (["--container-image", "", "--time", "9:00:00"], "needs --container-image (the image built from the "
+     "Dockerfile; the site needs pyxis) or, without a container, the environment the job runs in: --venv DIR"),
+    (["--time", "9:00:00", "--venv", "/nonexistent"], "--venv / --python name the environment of a job without"),
     (["--time", "04:00:00"], "lower run.save_every to 8"),
     (["--time", "12:00:00", "--nodes", "2"], "leaves no node for the learner"),
     (["--time", "12:00:00", "--colocate", "--nodes", "3", "--trainer-provides", "",

@@ -119,21 +119,76 @@ def test_engines_satisfy_the_protocol():
 
 def test_launch_command():
     cfg = EngineConfig(backend="sglang", model_path="/ckpt/explorer", port=31001, tp_size=2,
-                       dp_size=1, mem_fraction=0.5, api_key="k", enable_memory_saver=True,
+                       dp_size=1, mem_fraction=0.5, enable_memory_saver=True,
                        extra_args=["--random-seed", "3"])
     cmd = build_launch_command(cfg, python="py")
     assert cmd[:3] == ["py", "-m", "sglang.launch_server"]
     flags = cmd[3:]
     for flag, value in (("--model-path", "/ckpt/explorer"), ("--host", "127.0.0.1"),
                         ("--port", "31001"), ("--tp-size", "2"), ("--dp-size", "1"),
-                        ("--mem-fraction-static", "0.5"), ("--api-key", "k")):
+                        ("--mem-fraction-static", "0.5")):
         assert flags[flags.index(flag) + 1] == value
     assert "--enable-memory-saver" in flags and flags[-2:] == ["--random-seed", "3"]
-    test_cfg = EngineConfig(model_path="m", launch_command=["python", "tests/protocol_server.py"])
+    test_cfg = EngineConfig(model_path="m", launch_command=["python", "tests/protocol_server.py"], api_key="k")
     assert build_launch_command(test_cfg)[:2] == ["python", "tests/protocol_server.py"]
     assert "--enable-memory-saver" not in build_launch_command(test_cfg)
+    assert build_launch_command(test_cfg)[-2:] == ["--api-key", "k"]  # a program taking SGLang's flags
     with pytest.raises(ValueError, match="model_path is empty"):
         build_launch_command(EngineConfig())
+
+
+FAKE_LAUNCH_SERVER = """import json, logging, multiprocessing, sys
+
+
+def child(queue):
+    queue.put("spawned child ran")
+
+
+if __name__ == "__main__":  # as SGLang's server: it logs its arguments and spawns its workers
+    logging.basicConfig(level=logging.INFO, force=True)
+    logging.getLogger("sglang.srt.entrypoints.engine").info("server_args=%s", {"api_key": sys.argv[-1]})
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    print(json.dumps({"argv": sys.argv[1:], "child": queue.get(timeout=120),
+                      "cmdline": open("/proc/self/cmdline", "rb").read().decode(errors="replace")}))
+    proc.join()
+"""
+
+
+@pytest.mark.parametrize("how", ["api_key", "api_key_env"])
+def test_a_launched_server_reads_its_key_from_the_environment_not_its_command_line(tmp_path, how):
+    """SGLang 0.5.23 takes the key only as --api-key; its command line is every user's to read
+    (ps), so the key travels in the server's environment and is appended to its own arguments.
+    Run against a module in sglang.launch_server's place that reports what it was given."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from megatron_s2lpo.rollout.sglang_server import launch_env
+
+    (tmp_path / "sglang").mkdir()
+    (tmp_path / "sglang" / "__init__.py").write_text("")
+    (tmp_path / "sglang" / "launch_server.py").write_text(FAKE_LAUNCH_SERVER)
+    key = "secret-key-7f3a"
+    if how == "api_key":  # a configured key: launch_env puts it in the server's environment
+        cfg = EngineConfig(backend="sglang", model_path="/m", api_key=key)
+        env = launch_env(cfg)
+    else:  # a key the environment already holds (the cluster launch: the job's S2LPO_API_KEY)
+        cfg = EngineConfig(backend="sglang", model_path="/m", host="0.0.0.0", api_key_env="JOB_KEY")
+        env = {**os.environ, "JOB_KEY": key}
+        assert launch_env(cfg) is None
+    cmd = build_launch_command(cfg, python=sys.executable)
+    assert key not in " ".join(cmd) and "--api-key" not in cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["argv"][:2] == ["--model-path", "/m"] and seen["argv"][-2:] == ["--api-key", key]
+    assert key not in seen["cmdline"] and seen["child"] == "spawned child ran"
+    assert "server_args={'api_key': '<redacted>'}" in proc.stderr and key not in proc.stderr
 
 
 def test_engine_config_new_fields_are_validated():
