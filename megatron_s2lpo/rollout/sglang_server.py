@@ -56,29 +56,17 @@ CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
 # its environment: the command runs this short program, which appends `--api-key <the
 # variable's value>` to its own arguments and runs sglang.launch_server as `python -m` does.
 # SGLang also logs its arguments at start (engine.py, `server_args=...`, the key among them):
-# the program has every log record of the process print the key as <redacted>. `api_key` goes
+# the program has every log record of the process print the key as <redacted>: each record's
+# getMessage, which every formatter calls, returns the message with the key replaced (one line:
+# the job's server scripts hold one command per line). `api_key` goes
 # into API_KEY_ENV (launch_env), `api_key_env` names the variable the server already has. A
 # configured launch_command (a program taking SGLang's flags) gets --api-key on its command line.
 API_KEY_ENV = "S2LPO_SGLANG_API_KEY"
-_KEY_LAUNCHER = """import logging, os, runpy, sys
-key = os.environ["{var}"]
-new_record = logging.getLogRecordFactory()
-
-
-def record(*args, **kwargs):
-    rec = new_record(*args, **kwargs)
-    try:
-        message = rec.getMessage()
-    except Exception:  # a malformed record is logging's to report
-        return rec
-    if key in message:
-        rec.msg, rec.args = message.replace(key, "<redacted>"), ()
-    return rec
-
-
-logging.setLogRecordFactory(record)
-sys.argv += ["--api-key", key]
-runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)"""
+_KEY_LAUNCHER = (
+    'import logging, os, runpy, sys; key = os.environ["{var}"]; make = logging.getLogRecordFactory(); '
+    'fix = lambda r: (setattr(r, "getMessage", lambda m=r.getMessage: m().replace(key, "<redacted>")), r)[-1]; '
+    'logging.setLogRecordFactory(lambda *a, **k: fix(make(*a, **k))); sys.argv += ["--api-key", key]; '
+    'runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)')
 
 
 def build_launch_command(cfg: EngineConfig, *, python: str | None = None, replica: int = 0,

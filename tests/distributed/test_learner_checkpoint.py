@@ -5,7 +5,7 @@ One 2-process launch (scripts/ckpt_checks.py) runs every check; each test assert
 
 import pytest
 
-from conftest import assert_check, run_checks
+from conftest import SCRIPTS, assert_check, run_checks
 
 CHECKS = [
     "reference_starts_as_policy_copy",
@@ -49,8 +49,6 @@ def test_kill_during_async_save_falls_back_to_the_previous_checkpoint(tmp_path):
     from launch import DistributedRunError, run_distributed
 
     from megatron_s2lpo.learner import checkpoint as ckpt
-
-    from conftest import SCRIPTS
 
     root = tmp_path / "checkpoints"
     with pytest.raises(DistributedRunError) as killed:

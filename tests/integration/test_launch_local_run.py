@@ -3,11 +3,12 @@ server: the run returns when the trainer ends and leaves no process behind.
 
 Covers: `launch.build_local_experiment` -> NeMo-Run experiment -> one LocalExecutor task, the
 supervisor (launch/supervisor.py), which starts the explorer's server (tests/protocol_server.py:
-SGLang's native HTTP API; --noop answers fixed tokens, so the launch is tested, not a model),
+SGLang's native HTTP API, serving the explorer's tiny model in-process),
 runs the trainer script (health gate, then `python -m megatron_s2lpo.cli train
 examples/tiny_cpu.yaml ...` attached to the server's URL) and stops the server when the trainer
 ends. Not covered here: Slurm and Docker executors
-(their rendered scripts are checked in tests/unit/test_launch_*.py) and real SGLang (GPU only).
+(their rendered scripts are checked in tests/unit/test_launch_*.py; the Slurm tier runs them) and
+real SGLang (tests/real_sglang).
 """
 
 import json
@@ -49,12 +50,13 @@ def test_tiny_recipe_with_a_protocol_server_returns_and_leaves_nothing_running(t
     out = tmp_path / "run"
     overrides = ["run.num_steps=2", f"run.output_dir={out}", "run.eval_every=0", "data.prompts_per_step=4",
                  "algo.group_size=4", "rollout.learner.init_sft_steps=5", "rollout.explorer.init_sft_steps=0"]
-    # The trainer reads the explorer's HF config (its FLOPs count): write the directory as the
-    # trainer would; the --noop server only reports it.
+    # The server serves the explorer's model as the trainer would have written it: the trainer
+    # reads its HF config (its FLOPs count) and scores fixed responses on it at start (the frozen
+    # explorer's fingerprint), which a --noop server cannot answer.
     cfg = load_config(TINY, overrides)
     explorer_dir = materialize_model(cfg.rollout.explorer, "explorer", cfg, build_tokenizer(cfg))
     overrides += ["rollout.explorer.backend=sglang", f"rollout.explorer.model_path={explorer_dir}",
-                  f"rollout.explorer.launch_command=[{sys.executable}, {PROTOCOL_SERVER}, --noop]"]
+                  f"rollout.explorer.launch_command=[{sys.executable}, {PROTOCOL_SERVER}]"]
     exp, plan = build_local_experiment(TINY, tuple(overrides), base_dir=str(tmp_path / "nemo_home"),
                                        explorer_port=free_port())
     assert [s.name for s in plan.servers] == ["explorer_server"]

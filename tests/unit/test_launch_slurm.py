@@ -7,11 +7,14 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 
 import pytest
+
+from megatron_s2lpo.rollout.sglang_server import _KEY_LAUNCHER
 
 pytest.importorskip("nemo_run", reason="nemo-run is not installed (pip install -e .)")
 
@@ -129,9 +132,7 @@ def test_recipe_renders_a_heterogeneous_job(tmp_path, recipe):
     # every replica in the role's one task: its own port (+100 per replica) and GPUs, then `wait`
     tp = cfg.rollout.learner.tp_size
     # SGLang reads the job's key from the environment (sglang_server.API_KEY_ENV), not argv
-    launcher = ('"${S2LPO_SGLANG_PYTHON:-python}" -c \'import os, runpy, sys; sys.argv += ["--api-key", '
-                'os.environ["S2LPO_API_KEY"]]; runpy.run_module("sglang.launch_server", run_name="__main__", '
-                'alter_sys=True)\'')
+    launcher = '"${S2LPO_SGLANG_PYTHON:-python}" -c ' + shlex.quote(_KEY_LAUNCHER.format(var="S2LPO_API_KEY"))
     for i in range(cfg.rollout.learner.replicas):
         assert (f'{launcher} --model-path {learner_model}'
                 f" --host 0.0.0.0 --port {30000 + 100 * i} --tp-size {tp} --dp-size 1 --base-gpu-id {i * tp}"

@@ -1,6 +1,6 @@
 """Pack-level padding on 4 gloo ranks at TP = 4, 2 and 1 (DP = 1, 2, 4), real megatron-core.
 
-    pytest tests/distributed/test_learner_alignment.py
+    pytest tests/distributed/test_learner_alignment_tp.py
 
 At each TP the same weights (a dist checkpoint saved at TP=4, resharded) run the fixed batch
 twice: packs padded per sequence only, and packs padded to the FP8 blockwise + sequence-parallel
